@@ -1,0 +1,35 @@
+# Two commands do all the set-up on a fresh machine with only Python:
+#   make demo   runs the main job on local, embedded defaults
+#   make test   lints and runs the test suite
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: demo test lint typecheck install clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+
+# constraints.txt pins the versions tested together, so pip never backtracks.
+$(STAMP): $(BIN)/python pyproject.toml constraints.txt
+	$(BIN)/pip install --disable-pip-version-check -q -c constraints.txt -e '.[dev]'
+	touch $(STAMP)
+
+install: $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/python -m service.demo
+
+lint: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+typecheck: $(STAMP)
+	$(BIN)/mypy graphs nodes service
+
+test: lint $(STAMP)
+	$(BIN)/pytest -q
+
+clean:
+	rm -rf $(VENV) .agentflow .pytest_cache .mypy_cache .ruff_cache

@@ -1,0 +1,108 @@
+"""Calling chat models from nodes: timeout, usage accounting, structured output."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any, TypeVar
+
+from langchain_core.language_models import BaseChatModel
+from langchain_core.messages import AIMessage, BaseMessage
+from langchain_core.runnables import Runnable
+from langgraph.types import RetryPolicy, default_retry_on
+from pydantic import BaseModel
+
+from nodes.agents import AgentConfigError
+from nodes.chat_models import ModelConfigError, make_chat_model
+from nodes.context import WorkflowContext
+from nodes.models import Usage
+
+__all__ = ["MODEL_RETRY", "StructuredOutputError", "chat_model", "invoke", "invoke_structured"]
+
+SchemaT = TypeVar("SchemaT", bound=BaseModel)
+
+
+class StructuredOutputError(ValueError):
+    """A model answered, but not in the requested structure."""
+
+
+class PlanError(ValueError):
+    """The planner's plan is invalid and could not be repaired."""
+
+
+def _retry_on(exc: Exception) -> bool:
+    if isinstance(exc, AgentConfigError | ModelConfigError | PlanError):
+        return False
+    if isinstance(exc, StructuredOutputError | TimeoutError):
+        return True
+    return default_retry_on(exc)
+
+
+MODEL_RETRY = RetryPolicy(max_attempts=3, initial_interval=0.2, max_interval=5.0, retry_on=_retry_on)
+"""Retry policy for nodes that call models: transient errors and unparseable answers."""
+
+
+def chat_model(context: WorkflowContext, node: str, spec: str | None = None) -> BaseChatModel:
+    """Return the chat model a node (or an agent with its own `spec`) uses."""
+    if context.chat_model is not None:
+        return context.chat_model  # type: ignore[no-any-return]
+    return make_chat_model(spec or context.model_for(node), timeout_s=context.model_timeout_s)
+
+
+def _usage(message: AIMessage, node: str) -> Usage:
+    meta = message.usage_metadata or {}
+    cached = bool(message.response_metadata.get("cached"))
+    return Usage(
+        llm_calls=0 if cached else 1,
+        cached_calls=1 if cached else 0,
+        input_tokens=0 if cached else meta.get("input_tokens", 0),
+        output_tokens=0 if cached else meta.get("output_tokens", 0),
+        by_node={node: 1},
+    )
+
+
+def model_name(model: Any, message: AIMessage) -> str:
+    """Name the model that produced a message."""
+    name = message.response_metadata.get("model_name") or getattr(model, "model_name", None)
+    return str(name or getattr(model, "model", None) or type(model).__name__)
+
+
+async def invoke(
+    model: Runnable[Any, AIMessage] | BaseChatModel,
+    messages: list[BaseMessage],
+    *,
+    node: str,
+    timeout_s: float,
+) -> tuple[AIMessage, Usage]:
+    """Call a model once, within the timeout.
+
+    Raises:
+        TimeoutError: the model did not answer in time.
+    """
+    async with asyncio.timeout(timeout_s):
+        message = await model.ainvoke(messages)
+    return message, _usage(message, node)
+
+
+async def invoke_structured(
+    model: BaseChatModel,
+    schema: type[SchemaT],
+    messages: list[BaseMessage],
+    *,
+    node: str,
+    timeout_s: float,
+) -> tuple[SchemaT, AIMessage, Usage]:
+    """Call a model for a structured answer.
+
+    Raises:
+        StructuredOutputError: the answer does not fit the schema.
+        TimeoutError: the model did not answer in time.
+    """
+    structured = model.with_structured_output(schema, include_raw=True, method="function_calling")
+    async with asyncio.timeout(timeout_s):
+        out = await structured.ainvoke(messages)
+    raw: AIMessage = out["raw"]
+    parsed = out.get("parsed")
+    if parsed is None:
+        error = out.get("parsing_error") or "no structured answer"
+        raise StructuredOutputError(f"{node}: the model's answer is not a {schema.__name__}: {error}")
+    return parsed, raw, _usage(raw, node)

@@ -1,0 +1,82 @@
+"""`assign`: choose agents for each step from the registry."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from langchain_core.messages import BaseMessage, HumanMessage
+from langgraph.runtime import Runtime
+
+from nodes._llm import StructuredOutputError, chat_model, invoke_structured, model_name
+from nodes._runtime import context_of, dumps
+from nodes.agents import AgentRegistry, load_agents
+from nodes.context import WorkflowContext
+from nodes.models import AssignmentDraft, Step
+from nodes.state import WorkflowState
+
+__all__ = ["assign", "check_assignment", "render_assign_prompt"]
+
+from nodes.prompts import ASSIGN_PROMPT
+
+
+def render_assign_prompt(state: WorkflowState, registry: AgentRegistry) -> list[BaseMessage]:
+    """Render the assigner's messages for a state."""
+    steps = [s.model_dump(include={"id", "title", "description"}) for s in state["steps"]]
+    prompt = ASSIGN_PROMPT.format(
+        agents=dumps(registry.catalogue()), intent=state.get("intent", ""), steps=dumps(steps)
+    )
+    return [HumanMessage(prompt)]
+
+
+def check_assignment(
+    draft: AssignmentDraft, steps: list[Step], registry: AgentRegistry
+) -> tuple[list[Step], list[str]]:
+    """Apply an assignment to the steps, refusing unknown agents and missing steps.
+
+    Returns:
+        The steps with agents, and the problems found, as sentences.
+    """
+    chosen = {a.step_id: list(dict.fromkeys(a.agents)) for a in draft.assignments}
+    problems: list[str] = []
+    assigned: list[Step] = []
+    for step in steps:
+        agents = chosen.get(step.id, [])
+        unknown = [a for a in agents if a not in registry]
+        if unknown:
+            problems.append(f"step {step.id}: unknown agent(s) {', '.join(unknown)}")
+        elif not agents:
+            problems.append(f"step {step.id} has no agent")
+        assigned.append(step.model_copy(update={"agents": agents}))
+    return assigned, problems
+
+
+async def assign(state: WorkflowState, runtime: Runtime[WorkflowContext]) -> dict[str, Any]:
+    """Ask the assigner which agents take each step, and validate the answer.
+
+    Raises:
+        StructuredOutputError: the answer still names unknown agents after one repair
+            request (the node's retry policy asks again).
+    """
+    context = context_of(runtime)
+    registry = load_agents(context.agents_file)
+    model = chat_model(context, "assign")
+    messages = render_assign_prompt(state, registry)
+    draft, raw, usage = await invoke_structured(
+        model, AssignmentDraft, messages, node="assign", timeout_s=context.model_timeout_s
+    )
+    steps, problems = check_assignment(draft, state["steps"], registry)
+    if problems:
+        repair = HumanMessage(
+            "Your assignment cannot be used: "
+            + "; ".join(problems)
+            + f". Use only these agent names: {', '.join(registry.names)}."
+        )
+        draft, raw, more = await invoke_structured(
+            model, AssignmentDraft, [*messages, repair], node="assign",
+            timeout_s=context.model_timeout_s,
+        )
+        usage = usage + more
+        steps, problems = check_assignment(draft, state["steps"], registry)
+        if problems:
+            raise StructuredOutputError("invalid agent assignment: " + "; ".join(problems))
+    return {"steps": steps, "usage": usage, "models": [model_name(model, raw)]}

@@ -1,0 +1,199 @@
+"""`execute` and `execute_step`: run ready steps in parallel, each by its agents."""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any, Literal
+
+from langchain_core.messages import AIMessage, BaseMessage, HumanMessage, SystemMessage, ToolMessage
+from langgraph.runtime import Runtime
+from langgraph.types import Send
+
+from nodes._llm import MODEL_RETRY, _retry_on, chat_model, invoke, model_name
+from nodes._runtime import context_of, dumps, write
+from nodes.agents import AgentRegistry, load_agents
+from nodes.context import WorkflowContext
+from nodes.models import Step, Usage
+from nodes.prompts import STEP_AGENT_PROMPT, STEP_TASK_PROMPT
+from nodes.state import StepTask, WorkflowState
+
+__all__ = ["dispatch_ready_steps", "execute", "execute_step", "ready_steps"]
+
+logger = logging.getLogger(__name__)
+
+
+def ready_steps(steps: list[Step]) -> list[Step]:
+    """Return the pending steps whose dependencies are all done."""
+    status = {s.id: s.status for s in steps}
+    return [
+        s
+        for s in steps
+        if s.status == "pending" and all(status.get(d) == "done" for d in s.depends_on)
+    ]
+
+
+async def execute(state: WorkflowState) -> dict[str, Any]:
+    """Schedule the next wave: skip steps whose dependencies failed.
+
+    The ready steps themselves are sent to `execute_step` by `dispatch_ready_steps`.
+    """
+    steps = {s.id: s for s in state.get("steps", [])}
+    skipped: dict[str, Step] = {}
+    changed = True
+    while changed:  # a skip can make further steps unreachable
+        changed = False
+        for step in steps.values():
+            if step.status != "pending":
+                continue
+            bad = [d for d in step.depends_on if steps[d].status in ("failed", "skipped")]
+            if bad:
+                step = step.model_copy(
+                    update={"status": "skipped", "output": f"skipped: {bad[0]} did not finish"}
+                )
+                steps[step.id] = skipped[step.id] = step
+                changed = True
+    return {"steps": list(skipped.values())} if skipped else {}
+
+
+def dispatch_ready_steps(state: WorkflowState) -> list[Send] | Literal["review"]:
+    """Send every ready step to its own `execute_step` task, or go to review."""
+    steps = state.get("steps", [])
+    ready = ready_steps(steps)
+    if not ready:
+        return "review"
+    outputs = {s.id: s.output for s in steps}
+    conversations = state.get("conversations", {})
+    return [
+        Send(
+            "execute_step",
+            StepTask(
+                step=step,
+                event=state["event"],
+                intent=state.get("intent", ""),
+                feedback=state.get("feedback", []),
+                inputs={d: outputs[d] for d in step.depends_on},
+                history=conversations.get(step.id, []),
+            ),
+        )
+        for step in ready
+    ]
+
+
+async def _run_agent(
+    name: str,
+    registry: AgentRegistry,
+    context: WorkflowContext,
+    history: list[BaseMessage],
+    turn: list[BaseMessage],
+    runtime: Runtime[WorkflowContext],
+    step: Step,
+) -> tuple[str, Usage, str]:
+    """Let one agent work on the step in a bounded tool-calling loop.
+
+    Appends the agent's messages to `turn` and returns its answer, usage and model name.
+    """
+    agent = registry.get(name)
+    tools = registry.tools_of(name)
+    model = chat_model(context, "execute", agent.model)
+    bound = model.bind_tools(tools) if tools else model
+    by_name = {t.name: t for t in tools}
+    system = SystemMessage(STEP_AGENT_PROMPT.format(system_prompt=agent.system_prompt, agent=name))
+    usage = Usage()
+    answer = ""
+    ai = AIMessage(content="")
+    for _ in range(context.max_tool_iterations):
+        ai, used = await invoke(
+            bound, [system, *history, *turn], node="execute", timeout_s=context.model_timeout_s
+        )
+        usage = usage + used
+        ai.name = name
+        turn.append(ai)
+        answer = ai.text or answer
+        write(
+            runtime,
+            {
+                "type": "agent.message",
+                "step_id": step.id,
+                "agent": name,
+                "content": ai.text[:2000],
+                "tool_calls": [c["name"] for c in ai.tool_calls],
+            },
+        )
+        if not ai.tool_calls:
+            break
+        for call in ai.tool_calls:
+            tool = by_name.get(call["name"])
+            if tool is None:
+                result: BaseMessage = ToolMessage(
+                    f"there is no tool named {call['name']}",
+                    tool_call_id=call["id"] or "",
+                    status="error",
+                )
+            else:
+                result = await tool.ainvoke(call)
+            turn.append(result)
+    else:
+        answer = answer or f"stopped after {context.max_tool_iterations} model turns"
+    return answer, usage, model_name(model, ai)
+
+
+async def execute_step(task: StepTask, runtime: Runtime[WorkflowContext]) -> dict[str, Any]:
+    """Run one step with its agent(s) taking turns; mark it failed if it keeps failing.
+
+    Transient errors are raised while the node's retry policy has attempts left; after
+    the last attempt the step is marked failed so the review sees it.
+    """
+    context = context_of(runtime)
+    step = Step.model_validate(task["step"])
+    info = runtime.execution_info
+    attempt = info.node_attempt if info is not None else MODEL_RETRY.max_attempts
+    started = time.monotonic()
+    write(runtime, {"type": "step.started", "step_id": step.id, "agents": step.agents})
+    feedback = "; ".join(task.get("feedback", [])[-3:]) or "none"
+    turn: list[BaseMessage] = [
+        HumanMessage(
+            STEP_TASK_PROMPT.format(
+                intent=task.get("intent", ""),
+                step=dumps(step.model_dump(include={"id", "title", "description"})),
+                inputs=dumps(task.get("inputs", {})),
+                feedback=feedback,
+                event=dumps(task["event"].model_dump(mode="json", exclude_none=True)),
+            )
+        )
+    ]
+    usage, models, answers = Usage(), [], []
+    update: dict[str, Any]
+    try:
+        registry = load_agents(context.agents_file)
+        for name in step.agents or registry.names[:1]:
+            answer, used, model = await _run_agent(
+                name, registry, context, task.get("history", []), turn, runtime, step
+            )
+            usage, answers = usage + used, [*answers, (name, answer)]
+            models.append(model)
+        output = answers[-1][1] if len(answers) == 1 else "\n".join(f"{n}: {a}" for n, a in answers)
+        update = {"status": "done", "output": output, "error": None}
+    except Exception as exc:
+        if attempt < MODEL_RETRY.max_attempts and _retry_on(exc):
+            raise
+        logger.warning("step %s failed after %d attempt(s): %s", step.id, attempt, exc)
+        update = {"status": "failed", "output": "", "error": f"{type(exc).__name__}: {exc}"}
+    duration_ms = int((time.monotonic() - started) * 1000)
+    done = step.model_copy(update={**update, "attempts": step.attempts + 1, "duration_ms": duration_ms})
+    write(
+        runtime,
+        {
+            "type": "step.completed",
+            "step_id": step.id,
+            "status": done.status,
+            "duration_ms": duration_ms,
+            "error": done.error,
+        },
+    )
+    return {
+        "steps": [done],
+        "conversations": {step.id: turn},
+        "usage": usage,
+        "models": models,
+    }

@@ -1,0 +1,30 @@
+"""Checkpoint serialisation shared by every checkpointer agentflow opens."""
+
+from __future__ import annotations
+
+from langgraph.checkpoint.serde.jsonplus import JsonPlusSerializer
+
+from nodes import models
+
+__all__ = ["CHECKPOINT_TYPES", "checkpoint_serde"]
+
+CHECKPOINT_TYPES: list[tuple[str, str]] = [
+    ("nodes.models", name)
+    for name in (
+        "CloudEvent",
+        "Step",
+        "SimilarWorkflow",
+        "Usage",
+        "ReviewDecision",
+        "WorkflowResult",
+        "ResultWorkflow",
+        "ResultReview",
+    )
+    if hasattr(models, name)
+]
+"""Our own types that checkpoints may hold; anything else outside LangGraph's is refused."""
+
+
+def checkpoint_serde() -> JsonPlusSerializer:
+    """Return a serializer that accepts our state types without warnings."""
+    return JsonPlusSerializer(allowed_msgpack_modules=CHECKPOINT_TYPES)

@@ -1,0 +1,157 @@
+"""The `agentflow` command line: thin wrappers over the library."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import sys
+import uuid
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+
+from nodes.models import CloudEvent, EventValidationError, WorkflowResult
+from service.settings import ConfigError, Settings, load_settings
+
+__all__ = ["app", "main"]
+
+app = typer.Typer(
+    name="agentflow",
+    help="Turn events into LangGraph agent workflows.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+console = Console(highlight=False)
+err_console = Console(stderr=True, highlight=False)
+
+EXIT_CODES = {"completed": 0, "failed": 1, "interrupted": 3}
+EXIT_BAD_INPUT = 2
+
+
+class BadInput(Exception):
+    """A user-facing problem: printed as one paragraph, exit code 2."""
+
+
+def _configure_logging(verbose: bool) -> None:
+    logging.basicConfig(
+        level=logging.INFO if verbose else logging.WARNING,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+
+
+def _settings() -> Settings:
+    try:
+        settings = load_settings()
+        settings.check()
+    except ConfigError as exc:
+        raise BadInput(str(exc)) from None
+    return settings
+
+
+def read_event(path: Path) -> CloudEvent:
+    """Read and validate an event file.
+
+    Raises:
+        BadInput: the file is missing or the event is invalid.
+    """
+    try:
+        raw = path.read_bytes()
+    except OSError as exc:
+        raise BadInput(f"cannot read event file {path}: {exc.strerror}") from None
+    try:
+        return CloudEvent.parse(raw)
+    except EventValidationError as exc:
+        raise BadInput(f"{path}: {exc}") from None
+
+
+@app.command()
+def run(
+    event_file: Annotated[Path | None, typer.Argument(help="CloudEvent JSON file.")] = None,
+    memory: Annotated[bool, typer.Option("--memory", help="Keep checkpoints in memory.")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print only the result JSON.")] = False,
+    resume: Annotated[str | None, typer.Option(help="Continue this interrupted session.")] = None,
+    answer: Annotated[str | None, typer.Option(help="The answer that resumes a session.")] = None,
+    session: Annotated[str | None, typer.Option(help="Session id for a new run.")] = None,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
+) -> None:
+    """Run one event in this process, printing each transition, then the result.
+
+    Exit codes: 0 completed, 1 failed, 2 bad input, 3 interrupted.
+    """
+    _configure_logging(verbose)
+    if resume is None and event_file is None:
+        raise BadInput("give an EVENT_FILE to run, or --resume SESSION_ID --answer TEXT")
+    if resume is not None and answer is None:
+        raise BadInput("--resume needs --answer TEXT: the answer to the session's question")
+    if resume is not None and memory:
+        raise BadInput("--resume needs the on-disk checkpoints; drop --memory")
+    settings = _settings()
+    event = read_event(event_file) if event_file is not None and resume is None else None
+    from service.embedded import run_embedded
+
+    result = asyncio.run(
+        run_embedded(
+            settings,
+            event=event,
+            session_id=resume or session or (event.sessionid if event else None) or str(uuid.uuid4()),
+            answer=answer,
+            memory=memory,
+            console=None if as_json else console,
+        )
+    )
+    _finish(result, as_json)
+
+
+def _finish(result: WorkflowResult, as_json: bool) -> None:
+    if as_json:
+        typer.echo(result.model_dump_json(indent=2))
+    else:
+        from service.console import print_result
+
+        print_result(console, result)
+        if result.status == "interrupted":
+            console.print(
+                f"\nanswer with: agentflow run --resume {result.session_id} --answer \"...\""
+            )
+    raise typer.Exit(EXIT_CODES[result.status])
+
+
+@app.command()
+def graph(
+    fmt: Annotated[str, typer.Option("--format", help="mermaid | ascii")] = "mermaid",
+) -> None:
+    """Print the workflow graph."""
+    from graphs.workflow import graph as compiled
+
+    drawable = compiled.get_graph()
+    if fmt == "mermaid":
+        typer.echo(drawable.draw_mermaid())
+    elif fmt == "ascii":
+        typer.echo(drawable.draw_ascii())
+    else:
+        raise BadInput(f"unknown format {fmt!r}; use mermaid or ascii")
+
+
+def main(argv: list[str] | None = None) -> Any:
+    """Run the CLI, turning user-facing errors into one paragraph and exit code 2."""
+    try:
+        return app(args=argv, standalone_mode=False)
+    except BadInput as exc:
+        err_console.print(f"[bold red]error:[/] {exc}")
+        sys.exit(EXIT_BAD_INPUT)
+    except typer.Exit as exc:
+        sys.exit(exc.exit_code)
+    except Exception as exc:
+        if hasattr(exc, "show") and hasattr(exc, "exit_code"):  # click's usage errors
+            exc.show()
+            sys.exit(EXIT_BAD_INPUT)
+        raise
+
+
+if __name__ == "__main__":
+    main()
+

@@ -1,0 +1,53 @@
+"""The embedded mode: one event, one process, no broker."""
+
+from __future__ import annotations
+
+from contextlib import AsyncExitStack
+from typing import Any
+
+from langgraph.checkpoint.memory import InMemorySaver
+from rich.console import Console
+
+from graphs.workflow import build_graph
+from nodes.models import CloudEvent, WorkflowResult
+from service.checkpoints import checkpoint_serde
+from service.runner import SessionRunner
+from service.settings import Settings
+from service.transitions import Transition
+
+__all__ = ["run_embedded"]
+
+
+async def run_embedded(
+    settings: Settings,
+    *,
+    session_id: str,
+    event: CloudEvent | None = None,
+    answer: str | None = None,
+    memory: bool = False,
+    console: Console | None = None,
+) -> WorkflowResult:
+    """Run an event (or resume a session with an answer) on a local checkpointer."""
+    from service.console import print_transition
+
+    async def sink(transition: Transition) -> None:
+        if console is not None:
+            print_transition(console, transition)
+
+    async with AsyncExitStack() as stack:
+        checkpointer: Any
+        if memory:
+            checkpointer = InMemorySaver(serde=checkpoint_serde())
+        else:
+            from langgraph.checkpoint.sqlite.aio import AsyncSqliteSaver
+
+            settings.data_dir.mkdir(parents=True, exist_ok=True)
+            path = settings.data_dir / "checkpoints.sqlite"
+            checkpointer = await stack.enter_async_context(
+                AsyncSqliteSaver.from_conn_string(str(path))
+            )
+            checkpointer.serde = checkpoint_serde()
+        runner = SessionRunner(build_graph(checkpointer), settings.context(), sink=sink)
+        if event is None:
+            return await runner.resume(session_id, answer)
+        return await runner.start(event, session_id)

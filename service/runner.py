@@ -1,0 +1,179 @@
+"""Run the workflow graph for one session and report its transitions."""
+
+from __future__ import annotations
+
+import logging
+from collections import defaultdict
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from langgraph.graph.state import CompiledStateGraph
+from langgraph.types import Command
+
+from nodes.context import WorkflowContext
+from nodes.finalize import build_result
+from nodes.models import CloudEvent, WorkflowResult
+from service.transitions import Transition, TransitionMapper, TransitionSink
+
+__all__ = ["InMemorySequence", "SessionRunner", "UnknownSessionError"]
+
+logger = logging.getLogger(__name__)
+
+STREAM_MODES = ["tasks", "updates", "custom"]
+
+
+class UnknownSessionError(LookupError):
+    """A resume names a session that has no checkpoint to resume from."""
+
+
+class InMemorySequence:
+    """Per-session transition counter for one process (the embedded mode)."""
+
+    def __init__(self) -> None:
+        self._seq: defaultdict[str, int] = defaultdict(int)
+
+    async def next(self, session_id: str) -> int:
+        """Return the session's next sequence number, starting at 1."""
+        self._seq[session_id] += 1
+        return self._seq[session_id]
+
+
+async def _discard(transition: Transition) -> None:
+    return None
+
+
+class SessionRunner:
+    """Drive a compiled graph for a session and turn its stream into transitions.
+
+    The same runner serves `agentflow run`, the Kafka worker and the notebooks; only
+    the checkpointer behind the graph and the sink differ.
+    """
+
+    def __init__(
+        self,
+        graph: CompiledStateGraph,
+        context: WorkflowContext,
+        *,
+        sink: TransitionSink = _discard,
+        sequence: Any = None,
+    ) -> None:
+        self.graph = graph
+        self.context = context
+        self.sink = sink
+        self.sequence = sequence or InMemorySequence()
+
+    def __repr__(self) -> str:
+        return f"SessionRunner(model={self.context.model!r})"
+
+    async def start(self, event: CloudEvent, session_id: str) -> WorkflowResult:
+        """Run a new event in a session (resuming it if a checkpoint is half-way)."""
+        config = self.config(session_id)
+        snapshot = await self.graph.aget_state(config)
+        resumable = bool(snapshot.next) and not snapshot.interrupts
+        started_event = _event_id_of(snapshot.values) if snapshot.values else None
+        if resumable and started_event == event.id:
+            # A redelivered event: continue from the last checkpoint, nothing re-runs.
+            return await self._drive(session_id, None, event.id, resumed=True)
+        return await self._drive(session_id, {"event": event}, event.id, resumed=False)
+
+    async def resume(self, session_id: str, answer: Any) -> WorkflowResult:
+        """Answer an interrupted session and run it on.
+
+        Raises:
+            UnknownSessionError: the session has no interrupted checkpoint.
+        """
+        snapshot = await self.graph.aget_state(self.config(session_id))
+        if not snapshot.values:
+            raise UnknownSessionError(f"session {session_id} does not exist")
+        if not snapshot.interrupts:
+            raise UnknownSessionError(f"session {session_id} is not waiting for an answer")
+        event_id = _event_id_of(snapshot.values) or ""
+        return await self._drive(session_id, Command(resume=answer), event_id, resumed=True)
+
+    async def result_of(self, session_id: str) -> WorkflowResult | None:
+        """Return the result a session's checkpoint holds, if it finished."""
+        snapshot = await self.graph.aget_state(self.config(session_id))
+        result = snapshot.values.get("result") if snapshot.values else None
+        return result if isinstance(result, WorkflowResult) else None
+
+    @staticmethod
+    def config(session_id: str) -> dict[str, Any]:
+        """Return the graph config of a session (its thread)."""
+        return {"configurable": {"thread_id": session_id}}
+
+    async def emit(self, transition: Transition) -> None:
+        """Number a transition and hand it to the sink."""
+        transition.seq = await self.sequence.next(transition.session_id)
+        await self.sink(transition)
+
+    async def _drive(
+        self, session_id: str, graph_input: Any, event_id: str, *, resumed: bool
+    ) -> WorkflowResult:
+        config = self.config(session_id)
+        mapper = TransitionMapper(session_id)
+        await self.emit(
+            Transition(
+                session_id=session_id,
+                type="session.started",
+                data={"event_id": event_id, "resumed": resumed, "model": self.context.model},
+            )
+        )
+        try:
+            async for mode, chunk in self.graph.astream(
+                graph_input, config, context=self.context, stream_mode=STREAM_MODES
+            ):
+                for transition in mapper.map(mode, chunk):
+                    await self.emit(transition)
+        except Exception as exc:
+            logger.warning("session %s failed: %s", session_id, exc)
+            snapshot = await self.graph.aget_state(config)
+            error = f"{type(exc).__name__}: {exc}"
+            result = build_result(
+                snapshot.values, session_id=session_id, status="failed", error=error
+            )
+            await self._end(result, "session.failed")
+            return result
+        snapshot = await self.graph.aget_state(config)
+        if snapshot.interrupts:
+            value = snapshot.interrupts[0].value
+            question = value.get("question") if isinstance(value, dict) else str(value)
+            result = build_result(
+                snapshot.values, session_id=session_id, status="interrupted", question=question
+            )
+            await self._end(result, "session.interrupted")
+            return result
+        result = snapshot.values.get("result")
+        if not isinstance(result, WorkflowResult):
+            result = build_result(
+                snapshot.values,
+                session_id=session_id,
+                status="failed",
+                error="the graph stopped without a result",
+            )
+        await self._end(result, "session.completed" if result.status == "completed" else "session.failed")
+        return result
+
+    async def _end(self, result: WorkflowResult, kind: Any) -> None:
+        await self.emit(
+            Transition(
+                session_id=result.session_id,
+                type=kind,
+                data={
+                    "status": result.status,
+                    "error": result.error,
+                    "question": result.question,
+                    "result": result.model_dump(mode="json"),
+                },
+            )
+        )
+
+
+def _event_id_of(values: dict[str, Any]) -> str | None:
+    event = values.get("event")
+    if isinstance(event, CloudEvent):
+        return event.id
+    if isinstance(event, dict):
+        return event.get("id")
+    return None
+
+

@@ -1,0 +1,111 @@
+"""Service settings, read from `AGENTFLOW_*` environment variables."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, ValidationError, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from nodes.agents import AgentConfigError, load_agents
+from nodes.chat_models import default_model_spec
+from nodes.context import WorkflowContext
+
+__all__ = ["ConfigError", "Settings", "load_settings"]
+
+
+class ConfigError(ValueError):
+    """The configuration cannot start the service; the message says what to fix."""
+
+
+class Settings(BaseSettings):
+    """Everything the service and the CLI read from the environment."""
+
+    model_config = SettingsConfigDict(env_prefix="AGENTFLOW_", extra="ignore")
+
+    model: str = Field(default_factory=default_model_spec, description="Default chat model.")
+    model_plan: str | None = None
+    model_assign: str | None = None
+    model_execute: str | None = None
+    model_review: str | None = None
+    model_finalize: str | None = None
+    agents_file: Path = Path("examples/agents.yaml")
+    max_revise_rounds: int = Field(default=2, ge=0)
+    max_tool_iterations: int = Field(default=4, ge=1)
+    model_timeout_s: float = Field(default=60.0, gt=0)
+    data_dir: Path = Path(".agentflow")
+
+    kafka_bootstrap: str | None = None
+    redis_url: str | None = None
+    consumer_group: str = "agentflow-workers"
+    topic_events: str = "agentflow.events"
+    topic_results: str = "agentflow.results"
+    topic_sessions: str = "agentflow.sessions"
+    topic_dlq: str = "agentflow.events.dlq"
+    topic_partitions: int = Field(default=6, ge=1)
+    create_topics: bool = True
+    max_in_flight: int = Field(default=100, ge=1)
+    shutdown_grace_s: float = Field(default=20.0, ge=0)
+    session_ttl_s: int = Field(default=7 * 24 * 3600, ge=60)
+    transition_log_maxlen: int = Field(default=10_000, ge=100)
+    max_event_bytes: int = Field(default=1024 * 1024, ge=1024)
+    producer_acks: Literal["0", "1", "all"] = "all"
+    producer_idempotence: bool = Field(
+        default=False, description="Enable on real Kafka; Tansu's memory storage lacks it."
+    )
+    metrics_port: int | None = None
+
+    @field_validator("model")
+    @classmethod
+    def _model_has_provider(cls, value: str) -> str:
+        if value != "offline" and ":" not in value:
+            raise ValueError("use `provider:model`, e.g. `openai:gpt-4.1-mini`, or `offline`")
+        return value
+
+    def node_models(self) -> dict[str, str]:
+        """Return the per-node model overrides that are set."""
+        nodes = ("plan", "assign", "execute", "review", "finalize")
+        return {n: m for n in nodes if (m := getattr(self, f"model_{n}"))}
+
+    def context(self, **overrides: object) -> WorkflowContext:
+        """Build the per-run options the graph reads."""
+        values: dict[str, object] = {
+            "model": self.model,
+            "node_models": self.node_models(),
+            "agents_file": str(self.agents_file),
+            "max_revise_rounds": self.max_revise_rounds,
+            "max_tool_iterations": self.max_tool_iterations,
+            "model_timeout_s": self.model_timeout_s,
+        }
+        values.update(overrides)
+        return WorkflowContext(**values)  # type: ignore[arg-type]
+
+    def check(self) -> None:
+        """Check what start-up needs: the agents file and its tools.
+
+        Raises:
+            ConfigError: with a sentence naming what to fix.
+        """
+        try:
+            load_agents(self.agents_file)
+        except AgentConfigError as exc:
+            raise ConfigError(str(exc)) from None
+
+
+def load_settings(**overrides: object) -> Settings:
+    """Read settings from the environment.
+
+    Raises:
+        ConfigError: a variable has a value that cannot be used.
+    """
+    try:
+        return Settings(**overrides)  # type: ignore[arg-type]
+    except ValidationError as exc:
+        problems = []
+        for err in exc.errors():
+            name = "AGENTFLOW_" + "_".join(str(p) for p in err["loc"]).upper()
+            problems.append(f"{name}: {err['msg']}")
+        raise ConfigError("invalid configuration: " + "; ".join(problems)) from None
+
+

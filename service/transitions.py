@@ -1,0 +1,152 @@
+"""Transitions: what a session did, turned from the graph's stream into messages."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Awaitable, Callable
+from datetime import datetime
+from typing import Any, Literal
+
+from langgraph.types import Overwrite
+from pydantic import BaseModel, Field
+
+from nodes.models import Step, utcnow
+
+__all__ = ["Transition", "TransitionMapper", "TransitionSink", "TransitionType"]
+
+TransitionType = Literal[
+    "session.started",
+    "node.started",
+    "node.completed",
+    "node.failed",
+    "step.started",
+    "step.completed",
+    "agent.message",
+    "session.interrupted",
+    "session.completed",
+    "session.failed",
+]
+TERMINAL: frozenset[str] = frozenset(
+    {"session.interrupted", "session.completed", "session.failed"}
+)
+
+
+class Transition(BaseModel):
+    """One thing that happened in a session."""
+
+    session_id: str
+    seq: int = 0
+    ts: datetime = Field(default_factory=utcnow)
+    type: TransitionType
+    node: str | None = None
+    step_id: str | None = None
+    agent: str | None = None
+    duration_ms: int | None = None
+    data: dict[str, Any] | None = None
+
+    @property
+    def terminal(self) -> bool:
+        """Whether the session stops after this transition (until resumed)."""
+        return self.type in TERMINAL
+
+
+TransitionSink = Callable[[Transition], Awaitable[None]]
+"""Receives each transition, with its `seq` already set."""
+
+
+def _node_data(name: str, result: dict[str, Any]) -> dict[str, Any] | None:
+    """Pick the few facts of a node's writes worth showing live."""
+    if name == "discover":
+        similar = result.get("similar_workflows") or []
+        data: dict[str, Any] = {"similar": [{"id": w.id, "score": w.score} for w in similar]}
+        if note := result.get("discovery_note"):
+            data["note"] = note
+        return data
+    if name == "plan":
+        steps: list[Step] = result.get("steps") or []
+        return {
+            "intent": result.get("intent"),
+            "steps": [{"id": s.id, "title": s.title, "depends_on": s.depends_on} for s in steps],
+        }
+    if name == "assign":
+        return {"agents": {s.id: s.agents for s in result.get("steps") or []}}
+    if name == "execute_step":
+        steps = result.get("steps") or []
+        return {"status": steps[0].status} if steps else None
+    if name == "review" and (decision := result.get("review")) is not None:
+        return {"verdict": decision.verdict, "feedback": decision.feedback}
+    if name == "escalate" and (human := result.get("human_answer")):
+        return dict(human)
+    if name == "finalize" and (res := result.get("result")) is not None:
+        return {"status": res.status}
+    return None
+
+
+class TransitionMapper:
+    """Turn LangGraph stream parts (`tasks`, `updates`, `custom`) into transitions."""
+
+    def __init__(self, session_id: str) -> None:
+        self.session_id = session_id
+        self._started: dict[str, tuple[float, str | None]] = {}
+
+    def map(self, mode: str, chunk: Any) -> list[Transition]:
+        """Map one `(mode, chunk)` stream part to zero or more transitions."""
+        if mode == "tasks":
+            return self._task(chunk)
+        if mode == "custom" and isinstance(chunk, dict) and "type" in chunk:
+            data = {k: v for k, v in chunk.items() if k not in {"type", "step_id", "agent"}}
+            return [
+                Transition(
+                    session_id=self.session_id,
+                    type=chunk["type"],
+                    node="execute_step",
+                    step_id=chunk.get("step_id"),
+                    agent=chunk.get("agent"),
+                    duration_ms=chunk.get("duration_ms"),
+                    data=data or None,
+                )
+            ]
+        return []
+
+    def _task(self, chunk: dict[str, Any]) -> list[Transition]:
+        name, task_id = chunk["name"], chunk["id"]
+        if "input" in chunk:
+            step_id = None
+            if name == "execute_step" and isinstance(chunk["input"], dict):
+                step = chunk["input"].get("step")
+                step_id = getattr(step, "id", None)
+            self._started[task_id] = (time.monotonic(), step_id)
+            return [
+                Transition(
+                    session_id=self.session_id, type="node.started", node=name, step_id=step_id
+                )
+            ]
+        started, step_id = self._started.pop(task_id, (time.monotonic(), None))
+        duration_ms = int((time.monotonic() - started) * 1000)
+        if chunk.get("interrupts"):
+            return []
+        if chunk.get("error"):
+            return [
+                Transition(
+                    session_id=self.session_id,
+                    type="node.failed",
+                    node=name,
+                    step_id=step_id,
+                    duration_ms=duration_ms,
+                    data={"error": str(chunk["error"])},
+                )
+            ]
+        result = {
+            k: v.value if isinstance(v, Overwrite) else v
+            for k, v in dict(chunk.get("result") or {}).items()
+        }
+        return [
+            Transition(
+                session_id=self.session_id,
+                type="node.completed",
+                node=name,
+                step_id=step_id,
+                duration_ms=duration_ms,
+                data=_node_data(name, result),
+            )
+        ]
