@@ -37,7 +37,9 @@ def _retry_on(exc: Exception) -> bool:
     return default_retry_on(exc)
 
 
-MODEL_RETRY = RetryPolicy(max_attempts=3, initial_interval=0.2, max_interval=5.0, retry_on=_retry_on)
+MODEL_RETRY = RetryPolicy(
+    max_attempts=3, initial_interval=0.2, max_interval=5.0, retry_on=_retry_on
+)
 """Retry policy for nodes that call models: transient errors and unparseable answers."""
 
 
@@ -104,5 +106,7 @@ async def invoke_structured(
     parsed = out.get("parsed")
     if parsed is None:
         error = out.get("parsing_error") or "no structured answer"
-        raise StructuredOutputError(f"{node}: the model's answer is not a {schema.__name__}: {error}")
+        raise StructuredOutputError(
+            f"{node}: the model's answer is not a {schema.__name__}: {error}"
+        )
     return parsed, raw, _usage(raw, node)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib
+import inspect
 import logging
 import sys
 from collections.abc import Callable
@@ -63,6 +64,14 @@ def _import_tool(path: str, base_dir: Path) -> Callable[..., Any]:
     return obj  # type: ignore[no-any-return]
 
 
+def _as_tool(func: Callable[..., Any]) -> BaseTool:
+    if isinstance(func, BaseTool):
+        return func
+    if inspect.iscoroutinefunction(func):
+        return StructuredTool.from_function(coroutine=func, handle_tool_error=True)
+    return StructuredTool.from_function(func, handle_tool_error=True)
+
+
 class AgentRegistry:
     """The agents steps can be assigned to, with their tools ready to call."""
 
@@ -116,9 +125,7 @@ class AgentRegistry:
             raise AgentConfigError(f"agents file {path} is not valid YAML: {exc}") from None
         items = raw.get("agents") if isinstance(raw, dict) else raw
         if not isinstance(items, list) or not items:
-            raise AgentConfigError(
-                f"agents file {path} must hold a non-empty list under 'agents:'"
-            )
+            raise AgentConfigError(f"agents file {path} must hold a non-empty list under 'agents:'")
         agents: list[AgentSpec] = []
         for index, item in enumerate(items):
             try:
@@ -142,11 +149,7 @@ class AgentRegistry:
                         f"agent '{agent.name}' in {path}: tool '{tool_path}' cannot be "
                         f"imported ({exc}); fix the dotted path"
                     ) from None
-                tools[agent.name].append(
-                    func
-                    if isinstance(func, BaseTool)
-                    else StructuredTool.from_function(func, handle_tool_error=True)
-                )
+                tools[agent.name].append(_as_tool(func))
         return cls(agents, tools)
 
 

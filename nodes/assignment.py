@@ -72,7 +72,10 @@ async def assign(state: WorkflowState, runtime: Runtime[WorkflowContext]) -> dic
             + f". Use only these agent names: {', '.join(registry.names)}."
         )
         draft, raw, more = await invoke_structured(
-            model, AssignmentDraft, [*messages, repair], node="assign",
+            model,
+            AssignmentDraft,
+            [*messages, repair],
+            node="assign",
             timeout_s=context.model_timeout_s,
         )
         usage = usage + more

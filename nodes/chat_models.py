@@ -33,8 +33,10 @@ OFFLINE = "offline"
 _TAG = re.compile(r"<(?P<tag>[a-z_-]+)>(?P<body>.*?)</(?P=tag)>", re.S)
 _WORD = re.compile(r"[a-z]{3,}")
 _STOPWORDS = frozenset(
-    "the and for with from that this into their they them are was were has have its "
-    "any all can will each step steps event what when which who".split()
+    (
+        "the and for with from that this into their they them are was were has have its "
+        "any all can will each step steps event what when which who"
+    ).split()
 )
 
 
@@ -203,7 +205,7 @@ def _tool_args(function: dict[str, Any], tags: dict[str, str]) -> dict[str, Any]
     data = event.get("data") if isinstance(event.get("data"), dict) else {}
     params = function.get("parameters", {})
     args: dict[str, Any] = {}
-    for name, spec in params.get("properties", {}).items():
+    for name in params.get("properties", {}):
         if name in data:
             args[name] = data[name]
         elif name in event:
@@ -274,7 +276,9 @@ def _offline_assignment(tags: dict[str, str]) -> dict[str, Any]:
         want = _words(f"{step.get('title', '')} {step.get('description', '')}")
         scored = []
         for agent in agents:
-            have = _words(f"{agent.get('description', '')} {' '.join(agent.get('capabilities', []))}")
+            have = _words(
+                f"{agent.get('description', '')} {' '.join(agent.get('capabilities', []))}"
+            )
             scored.append((len(want & have), agent["name"]))
         scored.sort(key=lambda pair: -pair[0])
         chosen = [scored[0][1]] if scored else []
@@ -288,7 +292,7 @@ def _offline_assignment(tags: dict[str, str]) -> dict[str, Any]:
 
 def _offline_review(tags: dict[str, str]) -> dict[str, Any]:
     steps = _json_tag(tags, "steps", [])
-    failed = [s["id"] for s in steps if s.get("status") == "failed" and s.get("attempts", 0) < 2]
+    failed = [s["id"] for s in steps if s.get("status") == "failed"]
     if failed:
         return {
             "verdict": "revise",

@@ -27,7 +27,7 @@ async def discover(state: WorkflowState, runtime: Runtime[WorkflowContext]) -> d
     """
     context = context_of(runtime)
     event = CloudEvent.model_validate(state["event"])
-    library = context.library or default_library()
+    library = default_library() if context.library is None else context.library
     note = ""
     try:
         similar = await library.search(event, limit=context.max_similar)

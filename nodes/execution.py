@@ -180,7 +180,9 @@ async def execute_step(task: StepTask, runtime: Runtime[WorkflowContext]) -> dic
         logger.warning("step %s failed after %d attempt(s): %s", step.id, attempt, exc)
         update = {"status": "failed", "output": "", "error": f"{type(exc).__name__}: {exc}"}
     duration_ms = int((time.monotonic() - started) * 1000)
-    done = step.model_copy(update={**update, "attempts": step.attempts + 1, "duration_ms": duration_ms})
+    done = step.model_copy(
+        update={**update, "attempts": step.attempts + 1, "duration_ms": duration_ms}
+    )
     write(
         runtime,
         {

@@ -87,8 +87,12 @@ async def finalize(
     if not approved:
         rounds = state.get("review_rounds", 0)
         verdict = decision.verdict if decision else "none"
-        error = f"the review did not approve the workflow (last verdict {verdict!r} after {rounds} round(s))"
-    elif (library := context.library or default_library()) is not None:
+        error = (
+            f"the review did not approve the workflow "
+            f"(last verdict {verdict!r} after {rounds} round(s))"
+        )
+    else:
+        library = default_library() if context.library is None else context.library
         try:
             await library.add(workflow_of(state), summary=summary)
         except Exception as exc:  # keeping the example must not fail the session

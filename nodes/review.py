@@ -42,9 +42,11 @@ def render_review_prompt(state: WorkflowState) -> list[BaseMessage]:
 def _redo(steps: list[Step], wanted: list[str]) -> list[Step]:
     """Reset the wanted steps, and the steps skipped because of them, to pending."""
     known = {s.id for s in steps}
-    ids = {i for i in wanted if i in known} or {
-        s.id for s in steps if s.status in ("failed", "skipped")
-    } or known
+    ids = (
+        {i for i in wanted if i in known}
+        or {s.id for s in steps if s.status in ("failed", "skipped")}
+        or known
+    )
     return [
         s.model_copy(update={"status": "pending", "output": "", "error": None})
         for s in steps

@@ -7,7 +7,7 @@ import logging
 import sys
 import uuid
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated
 
 import typer
 from rich.console import Console
@@ -97,7 +97,10 @@ def run(
         run_embedded(
             settings,
             event=event,
-            session_id=resume or session or (event.sessionid if event else None) or str(uuid.uuid4()),
+            session_id=resume
+            or session
+            or (event.sessionid if event else None)
+            or str(uuid.uuid4()),
             answer=answer,
             memory=memory,
             console=None if as_json else console,
@@ -115,7 +118,7 @@ def _finish(result: WorkflowResult, as_json: bool) -> None:
         print_result(console, result)
         if result.status == "interrupted":
             console.print(
-                f"\nanswer with: agentflow run --resume {result.session_id} --answer \"...\""
+                f'\nanswer with: agentflow run --resume {result.session_id} --answer "..."'
             )
     raise typer.Exit(EXIT_CODES[result.status])
 
@@ -136,10 +139,11 @@ def graph(
         raise BadInput(f"unknown format {fmt!r}; use mermaid or ascii")
 
 
-def main(argv: list[str] | None = None) -> Any:
+def main(argv: list[str] | None = None) -> None:
     """Run the CLI, turning user-facing errors into one paragraph and exit code 2."""
     try:
-        return app(args=argv, standalone_mode=False)
+        code = app(args=argv, standalone_mode=False)
+        sys.exit(code if isinstance(code, int) else 0)
     except BadInput as exc:
         err_console.print(f"[bold red]error:[/] {exc}")
         sys.exit(EXIT_BAD_INPUT)
@@ -154,4 +158,3 @@ def main(argv: list[str] | None = None) -> Any:
 
 if __name__ == "__main__":
     main()
-

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import logging
 from collections import defaultdict
-from collections.abc import Awaitable, Callable
 from typing import Any
 
 from langgraph.graph.state import CompiledStateGraph
@@ -150,7 +149,9 @@ class SessionRunner:
                 status="failed",
                 error="the graph stopped without a result",
             )
-        await self._end(result, "session.completed" if result.status == "completed" else "session.failed")
+        await self._end(
+            result, "session.completed" if result.status == "completed" else "session.failed"
+        )
         return result
 
     async def _end(self, result: WorkflowResult, kind: Any) -> None:
@@ -175,5 +176,3 @@ def _event_id_of(values: dict[str, Any]) -> str | None:
     if isinstance(event, dict):
         return event.get("id")
     return None
-
-

@@ -63,6 +63,7 @@ _LOOPBACK = "127.0.0.1"
 _LOG_TAIL_LINES = 40
 _POLL_INTERVAL = 0.05
 _PORT_ATTEMPTS = 3
+_PROBE_TIMEOUT = 2.0
 # Tansu reads these as defaults for flags; flags we pass win, but the rest would leak in.
 _TANSU_ENV_VARS = ("SCHEMA_REGISTRY", "OTEL_EXPORTER_OTLP_ENDPOINT")
 # MODULE LIST names of the modules the checkpointer and redisvl need.
@@ -219,15 +220,21 @@ class _ServerProcess:
             for attempt in range(1, attempts + 1):
                 try:
                     self._launch()
-                except _PortInUseError:
+                except _PortInUseError as exc:
                     # Another process took the port between choosing and binding it.
-                    if attempt == attempts:
-                        raise ServerStartError(
-                            f"{self.name} could not bind a free loopback port after "
-                            f"{attempts} attempts; see {self.log_path}."
-                        ) from None
-                    self.port = _free_port()
-                    continue
+                    if attempt < attempts:
+                        self._remove_workdir()
+                        self.port = _free_port()
+                        continue
+                    self._remove_workdir()
+                    raise ServerStartError(
+                        f"{self.name} could not listen on {_LOOPBACK}:{self.port}: the port is "
+                        f"in use.{_format_tail(exc.log_tail)}"
+                    ) from None
+                except BaseException:
+                    # The error carries the log tail, so the directory can go.
+                    self._remove_workdir()
+                    raise
                 # From now on the port is this server's, so restarts come back on it.
                 self._port_was_given = True
                 return self
@@ -352,11 +359,13 @@ class _ServerProcess:
     def _wait_until_ready(self, deadline: float) -> None:
         last_error: BaseException | None = None
         while True:
-            if self._process is None or self._process.poll() is not None:
+            exited = self._process is None or self._process.poll() is not None
+            tail = self._log_tail()
+            # Tansu panics in a worker thread and lingers for a while when it cannot bind.
+            if _port_in_use_message(tail):
+                raise _PortInUseError(tail)
+            if exited:
                 code = self._process.returncode if self._process else None
-                tail = self._log_tail()
-                if _port_in_use_message(tail):
-                    raise _PortInUseError(self.port)
                 raise ServerStartError(
                     f"{self.name} exited with code {code} while starting on port {self.port}."
                     f"{_format_tail(tail)}"
@@ -585,9 +594,9 @@ class KafkaBroker(_ServerProcess):
                 pass
         except OSError as exc:
             raise _NotReadyError() from exc
-        timeout = max(1.0, min(10.0, deadline - time.monotonic()))
+        limit_s = max(0.5, min(_PROBE_TIMEOUT, deadline - time.monotonic()))
         try:
-            _run_coroutine(lambda: _fetch_cluster_metadata(self.bootstrap, timeout))
+            _run_coroutine(lambda: _fetch_cluster_metadata(self.bootstrap, limit_s))
         except Exception as exc:
             raise _NotReadyError() from exc
 
@@ -720,8 +729,12 @@ class _NotReadyError(Exception):
     """The server does not answer yet; the cause says why."""
 
 
-class _PortInUseError(OSError):
+class _PortInUseError(Exception):
     """The chosen port was taken before the server could bind it."""
+
+    def __init__(self, log_tail: str) -> None:
+        super().__init__(log_tail)
+        self.log_tail = log_tail
 
 
 def _free_port() -> int:
@@ -745,7 +758,9 @@ def _ensure_executable(path: Path) -> Path:
 
 def _port_in_use_message(log_tail: str) -> bool:
     lowered = log_tail.lower()
-    return "address already in use" in lowered or "addrinuse" in lowered
+    return any(
+        text in lowered for text in ("address already in use", "address in use", "addrinuse")
+    )
 
 
 def _format_tail(tail: str) -> str:

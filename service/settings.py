@@ -107,5 +107,3 @@ def load_settings(**overrides: object) -> Settings:
             name = "AGENTFLOW_" + "_".join(str(p) for p in err["loc"]).upper()
             problems.append(f"{name}: {err['msg']}")
         raise ConfigError("invalid configuration: " + "; ".join(problems)) from None
-
-

@@ -26,9 +26,7 @@ TransitionType = Literal[
     "session.completed",
     "session.failed",
 ]
-TERMINAL: frozenset[str] = frozenset(
-    {"session.interrupted", "session.completed", "session.failed"}
-)
+TERMINAL: frozenset[str] = frozenset({"session.interrupted", "session.completed", "session.failed"})
 
 
 class Transition(BaseModel):

@@ -1,0 +1,83 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from nodes.agents import AgentConfigError, AgentRegistry
+from nodes.chat_models import ModelConfigError, OfflineChatModel, make_chat_model
+from service.settings import ConfigError, load_settings
+
+
+def write(tmp_path: Path, body: str) -> Path:
+    path = tmp_path / "agents.yaml"
+    path.write_text(body)
+    return path
+
+
+def test_example_agents_load_with_tools() -> None:
+    registry = AgentRegistry.from_yaml("examples/agents.yaml")
+    assert "eligibility_analyst" in registry
+    tools = {t.name for t in registry.tools_of("eligibility_analyst")}
+    assert tools == {"check_eligibility"}
+    assert (
+        registry.tools_of("eligibility_analyst")[0]
+        .invoke({"claim_id": "C-2001"})
+        .startswith("claim C-2001: eligible")
+    )
+
+
+@pytest.mark.parametrize(
+    ("body", "message"),
+    [
+        (
+            "agents:\n  - {name: a, description: d, system_prompt: p}\n"
+            "  - {name: a, description: e, system_prompt: q}\n",
+            "agent name 'a' appears twice",
+        ),
+        (
+            "agents:\n  - {name: a, description: d, system_prompt: p, tools: [os.path.nope]}\n",
+            "agent 'a' in .*: tool 'os.path.nope' cannot be imported",
+        ),
+        ("agents:\n  - {name: a, system_prompt: p}\n", "field 'description': Field required"),
+        ("agents: [\n", "not valid YAML"),
+        ("agents: []\n", "non-empty list"),
+    ],
+)
+def test_bad_agent_files_name_the_problem(tmp_path: Path, body: str, message: str) -> None:
+    with pytest.raises(AgentConfigError, match=message):
+        AgentRegistry.from_yaml(write(tmp_path, body))
+
+
+def test_factory_makes_offline_and_refuses_unknown_providers() -> None:
+    assert isinstance(make_chat_model("offline"), OfflineChatModel)
+    with pytest.raises(ModelConfigError, match="nosuchprovider:model"):
+        make_chat_model("nosuchprovider:model")
+
+
+def test_openai_without_key_is_an_error_not_offline(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("OPENAI_API_KEY", raising=False)
+    with pytest.raises(ModelConfigError, match="openai:gpt-4.1-mini"):
+        make_chat_model("openai:gpt-4.1-mini")
+
+
+def test_settings_read_models_per_node(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("AGENTFLOW_MODEL", "openai:gpt-4.1-mini")
+    monkeypatch.setenv("AGENTFLOW_MODEL_REVIEW", "openai:gpt-4.1")
+    context = load_settings().context()
+    assert context.model_for("plan") == "openai:gpt-4.1-mini"
+    assert context.model_for("review") == "openai:gpt-4.1"
+
+
+def test_default_model_is_offline_without_credentials() -> None:
+    assert load_settings().model == "offline"
+
+
+def test_bad_settings_say_which_variable(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("AGENTFLOW_MAX_IN_FLIGHT", "lots")
+    with pytest.raises(ConfigError, match="AGENTFLOW_MAX_IN_FLIGHT"):
+        load_settings()
+    monkeypatch.delenv("AGENTFLOW_MAX_IN_FLIGHT")
+    monkeypatch.setenv("AGENTFLOW_MODEL", "gpt4")
+    with pytest.raises(ConfigError, match="AGENTFLOW_MODEL: .*provider:model"):
+        load_settings()
