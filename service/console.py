@@ -61,7 +61,7 @@ def print_transition(console: Console, t: Transition) -> None:
     style = _STYLE.get(t.type, "")
     console.print(
         f"{t.seq:>4} {t.ts:%H:%M:%S.%f}"[:-3]
-        + f"  [{style}]{t.type:<20}[/] {escape(where):<34} {took}  {escape(_detail(t))}",
+        + f"  [{style}]{t.type:<20}[/] {escape(where):<40} {took}  {escape(_detail(t))}",
         highlight=False,
         soft_wrap=True,
     )

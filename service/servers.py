@@ -64,6 +64,8 @@ _LOG_TAIL_LINES = 40
 _POLL_INTERVAL = 0.05
 _PORT_ATTEMPTS = 3
 _PROBE_TIMEOUT = 2.0
+# How Redis ("Address already in use") and Tansu ("AddrInUse") report a taken port.
+_PORT_IN_USE_MARKERS = ("address already in use", "address in use", "addrinuse")
 # Tansu reads these as defaults for flags; flags we pass win, but the rest would leak in.
 _TANSU_ENV_VARS = ("SCHEMA_REGISTRY", "OTEL_EXPORTER_OTLP_ENDPOINT")
 # MODULE LIST names of the modules the checkpointer and redisvl need.
@@ -789,10 +791,10 @@ async def _fetch_cluster_metadata(bootstrap: str, limit_s: float) -> None:
 
 
 def _run_coroutine(factory: Callable[[], Coroutine[Any, Any, _T]]) -> _T:
-    """Run a coroutine to completion from sync code, even inside a running event loop."""
-    try:
-        asyncio.get_running_loop()
-    except RuntimeError:
-        return asyncio.run(factory())
+    """Run a coroutine to completion from sync code, on a private loop in its own thread.
+
+    The caller's thread may have a running loop (sync `start()` from async code) or a loop
+    set up by a test runner; a thread keeps both untouched.
+    """
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="agentflow-probe") as pool:
         return pool.submit(lambda: asyncio.run(factory())).result()
