@@ -139,6 +139,132 @@ def graph(
         raise BadInput(f"unknown format {fmt!r}; use mermaid or ascii")
 
 
+def _service_settings() -> Settings:
+    settings = _settings()
+    if not settings.kafka_bootstrap or not settings.redis_url:
+        raise BadInput(
+            "set AGENTFLOW_KAFKA_BOOTSTRAP and AGENTFLOW_REDIS_URL to reach Kafka and Redis "
+            "(`agentflow dev` starts local ones and prints both)"
+        )
+    return settings
+
+
+@app.command()
+def worker(verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False) -> None:
+    """Consume events from Kafka and run their workflows until SIGTERM."""
+    _configure_logging(True)
+    settings = _service_settings()
+    from service.worker import Worker
+
+    async def serve() -> None:
+        w = Worker(settings)
+        await w.start()
+        w.install_signal_handlers()
+        await w.run()
+
+    asyncio.run(serve())
+
+
+@app.command()
+def dev(verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False) -> None:
+    """Start local Kafka and Redis and a worker; run until Ctrl-C, then clean up."""
+    _configure_logging(verbose)
+    from service.devserver import run_dev
+
+    asyncio.run(run_dev(_settings(), console))
+
+
+@app.command()
+def send(
+    event_file: Annotated[Path, typer.Argument(help="CloudEvent JSON file.")],
+    wait: Annotated[bool, typer.Option("--wait", help="Follow it and print the result.")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="With --wait: only the result.")] = False,
+    timeout: Annotated[float, typer.Option(help="Seconds to wait for the result.")] = 300.0,
+) -> None:
+    """Produce an event to Kafka; with --wait, print its transitions and result."""
+    _configure_logging(False)
+    settings = _service_settings()
+    event = read_event(event_file)
+    from service.client import produce_event, wait_for_result, watch_session
+    from service.console import print_transition
+
+    async def go() -> WorkflowResult | None:
+        session_id = await produce_event(settings, event)
+        if not wait:
+            console.print(f"sent event {event.id} to session {session_id}")
+            return None
+        waiting = asyncio.create_task(wait_for_result(settings, session_id, event.id, timeout))
+        if not as_json:
+            async for transition in watch_session(settings, session_id):
+                print_transition(console, transition)
+                if (
+                    transition.terminal
+                    and transition.data
+                    and (transition.data.get("result", {}).get("event_id") == event.id)
+                ):
+                    break
+        return await waiting
+
+    result = asyncio.run(go())
+    if result is not None:
+        _finish(result, as_json)
+
+
+@app.command()
+def watch(
+    session_id: Annotated[str, typer.Argument(help="The session to follow.")],
+    after: Annotated[int, typer.Option(help="Start after this seq.")] = 0,
+) -> None:
+    """Catch up on a session's transitions from the log, then follow it live."""
+    _configure_logging(False)
+    settings = _service_settings()
+    from service.client import watch_session
+    from service.console import print_transition
+
+    async def go() -> None:
+        async for transition in watch_session(settings, session_id, after):
+            print_transition(console, transition)
+
+    asyncio.run(go())
+
+
+@app.command()
+def health() -> None:
+    """Exit 0 if Kafka and Redis answer, 1 otherwise."""
+    settings = _service_settings()
+
+    async def check() -> list[str]:
+        from aiokafka.admin import AIOKafkaAdminClient
+        from redis.asyncio import Redis
+
+        problems = []
+        redis = Redis.from_url(settings.redis_url or "", socket_connect_timeout=3)
+        try:
+            await redis.ping()
+        except Exception as exc:
+            problems.append(f"Redis at {settings.redis_url}: {exc}")
+        finally:
+            await redis.aclose()
+        admin = AIOKafkaAdminClient(
+            bootstrap_servers=settings.kafka_bootstrap, request_timeout_ms=3000
+        )
+        try:
+            await asyncio.wait_for(admin.start(), 5)
+            await admin.list_topics()
+        except Exception as exc:
+            problems.append(f"Kafka at {settings.kafka_bootstrap}: {exc!r}")
+        finally:
+            await admin.close()
+        return problems
+
+    problems = asyncio.run(check())
+    for problem in problems:
+        err_console.print(f"[red]unhealthy[/] {problem}")
+    if not problems:
+        console.print("healthy: Kafka and Redis answer")
+    raise typer.Exit(1 if problems else 0)
+
+
 def main(argv: list[str] | None = None) -> None:
     """Run the CLI, turning user-facing errors into one paragraph and exit code 2."""
     try:

@@ -54,25 +54,46 @@ class SessionRunner:
         context: WorkflowContext,
         *,
         sink: TransitionSink = _discard,
-        sequence: Any = None,
+        sequence: Any = InMemorySequence,
+        infra_errors: tuple[type[BaseException], ...] = (),
     ) -> None:
+        """Make a runner.
+
+        Args:
+            graph: the compiled workflow graph, with its checkpointer.
+            context: the per-run options.
+            sink: receives every transition.
+            sequence: numbers transitions (an object with `async next(session_id)`),
+                or None when the sink numbers them itself.
+            infra_errors: errors of the infrastructure (Redis, Kafka) that must not be
+                turned into a failed result: they are raised so the caller can retry.
+        """
         self.graph = graph
         self.context = context
         self.sink = sink
-        self.sequence = sequence or InMemorySequence()
+        self.sequence = sequence() if sequence is InMemorySequence else sequence
+        self.infra_errors = infra_errors
 
     def __repr__(self) -> str:
         return f"SessionRunner(model={self.context.model!r})"
 
     async def start(self, event: CloudEvent, session_id: str) -> WorkflowResult:
-        """Run a new event in a session (resuming it if a checkpoint is half-way)."""
+        """Run an event in a session.
+
+        A redelivered event (same id as the session's current run) is not run again:
+        a half-way run continues from its last checkpoint, a finished or interrupted
+        one returns the result it reached.
+        """
         config = self.config(session_id)
         snapshot = await self.graph.aget_state(config)
-        resumable = bool(snapshot.next) and not snapshot.interrupts
-        started_event = _event_id_of(snapshot.values) if snapshot.values else None
-        if resumable and started_event == event.id:
-            # A redelivered event: continue from the last checkpoint, nothing re-runs.
-            return await self._drive(session_id, None, event.id, resumed=True)
+        if snapshot.values and _event_id_of(snapshot.values) == event.id:
+            if snapshot.interrupts:
+                return self._interrupted(session_id, snapshot)
+            if snapshot.next:
+                return await self._drive(session_id, None, event.id, resumed=True)
+            result = snapshot.values.get("result")
+            if isinstance(result, WorkflowResult):
+                return result
         return await self._drive(session_id, {"event": event}, event.id, resumed=False)
 
     async def resume(self, session_id: str, answer: Any) -> WorkflowResult:
@@ -102,7 +123,8 @@ class SessionRunner:
 
     async def emit(self, transition: Transition) -> None:
         """Number a transition and hand it to the sink."""
-        transition.seq = await self.sequence.next(transition.session_id)
+        if self.sequence is not None:
+            transition.seq = await self.sequence.next(transition.session_id)
         await self.sink(transition)
 
     async def _drive(
@@ -124,6 +146,8 @@ class SessionRunner:
                 for transition in mapper.map(mode, chunk):
                     await self.emit(transition)
         except Exception as exc:
+            if isinstance(exc, self.infra_errors):
+                raise
             logger.warning("session %s failed: %s", session_id, exc)
             snapshot = await self.graph.aget_state(config)
             error = f"{type(exc).__name__}: {exc}"
@@ -134,11 +158,7 @@ class SessionRunner:
             return result
         snapshot = await self.graph.aget_state(config)
         if snapshot.interrupts:
-            value = snapshot.interrupts[0].value
-            question = value.get("question") if isinstance(value, dict) else str(value)
-            result = build_result(
-                snapshot.values, session_id=session_id, status="interrupted", question=question
-            )
+            result = self._interrupted(session_id, snapshot)
             await self._end(result, "session.interrupted")
             return result
         result = snapshot.values.get("result")
@@ -153,6 +173,14 @@ class SessionRunner:
             result, "session.completed" if result.status == "completed" else "session.failed"
         )
         return result
+
+    @staticmethod
+    def _interrupted(session_id: str, snapshot: Any) -> WorkflowResult:
+        value = snapshot.interrupts[0].value
+        question = value.get("question") if isinstance(value, dict) else str(value)
+        return build_result(
+            snapshot.values, session_id=session_id, status="interrupted", question=question
+        )
 
     async def _end(self, result: WorkflowResult, kind: Any) -> None:
         await self.emit(

@@ -37,6 +37,7 @@ import subprocess
 import tempfile
 import threading
 import time
+import uuid
 from collections.abc import Callable, Coroutine, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -491,12 +492,20 @@ class RedisServer(_ServerProcess):
 
     def _wait_ready(self, deadline: float) -> None:
         import redis
+        from redis.backoff import NoBackoff
+        from redis.retry import Retry
 
+        # redis-py retries 10 times with backoff by default; this loop does its own polling.
         client = redis.Redis(
-            host=_LOOPBACK, port=self.port, socket_timeout=2.0, socket_connect_timeout=1.0
+            host=_LOOPBACK,
+            port=self.port,
+            socket_timeout=_PROBE_TIMEOUT,
+            socket_connect_timeout=_PROBE_TIMEOUT,
+            retry=Retry(NoBackoff(), 0),
         )
         try:
             client.ping()
+            answering_pid = client.info("server").get("process_id")
             loaded = {
                 _as_str(module.get(b"name", module.get("name", ""))).lower()
                 for module in client.execute_command("MODULE", "LIST")
@@ -505,6 +514,9 @@ class RedisServer(_ServerProcess):
             raise _NotReadyError() from exc
         finally:
             client.close()
+        if answering_pid != self.pid:
+            # Someone else's Redis holds the port; ours is about to fail to bind.
+            raise _NotReadyError(f"port {self.port} is answered by pid {answering_pid}")
         missing = _REQUIRED_REDIS_MODULES - loaded if self._modules is None else set()
         if missing:
             raise ServerStartError(
@@ -540,7 +552,8 @@ class KafkaBroker(_ServerProcess):
     Args:
         port: Port to listen on; a free one is chosen when omitted.
         binary: `tansu` to run instead of the bundled one.
-        cluster_id: Cluster id the broker reports in metadata.
+        cluster_id: Cluster id the broker reports in metadata; unique per broker when omitted,
+            which tells this broker apart from another one answering on the same port.
         startup_timeout: Seconds to wait for a metadata request to succeed.
         stop_timeout: Seconds to wait after SIGTERM before SIGKILL.
     """
@@ -553,14 +566,14 @@ class KafkaBroker(_ServerProcess):
         *,
         port: int | None = None,
         binary: str | os.PathLike[str] | None = None,
-        cluster_id: str = "agentflow",
+        cluster_id: str | None = None,
         startup_timeout: float = 30.0,
         stop_timeout: float = 10.0,
     ) -> None:
         super().__init__(
             port=port, binary=binary, startup_timeout=startup_timeout, stop_timeout=stop_timeout
         )
-        self.cluster_id = cluster_id
+        self.cluster_id = cluster_id or f"agentflow-{uuid.uuid4().hex[:12]}"
 
     @property
     def bootstrap(self) -> str:
@@ -598,9 +611,12 @@ class KafkaBroker(_ServerProcess):
             raise _NotReadyError() from exc
         limit_s = max(0.5, min(_PROBE_TIMEOUT, deadline - time.monotonic()))
         try:
-            _run_coroutine(lambda: _fetch_cluster_metadata(self.bootstrap, limit_s))
+            cluster_id = _run_coroutine(lambda: _fetch_cluster_id(self.bootstrap, limit_s))
         except Exception as exc:
             raise _NotReadyError() from exc
+        if cluster_id != self.cluster_id:
+            # Another broker holds the port; ours is about to fail to bind.
+            raise _NotReadyError(f"port {self.port} is answered by cluster {cluster_id!r}")
 
 
 class LocalServers:
@@ -773,7 +789,7 @@ def _as_str(value: bytes | str) -> str:
     return value.decode() if isinstance(value, bytes) else value
 
 
-async def _fetch_cluster_metadata(bootstrap: str, limit_s: float) -> None:
+async def _fetch_cluster_id(bootstrap: str, limit_s: float) -> str | None:
     from aiokafka.admin import AIOKafkaAdminClient
 
     admin = AIOKafkaAdminClient(
@@ -784,10 +800,11 @@ async def _fetch_cluster_metadata(bootstrap: str, limit_s: float) -> None:
     try:
         async with asyncio.timeout(limit_s):
             await admin.start()
-            await admin.describe_cluster()
+            cluster = await admin.describe_cluster()
     finally:
         with contextlib.suppress(Exception):
             await admin.close()
+    return cluster.get("cluster_id")
 
 
 def _run_coroutine(factory: Callable[[], Coroutine[Any, Any, _T]]) -> _T:

@@ -1,0 +1,179 @@
+"""Session records and event bookkeeping in Redis."""
+
+from __future__ import annotations
+
+import json
+from datetime import datetime
+from typing import Any, Literal
+
+from pydantic import BaseModel, Field
+from redis.asyncio import Redis
+
+from nodes.models import WorkflowResult, utcnow
+
+__all__ = ["EventClaim", "SessionRecord", "SessionStore"]
+
+SessionStatus = Literal["running", "interrupted", "completed", "failed", "cancelled"]
+EventClaim = Literal["new", "running", "finished", "published"]
+INDEX_KEY = "agentflow:sessions"
+
+
+def session_key(session_id: str) -> str:
+    """The hash that holds one session's record."""
+    return f"agentflow:session:{session_id}"
+
+
+def event_key(event_id: str) -> str:
+    """The key that remembers one event id and how far it got."""
+    return f"agentflow:event:{event_id}"
+
+
+class SessionRecord(BaseModel):
+    """What the service knows about a session."""
+
+    session_id: str
+    status: SessionStatus = "running"
+    current_node: str | None = None
+    event_ids: list[str] = Field(default_factory=list)
+    event_type: str | None = None
+    subject: str | None = None
+    created_at: datetime = Field(default_factory=utcnow)
+    updated_at: datetime = Field(default_factory=utcnow)
+    question: str | None = None
+    result: WorkflowResult | None = None
+
+
+class SessionStore:
+    """Session records (hashes), an index by update time, and seen event ids."""
+
+    def __init__(self, redis: Redis, *, ttl_s: int) -> None:
+        self.redis = redis
+        self.ttl_s = ttl_s
+
+    def __repr__(self) -> str:
+        return f"SessionStore(ttl_s={self.ttl_s})"
+
+    async def get(self, session_id: str) -> SessionRecord | None:
+        """Return a session's record, or None if there is none."""
+        raw = await self.redis.hgetall(session_key(session_id))
+        if not raw:
+            return None
+        fields = {k.decode(): v.decode() for k, v in raw.items()}
+        data: dict[str, Any] = {k: v for k, v in fields.items() if v != ""}
+        data["event_ids"] = json.loads(fields.get("event_ids", "[]"))
+        if "result" in data:
+            data["result"] = WorkflowResult.model_validate_json(data["result"])
+        return SessionRecord.model_validate(data)
+
+    async def list(
+        self, *, status: str | None = None, offset: int = 0, limit: int = 50
+    ) -> tuple[list[SessionRecord], int]:
+        """Return sessions, newest first, optionally of one status, and the total count."""
+        total = await self.redis.zcard(INDEX_KEY)
+        records: list[SessionRecord] = []
+        cursor = 0
+        skipped = 0
+        page = max(limit, 50)
+        while len(records) < limit and cursor < total:
+            ids = await self.redis.zrevrange(INDEX_KEY, cursor, cursor + page - 1)
+            cursor += page
+            for raw_id in ids:
+                record = await self.get(raw_id.decode())
+                if record is None:
+                    await self.redis.zrem(INDEX_KEY, raw_id)  # expired
+                    continue
+                if status and record.status != status:
+                    continue
+                if skipped < offset:
+                    skipped += 1
+                    continue
+                records.append(record)
+                if len(records) == limit:
+                    break
+        return records, total
+
+    async def open(
+        self, session_id: str, *, event_id: str, event_type: str, subject: str | None
+    ) -> None:
+        """Create or reopen a session for an event."""
+        key = session_key(session_id)
+        now = utcnow().isoformat()
+        current = await self.redis.hget(key, "event_ids")
+        ids = json.loads(current) if current else []
+        if event_id not in ids:
+            ids.append(event_id)
+        async with self.redis.pipeline(transaction=True) as pipe:
+            pipe.hsetnx(key, "created_at", now)
+            pipe.hset(
+                key,
+                mapping={
+                    "session_id": session_id,
+                    "status": "running",
+                    "event_ids": json.dumps(ids),
+                    "event_type": event_type,
+                    "subject": subject or "",
+                    "updated_at": now,
+                    "question": "",
+                },
+            )
+            pipe.persist(key)
+            pipe.zadd(INDEX_KEY, {session_id: utcnow().timestamp()})
+            await pipe.execute()
+
+    async def set_node(self, session_id: str, node: str) -> None:
+        """Record the node a session is in."""
+        await self.redis.hset(
+            session_key(session_id),
+            mapping={"current_node": node, "updated_at": utcnow().isoformat()},
+        )
+
+    async def close(self, result: WorkflowResult, *, status: SessionStatus | None = None) -> None:
+        """Record a run's outcome; finished sessions get the retention TTL."""
+        key = session_key(result.session_id)
+        final = status or result.status
+        async with self.redis.pipeline(transaction=True) as pipe:
+            pipe.hset(
+                key,
+                mapping={
+                    "status": final,
+                    "updated_at": utcnow().isoformat(),
+                    "question": result.question or "",
+                    "result": result.model_dump_json(),
+                },
+            )
+            if final != "interrupted":
+                pipe.expire(key, self.ttl_s)
+            pipe.zadd(INDEX_KEY, {result.session_id: utcnow().timestamp()})
+            await pipe.execute()
+
+    async def claim_event(self, event_id: str, session_id: str) -> tuple[EventClaim, str]:
+        """Remember an event id; say whether it is new or how far it got before.
+
+        Returns:
+            The event's state before this call, and the session it belongs to.
+        """
+        key = event_key(event_id)
+        fresh = await self.redis.set(
+            key,
+            json.dumps({"session_id": session_id, "state": "running"}),
+            nx=True,
+            ex=self.ttl_s,
+        )
+        if fresh:
+            return "new", session_id
+        raw = await self.redis.get(key)
+        known = json.loads(raw) if raw else {"session_id": session_id, "state": "running"}
+        return known["state"], known["session_id"]
+
+    async def mark_event(self, event_id: str, session_id: str, state: EventClaim) -> None:
+        """Move an event to `finished` (result known) or `published` (result sent)."""
+        await self.redis.set(
+            event_key(event_id),
+            json.dumps({"session_id": session_id, "state": state}),
+            ex=self.ttl_s,
+        )
+
+    async def event_session(self, event_id: str) -> str | None:
+        """Return the session an event id belongs to, if it was seen."""
+        raw = await self.redis.get(event_key(event_id))
+        return json.loads(raw)["session_id"] if raw else None
