@@ -1,0 +1,123 @@
+"""Fixtures that start real servers: the Tansu Kafka broker and Redis 8 with modules.
+
+`AGENTFLOW_KAFKA_BOOTSTRAP` / `AGENTFLOW_REDIS_URL` point the suite at existing servers.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from typing import Any
+
+import pytest
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
+from aiokafka.structs import ConsumerRecord
+from redis.asyncio import Redis
+
+from service.servers import LocalServers
+from service.settings import Settings, load_settings
+from service.worker import Worker
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture(scope="session")
+def servers() -> Iterator[LocalServers]:
+    """One broker and one Redis for the whole run."""
+    with LocalServers.from_env() as started:
+        yield started
+
+
+@pytest.fixture
+def settings(servers: LocalServers) -> Settings:
+    """Settings with topics and a consumer group of this test's own."""
+    tag = uuid.uuid4().hex[:8]
+    return load_settings(
+        kafka_bootstrap=servers.kafka_bootstrap,
+        redis_url=servers.redis_url,
+        consumer_group=f"agentflow-workers-{tag}",
+        topic_events=f"agentflow.events.{tag}",
+        topic_results=f"agentflow.results.{tag}",
+        topic_sessions=f"agentflow.sessions.{tag}",
+        topic_dlq=f"agentflow.events.dlq.{tag}",
+        topic_partitions=3,
+        shutdown_grace_s=5,
+    )
+
+
+@pytest.fixture
+async def redis(servers: LocalServers) -> AsyncIterator[Redis]:
+    client = Redis.from_url(servers.redis_url)
+    yield client
+    await client.aclose()
+
+
+@pytest.fixture
+async def start_worker() -> AsyncIterator[Callable[..., Awaitable[Worker]]]:
+    """Start workers in this process; each is stopped and closed at the end."""
+    running: list[tuple[Worker, asyncio.Task[None]]] = []
+
+    async def start(settings: Settings, **kw: Any) -> Worker:
+        worker = Worker(settings, **kw)
+        await worker.start()
+        running.append((worker, asyncio.create_task(worker.run())))
+        return worker
+
+    yield start
+    for worker, _task in running:
+        worker.stop()
+    for _worker, task in running:
+        await asyncio.wait_for(task, 30)
+
+
+@pytest.fixture
+async def producer(servers: LocalServers) -> AsyncIterator[AIOKafkaProducer]:
+    client = AIOKafkaProducer(bootstrap_servers=servers.kafka_bootstrap, acks="all")
+    await client.start()
+    yield client
+    await client.stop()
+
+
+async def read_topic(
+    bootstrap: str,
+    topic: str,
+    *,
+    until: Callable[[list[ConsumerRecord]], bool],
+    timeout_s: float = 60.0,
+) -> list[ConsumerRecord]:
+    """Read a topic from the start until `until(records)` holds.
+
+    Raises:
+        TimeoutError: with what was read, when the condition does not hold in time.
+    """
+    consumer = AIOKafkaConsumer(
+        topic,
+        bootstrap_servers=bootstrap,
+        auto_offset_reset="earliest",
+        enable_auto_commit=False,
+        group_id=None,
+    )
+    await consumer.start()
+    records: list[ConsumerRecord] = []
+    try:
+        async with asyncio.timeout(timeout_s):
+            while not until(records):
+                batch = await consumer.getmany(timeout_ms=200)
+                for part in batch.values():
+                    records.extend(part)
+    except TimeoutError:
+        raise TimeoutError(f"{topic}: condition not met; read {len(records)} record(s)") from None
+    finally:
+        await consumer.stop()
+    return records
+
+
+def results_by_event(records: list[ConsumerRecord]) -> dict[str, list[dict[str, Any]]]:
+    """Group result records by their `event_id` header."""
+    grouped: dict[str, list[dict[str, Any]]] = {}
+    for record in records:
+        event_id = dict(record.headers)["event_id"].decode()
+        grouped.setdefault(event_id, []).append(json.loads(record.value))
+    return grouped

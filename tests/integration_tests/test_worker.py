@@ -1,0 +1,223 @@
+"""The worker through a real Kafka-protocol broker and a real Redis."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import uuid
+from pathlib import Path
+from typing import Any
+
+import pytest
+from aiokafka import AIOKafkaProducer
+from redis.asyncio import Redis
+
+from service.publisher import read_log
+from service.sessions import SessionStore
+from service.settings import Settings
+from tests.integration_tests.conftest import read_topic, results_by_event
+
+pytestmark = pytest.mark.integration
+
+EVENTS = Path(__file__).resolve().parents[2] / "examples" / "events"
+
+
+def example(name: str, **overrides: Any) -> dict[str, Any]:
+    raw = json.loads((EVENTS / f"{name}.json").read_text())
+    raw["id"] = f"{raw['id']}-{uuid.uuid4().hex[:6]}"
+    raw.update(overrides)
+    return raw
+
+
+async def send(
+    producer: AIOKafkaProducer, settings: Settings, event: dict[str, Any], key: str
+) -> None:
+    await producer.send_and_wait(
+        settings.topic_events, json.dumps(event).encode(), key=key.encode()
+    )
+
+
+async def test_example_events_end_to_end(
+    settings: Settings, start_worker: Any, producer: AIOKafkaProducer, redis: Redis
+) -> None:
+    await start_worker(settings)
+    events = {
+        "s-submit": example("claim_submitted"),
+        "s-doc": example("document_uploaded"),
+        "s-status": example("status_requested"),
+        "s-review": example("claim_needs_review"),
+    }
+    for session_id, event in events.items():
+        await send(producer, settings, event, session_id)
+    ids = {e["id"] for e in events.values()}
+    records = await read_topic(
+        settings.kafka_bootstrap or "",
+        settings.topic_results,
+        until=lambda rs: ids <= set(results_by_event(rs)),
+    )
+    results = results_by_event(records)
+    assert all(len(v) == 1 for v in results.values())
+    by_session = {r[0]["session_id"]: r[0] for r in results.values()}
+    assert {s: r["status"] for s, r in by_session.items()} == {
+        "s-submit": "completed",
+        "s-doc": "completed",
+        "s-status": "completed",
+        "s-review": "interrupted",
+    }
+    assert {rec.key.decode() for rec in records} == set(events)
+
+    store = SessionStore(redis, ttl_s=60)
+    record = await store.get("s-submit")
+    assert record is not None and record.status == "completed"
+    assert record.current_node == "finalize" and record.result is not None
+    assert record.event_ids == [events["s-submit"]["id"]]
+    assert 0 < await redis.ttl("agentflow:session:s-submit") <= settings.session_ttl_s
+    review = await store.get("s-review")
+    assert review is not None and review.status == "interrupted" and review.question
+
+    log = await read_log(redis, "s-submit")
+    assert [t.seq for t in log] == list(range(1, len(log) + 1))
+    assert log[0].type == "session.started" and log[-1].type == "session.completed"
+    assert {"plan", "assign", "review", "finalize"} <= {t.node for t in log}
+
+    sessions = await read_topic(
+        settings.kafka_bootstrap or "",
+        settings.topic_sessions,
+        until=lambda rs: sum(json.loads(r.value)["type"] == "session.ended" for r in rs) >= 3,
+    )
+    kinds = [(json.loads(r.value)["type"], r.key.decode()) for r in sessions]
+    assert ("session.started", "s-submit") in kinds and ("session.ended", "s-submit") in kinds
+
+
+async def test_bad_events_go_to_the_dead_letter_topic(
+    settings: Settings, start_worker: Any, producer: AIOKafkaProducer
+) -> None:
+    settings = settings.model_copy(update={"max_event_bytes": 4096})
+    await start_worker(settings)
+    topic = settings.topic_events
+    await producer.send_and_wait(topic, b"\xff not json", key=b"k1", headers=[("trace", b"t-1")])
+    await producer.send_and_wait(
+        topic, json.dumps({"specversion": "1.0", "id": "x"}).encode(), key=b"k2"
+    )
+    big = example("claim_submitted", data={"blob": "x" * 5000})
+    await producer.send_and_wait(topic, json.dumps(big).encode(), key=b"k3")
+    resume = {
+        "specversion": "1.0",
+        "id": f"r-{uuid.uuid4().hex[:6]}",
+        "source": "test",
+        "type": "agentflow.resume",
+        "sessionid": "no-such-session",
+        "data": {"answer": "yes"},
+    }
+    await producer.send_and_wait(topic, json.dumps(resume).encode(), key=b"no-such-session")
+    good = example("status_requested")
+    await send(producer, settings, good, "k-good")
+
+    dlq = await read_topic(
+        settings.kafka_bootstrap or "", settings.topic_dlq, until=lambda rs: len(rs) >= 4
+    )
+    reasons = {r.key.decode(): dict(r.headers) for r in dlq}
+    assert b"not valid JSON" in reasons["k1"]["reason"]
+    assert reasons["k1"]["trace"] == b"t-1"  # original headers kept
+    assert next(r for r in dlq if r.key == b"k1").value == b"\xff not json"  # original bytes
+    assert b"field 'source'" in reasons["k2"]["reason"]
+    assert b"exceeds AGENTFLOW_MAX_EVENT_BYTES" in reasons["k3"]["reason"]
+    assert b"unknown session" in reasons["no-such-session"]["reason"]
+    for headers in reasons.values():
+        assert headers["source_topic"] == topic.encode()
+        assert int(headers["partition"]) >= 0 and int(headers["offset"]) >= 0
+
+    results = await read_topic(
+        settings.kafka_bootstrap or "",
+        settings.topic_results,
+        until=lambda rs: good["id"] in results_by_event(rs),
+    )
+    assert results_by_event(results)[good["id"]][0]["status"] == "completed"
+
+
+async def test_duplicate_event_id_runs_once(
+    settings: Settings, start_worker: Any, producer: AIOKafkaProducer, redis: Redis
+) -> None:
+    await start_worker(settings)
+    event = example("claim_submitted")
+    for _ in range(3):
+        await send(producer, settings, event, "dup-session")
+    marker = example("status_requested")
+    await send(producer, settings, marker, "dup-session")  # same session: runs after the copies
+    records = await read_topic(
+        settings.kafka_bootstrap or "",
+        settings.topic_results,
+        until=lambda rs: marker["id"] in results_by_event(rs),
+    )
+    results = results_by_event(records)
+    assert len(results[event["id"]]) == 1
+    log = await read_log(redis, "dup-session")
+    plans = [t for t in log if t.node == "plan" and t.type == "node.started"]
+    assert len(plans) == 2  # the event once, the marker once
+
+
+async def test_resume_over_kafka(
+    settings: Settings, start_worker: Any, producer: AIOKafkaProducer, redis: Redis
+) -> None:
+    await start_worker(settings)
+    event = example("claim_needs_review")
+    await send(producer, settings, event, "esc-session")
+    first = await read_topic(
+        settings.kafka_bootstrap or "",
+        settings.topic_results,
+        until=lambda rs: event["id"] in results_by_event(rs),
+    )
+    assert results_by_event(first)[event["id"]][0]["status"] == "interrupted"
+    resume = {
+        "specversion": "1.0",
+        "id": f"resume-{uuid.uuid4().hex[:6]}",
+        "source": "test",
+        "type": "agentflow.resume",
+        "sessionid": "esc-session",
+        "data": {"answer": "approve: discharge verified"},
+    }
+    await send(producer, settings, resume, "esc-session")
+    records = await read_topic(
+        settings.kafka_bootstrap or "",
+        settings.topic_results,
+        until=lambda rs: resume["id"] in results_by_event(rs),
+    )
+    result = results_by_event(records)[resume["id"]][0]
+    assert result["status"] == "completed"
+    assert "discharge verified" in result["review"]["feedback"]
+    log = await read_log(redis, "esc-session")
+    assert [t.seq for t in log] == list(range(1, len(log) + 1))  # no gap across the resume
+    assert [t.type for t in log].count("session.interrupted") == 1
+    assert sum(t.node == "plan" and t.type == "node.started" for t in log) == 1
+
+
+async def test_two_workers_many_sessions_keep_order_and_one_result_each(
+    settings: Settings, start_worker: Any, producer: AIOKafkaProducer, redis: Redis
+) -> None:
+    await start_worker(settings, name="w1")
+    await start_worker(settings, name="w2")
+    sent: dict[str, list[str]] = {}
+    for i in range(20):
+        session_id = f"many-{i}"
+        for name in ("claim_submitted", "status_requested"):
+            event = example(name)
+            sent.setdefault(session_id, []).append(event["id"])
+            await send(producer, settings, event, session_id)
+    all_ids = {e for ids in sent.values() for e in ids}
+    records = await read_topic(
+        settings.kafka_bootstrap or "",
+        settings.topic_results,
+        until=lambda rs: all_ids <= set(results_by_event(rs)),
+        timeout_s=120,
+    )
+    results = results_by_event(records)
+    assert all(len(results[e]) == 1 for e in all_ids)
+    assert all(results[e][0]["status"] == "completed" for e in all_ids)
+    for session_id, (first, second) in sent.items():
+        log = await read_log(redis, session_id)
+        starts = [t.data["event_id"] for t in log if t.type == "session.started"]
+        assert starts == [first, second], session_id
+        ends = [i for i, t in enumerate(log) if t.type == "session.completed"]
+        second_start = [i for i, t in enumerate(log) if t.type == "session.started"][1]
+        assert ends[0] < second_start  # the second event waited for the first
+    await asyncio.sleep(0)
