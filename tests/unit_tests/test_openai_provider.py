@@ -1,0 +1,161 @@
+"""The real provider path: the whole graph through ChatOpenAI against a loopback server."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+from langgraph.checkpoint.memory import InMemorySaver
+
+from graphs.workflow import build_graph
+from nodes._llm import MODEL_RETRY
+from nodes.chat_models import make_chat_model
+from nodes.context import WorkflowContext
+from nodes.library import InMemoryWorkflowLibrary
+from service.checkpoints import checkpoint_serde
+from service.runner import SessionRunner
+from tests.openai_server import SNAPSHOT, ChatRequest, OpenAICompatibleServer
+
+MODEL = "openai:test-model"
+SERVED = f"test-model-{SNAPSHOT}"
+STRUCTURED = {"PlanDraft", "AssignmentDraft", "ReviewDecision"}
+
+
+@pytest.fixture
+def openai_server(monkeypatch: pytest.MonkeyPatch) -> Iterator[OpenAICompatibleServer]:
+    """Start an OpenAI-compatible server on loopback and point `openai:` models at it."""
+    with OpenAICompatibleServer() as server:
+        monkeypatch.setenv("OPENAI_BASE_URL", server.base_url)
+        monkeypatch.setenv("OPENAI_API_KEY", server.api_key)
+        make_chat_model.cache_clear()
+        yield server
+    make_chat_model.cache_clear()  # the cached clients point at a closed port now
+
+
+def _context() -> WorkflowContext:
+    return WorkflowContext(model=MODEL, library=InMemoryWorkflowLibrary())
+
+
+def _runner() -> SessionRunner:
+    return SessionRunner(build_graph(InMemorySaver(serde=checkpoint_serde())), _context())
+
+
+def _forced_tool(request: ChatRequest) -> str | None:
+    choice = request.tool_choice
+    return choice["function"]["name"] if isinstance(choice, dict) else None
+
+
+def _answers_its_tool_calls(request: ChatRequest) -> bool:
+    """Whether every tool result in the request answers a call made earlier in it."""
+    called: set[str] = set()
+    for message in request.body["messages"]:
+        called |= {c["id"] for c in message.get("tool_calls") or []}
+        if message["role"] == "tool" and message["tool_call_id"] not in called:
+            return False
+    return bool(called)
+
+
+def _closed_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+async def test_the_graph_completes_through_chat_openai(
+    openai_server: OpenAICompatibleServer, make_event: Any
+) -> None:
+    result = await _runner().start(make_event(), "s-openai")
+
+    assert result.status == "completed", result.error
+    assert result.model == SERVED
+    assert all(s.status == "done" and s.output for s in result.workflow.steps)
+    steps = {s.id: s for s in result.workflow.steps}
+    assert "eligible for disability" in steps["s3"].output  # the tool ran on the served call
+    answered = openai_server.answered()
+    assert len(answered) == len(openai_server.requests) == result.usage.llm_calls
+    assert result.usage.input_tokens == sum(r.usage["prompt_tokens"] for r in answered if r.usage)
+    assert result.usage.output_tokens == sum(
+        r.usage["completion_tokens"] for r in answered if r.usage
+    )
+    assert {r.body["model"] for r in answered} == {"test-model"}
+    assert {r.headers["authorization"] for r in answered} == {f"Bearer {openai_server.api_key}"}
+    # structured output is a forced function call; agents get their tools unforced and
+    # send the tool results back with the calls they answer
+    assert {_forced_tool(r) for r in answered} - {None} == STRUCTURED
+    assert any(r.body.get("tools") and r.tool_choice is None for r in answered)
+    with_results = [r for r in answered if "tool" in r.roles]
+    assert with_results and all(_answers_its_tool_calls(r) for r in with_results)
+    assert not any(r.body.get("stream") for r in answered)  # the runner does not stream
+
+
+async def test_a_rate_limit_is_retried_by_the_node_retry_policy(
+    openai_server: OpenAICompatibleServer, make_event: Any
+) -> None:
+    openai_server.fail_next(status=429)
+    result = await _runner().start(make_event(), "s-429")
+
+    assert result.status == "completed", result.error
+    limited, retried, *_ = openai_server.requests
+    assert (limited.status, retried.status) == (429, 200)
+    assert _forced_tool(limited) == _forced_tool(retried) == "PlanDraft"
+    assert len(openai_server.requests) == result.usage.llm_calls + 1
+    assert result.usage.by_node["plan"] == 1
+    # the client does not retry (max_retries=0): LangGraph ran the node again, after
+    # the policy's back-off
+    assert {r.headers["x-stainless-retry-count"] for r in openai_server.requests} == {"0"}
+    assert retried.received_at - limited.received_at >= MODEL_RETRY.initial_interval
+
+
+@pytest.mark.parametrize(
+    ("outage", "error"),
+    [("server-error", "InternalServerError"), ("nothing-listens", "APIConnectionError")],
+)
+async def test_a_provider_that_keeps_failing_fails_the_run(
+    openai_server: OpenAICompatibleServer,
+    monkeypatch: pytest.MonkeyPatch,
+    make_event: Any,
+    outage: str,
+    error: str,
+) -> None:
+    if outage == "server-error":
+        openai_server.fail_next(status=500, count=None)
+    else:
+        monkeypatch.setenv("OPENAI_BASE_URL", f"http://127.0.0.1:{_closed_port()}/v1")
+        make_chat_model.cache_clear()
+
+    async with asyncio.timeout(30):
+        result = await _runner().start(make_event(), f"s-{outage}")
+
+    assert result.status == "failed"
+    assert result.error is not None and result.error.startswith(error), result.error
+    # no offline answer stood in for the provider
+    assert result.model == "" and result.usage.llm_calls == 0
+    assert result.workflow.steps == [] and result.summary == ""
+    if outage == "server-error":
+        assert len(openai_server.requests) == MODEL_RETRY.max_attempts
+        assert {r.status for r in openai_server.requests} == {500}
+    else:
+        assert openai_server.requests == []
+
+
+async def test_streamed_messages_arrive_as_server_sent_events(
+    openai_server: OpenAICompatibleServer, make_event: Any
+) -> None:
+    graph = build_graph(InMemorySaver(serde=checkpoint_serde()))
+    config: Any = {"configurable": {"thread_id": "s-stream"}}
+    streamed = [
+        (chunk, meta)
+        async for chunk, meta in graph.astream(
+            {"event": make_event()}, config, context=_context(), stream_mode="messages"
+        )
+    ]
+
+    result = (await graph.aget_state(config)).values["result"]
+    assert result.status == "completed", result.error
+    assert result.model == SERVED
+    assert openai_server.requests and all(r.body.get("stream") for r in openai_server.requests)
+    assert any(c.tool_call_chunks for c, _ in streamed)
+    assert any(c.text for c, meta in streamed if meta["langgraph_node"] == "finalize")
