@@ -24,6 +24,10 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     add_completion=False,
 )
+sessions_app = typer.Typer(help="Inspect and replay sessions.", no_args_is_help=True)
+library_app = typer.Typer(help="Manage the workflow library.", no_args_is_help=True)
+app.add_typer(sessions_app, name="sessions")
+app.add_typer(library_app, name="library")
 console = Console(highlight=False)
 err_console = Console(stderr=True, highlight=False)
 

@@ -111,7 +111,7 @@ async def test_a_rate_limit_is_retried_by_the_node_retry_policy(
 
 @pytest.mark.parametrize(
     ("outage", "error"),
-    [("server-error", "InternalServerError"), ("nothing-listens", "APIConnectionError")],
+    [("server-error", "Error code: 500"), ("nothing-listens", "Connection error")],
 )
 async def test_a_provider_that_keeps_failing_fails_the_run(
     openai_server: OpenAICompatibleServer,
@@ -130,7 +130,7 @@ async def test_a_provider_that_keeps_failing_fails_the_run(
         result = await _runner().start(make_event(), f"s-{outage}")
 
     assert result.status == "failed"
-    assert result.error is not None and result.error.startswith(error), result.error
+    assert result.error is not None and error in result.error, result.error
     # no offline answer stood in for the provider
     assert result.model == "" and result.usage.llm_calls == 0
     assert result.workflow.steps == [] and result.summary == ""
