@@ -224,7 +224,7 @@ def _offline_plan(tags: dict[str, str]) -> dict[str, Any]:
     if same_type:
         best = same_type[0]
         return {
-            "intent": best.get("intent") or f"Handle {etype} for {subject}",
+            "intent": f"Handle the {etype} event for {subject} (as in a known workflow)",
             "goals": best.get("goals") or [f"{etype} handled"],
             "steps": [
                 {k: s[k] for k in ("id", "title", "description", "depends_on") if k in s}

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 from collections.abc import AsyncIterator
 
@@ -50,10 +51,11 @@ async def watch_session(
     assert settings.redis_url
     redis = Redis.from_url(settings.redis_url)
     try:
-        async for transition in follow(redis, session_id, after_seq):
-            yield transition
-            if transition.terminal:
-                return
+        async with contextlib.aclosing(follow(redis, session_id, after_seq)) as transitions:
+            async for transition in transitions:
+                yield transition
+                if transition.terminal:
+                    return
     finally:
         await redis.aclose()
 

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 from collections.abc import AsyncIterator
 from typing import Any
 
+from redis import exceptions as redis_errors
 from redis.asyncio import Redis
 
 from service.transitions import Transition
@@ -113,7 +115,8 @@ async def follow(redis: Redis, session_id: str, after_seq: int = 0) -> AsyncIter
             last = transition.seq
             yield transition
     finally:
-        await pubsub.unsubscribe()
+        with contextlib.suppress(redis_errors.ConnectionError):
+            await pubsub.unsubscribe()
         await pubsub.aclose()
 
 
