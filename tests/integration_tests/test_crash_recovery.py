@@ -1,0 +1,156 @@
+"""A worker killed with SIGKILL mid-run, then restarted: nothing lost, nothing twice."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import subprocess
+import sys
+import uuid
+from pathlib import Path
+from typing import Any
+
+import pytest
+from aiokafka import AIOKafkaProducer
+from redis.asyncio import Redis
+
+from service.publisher import read_log
+from service.settings import Settings
+from tests.integration_tests.conftest import read_topic, results_by_event
+
+pytestmark = pytest.mark.integration
+
+ROOT = Path(__file__).resolve().parents[2]
+
+SLOW_TOOLS = '''
+import time
+
+def slow_check(claim_id: str) -> str:
+    """Check a claim, slowly."""
+    time.sleep(0.4)
+    return f"checked {claim_id}"
+'''
+
+SLOW_AGENTS = """
+agents:
+  - name: clerk
+    description: Takes in, records, reviews, assesses and reports on claims and documents.
+    capabilities: [take, record, review, document, assess, eligibility, report, outcome, claim]
+    system_prompt: You are a careful clerk.
+    tools: [crash_tools.slow_check]
+"""
+
+
+def start_worker_process(
+    settings: Settings, agents_file: Path, log: Path
+) -> subprocess.Popen[bytes]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("AGENTFLOW_", "OPENAI_"))}
+    env.update(
+        {
+            "AGENTFLOW_KAFKA_BOOTSTRAP": settings.kafka_bootstrap or "",
+            "AGENTFLOW_REDIS_URL": settings.redis_url or "",
+            "AGENTFLOW_CONSUMER_GROUP": settings.consumer_group,
+            "AGENTFLOW_TOPIC_EVENTS": settings.topic_events,
+            "AGENTFLOW_TOPIC_RESULTS": settings.topic_results,
+            "AGENTFLOW_TOPIC_SESSIONS": settings.topic_sessions,
+            "AGENTFLOW_TOPIC_DLQ": settings.topic_dlq,
+            "AGENTFLOW_TOPIC_PARTITIONS": str(settings.topic_partitions),
+            "AGENTFLOW_AGENTS_FILE": str(agents_file),
+        }
+    )
+    return subprocess.Popen(
+        [sys.executable, "-m", "service.cli", "worker"],
+        cwd=ROOT,
+        env=env,
+        stdout=log.open("ab"),
+        stderr=subprocess.STDOUT,
+    )
+
+
+async def wait_for(condition: Any, timeout_s: float, what: str) -> None:
+    async with asyncio.timeout(timeout_s):
+        while not await condition():
+            await asyncio.sleep(0.1)
+    assert await condition(), what
+
+
+async def test_sigkill_mid_run_then_restart(
+    settings: Settings, producer: AIOKafkaProducer, redis: Redis, tmp_path: Path
+) -> None:
+    (tmp_path / "crash_tools.py").write_text(SLOW_TOOLS)
+    agents_file = tmp_path / "agents.yaml"
+    agents_file.write_text(SLOW_AGENTS)
+    log = tmp_path / "worker.log"
+    tag = uuid.uuid4().hex[:6]
+    sessions = [f"crash-{tag}-{i}" for i in range(6)]
+    events = {}
+    first = start_worker_process(settings, agents_file, log)
+    try:
+        for session_id in sessions:
+            event = json.loads((ROOT / "examples/events/claim_submitted.json").read_text())
+            event["id"] = f"evt-{session_id}"
+            events[session_id] = event["id"]
+            await producer.send_and_wait(
+                settings.topic_events, json.dumps(event).encode(), key=session_id.encode()
+            )
+
+        async def some_planned() -> bool:
+            done = 0
+            for session_id in sessions:
+                log_entries = await read_log(redis, session_id)
+                done += any(t.node == "plan" and t.type == "node.completed" for t in log_entries)
+            return done >= 3
+
+        await wait_for(some_planned, 90, "sessions got planned before the kill")
+        results_before = await read_topic(
+            settings.kafka_bootstrap or "",
+            settings.topic_results,
+            until=lambda rs: True,
+            timeout_s=5,
+        )
+        assert len(results_before) < len(sessions), "the kill must land mid-run"
+        planned_before = {}
+        for session_id in sessions:
+            entries = await read_log(redis, session_id)
+            planned_before[session_id] = any(
+                t.node == "plan" and t.type == "node.completed" for t in entries
+            )
+        first.send_signal(signal.SIGKILL)
+        first.wait(10)
+    finally:
+        if first.poll() is None:
+            first.kill()
+
+    second = start_worker_process(settings, agents_file, log)
+    try:
+        records = await read_topic(
+            settings.kafka_bootstrap or "",
+            settings.topic_results,
+            until=lambda rs: set(events.values()) <= set(results_by_event(rs)),
+            timeout_s=150,
+        )
+    finally:
+        second.send_signal(signal.SIGTERM)
+        try:
+            second.wait(30)
+        except subprocess.TimeoutExpired:
+            second.kill()
+    results = results_by_event(records)
+    resumed = 0
+    for session_id, event_id in events.items():
+        assert len(results[event_id]) == 1, f"{event_id}: {len(results[event_id])} results"
+        assert results[event_id][0]["status"] == "completed", results[event_id][0]["error"]
+        entries = await read_log(redis, session_id)
+        assert [t.seq for t in entries] == list(range(1, len(entries) + 1)), session_id
+        plan_runs = sum(t.node == "plan" and t.type == "node.completed" for t in entries)
+        assert plan_runs == 1, f"{session_id}: plan completed {plan_runs} times"
+        resumed += any(
+            t.type == "session.started" and (t.data or {}).get("resumed") for t in entries
+        )
+        if planned_before[session_id]:
+            plan_starts = sum(t.node == "plan" and t.type == "node.started" for t in entries)
+            assert plan_starts == 1, f"{session_id}: a finished plan ran again"
+    assert resumed >= 1, "some session continued from its checkpoint"
+    assert "closed" in log.read_text()  # the second worker drained and left cleanly
