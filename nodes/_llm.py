@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 from typing import Any, TypeVar
 
+from langchain_core.exceptions import ModelError
 from langchain_core.language_models import BaseChatModel
 from langchain_core.messages import AIMessage, BaseMessage
 from langchain_core.runnables import Runnable
@@ -34,6 +35,8 @@ def _retry_on(exc: Exception) -> bool:
         return False
     if isinstance(exc, StructuredOutputError | TimeoutError):
         return True
+    if isinstance(exc, ModelError):  # providers say whether a retry can help (401 cannot)
+        return bool(exc.is_retryable)
     return default_retry_on(exc)
 
 

@@ -71,8 +71,10 @@ def make_chat_model(spec: str, *, timeout_s: float = 60.0) -> BaseChatModel:
     from langchain.chat_models import init_chat_model
 
     kwargs: dict[str, Any] = {"timeout": timeout_s, "max_retries": 0}
-    if spec.startswith("openai:") and (base_url := os.environ.get("OPENAI_BASE_URL")):
-        kwargs["base_url"] = base_url
+    if spec.startswith("openai:"):
+        kwargs["stream_usage"] = True  # token counts also when Studio streams messages
+        if base_url := os.environ.get("OPENAI_BASE_URL"):
+            kwargs["base_url"] = base_url
     try:
         return init_chat_model(spec, **kwargs)
     except Exception as exc:  # the providers raise many different types

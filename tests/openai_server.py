@@ -30,6 +30,7 @@ SNAPSHOT = "2025-01-01"
 """Answers name the model `<requested>-<SNAPSHOT>`, as OpenAI names the snapshot that ran."""
 
 _ERROR_TYPES = {
+    HTTPStatus.BAD_REQUEST: ("invalid_request_error", None),
     HTTPStatus.UNAUTHORIZED: ("invalid_request_error", "invalid_api_key"),
     HTTPStatus.NOT_FOUND: ("invalid_request_error", "unknown_url"),
     HTTPStatus.TOO_MANY_REQUESTS: ("requests", "rate_limit_exceeded"),
@@ -172,7 +173,8 @@ class _ChatCompletionsHandler(BaseHTTPRequestHandler):
         try:
             body = json.loads(raw or b"{}")
         except ValueError:
-            body = {}
+            body = None
+        body = body if isinstance(body, dict) else {}
         request = ChatRequest(
             path=self.path, headers={k.lower(): v for k, v in self.headers.items()}, body=body
         )
@@ -190,7 +192,13 @@ class _ChatCompletionsHandler(BaseHTTPRequestHandler):
             request.status = failure
             self._error(failure, f"the test told the server to answer {failure}.")
         else:
-            completion = _complete(body)
+            try:
+                completion = _complete(body)
+            except Exception as exc:  # answer like a failing provider, not a dropped socket
+                logger.exception("openai server: cannot answer")
+                request.status = 500
+                self._error(request.status, f"{type(exc).__name__}: {exc}")
+                return
             request.usage = completion["usage"]
             if body.get("stream"):
                 self._stream(completion, include_usage=_include_usage(body))
@@ -212,8 +220,6 @@ class _ChatCompletionsHandler(BaseHTTPRequestHandler):
 
     def _error(self, status: int, message: str) -> None:
         kind, code = _ERROR_TYPES.get(HTTPStatus(status), ("server_error", None))
-        if status == HTTPStatus.BAD_REQUEST:
-            kind = "invalid_request_error"
         error = {"message": message, "type": kind, "param": None, "code": code}
         self._json(status, {"error": error}, {"retry-after": "0"})
 

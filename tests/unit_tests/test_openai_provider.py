@@ -5,16 +5,19 @@ from __future__ import annotations
 import asyncio
 import socket
 from collections.abc import Iterator
-from typing import Any
+from typing import Any, cast
 
 import pytest
+from langchain_core.runnables import RunnableConfig
 from langgraph.checkpoint.memory import InMemorySaver
+from langgraph.graph.state import CompiledStateGraph
 
 from graphs.workflow import build_graph
 from nodes._llm import MODEL_RETRY
 from nodes.chat_models import make_chat_model
 from nodes.context import WorkflowContext
 from nodes.library import InMemoryWorkflowLibrary
+from nodes.models import WorkflowResult
 from service.checkpoints import checkpoint_serde
 from service.runner import SessionRunner
 from tests.openai_server import SNAPSHOT, ChatRequest, OpenAICompatibleServer
@@ -112,6 +115,7 @@ async def test_a_rate_limit_is_retried_by_the_node_retry_policy(
 @pytest.mark.parametrize(
     ("outage", "error"),
     [("server-error", "Error code: 500"), ("nothing-listens", "Connection error")],
+    ids=["server-error", "nothing-listens"],
 )
 async def test_a_provider_that_keeps_failing_fails_the_run(
     openai_server: OpenAICompatibleServer,
@@ -141,21 +145,53 @@ async def test_a_provider_that_keeps_failing_fails_the_run(
         assert openai_server.requests == []
 
 
-async def test_streamed_messages_arrive_as_server_sent_events(
-    openai_server: OpenAICompatibleServer, make_event: Any
+async def test_a_rejected_key_fails_the_run_without_retries(
+    openai_server: OpenAICompatibleServer, monkeypatch: pytest.MonkeyPatch, make_event: Any
 ) -> None:
-    graph = build_graph(InMemorySaver(serde=checkpoint_serde()))
-    config: Any = {"configurable": {"thread_id": "s-stream"}}
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-wrong")
+    make_chat_model.cache_clear()
+
+    result = await _runner().start(make_event(), "s-401")
+
+    assert result.status == "failed"
+    assert result.error is not None and "Error code: 401" in result.error, result.error
+    assert [r.status for r in openai_server.requests] == [401]
+
+
+async def _streamed_run(make_event: Any) -> tuple[WorkflowResult, list[tuple[Any, Any]]]:
+    """Run the graph streaming model tokens, as LangGraph Studio does."""
+    # build_graph's bare return type leaves the context type at its default, None
+    graph = cast(
+        CompiledStateGraph[Any, WorkflowContext, Any, Any],
+        build_graph(InMemorySaver(serde=checkpoint_serde())),
+    )
+    config: RunnableConfig = {"configurable": {"thread_id": "s-stream"}}
     streamed = [
         (chunk, meta)
         async for chunk, meta in graph.astream(
             {"event": make_event()}, config, context=_context(), stream_mode="messages"
         )
     ]
+    return (await graph.aget_state(config)).values["result"], streamed
 
-    result = (await graph.aget_state(config)).values["result"]
+
+async def test_streamed_messages_arrive_as_server_sent_events(
+    openai_server: OpenAICompatibleServer, make_event: Any
+) -> None:
+    result, streamed = await _streamed_run(make_event)
+
     assert result.status == "completed", result.error
     assert result.model == SERVED
     assert openai_server.requests and all(r.body.get("stream") for r in openai_server.requests)
     assert any(c.tool_call_chunks for c, _ in streamed)
     assert any(c.text for c, meta in streamed if meta["langgraph_node"] == "finalize")
+
+
+async def test_streamed_runs_count_the_served_tokens(
+    openai_server: OpenAICompatibleServer, make_event: Any
+) -> None:
+    result, _ = await _streamed_run(make_event)
+
+    assert result.status == "completed", result.error
+    served = sum(r.usage["prompt_tokens"] for r in openai_server.answered() if r.usage)
+    assert result.usage.input_tokens == served > 0
