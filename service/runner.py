@@ -89,11 +89,25 @@ class SessionRunner:
         if snapshot.values and _event_id_of(snapshot.values) == event.id:
             if snapshot.interrupts:
                 return self._interrupted(session_id, snapshot)
+            result = snapshot.values.get("result")
+            if isinstance(result, WorkflowResult) and result.event_id == event.id:
+                return result
             if snapshot.next:
                 return await self._drive(session_id, None, event.id, resumed=True)
-            result = snapshot.values.get("result")
-            if isinstance(result, WorkflowResult):
-                return result
+            # A crash can leave the newest checkpoint without its pending tasks: go on
+            # from the newest one of this event that still says what runs next.
+            async for earlier in self.graph.aget_state_history(config):
+                if _event_id_of(earlier.values) != event.id:
+                    break
+                if earlier.next:
+                    logger.info(
+                        "session %s continues from checkpoint %s",
+                        session_id,
+                        earlier.config["configurable"]["checkpoint_id"],
+                    )
+                    return await self._drive(
+                        session_id, None, event.id, resumed=True, config=earlier.config
+                    )
         return await self._drive(session_id, {"event": event}, event.id, resumed=False)
 
     async def resume(self, session_id: str, answer: Any) -> WorkflowResult:
@@ -128,8 +142,15 @@ class SessionRunner:
         await self.sink(transition)
 
     async def _drive(
-        self, session_id: str, graph_input: Any, event_id: str, *, resumed: bool
+        self,
+        session_id: str,
+        graph_input: Any,
+        event_id: str,
+        *,
+        resumed: bool,
+        config: Any = None,
     ) -> WorkflowResult:
+        start_config = config or self.config(session_id)
         config = self.config(session_id)
         mapper = TransitionMapper(session_id)
         await self.emit(
@@ -141,7 +162,7 @@ class SessionRunner:
         )
         try:
             async for mode, chunk in self.graph.astream(
-                graph_input, config, context=self.context, stream_mode=STREAM_MODES
+                graph_input, start_config, context=self.context, stream_mode=STREAM_MODES
             ):
                 for transition in mapper.map(mode, chunk):
                     await self.emit(transition)
@@ -162,7 +183,7 @@ class SessionRunner:
             await self._end(result, "session.interrupted")
             return result
         result = snapshot.values.get("result")
-        if not isinstance(result, WorkflowResult):
+        if not isinstance(result, WorkflowResult) or result.event_id != event_id:
             result = build_result(
                 snapshot.values,
                 session_id=session_id,

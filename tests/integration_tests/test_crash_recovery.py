@@ -152,6 +152,8 @@ async def test_sigkill_mid_run_then_restart(
         )
         if planned_before[session_id]:
             plan_starts = sum(t.node == "plan" and t.type == "node.started" for t in entries)
-            assert plan_starts == 1, f"{session_id}: a finished plan ran again"
+            trace = "\n".join(f"{t.seq} {t.ts} {t.type} {t.node} {t.step_id}" for t in entries[:12])
+            wlog = "\n".join(line for line in log.read_text().splitlines() if "service." in line)
+            assert plan_starts == 1, f"{session_id}: a finished plan ran again:\n{trace}\n{wlog}"
     assert resumed >= 1, "some session continued from its checkpoint"
     assert "closed" in log.read_text()  # the second worker drained and left cleanly
