@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import os
@@ -66,8 +67,17 @@ def make_chat_model(spec: str, *, timeout_s: float = 60.0) -> BaseChatModel:
             no credentials.
     """
     if spec == OFFLINE or spec.startswith(OFFLINE + ":"):
+        latency = 0.0
+        option = spec.partition(":")[2]
+        if option.startswith("latency="):  # `offline:latency=0.2` acts like a slow provider
+            try:
+                latency = float(option.removeprefix("latency="))
+            except ValueError:
+                raise ModelConfigError(f"{spec!r}: latency must be seconds, e.g. 0.2") from None
+        elif option:
+            raise ModelConfigError(f"{spec!r}: the offline model takes only `latency=SECONDS`")
         logger.info("using the deterministic OFFLINE model (no LLM is called)")
-        return OfflineChatModel()
+        return OfflineChatModel(latency_s=latency)
     from langchain.chat_models import init_chat_model
 
     kwargs: dict[str, Any] = {"timeout": timeout_s, "max_retries": 0}
@@ -115,10 +125,24 @@ class OfflineChatModel(BaseChatModel):
     """
 
     model_name: str = OFFLINE
+    latency_s: float = 0.0
+    """Seconds each call waits, to stand in for a provider's latency in benchmarks."""
 
     @property
     def _llm_type(self) -> str:
         return OFFLINE
+
+    async def _agenerate(
+        self,
+        messages: list[BaseMessage],
+        stop: list[str] | None = None,
+        run_manager: Any = None,
+        **kwargs: Any,
+    ) -> ChatResult:
+        # The answer is cheap to compute: no thread hop, only the configured latency.
+        if self.latency_s:
+            await asyncio.sleep(self.latency_s)
+        return self._generate(messages, stop, None, **kwargs)
 
     def bind_tools(
         self,
