@@ -17,7 +17,14 @@ from nodes.chat_models import ModelConfigError, make_chat_model
 from nodes.context import WorkflowContext
 from nodes.models import Usage
 
-__all__ = ["MODEL_RETRY", "StructuredOutputError", "chat_model", "invoke", "invoke_structured"]
+__all__ = [
+    "MODEL_RETRY",
+    "StructuredOutputError",
+    "chat_model",
+    "invoke",
+    "invoke_structured",
+    "is_cache_hit",
+]
 
 SchemaT = TypeVar("SchemaT", bound=BaseModel)
 
@@ -53,14 +60,25 @@ def chat_model(context: WorkflowContext, node: str, spec: str | None = None) -> 
     return make_chat_model(spec or context.model_for(node), timeout_s=context.model_timeout_s)
 
 
+def is_cache_hit(message: AIMessage) -> bool:
+    """Whether a message came from the LLM cache rather than from the model.
+
+    langchain-core marks a cache hit only by adding `total_cost: 0` to the replayed
+    message's `usage_metadata` (no provider reports that key); `cached` in the response
+    metadata is honoured too, for caches that say so themselves.
+    """
+    meta: dict[str, Any] = dict(message.usage_metadata or {})
+    return "total_cost" in meta or bool(message.response_metadata.get("cached"))
+
+
 def _usage(message: AIMessage, node: str) -> Usage:
-    meta = message.usage_metadata or {}
-    cached = bool(message.response_metadata.get("cached"))
+    if is_cache_hit(message):  # no model call and no tokens spent
+        return Usage(cached_calls=1)
+    meta: dict[str, Any] = dict(message.usage_metadata or {})
     return Usage(
-        llm_calls=0 if cached else 1,
-        cached_calls=1 if cached else 0,
-        input_tokens=0 if cached else meta.get("input_tokens", 0),
-        output_tokens=0 if cached else meta.get("output_tokens", 0),
+        llm_calls=1,
+        input_tokens=meta.get("input_tokens", 0),
+        output_tokens=meta.get("output_tokens", 0),
         by_node={node: 1},
     )
 
@@ -85,7 +103,14 @@ async def invoke(
     """
     async with asyncio.timeout(timeout_s):
         message = await model.ainvoke(messages)
-    return message, _usage(message, node)
+    usage = _usage(message, node)
+    if usage.cached_calls and message.usage_metadata:
+        # Drop the hit marker: a conversation that goes on must replay the same prompts.
+        meta: dict[str, Any] = {
+            k: v for k, v in message.usage_metadata.items() if k != "total_cost"
+        }
+        message.usage_metadata = meta  # type: ignore[assignment]
+    return message, usage
 
 
 async def invoke_structured(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 from langchain_core.messages import BaseMessage, HumanMessage
@@ -11,10 +12,10 @@ from nodes._llm import StructuredOutputError, chat_model, invoke_structured, mod
 from nodes._runtime import context_of, dumps
 from nodes.agents import AgentRegistry, load_agents
 from nodes.context import WorkflowContext
-from nodes.models import AssignmentDraft, Step
+from nodes.models import AssignmentDraft, Step, Usage
 from nodes.state import WorkflowState
 
-__all__ = ["assign", "check_assignment", "render_assign_prompt"]
+__all__ = ["assign", "check_assignment", "keep_known_agents", "render_assign_prompt"]
 
 from nodes.prompts import ASSIGN_PROMPT
 
@@ -53,12 +54,19 @@ def check_assignment(
 async def assign(state: WorkflowState, runtime: Runtime[WorkflowContext]) -> dict[str, Any]:
     """Ask the assigner which agents take each step, and validate the answer.
 
+    Steps carried over from the run's basis keep their known agents; only the others
+    go to the model, and when there are none, no model is called.
+
     Raises:
         StructuredOutputError: the answer still names unknown agents after one repair
             request (the node's retry policy asks again).
     """
     context = context_of(runtime)
-    registry = load_agents(context.agents_file)
+    registry = await asyncio.to_thread(load_agents, context.agents_file)
+    kept, todo = keep_known_agents(state, registry)
+    if not todo:
+        return {"steps": kept, "usage": Usage()}
+    state = {**state, "steps": todo}
     model = chat_model(context, "assign")
     messages = render_assign_prompt(state, registry)
     draft, raw, usage = await invoke_structured(
@@ -82,4 +90,33 @@ async def assign(state: WorkflowState, runtime: Runtime[WorkflowContext]) -> dic
         steps, problems = check_assignment(draft, state["steps"], registry)
         if problems:
             raise StructuredOutputError("invalid agent assignment: " + "; ".join(problems))
-    return {"steps": steps, "usage": usage, "models": [model_name(model, raw)]}
+    return {"steps": [*kept, *steps], "usage": usage, "models": [model_name(model, raw)]}
+
+
+def keep_known_agents(
+    state: WorkflowState, registry: AgentRegistry
+) -> tuple[list[Step], list[Step]]:
+    """Give steps carried over from the run's basis the basis's agents.
+
+    A step keeps the known agents when the basis has a step with its id and title whose
+    agents all exist in the registry.
+
+    Returns:
+        The steps with known agents, and the steps still to assign.
+    """
+    basis = next((w for w in state.get("similar_workflows", []) if w.reuse is not None), None)
+    known = {s.id: s for s in basis.steps} if basis is not None else {}
+    kept: list[Step] = []
+    todo: list[Step] = []
+    for step in state["steps"]:
+        base = known.get(step.id)
+        if (
+            base is not None
+            and base.title.strip().lower() == step.title.strip().lower()
+            and base.agents
+            and all(a in registry for a in base.agents)
+        ):
+            kept.append(step.model_copy(update={"agents": base.agents}))
+        else:
+            todo.append(step)
+    return kept, todo

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 __all__ = ["NODE_NAMES", "WorkflowContext"]
 
@@ -43,6 +43,18 @@ class WorkflowContext:
     min_similarity: float = field(
         default=0.0,
         metadata={"description": "Similar workflows scoring below this are not used."},
+    )
+    reuse: Literal["adapt", "direct", "off"] = field(
+        default="off",
+        metadata={
+            "description": "When the best match is close enough: `adapt` it (one plan call), "
+            "take it `direct` (no plan or assign call), or plan from scratch (`off`). "
+            "The service's settings default to `adapt` (AGENTFLOW_REUSE)."
+        },
+    )
+    reuse_score: float = field(
+        default=0.75,
+        metadata={"description": "A same-type workflow scoring at least this is reused."},
     )
     library: Any = field(
         default=None,

@@ -11,12 +11,36 @@ from langgraph.types import Overwrite
 from nodes._runtime import context_of
 from nodes.context import WorkflowContext
 from nodes.library import default_library
-from nodes.models import CloudEvent, Usage, utcnow
+from nodes.models import CloudEvent, SimilarWorkflow, Usage, utcnow
+from nodes.planning import known_steps
 from nodes.state import WorkflowState
 
-__all__ = ["discover"]
+__all__ = ["choose_basis", "discover"]
 
 logger = logging.getLogger(__name__)
+
+
+def choose_basis(
+    event: CloudEvent, similar: list[SimilarWorkflow], context: WorkflowContext
+) -> list[SimilarWorkflow]:
+    """Mark the best match as the run's basis when the reuse policy allows it.
+
+    The best match is reused when it handled the same event type, has steps and scores
+    at least `reuse_score`; it is then marked with the policy's mode (`adapt` or `direct`).
+    Taken `direct`, its steps must also pass the plan checks; if they do not, the run
+    plans from scratch with it as an example.
+    """
+    similar = [w.model_copy(update={"reuse": None}) for w in similar]
+    if context.reuse == "off" or not similar:
+        return similar
+    best = similar[0]
+    if best.event_type != event.type or not best.steps or best.score < context.reuse_score:
+        return similar
+    if context.reuse == "direct" and (problems := known_steps(best)[1]):
+        logger.warning("known workflow %s cannot be taken as it is: %s", best.id, problems)
+        return similar
+    similar[0] = best.model_copy(update={"reuse": context.reuse})
+    return similar
 
 
 async def discover(state: WorkflowState, runtime: Runtime[WorkflowContext]) -> dict[str, Any]:
@@ -32,9 +56,12 @@ async def discover(state: WorkflowState, runtime: Runtime[WorkflowContext]) -> d
     try:
         similar = await library.search(event, limit=context.max_similar)
     except Exception as exc:  # any library outage must not stop the run
-        logger.warning("workflow library unavailable, planning without examples: %s", exc)
-        similar, note = [], f"workflow library unavailable: {exc}"
-    similar = [w for w in similar if w.score >= context.min_similarity]
+        reason = str(exc) or type(exc).__name__  # a timeout has no message
+        logger.warning("workflow library unavailable, planning without examples: %s", reason)
+        similar, note = [], f"workflow library unavailable: {reason}"
+    similar = choose_basis(
+        event, [w for w in similar if w.score >= context.min_similarity], context
+    )
     # A session may handle several events: each run starts from a clean slate.
     return {
         "event": event,

@@ -2,23 +2,27 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
+from datetime import datetime
 from typing import Any, Literal
 
 from langchain_core.messages import AIMessage, BaseMessage, HumanMessage, SystemMessage, ToolMessage
+from langchain_core.tools import BaseTool, StructuredTool
 from langgraph.runtime import Runtime
+from langgraph.store.base import BaseStore
 from langgraph.types import Send
 
 from nodes._llm import MODEL_RETRY, _retry_on, chat_model, invoke, model_name
 from nodes._runtime import context_of, dumps, write
 from nodes.agents import AgentRegistry, load_agents
 from nodes.context import WorkflowContext
-from nodes.models import Step, Usage
+from nodes.models import SessionNote, Step, Usage, subject_namespace
 from nodes.prompts import STEP_AGENT_PROMPT, STEP_TASK_PROMPT
 from nodes.state import StepTask, WorkflowState
 
-__all__ = ["dispatch_ready_steps", "execute", "execute_step", "ready_steps"]
+__all__ = ["dispatch_ready_steps", "execute", "execute_step", "ready_steps", "recall_tool"]
 
 logger = logging.getLogger(__name__)
 
@@ -80,6 +84,38 @@ def dispatch_ready_steps(state: WorkflowState) -> list[Send] | Literal["review"]
     ]
 
 
+def recall_tool(store: BaseStore, subject: str, limit: int = 5) -> BaseTool:
+    """Make the tool agents use to recall earlier sessions about the event's subject."""
+
+    async def recall_subject(query: str = "") -> str:
+        """Recall what earlier sessions about this event's subject did and how they ended.
+
+        Args:
+            query: optional words to put the most relevant sessions first.
+        """
+        items = await store.asearch(subject_namespace(subject), limit=100)
+        notes = [SessionNote.model_validate(item.value) for item in items]
+        wanted = set(query.lower().split())
+
+        def rank(note: SessionNote) -> tuple[int, datetime]:
+            text = f"{note.event_type} {note.intent} {note.summary}".lower()
+            return (sum(1 for w in wanted if w in text), note.finished_at)
+
+        notes.sort(key=rank, reverse=True)
+        if not notes:
+            return f"No earlier sessions about {subject}."
+        lines = [
+            f"- {n.finished_at:%Y-%m-%d %H:%M} {n.event_type} (session {n.session_id}, "
+            f"{n.status}): {n.summary or n.intent}"
+            for n in notes[:limit]
+        ]
+        return f"Earlier sessions about {subject}:\n" + "\n".join(lines)
+
+    return StructuredTool.from_function(
+        coroutine=recall_subject, name="recall_subject", handle_tool_error=True
+    )
+
+
 async def _run_agent(
     name: str,
     registry: AgentRegistry,
@@ -88,13 +124,14 @@ async def _run_agent(
     turn: list[BaseMessage],
     runtime: Runtime[WorkflowContext],
     step: Step,
+    extra_tools: list[BaseTool],
 ) -> tuple[str, Usage, str]:
     """Let one agent work on the step in a bounded tool-calling loop.
 
     Appends the agent's messages to `turn` and returns its answer, usage and model name.
     """
     agent = registry.get(name)
-    tools = registry.tools_of(name)
+    tools = [*registry.tools_of(name), *extra_tools]
     model = chat_model(context, "execute", agent.model)
     bound = model.bind_tools(tools) if tools else model
     by_name = {t.name: t for t in tools}
@@ -165,10 +202,16 @@ async def execute_step(task: StepTask, runtime: Runtime[WorkflowContext]) -> dic
     usage, models, answers = Usage(), [], []
     update: dict[str, Any]
     try:
-        registry = load_agents(context.agents_file)
+        registry = await asyncio.to_thread(load_agents, context.agents_file)
+        event = task["event"]
+        recall = (
+            [recall_tool(runtime.store, event.subject)]
+            if runtime.store is not None and event.subject
+            else []
+        )
         for name in step.agents or registry.names[:1]:
             answer, used, model = await _run_agent(
-                name, registry, context, task.get("history", []), turn, runtime, step
+                name, registry, context, task.get("history", []), turn, runtime, step, recall
             )
             usage, answers = usage + used, [*answers, (name, answer)]
             models.append(model)

@@ -13,11 +13,23 @@ from nodes._llm import chat_model, invoke, model_name
 from nodes._runtime import context_of, dumps
 from nodes.context import WorkflowContext
 from nodes.library import default_library
-from nodes.models import ResultReview, ResultWorkflow, Usage, WorkflowResult, utcnow
+from nodes.models import (
+    ResultReview,
+    ResultWorkflow,
+    SessionNote,
+    SimilarWorkflow,
+    Step,
+    Usage,
+    Workflow,
+    WorkflowResult,
+    based_on,
+    subject_namespace,
+    utcnow,
+)
 from nodes.prompts import SUMMARY_PROMPT
 from nodes.state import WorkflowState, workflow_of
 
-__all__ = ["build_result", "finalize"]
+__all__ = ["build_result", "finalize", "quality"]
 
 logger = logging.getLogger(__name__)
 
@@ -56,13 +68,74 @@ def build_result(
         finished_at=utcnow(),
         error=error,
         question=question,
+        based_on=based_on(state.get("similar_workflows")),
+    )
+
+
+def quality(state: WorkflowState) -> float:
+    """Score how well a run went, in [0, 1].
+
+    0 unless the review approved; else the share of steps done, times 0.8 for each
+    review round that sent steps back or asked a human.
+    """
+    decision = state.get("review")
+    steps = state.get("steps", [])
+    if decision is None or decision.verdict != "approve" or not steps:
+        return 0.0
+    done = sum(1 for s in steps if s.status == "done") / len(steps)
+    return round(done * 0.8 ** state.get("review_rounds", 0), 4)
+
+
+def _same_steps(workflow: Workflow, basis: SimilarWorkflow) -> bool:
+    def shape(steps: list[Step]) -> list[tuple[str, str, list[str], list[str]]]:
+        return [(s.id, s.title.strip().lower(), s.depends_on, s.agents) for s in steps]
+
+    return shape(workflow.steps) == shape(basis.steps)
+
+
+async def _keep(library: Any, state: WorkflowState, summary: str, approved: bool) -> None:
+    """Count the run on its basis; keep an approved workflow unless it repeats the basis."""
+    workflow = workflow_of(state)
+    score = quality(state)
+    workflow.verdict = state["review"].verdict if state.get("review") else None
+    workflow.quality = score
+    basis = next((w for w in workflow.examples if w.reuse is not None), None)
+    if approved and (basis is None or not _same_steps(workflow, basis)):
+        await library.add(workflow, summary=summary)
+    if basis is not None:
+        await library.mark_used(basis.id, quality=score)
+
+
+async def _remember(
+    store: Any, state: WorkflowState, session_id: str, result: WorkflowResult
+) -> None:
+    """Keep a note of the run for its subject, for later sessions to recall."""
+    event = state["event"]
+    if store is None or not event.subject:
+        return
+    note = SessionNote(
+        session_id=session_id,
+        event_id=event.id,
+        event_type=event.type,
+        status=result.status,
+        intent=result.workflow.intent,
+        summary=result.summary,
+        finished_at=result.finished_at or utcnow(),
+    )
+    await store.aput(
+        subject_namespace(event.subject), f"{session_id}:{event.id}", note.model_dump(mode="json")
     )
 
 
 async def finalize(
     state: WorkflowState, runtime: Runtime[WorkflowContext], config: RunnableConfig
 ) -> dict[str, Any]:
-    """Write the summary and the result; hand an approved workflow to the library."""
+    """Write the summary and the result; keep the workflow and the subject's note.
+
+    An approved workflow goes to the library (unless it only repeats its basis); the
+    basis, if any, counts one more use. With a long-term store, the run's note is kept
+    under its subject for later sessions to recall.
+    """
     context = context_of(runtime)
     decision = state.get("review")
     approved = decision is not None and decision.verdict == "approve"
@@ -91,12 +164,11 @@ async def finalize(
             f"the review did not approve the workflow "
             f"(last verdict {verdict!r} after {rounds} round(s))"
         )
-    else:
-        library = default_library() if context.library is None else context.library
-        try:
-            await library.add(workflow_of(state), summary=summary)
-        except Exception as exc:  # keeping the example must not fail the session
-            logger.warning("could not add the workflow to the library: %s", exc)
+    library = default_library() if context.library is None else context.library
+    try:
+        await _keep(library, state, summary, approved)
+    except Exception as exc:  # keeping the example must not fail the session
+        logger.warning("could not update the workflow library: %s", exc)
     session_id = str(config.get("configurable", {}).get("thread_id", ""))
     models = sorted({*state.get("models", []), model_name(model, message)})
     result = build_result(
@@ -107,4 +179,8 @@ async def finalize(
         error=error,
         usage=usage,
     )
+    try:
+        await _remember(runtime.store, state, session_id, result)
+    except Exception as exc:  # the note must not fail the session either
+        logger.warning("could not keep the session note for %s: %s", state["event"].subject, exc)
     return {"result": result, "usage": usage, "models": [model_name(model, message)]}

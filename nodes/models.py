@@ -7,14 +7,18 @@ from datetime import UTC, datetime
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from typing_extensions import TypedDict  # pydantic needs it on Python < 3.12
 
 __all__ = [
     "AgentChoice",
     "AssignmentDraft",
+    "BasedOn",
     "CloudEvent",
     "EventValidationError",
     "PlanDraft",
+    "ReuseMode",
     "ReviewDecision",
+    "SessionNote",
     "SimilarWorkflow",
     "Step",
     "StepDraft",
@@ -22,11 +26,14 @@ __all__ = [
     "Usage",
     "Workflow",
     "WorkflowResult",
+    "based_on",
     "format_validation_error",
+    "subject_namespace",
     "utcnow",
 ]
 
 StepStatus = Literal["pending", "running", "done", "failed", "skipped"]
+ReuseMode = Literal["adapt", "direct"]
 RESUME_EVENT_TYPE = "agentflow.resume"
 CANCEL_EVENT_TYPE = "agentflow.cancel"
 
@@ -195,15 +202,63 @@ class Step(BaseModel):
 
 
 class SimilarWorkflow(BaseModel):
-    """A past workflow found by discovery, with its similarity score."""
+    """A workflow kept in the library; found by discovery, with its similarity score."""
 
     id: str
-    score: float
+    score: float = Field(default=0.0, description="Similarity to the event, in [0, 1].")
     event_type: str
     intent: str
     goals: list[str] = Field(default_factory=list)
     steps: list[Step] = Field(default_factory=list)
+    summary: str = Field(default="", description="The outcome: what the workflow produced.")
+    data_summary: str = Field(default="", description="A short rendering of the event's data.")
+    subject: str | None = Field(default=None, description="The subject of the event it handled.")
+    verdict: str = Field(default="approve", description="`approve`, or `template` (by hand).")
+    quality: float = Field(default=1.0, description="In [0, 1]; see `nodes.finalize.quality`.")
+    source: Literal["session", "template"] = "session"
+    created_at: datetime | None = None
+    last_used: datetime | None = Field(default=None, description="When a run last built on it.")
+    reuse_count: int = Field(default=0, description="How many runs were based on it.")
+    reuse: ReuseMode | None = Field(
+        default=None, description="Set by discovery on the workflow a run is based on."
+    )
+
+
+class BasedOn(TypedDict):
+    """Which known workflow a run was based on, and how.
+
+    A plain mapping rather than a model: checkpoints revive it without an allowlist entry.
+    """
+
+    id: str
+    score: float
+    mode: ReuseMode
+
+
+def based_on(similar: list[SimilarWorkflow] | None) -> BasedOn | None:
+    """Return the basis discovery chose among the similar workflows, if any."""
+    for workflow in similar or []:
+        if workflow.reuse is not None:
+            return BasedOn(id=workflow.id, score=workflow.score, mode=workflow.reuse)
+    return None
+
+
+class SessionNote(BaseModel):
+    """What one finished run did for a subject, kept in the long-term store."""
+
+    session_id: str
+    event_id: str
+    event_type: str
+    status: str
+    intent: str = ""
     summary: str = ""
+    finished_at: datetime
+
+
+def subject_namespace(subject: str) -> tuple[str, ...]:
+    """Return the long-term store namespace of a subject's session notes."""
+    # store namespace labels may not contain dots
+    return ("agentflow", "subjects", subject.replace(".", "%2E") or "-")
 
 
 class Usage(BaseModel):
@@ -237,6 +292,8 @@ class Workflow(BaseModel):
     steps: list[Step] = Field(default_factory=list)
     feedback: list[str] = Field(default_factory=list)
     examples: list[SimilarWorkflow] = Field(default_factory=list)
+    verdict: str | None = Field(default=None, description="The review's last verdict.")
+    quality: float | None = Field(default=None, description="In [0, 1], set by finalize.")
 
     @classmethod
     def create_from_context(
@@ -288,4 +345,7 @@ class WorkflowResult(BaseModel):
     error: str | None = None
     question: str | None = Field(
         default=None, description="With status interrupted: what the reviewer asks a human."
+    )
+    based_on: BasedOn | None = Field(
+        default=None, description="The known workflow this run reused, its score and the mode."
     )

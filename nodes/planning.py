@@ -13,11 +13,11 @@ from langgraph.types import Overwrite
 from nodes._llm import PlanError, chat_model, invoke_structured, model_name
 from nodes._runtime import context_of, dumps
 from nodes.context import WorkflowContext
-from nodes.models import PlanDraft, SimilarWorkflow, Step
-from nodes.prompts import PLAN_PROMPT, PLAN_REPAIR_PROMPT
+from nodes.models import CloudEvent, PlanDraft, SimilarWorkflow, Step, StepDraft, Usage
+from nodes.prompts import PLAN_ADAPT_PROMPT, PLAN_PROMPT, PLAN_REPAIR_PROMPT
 from nodes.state import WorkflowState
 
-__all__ = ["PlanError", "check_plan", "plan", "render_plan_prompt"]
+__all__ = ["PlanError", "check_plan", "known_steps", "plan", "render_plan_prompt"]
 
 logger = logging.getLogger(__name__)
 
@@ -25,10 +25,16 @@ MAX_STEPS = 12
 
 
 def render_plan_prompt(state: WorkflowState) -> list[BaseMessage]:
-    """Render the planner's messages for a state."""
-    examples = [_example(w) for w in state.get("similar_workflows", [])]
-    event = state["event"].model_dump(mode="json", exclude_none=True)
-    return [HumanMessage(PLAN_PROMPT.format(examples=dumps(examples), event=dumps(event)))]
+    """Render the planner's messages for a state: adapt the basis, or plan with examples."""
+    similar = state.get("similar_workflows", [])
+    event = dumps(state["event"].model_dump(mode="json", exclude_none=True))
+    basis = next((w for w in similar if w.reuse == "adapt"), None)
+    if basis is not None:
+        return [
+            HumanMessage(PLAN_ADAPT_PROMPT.format(examples=dumps([_example(basis)]), event=event))
+        ]
+    examples = dumps([_example(w) for w in similar])
+    return [HumanMessage(PLAN_PROMPT.format(examples=examples, event=event))]
 
 
 def _example(workflow: SimilarWorkflow) -> dict[str, Any]:
@@ -84,9 +90,23 @@ def check_plan(draft: PlanDraft) -> tuple[list[Step], list[str]]:
 async def plan(state: WorkflowState, runtime: Runtime[WorkflowContext]) -> dict[str, Any]:
     """Ask the intent agent for a plan, repairing or rejecting an invalid one.
 
+    With a `direct` basis the known steps and agents are taken without a model call;
+    with an `adapt` basis the model adapts the known workflow instead of planning anew.
+
     Raises:
         PlanError: the plan is still invalid after one repair request.
     """
+    basis = next((w for w in state.get("similar_workflows", []) if w.reuse == "direct"), None)
+    if basis is not None:
+        steps, problems = known_steps(basis)
+        if problems:  # discovery only picks a basis whose steps pass
+            raise PlanError(f"known workflow {basis.id} is invalid: " + "; ".join(problems))
+        return {
+            "intent": _retarget(basis.intent, basis.subject, state["event"]),
+            "goals": basis.goals,
+            "steps": Overwrite(steps),
+            "usage": Usage(),
+        }
     context = context_of(runtime)
     model = chat_model(context, "plan")
     messages = render_plan_prompt(state)
@@ -114,3 +134,27 @@ async def plan(state: WorkflowState, runtime: Runtime[WorkflowContext]) -> dict[
         "usage": usage,
         "models": [model_name(model, raw)],
     }
+
+
+def known_steps(basis: SimilarWorkflow) -> tuple[list[Step], list[str]]:
+    """Take a known workflow's steps and agents as they are, checked like a plan."""
+    draft = PlanDraft(
+        intent=basis.intent,
+        goals=basis.goals,
+        steps=[
+            StepDraft(id=s.id, title=s.title, description=s.description, depends_on=s.depends_on)
+            for s in basis.steps
+        ],
+    )
+    steps, problems = check_plan(draft)
+    agents = [s.agents for s in basis.steps]
+    return [
+        s.model_copy(update={"agents": a}) for s, a in zip(steps, agents, strict=True)
+    ], problems
+
+
+def _retarget(intent: str, old_subject: str | None, event: CloudEvent) -> str:
+    """Point a known intent at the new event's subject."""
+    if old_subject and event.subject and old_subject != event.subject:
+        return intent.replace(old_subject, event.subject)
+    return intent

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 __all__ = [
     "ASSIGN_PROMPT",
+    "PLAN_ADAPT_PROMPT",
     "PLAN_PROMPT",
     "PLAN_REPAIR_PROMPT",
     "REVIEW_HUMAN_ANSWER",
@@ -25,6 +26,19 @@ which steps must finish first; steps without a dependency between them run in
 parallel, and dependencies must never form a cycle.
 
 Similar workflows handled before (adapt them when they fit, best first):
+<examples>{examples}</examples>
+
+The event:
+<event>{event}</event>"""
+
+PLAN_ADAPT_PROMPT = """You are the intent agent of an event-driven workflow system.
+A workflow that handled a very similar event before is known to work. Adapt it to the
+event below instead of planning from scratch: keep the steps that still fit, with their
+ids and titles unchanged, and change, add or drop steps only where this event needs it.
+State the intent in one sentence and list the goals. Use depends_on to say which steps
+must finish first; dependencies must never form a cycle.
+
+The known workflow:
 <examples>{examples}</examples>
 
 The event:

@@ -82,7 +82,7 @@ async def review(state: WorkflowState, runtime: Runtime[WorkflowContext]) -> dic
 
 
 def route_review(
-    state: WorkflowState, runtime: Runtime[WorkflowContext]
+    state: WorkflowState, runtime: Runtime[WorkflowContext] | None = None
 ) -> Literal["execute", "escalate", "finalize"]:
     """Go back to execute, ask a human, or finish (also when the rounds are used up)."""
     decision = state["review"]

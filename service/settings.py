@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import Field, ValidationError, field_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from nodes.agents import AgentConfigError, load_agents
 from nodes.chat_models import default_model_spec
@@ -34,6 +34,16 @@ class Settings(BaseSettings):
     max_revise_rounds: int = Field(default=2, ge=0)
     max_tool_iterations: int = Field(default=4, ge=1)
     model_timeout_s: float = Field(default=60.0, gt=0)
+    embeddings: str | None = Field(
+        default=None, description="`provider:model` of the library's embeddings: hybrid search."
+    )
+    discovery_min_score: float = Field(default=0.3, ge=0, le=1)
+    reuse_score: float = Field(default=0.75, ge=0, le=1)
+    reuse: Literal["adapt", "direct", "off"] = "adapt"
+    llm_cache: Literal["exact", "off"] = "off"
+    library_seed: Path | None = Field(
+        default=None, description="YAML template file or folder seeding `agentflow run`'s library."
+    )
     data_dir: Path = Path(".agentflow")
 
     kafka_bootstrap: str | None = None
@@ -55,6 +65,21 @@ class Settings(BaseSettings):
         default=False, description="Enable on real Kafka; Tansu's memory storage lacks it."
     )
     metrics_port: int | None = None
+    gateway_host: str = "127.0.0.1"
+    gateway_port: int = Field(default=8080, ge=0, le=65535)
+    api_tokens: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        repr=False,
+        description="Bearer tokens of the HTTP API; empty: no auth.",
+    )
+    cors_origins: Annotated[list[str], NoDecode] = Field(default_factory=list)
+
+    @field_validator("api_tokens", "cors_origins", mode="before")
+    @classmethod
+    def _comma_separated(cls, value: object) -> object:
+        if isinstance(value, str):
+            return [item.strip() for item in value.split(",") if item.strip()]
+        return value
 
     @field_validator("model")
     @classmethod
@@ -62,6 +87,13 @@ class Settings(BaseSettings):
         if value != "offline" and ":" not in value:
             raise ValueError("use `provider:model`, e.g. `openai:gpt-4.1-mini`, or `offline`")
         return value
+
+    @field_validator("embeddings")
+    @classmethod
+    def _embeddings_have_provider(cls, value: str | None) -> str | None:
+        if value is not None and ":" not in value:
+            raise ValueError("use `provider:model`, e.g. `openai:text-embedding-3-small`")
+        return value or None
 
     def node_models(self) -> dict[str, str]:
         """Return the per-node model overrides that are set."""
@@ -77,20 +109,30 @@ class Settings(BaseSettings):
             "max_revise_rounds": self.max_revise_rounds,
             "max_tool_iterations": self.max_tool_iterations,
             "model_timeout_s": self.model_timeout_s,
+            "min_similarity": self.discovery_min_score,
+            "reuse": self.reuse,
+            "reuse_score": self.reuse_score,
         }
         values.update(overrides)
         return WorkflowContext(**values)  # type: ignore[arg-type]
 
     def check(self) -> None:
-        """Check what start-up needs: the agents file and its tools.
+        """Check what start-up needs: the agents file and its tools, and the library seed.
 
         Raises:
             ConfigError: with a sentence naming what to fix.
         """
         try:
-            load_agents(self.agents_file)
+            registry = load_agents(self.agents_file)
         except AgentConfigError as exc:
             raise ConfigError(str(exc)) from None
+        if self.library_seed is not None:
+            from service.library import TemplateError, load_templates
+
+            try:
+                load_templates(self.library_seed, registry)
+            except TemplateError as exc:
+                raise ConfigError(f"AGENTFLOW_LIBRARY_SEED: {exc}") from None
 
 
 def load_settings(**overrides: object) -> Settings:

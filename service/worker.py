@@ -26,7 +26,14 @@ from aiokafka.structs import ConsumerRecord
 from redis.asyncio import BlockingConnectionPool, Redis
 
 from graphs.workflow import build_graph
-from nodes.models import CloudEvent, EventValidationError, WorkflowResult, utcnow
+from nodes.models import (
+    CANCEL_EVENT_TYPE,
+    CloudEvent,
+    EventValidationError,
+    WorkflowResult,
+    utcnow,
+)
+from service import metrics
 from service.checkpoints import redis_checkpoint_serde
 from service.publisher import TransitionPublisher
 from service.runner import SessionRunner, UnknownSessionError
@@ -134,6 +141,7 @@ class Worker:
         self._redis: Redis | None = None
         self.runner: SessionRunner | None = None
         self.store: SessionStore | None = None
+        self._stop_metrics: Any = None
 
     def __repr__(self) -> str:
         return (
@@ -158,6 +166,12 @@ class Worker:
         self._redis = redis_pool(s.redis_url, s.max_in_flight)
         await self._redis.ping()
         checkpointer = await open_checkpointer(self._redis, s)
+        from service.library import open_library
+        from service.memory import install_llm_cache, open_subject_store
+
+        library = await open_library(self._redis, s)
+        subject_store = await open_subject_store(self._redis)
+        install_llm_cache(s)
         self.store = SessionStore(self._redis, ttl_s=s.session_ttl_s)
         publisher = TransitionPublisher(
             self._redis, ttl_s=s.session_ttl_s, maxlen=s.transition_log_maxlen
@@ -166,12 +180,13 @@ class Worker:
 
         async def sink(transition: Transition) -> None:
             await publisher.publish(transition)
+            metrics.observe_transition(transition)
             if transition.type == "node.started" and transition.node:
                 await store.set_node(transition.session_id, transition.node)
 
         self.runner = SessionRunner(
-            build_graph(checkpointer),
-            s.context(),
+            build_graph(checkpointer, store=subject_store),
+            s.context(library=library),
             sink=sink,
             sequence=None,
             infra_errors=INFRA_ERRORS,
@@ -196,6 +211,8 @@ class Worker:
         )
         self._consumer.subscribe([s.topic_events], listener=_Rebalance(self))
         await self._consumer.start()
+        if s.metrics_port is not None and self._stop_metrics is None:
+            self._stop_metrics = metrics.serve_metrics(s.metrics_port)
         logger.info("%s started: group %s on %s", self.name, s.consumer_group, s.topic_events)
 
     async def _create_topics(self) -> None:
@@ -263,9 +280,12 @@ class Worker:
 
     def _take(self, tp: TopicPartition, record: ConsumerRecord) -> None:
         self.received += 1
+        metrics.EVENTS_RECEIVED.labels("worker").inc()
         self._offsets.setdefault(tp, _Offsets()).take(record.offset)
         session_id, event, problem = self._parse(record)
         previous = self._tails.get(session_id)
+        if event is not None and event.is_cancel and previous is not None:
+            previous.cancel(msg=CANCEL_EVENT_TYPE)  # stop the session's run now
         task = asyncio.create_task(
             self._handle(tp, record, session_id, event, problem, previous),
             name=f"event {tp.partition}:{record.offset}",
@@ -304,14 +324,29 @@ class Worker:
         previous: asyncio.Task[None] | None,
     ) -> None:
         me = asyncio.current_task()
-        done = False
+        assert me is not None
+        done = cancelled = False
         try:
-            if previous is not None:
-                await asyncio.wait([previous])  # per-session order
-            if event is None:
-                await self._retrying(self._dead_letter, record, problem or "invalid event")
-            else:
-                await self._retrying(self._process, record, session_id, event)
+            while True:
+                try:
+                    if previous is not None:
+                        await asyncio.wait([previous])  # per-session order
+                    if event is None:
+                        await self._retrying(self._dead_letter, record, problem or "invalid event")
+                    elif cancelled and not event.is_cancel:
+                        await self._retrying(self._cancel, session_id, event)
+                    else:
+                        await self._retrying(self._process, record, session_id, event)
+                    break
+                except asyncio.CancelledError as exc:
+                    if exc.args != (CANCEL_EVENT_TYPE,):
+                        raise
+                    # An agentflow.cancel event of this session: the run ends as cancelled
+                    # (not redelivered), and so do the session's events queued before it.
+                    me.uncancel()
+                    cancelled = True
+                    if previous is not None and not previous.done():
+                        previous.cancel(msg=CANCEL_EVENT_TYPE)
             done = True
         except asyncio.CancelledError:
             logger.info("event %s:%s left for redelivery", tp.partition, record.offset)
@@ -366,7 +401,9 @@ class Worker:
         )
         if claim == "new":
             await self._session_message("session.started", session_id, event.id)
-        result = await self.runner.start(event, session_id)
+        with metrics.timed_run() as run:
+            result = await self.runner.start(event, session_id)
+            run.status = result.status
         await self._finish(result)
 
     async def _resume(self, record: ConsumerRecord, session_id: str, event: CloudEvent) -> None:
@@ -376,7 +413,9 @@ class Worker:
             await self._dead_letter(record, "resume event without data.answer")
             return
         try:
-            result = await self.runner.resume(session_id, answer)
+            with metrics.timed_run() as run:
+                result = await self.runner.resume(session_id, answer)
+                run.status = result.status
         except UnknownSessionError as exc:
             await self._dead_letter(record, f"unknown session for resume: {exc}")
             return
@@ -384,18 +423,40 @@ class Worker:
         await self._finish(result)
 
     async def _cancel(self, session_id: str, event: CloudEvent) -> None:
+        """Cancel a session for an `agentflow.cancel` event, or for the run it stopped."""
         assert self.runner is not None and self.store is not None
+        if not event.is_cancel:  # a run stopped by a cancel: it may have finished already
+            state, _ = await self.store.claim_event(event.id, session_id)
+            if state == "published":
+                return
+            if state == "finished" and (done := await self._stored_result(session_id, event.id)):
+                await self._publish_result(done)
+                return
         snapshot = await self.runner.graph.aget_state(self.runner.config(session_id))
         from nodes.finalize import build_result
 
+        record = await self.store.get(session_id)
+        status = record.status if record is not None else None
+        live = status in ("running", "interrupted")
+        ended = status in ("completed", "failed")
+        error = f"nothing to cancel: session {status}" if ended else "cancelled"
         result = build_result(
-            snapshot.values or {},
-            session_id=session_id,
-            status="failed",
-            error="cancelled",
+            snapshot.values or {}, session_id=session_id, status="failed", error=error
         )
         result.event_id = event.id
-        await self.store.close(result, status="cancelled")
+        if live:
+            await self.store.close(result, status="cancelled")
+            await self.runner.emit(
+                Transition(
+                    session_id=session_id,
+                    type="session.failed",
+                    data={
+                        "status": "failed",
+                        "error": error,
+                        "result": result.model_dump(mode="json"),
+                    },
+                )
+            )
         await self.store.mark_event(event.id, session_id, "finished")
         await self._publish_result(result)
 
@@ -457,6 +518,7 @@ class Worker:
             self.settings.topic_dlq, record.value, key=record.key, headers=headers
         )
         self.dead_lettered += 1
+        metrics.DLQ_EVENTS.inc()
         logger.warning(
             "dead-lettered %s:%s:%s: %s", record.topic, record.partition, record.offset, reason
         )
@@ -519,6 +581,9 @@ class Worker:
         if self._redis is not None:
             await self._redis.aclose()
             self._redis = None
+        if self._stop_metrics is not None:
+            await asyncio.to_thread(self._stop_metrics)
+            self._stop_metrics = None
         logger.info("%s closed: %r", self.name, self)
 
     async def health(self) -> bool:

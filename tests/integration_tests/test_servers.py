@@ -186,6 +186,18 @@ async def test_kafka_broker_restart_keeps_port() -> None:
     assert not broker.running
 
 
+def test_kill_then_start_comes_back_on_the_same_port() -> None:
+    with RedisServer() as server:
+        port, workdir = server.port, server.workdir
+        server.kill()
+        assert not server.running and server.workdir == workdir
+        server.start()
+        assert server.running and server.port == port
+        client = redis.Redis.from_url(server.url)
+        assert client.ping()
+        client.close()
+
+
 def test_sync_start_stop_is_idempotent_and_cleans_up() -> None:
     with RedisServer() as server:
         workdir = server.workdir

@@ -1,0 +1,227 @@
+"""Throughput of the full path against plain LangGraph, measured in the same run.
+
+Part 1: N events through Kafka -> worker -> graph on the Redis checkpointer -> pub/sub
+transitions -> results on Kafka, against `graph.ainvoke` of the same events with the same
+Redis checkpointer and the same concurrency, both on the offline model.
+
+Part 2: a model that sleeps a fixed time per call and S sessions in flight: achieved
+throughput against the ideal (in-flight / one session's run time), and the worker's peak
+memory.
+
+Usage:
+    .venv/bin/python bench/throughput.py [--events 300] [--sessions 500] [--latency 0.2]
+
+Starts the local servers itself unless AGENTFLOW_KAFKA_BOOTSTRAP / AGENTFLOW_REDIS_URL
+are set. The worker runs as its own process (`agentflow worker`), as in production.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from graphs.workflow import build_graph  # noqa: E402
+from nodes.models import CloudEvent  # noqa: E402
+from service.servers import LocalServers  # noqa: E402
+from service.settings import Settings, load_settings  # noqa: E402
+from service.worker import open_checkpointer, redis_pool  # noqa: E402
+
+EVENT = json.loads((ROOT / "examples/events/claim_submitted.json").read_text())
+
+
+def event(i: int, tag: str) -> CloudEvent:
+    raw = dict(EVENT, id=f"bench-{tag}-{i}")
+    return CloudEvent.parse(raw)
+
+
+def bench_settings(servers: LocalServers, model: str, in_flight: int) -> Settings:
+    tag = uuid.uuid4().hex[:6]
+    return load_settings(
+        kafka_bootstrap=servers.kafka_bootstrap,
+        redis_url=servers.redis_url,
+        model=model,
+        consumer_group=f"bench-{tag}",
+        topic_events=f"bench.events.{tag}",
+        topic_results=f"bench.results.{tag}",
+        topic_sessions=f"bench.sessions.{tag}",
+        topic_dlq=f"bench.dlq.{tag}",
+        max_in_flight=in_flight,
+    )
+
+
+def start_worker(settings: Settings) -> subprocess.Popen[bytes]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("AGENTFLOW_")}
+    for name in (
+        "kafka_bootstrap",
+        "redis_url",
+        "model",
+        "consumer_group",
+        "topic_events",
+        "topic_results",
+        "topic_sessions",
+        "topic_dlq",
+        "max_in_flight",
+    ):
+        env[f"AGENTFLOW_{name.upper()}"] = str(getattr(settings, name))
+    return subprocess.Popen(
+        [sys.executable, "-m", "service.cli", "worker"],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+
+
+def peak_rss_mib(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+async def through_kafka(settings: Settings, events: list[CloudEvent]) -> tuple[float, float]:
+    """Send the events, wait for every result; return (seconds, worker peak MiB)."""
+    worker = start_worker(settings)
+    producer = AIOKafkaProducer(bootstrap_servers=settings.kafka_bootstrap, linger_ms=5)
+    consumer = AIOKafkaConsumer(
+        settings.topic_results,
+        bootstrap_servers=settings.kafka_bootstrap,
+        auto_offset_reset="earliest",
+        enable_auto_commit=False,
+    )
+    await producer.start()
+    try:
+        # Warm up: one event, so group join and imports are outside the timing.
+        warm = event(0, "warm-" + uuid.uuid4().hex[:4])
+        await producer.send_and_wait(
+            settings.topic_events, warm.model_dump_json().encode(), key=f"s-{warm.id}".encode()
+        )
+        await consumer.start()
+        await wait_results(consumer, {warm.id}, 120)
+        wanted = {e.id for e in events}
+        started = time.perf_counter()
+        sent = [
+            await producer.send(
+                settings.topic_events, e.model_dump_json().encode(), key=f"s-{e.id}".encode()
+            )
+            for e in events
+        ]
+        await asyncio.gather(*sent)
+        await wait_results(consumer, wanted, 600)
+        elapsed = time.perf_counter() - started
+        return elapsed, peak_rss_mib(worker.pid)
+    finally:
+        await producer.stop()
+        await consumer.stop()
+        worker.terminate()
+        worker.wait(60)
+
+
+async def wait_results(consumer: AIOKafkaConsumer, wanted: set[str], limit_s: float) -> None:
+    missing = set(wanted)
+    async with asyncio.timeout(limit_s):
+        while missing:
+            batch = await consumer.getmany(timeout_ms=200)
+            for records in batch.values():
+                for record in records:
+                    result = json.loads(record.value)
+                    if result["status"] != "completed":
+                        raise RuntimeError(f"run failed: {result.get('error')}")
+                    missing.discard(dict(record.headers)["event_id"].decode())
+
+
+async def plain_langgraph(settings: Settings, events: list[CloudEvent], in_flight: int) -> float:
+    """Run the same events with `graph.ainvoke` on the same Redis checkpointer."""
+    redis = redis_pool(settings.redis_url or "", in_flight)
+    graph = build_graph(await open_checkpointer(redis, settings))
+    context = settings.context()
+    gate = asyncio.Semaphore(in_flight)
+    await graph.ainvoke(
+        {"event": event(0, "plain-warm")}, {"configurable": {"thread_id": "w"}}, context=context
+    )
+
+    async def one(e: CloudEvent) -> None:
+        async with gate:
+            out = await graph.ainvoke(
+                {"event": e}, {"configurable": {"thread_id": f"plain-{e.id}"}}, context=context
+            )
+            assert out["result"].status == "completed"
+
+    started = time.perf_counter()
+    await asyncio.gather(*(one(e) for e in events))
+    elapsed = time.perf_counter() - started
+    await redis.aclose()
+    return elapsed
+
+
+async def one_session_time(settings: Settings) -> float:
+    redis = redis_pool(settings.redis_url or "", 4)
+    graph = build_graph(await open_checkpointer(redis, settings))
+    times = []
+    for i in range(3):
+        started = time.perf_counter()
+        await graph.ainvoke(
+            {"event": event(i, "solo")},
+            {"configurable": {"thread_id": f"solo-{uuid.uuid4()}"}},
+            context=settings.context(),
+        )
+        times.append(time.perf_counter() - started)
+    await redis.aclose()
+    return min(times)
+
+
+async def main(args: Any) -> None:
+    async with LocalServers.from_env() as servers:
+        tag = uuid.uuid4().hex[:6]
+        print(f"agentflow throughput benchmark  (offline model, loopback, {os.cpu_count()} cores)")
+
+        s1 = bench_settings(servers, "offline", 100)
+        events = [event(i, f"k{tag}") for i in range(args.events)]
+        kafka_s, kafka_mem = await through_kafka(s1, events)
+        plain_s = await plain_langgraph(s1, [event(i, f"p{tag}") for i in range(args.events)], 100)
+        print(f"\n1) {args.events} events, 100 in flight")
+        print(
+            f"   plain graph.ainvoke + Redis checkpointer : {args.events / plain_s:8.1f} events/s"
+        )
+        print(
+            f"   full path (Kafka→worker→Redis→result)  : {args.events / kafka_s:8.1f} events/s"
+            f"   (worker peak {kafka_mem:.0f} MiB)"
+        )
+        print(f"   ratio full/plain: {plain_s / kafka_s:.2f}   (target ≥ 0.80)")
+
+        model = f"offline:latency={args.latency}"
+        s2 = bench_settings(servers, model, args.sessions)
+        solo = await one_session_time(s2)
+        slow_events = [event(i, f"s{tag}") for i in range(args.sessions)]
+        slow_s, slow_mem = await through_kafka(s2, slow_events)
+        ideal = args.sessions / solo
+        achieved = args.sessions / slow_s
+        print(
+            f"\n2) model sleeping {args.latency * 1000:.0f} ms per call, "
+            f"{args.sessions} sessions in flight"
+        )
+        print(f"   one session alone (plain ainvoke): {solo:.2f} s → ideal {ideal:.1f} sessions/s")
+        print(f"   achieved through the worker       : {achieved:.1f} sessions/s in {slow_s:.1f} s")
+        print(f"   ratio achieved/ideal: {achieved / ideal:.2f}   (target ≥ 0.90)")
+        print(f"   worker peak memory: {slow_mem:.0f} MiB")
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--events", type=int, default=300)
+    parser.add_argument("--sessions", type=int, default=500)
+    parser.add_argument("--latency", type=float, default=0.2)
+    asyncio.run(main(parser.parse_args()))
