@@ -10,7 +10,7 @@ from langchain_core.language_models import BaseChatModel
 from langchain_core.messages import AIMessage, BaseMessage
 from langchain_core.runnables import Runnable
 from langgraph.types import RetryPolicy, default_retry_on
-from pydantic import BaseModel
+from pydantic import BaseModel, ValidationError
 
 from nodes.agents import AgentConfigError
 from nodes.chat_models import ModelConfigError, make_chat_model
@@ -18,6 +18,7 @@ from nodes.context import WorkflowContext
 from nodes.models import Usage
 
 __all__ = [
+    "bind_tools",
     "MODEL_RETRY",
     "StructuredOutputError",
     "chat_model",
@@ -127,14 +128,37 @@ async def invoke_structured(
         StructuredOutputError: the answer does not fit the schema.
         TimeoutError: the model did not answer in time.
     """
-    structured = model.with_structured_output(schema, include_raw=True, method="function_calling")
-    async with asyncio.timeout(timeout_s):
-        out = await structured.ainvoke(messages)
-    raw: AIMessage = out["raw"]
-    parsed = out.get("parsed")
-    if parsed is None:
-        error = out.get("parsing_error") or "no structured answer"
+    bound = bind_tools(model, (schema,), tool_choice=schema.__name__)
+    raw, usage = await invoke(bound, messages, node=node, timeout_s=timeout_s)
+    calls = [c for c in raw.tool_calls if c["name"] == schema.__name__]
+    if not calls:
+        raise StructuredOutputError(f"{node}: the model did not answer with a {schema.__name__}")
+    try:
+        parsed = schema.model_validate(calls[0]["args"])
+    except ValidationError as exc:
         raise StructuredOutputError(
-            f"{node}: the model's answer is not a {schema.__name__}: {error}"
-        )
-    return parsed, raw, _usage(raw, node)
+            f"{node}: the model's answer is not a valid {schema.__name__}: {exc}"
+        ) from None
+    return parsed, raw, usage
+
+
+_BOUND: dict[tuple[int, tuple[int, ...], str | None], tuple[Any, Runnable[Any, AIMessage]]] = {}
+"""Bindings by object ids; each entry keeps its model and tools alive, so ids stay theirs."""
+
+
+def bind_tools(
+    model: BaseChatModel, tools: tuple[Any, ...], *, tool_choice: str | None = None
+) -> Runnable[Any, AIMessage]:
+    """Bind tools (or a schema) to a model once and reuse the binding.
+
+    Turning tools into JSON schemas costs more than an offline model call; models and
+    tools live as long as the process, so the binding is kept.
+    """
+    key = (id(model), tuple(id(t) for t in tools), tool_choice)
+    cached = _BOUND.get(key)
+    if cached is None:
+        if len(_BOUND) > 4096:
+            _BOUND.clear()
+        cached = ((model, tools), model.bind_tools(list(tools), tool_choice=tool_choice))
+        _BOUND[key] = cached
+    return cached[1]

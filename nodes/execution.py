@@ -14,7 +14,7 @@ from langgraph.runtime import Runtime
 from langgraph.store.base import BaseStore
 from langgraph.types import Send
 
-from nodes._llm import MODEL_RETRY, _retry_on, chat_model, invoke, model_name
+from nodes._llm import MODEL_RETRY, _retry_on, bind_tools, chat_model, invoke, model_name
 from nodes._runtime import context_of, dumps, write
 from nodes.agents import AgentRegistry, load_agents
 from nodes.context import WorkflowContext
@@ -133,7 +133,7 @@ async def _run_agent(
     agent = registry.get(name)
     tools = [*registry.tools_of(name), *extra_tools]
     model = chat_model(context, "execute", agent.model)
-    bound = model.bind_tools(tools) if tools else model
+    bound = bind_tools(model, tuple(tools)) if tools else model
     by_name = {t.name: t for t in tools}
     system = SystemMessage(STEP_AGENT_PROMPT.format(system_prompt=agent.system_prompt, agent=name))
     usage = Usage()

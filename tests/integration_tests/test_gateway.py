@@ -1,0 +1,779 @@
+"""The gateway over real HTTP, in front of a real broker, Redis and worker."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import re
+import socket
+import sys
+import time
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from aiokafka import AIOKafkaConsumer, TopicPartition
+from redis.asyncio import Redis
+
+from nodes.models import WorkflowResult
+from service.gateway import serve_gateway
+from service.publisher import TransitionPublisher, read_log, session_channel
+from service.servers import KafkaBroker, LocalServers
+from service.sessions import SessionStore
+from service.settings import Settings, load_settings
+from service.transitions import Transition
+from service.worker import Worker
+from tests.integration_tests.conftest import read_topic, results_by_event
+
+pytestmark = pytest.mark.integration
+
+ROOT = Path(__file__).resolve().parents[2]
+EVENTS = ROOT / "examples" / "events"
+TOOLS_MODULE = "gateway_test_tools"
+
+StartGateway = Callable[..., Awaitable[str]]
+
+
+def example(name: str) -> dict[str, Any]:
+    """An example event with a fresh id."""
+    raw = json.loads((EVENTS / f"{name}.json").read_text())
+    raw["id"] = f"{raw['id']}-{uuid.uuid4().hex[:8]}"
+    return raw
+
+
+def short(name: str) -> dict[str, Any]:
+    """The `{type, data, subject}` form of an example event."""
+    raw = json.loads((EVENTS / f"{name}.json").read_text())
+    return {"type": raw["type"], "data": raw["data"], "subject": raw["subject"]}
+
+
+def slow_agents(directory: Path) -> Path:
+    """Write the example agents with tools that sleep `gateway_test_tools.DELAY` seconds."""
+    tools = [
+        '"""The example claims tools, each after `DELAY` seconds."""',
+        "import asyncio",
+        "import functools",
+        "import importlib.util",
+        "",
+        "DELAY = 0.0",
+        f"_spec = importlib.util.spec_from_file_location('_claims', {str(ROOT / 'examples' / 'claims_tools.py')!r})",  # noqa: E501
+        "_real = importlib.util.module_from_spec(_spec)",
+        "_spec.loader.exec_module(_real)",
+        "",
+        "def _slow(func):",
+        "    @functools.wraps(func)",
+        "    async def tool(*args, **kwargs):",
+        "        await asyncio.sleep(DELAY)",
+        "        return func(*args, **kwargs)",
+        "    return tool",
+        "",
+    ]
+    for name in ("lookup_claim", "lookup_veteran", "list_documents", "check_eligibility"):
+        tools.append(f"{name} = _slow(_real.{name})")
+    (directory / f"{TOOLS_MODULE}.py").write_text("\n".join(tools) + "\n")
+    agents = (ROOT / "examples" / "agents.yaml").read_text()
+    path = directory / "agents.yaml"
+    path.write_text(agents.replace("claims_tools.", f"{TOOLS_MODULE}."))
+    return path
+
+
+def set_tool_delay(seconds: float) -> None:
+    sys.modules[TOOLS_MODULE].DELAY = seconds  # type: ignore[attr-defined]
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@asynccontextmanager
+async def running_stack(
+    servers: LocalServers, directory: Path, **overrides: Any
+) -> AsyncIterator[tuple[Settings, str, Worker]]:
+    """Run a worker (with slowable tools) and a gateway on topics of their own."""
+    tag = uuid.uuid4().hex[:8]
+    values: dict[str, Any] = {
+        "kafka_bootstrap": servers.kafka_bootstrap,
+        "redis_url": servers.redis_url,
+        "consumer_group": f"agentflow-workers-{tag}",
+        "topic_events": f"agentflow.events.{tag}",
+        "topic_results": f"agentflow.results.{tag}",
+        "topic_sessions": f"agentflow.sessions.{tag}",
+        "topic_dlq": f"agentflow.events.dlq.{tag}",
+        "topic_partitions": 3,
+        "shutdown_grace_s": 5,
+        "agents_file": slow_agents(directory),
+    }
+    settings = load_settings(**(values | overrides))
+    settings.check()  # loads the agents, and so the tools module `set_tool_delay` changes
+    worker = Worker(settings, name=f"gateway-test-worker-{tag}")
+    await worker.start()
+    running = asyncio.create_task(worker.run())
+    server, task, url = await serve_gateway(settings, host="127.0.0.1", port=0)
+    try:
+        yield settings, url, worker
+    finally:
+        server.should_exit = True
+        worker.stop()
+        await asyncio.wait_for(task, 15)
+        await asyncio.wait_for(running, 30)
+
+
+@pytest.fixture(scope="module")
+async def stack(
+    servers: LocalServers, tmp_path_factory: pytest.TempPathFactory
+) -> AsyncIterator[tuple[Settings, str, Worker]]:
+    """One worker and one gateway for the module's tests."""
+    directory = tmp_path_factory.mktemp("agents")
+    async with running_stack(servers, directory, metrics_port=free_port()) as started:
+        yield started
+
+
+@pytest.fixture
+async def start_gateway() -> AsyncIterator[StartGateway]:
+    """Start extra gateways (other settings) in this loop; each is stopped at the end."""
+    running: list[tuple[Any, asyncio.Task[None]]] = []
+
+    async def start(settings: Settings, **kw: Any) -> str:
+        server, task, url = await serve_gateway(settings, host="127.0.0.1", port=0, **kw)
+        running.append((server, task))
+        return url
+
+    yield start
+    for server, _ in running:
+        server.should_exit = True
+    for _, task in running:
+        await asyncio.wait_for(task, 15)
+
+
+@pytest.fixture
+async def client(stack: tuple[Settings, str, Worker]) -> AsyncIterator[httpx.AsyncClient]:
+    async with httpx.AsyncClient(base_url=stack[1], timeout=30) as http:
+        yield http
+
+
+async def sse(response: httpx.Response) -> AsyncIterator[dict[str, Any]]:
+    """Parse a Server-Sent Events body: yields messages and `{"comment": ...}` lines."""
+    message: dict[str, Any] = {}
+    async for line in response.aiter_lines():
+        if line.startswith(":"):
+            yield {"comment": line[1:].strip()}
+        elif line == "":
+            if "data" in message:
+                message["transition"] = json.loads(message["data"])
+                yield message
+            message = {}
+        else:
+            name, _, value = line.partition(":")
+            message[name] = value[1:] if value.startswith(" ") else value
+
+
+async def collect(
+    http: httpx.AsyncClient,
+    session_id: str,
+    *,
+    headers: dict[str, str] | None = None,
+    params: dict[str, Any] | None = None,
+    until: Callable[[dict[str, Any]], bool] | None = None,
+    timeout_s: float = 60,
+) -> tuple[list[dict[str, Any]], bool]:
+    """Read a session's stream; return its messages and whether the server ended it."""
+    messages: list[dict[str, Any]] = []
+    async with asyncio.timeout(timeout_s):
+        async with http.stream(
+            "GET", f"/sessions/{session_id}/stream", headers=headers, params=params
+        ) as response:
+            assert response.status_code == 200, await response.aread()
+            assert response.headers["content-type"].startswith("text/event-stream")
+            async for message in sse(response):
+                if "transition" not in message:
+                    continue
+                messages.append(message)
+                if until is not None and until(message):
+                    return messages, False
+    return messages, True
+
+
+def seqs(messages: list[dict[str, Any]]) -> list[int]:
+    return [int(m["id"]) for m in messages]
+
+
+async def post_event(http: httpx.AsyncClient, body: dict[str, Any]) -> dict[str, Any]:
+    response = await http.post("/events", json=body)
+    assert response.status_code == 202, response.text
+    return response.json()  # type: ignore[no-any-return]
+
+
+async def finished_session(redis: Redis, session_id: str) -> None:
+    """Log a short, completed session directly (for tests that need no worker)."""
+    publisher = TransitionPublisher(redis, ttl_s=600)
+    result = WorkflowResult(session_id=session_id, event_id="e-1", status="completed")
+    await publisher.publish(Transition(session_id=session_id, type="session.started"))
+    await publisher.publish(
+        Transition(
+            session_id=session_id,
+            type="session.completed",
+            data={"status": "completed", "result": result.model_dump(mode="json")},
+        )
+    )
+
+
+# --- the main path ---------------------------------------------------------------------------
+
+
+async def test_start_a_workflow_and_stream_it_to_completion(
+    stack: tuple[Settings, str, Worker], client: httpx.AsyncClient, redis: Redis
+) -> None:
+    settings = stack[0]
+    accepted = await post_event(client, short("claim_submitted"))
+    session_id, event_id = accepted["session_id"], accepted["event_id"]
+    assert session_id == f"session-{event_id}"
+    assert accepted["links"] == {
+        "self": f"/sessions/{session_id}",
+        "stream": f"/sessions/{session_id}/stream",
+        "result": f"/sessions/{session_id}/result?event_id={event_id}",
+    }
+
+    messages, ended = await collect(client, session_id)
+    assert ended  # the server closed the stream after the session ended
+    assert seqs(messages) == list(range(1, len(messages) + 1))
+    assert all(m["event"] == m["transition"]["type"] for m in messages)
+    assert all(int(m["id"]) == m["transition"]["seq"] for m in messages)
+    assert [m["transition"] for m in messages] == [
+        t.model_dump(mode="json") for t in await read_log(redis, session_id)
+    ]
+    last = messages[-1]["transition"]
+    assert last["type"] == "session.completed"
+    assert last["data"]["result"]["status"] == "completed"
+    assert last["data"]["result"]["event_id"] == event_id
+
+    detail = (await client.get(accepted["links"]["self"])).json()
+    assert detail["status"] == "completed" and detail["current_node"] == "finalize"
+    assert detail["event_type"] == "claim.submitted" and detail["subject"] == "C-2001"
+    steps = detail["workflow"]["steps"]
+    assert len(steps) >= 2 and all(s["agents"] and s["status"] == "done" for s in steps)
+    assert detail["workflow"]["intent"]
+    assert detail["review"]["verdict"] == "approve"
+    assert detail["result"]["status"] == "completed" and detail["next"] == []
+
+    result = await client.get(accepted["links"]["result"])
+    assert result.status_code == 200 and result.json()["event_id"] == event_id
+    other = await client.get(f"/sessions/{session_id}/result", params={"event_id": "nope"})
+    assert other.status_code == 404
+
+    # The event went to Kafka keyed by its session.
+    records = await read_topic(
+        settings.kafka_bootstrap or "",
+        settings.topic_events,
+        until=lambda rs: any(r.key == session_id.encode() for r in rs),
+    )
+    sent = next(r for r in records if r.key == session_id.encode())
+    assert json.loads(sent.value)["id"] == event_id
+    assert json.loads(sent.value)["source"] == "agentflow/gateway"
+
+
+async def test_session_list_and_history(
+    stack: tuple[Settings, str, Worker], client: httpx.AsyncClient
+) -> None:
+    ids = []
+    for _ in range(3):
+        accepted = await post_event(client, short("status_requested"))
+        ids.append(accepted["session_id"])
+    for session_id in ids:
+        await collect(client, session_id)
+
+    page = (await client.get("/sessions", params={"status": "completed", "limit": 200})).json()
+    listed = [s["session_id"] for s in page["sessions"]]
+    assert set(ids) <= set(listed)
+    assert all(s["status"] == "completed" for s in page["sessions"])
+    assert page["total"] >= 3 and page["limit"] == 200 and page["offset"] == 0
+    updated = [s["updated_at"] for s in page["sessions"]]
+    assert updated == sorted(updated, reverse=True)  # most recently updated first
+    first = (await client.get("/sessions", params={"status": "completed", "limit": 1})).json()
+    second = (
+        await client.get("/sessions", params={"status": "completed", "limit": 1, "offset": 1})
+    ).json()
+    assert len(first["sessions"]) == len(second["sessions"]) == 1
+    assert first["total"] == page["total"]
+    assert [first["sessions"][0]["session_id"], second["sessions"][0]["session_id"]] == listed[:2]
+    running = (await client.get("/sessions", params={"status": "interrupted"})).json()
+    assert not set(ids) & {s["session_id"] for s in running["sessions"]}
+
+    history = (await client.get(f"/sessions/{ids[0]}/history")).json()
+    checkpoints = history["checkpoints"]
+    assert len(checkpoints) >= 5
+    created = [c["created_at"] for c in checkpoints]
+    assert created == sorted(created, reverse=True)  # newest first
+    steps = [c["step"] for c in checkpoints]
+    assert steps == sorted(steps, reverse=True)
+    assert checkpoints[0]["next"] == [] and checkpoints[-1]["source"] == "input"
+    assert checkpoints[0]["parent_checkpoint_id"] == checkpoints[1]["checkpoint_id"]
+    assert any(c["next"] == ["finalize"] for c in checkpoints)
+    assert set(checkpoints[0]["steps"].values()) == {"done"}
+    older = (
+        await client.get(
+            f"/sessions/{ids[0]}/history",
+            params={"before": checkpoints[1]["checkpoint_id"], "limit": 2},
+        )
+    ).json()
+    assert [c["checkpoint_id"] for c in older["checkpoints"]] == [
+        c["checkpoint_id"] for c in checkpoints[2:4]
+    ]
+    assert (await client.get("/sessions/no-such-session/history")).status_code == 404
+    assert (await client.get("/sessions/no-such-session")).status_code == 404
+
+
+async def test_a_full_cloudevent_is_taken_as_is(client: httpx.AsyncClient) -> None:
+    event = example("document_uploaded")
+    event["sessionid"] = f"doc-{uuid.uuid4().hex[:8]}"
+    accepted = await post_event(client, event)
+    assert accepted["session_id"] == event["sessionid"] and accepted["event_id"] == event["id"]
+    messages, ended = await collect(client, event["sessionid"])
+    assert ended and messages[-1]["transition"]["type"] == "session.completed"
+    assert messages[0]["transition"]["data"]["event_id"] == event["id"]
+
+
+# --- the stream: reconnects and late joins ----------------------------------------------------
+
+
+async def test_reconnect_mid_stream_with_last_event_id(client: httpx.AsyncClient) -> None:
+    set_tool_delay(0.3)  # the run lasts a few seconds, so the reconnect is mid-run
+    try:
+        session_id = (await post_event(client, short("claim_submitted")))["session_id"]
+        first, ended = await collect(client, session_id, until=lambda m: int(m["id"]) >= 5)
+        assert not ended and seqs(first) == [1, 2, 3, 4, 5]
+        status = (await client.get(f"/sessions/{session_id}")).json()["status"]
+        assert status == "running"
+
+        rest, ended = await collect(client, session_id, headers={"Last-Event-ID": "5"})
+    finally:
+        set_tool_delay(0)
+    assert ended
+    assert seqs(rest)[0] == 6
+    assert seqs(first) + seqs(rest) == list(range(1, seqs(rest)[-1] + 1))  # no gap, no dup
+    assert rest[-1]["event"] == "session.completed"
+
+    # `?after=` does the same; Last-Event-ID (set by EventSource on reconnect) wins.
+    after, _ = await collect(client, session_id, params={"after": 3})
+    assert seqs(after) == list(range(4, seqs(rest)[-1] + 1))
+    both, _ = await collect(
+        client, session_id, params={"after": 3}, headers={"Last-Event-ID": "10"}
+    )
+    assert seqs(both)[0] == 11
+
+
+async def test_late_join_gets_every_transition_and_the_result(
+    client: httpx.AsyncClient, redis: Redis
+) -> None:
+    accepted = await post_event(client, short("document_uploaded"))
+    session_id = accepted["session_id"]
+    await collect(client, session_id)  # wait for the end
+
+    late, ended = await collect(client, session_id)
+    assert ended
+    log = await read_log(redis, session_id)
+    assert seqs(late) == [t.seq for t in log] == list(range(1, len(log) + 1))
+    result = late[-1]["transition"]["data"]["result"]
+    assert result["status"] == "completed" and result["event_id"] == accepted["event_id"]
+
+    # Reconnecting after the last transition of an ended session: 204, EventSource stops.
+    done = await client.get(
+        f"/sessions/{session_id}/stream", headers={"Last-Event-ID": str(len(log))}
+    )
+    assert done.status_code == 204
+
+
+async def test_idle_stream_sends_keepalives_and_stops_when_the_client_goes(
+    stack: tuple[Settings, str, Worker], start_gateway: StartGateway, redis: Redis
+) -> None:
+    url = await start_gateway(stack[0], keepalive_s=0.2)
+    session_id = f"idle-{uuid.uuid4().hex[:8]}"
+    channel = session_channel(session_id)
+    comments: list[str] = []
+
+    async def subscribed() -> int:
+        return int(dict(await redis.pubsub_numsub(channel))[channel.encode()])
+
+    async with (
+        httpx.AsyncClient(base_url=url, timeout=10) as http,
+        http.stream("GET", f"/sessions/{session_id}/stream") as response,
+    ):
+        async for message in sse(response):
+            comments.extend([message["comment"]] if "comment" in message else [])
+            if comments.count("keep-alive") >= 2:
+                # Checked before leaving the loop: closing `sse` closes the response.
+                assert await subscribed() == 1  # following the session's channel
+                break
+    deadline = time.monotonic() + 5
+    while await subscribed() and time.monotonic() < deadline:
+        await asyncio.sleep(0.05)
+    assert await subscribed() == 0  # the gateway stopped following when the client left
+
+
+# --- human in the loop and cancel -------------------------------------------------------------
+
+
+async def test_resume_an_escalated_session_over_http(client: httpx.AsyncClient) -> None:
+    accepted = await post_event(client, short("claim_needs_review"))
+    session_id = accepted["session_id"]
+    messages: list[dict[str, Any]] = []
+    interrupted = asyncio.Event()
+
+    async def follow() -> bool:
+        async with client.stream("GET", f"/sessions/{session_id}/stream") as response:
+            async for message in sse(response):
+                if "transition" in message:
+                    messages.append(message)
+                    if message["event"] == "session.interrupted":
+                        interrupted.set()
+        return True
+
+    following = asyncio.create_task(follow())
+    await asyncio.wait_for(interrupted.wait(), 60)
+    await asyncio.sleep(0.3)
+    assert not following.done()  # an interrupted session's stream stays open
+    detail = (await client.get(f"/sessions/{session_id}")).json()
+    assert detail["status"] == "interrupted"
+    question = messages[-1]["transition"]["data"]["question"]
+    assert question and detail["question"] == question and detail["review"]["question"]
+    assert detail["next"] == ["escalate"]
+
+    missing = await client.post(f"/sessions/{session_id}/resume", json={})
+    assert missing.status_code == 422 and missing.json()["errors"][0]["field"] == "answer"
+    resumed = await client.post(
+        f"/sessions/{session_id}/resume", json={"answer": "approve: discharge confirmed"}
+    )
+    assert resumed.status_code == 202
+    assert resumed.json()["session_id"] == session_id
+
+    assert await asyncio.wait_for(following, 60)  # the same stream runs on to the end
+    types = [m["event"] for m in messages]
+    assert types.count("session.started") == 2 and types[-1] == "session.completed"
+    assert messages[types.index("session.interrupted") + 1]["transition"]["data"]["resumed"]
+    assert seqs(messages) == list(range(1, len(messages) + 1))
+    final = messages[-1]["transition"]["data"]["result"]
+    assert final["status"] == "completed"
+    assert "discharge confirmed" in final["review"]["feedback"]
+
+    again = await client.post(f"/sessions/{session_id}/resume", json={"answer": "yes"})
+    assert again.status_code == 409 and "completed" in again.json()["detail"]
+    unknown = await client.post("/sessions/no-such-session/resume", json={"answer": "yes"})
+    assert unknown.status_code == 404
+
+
+async def offsets(settings: Settings) -> tuple[int, int]:
+    """Return the worker group's committed offsets and the end offsets, summed."""
+    consumer = AIOKafkaConsumer(
+        bootstrap_servers=settings.kafka_bootstrap,
+        group_id=settings.consumer_group,
+        enable_auto_commit=False,
+    )
+    await consumer.start()
+    try:
+        tps = [TopicPartition(settings.topic_events, p) for p in range(settings.topic_partitions)]
+        committed = [await consumer.committed(tp) or 0 for tp in tps]
+        ends = await consumer.end_offsets(tps)
+        return sum(committed), sum(ends.values())
+    finally:
+        await consumer.stop()
+
+
+async def test_cancel_stops_a_running_session(
+    stack: tuple[Settings, str, Worker], client: httpx.AsyncClient, redis: Redis
+) -> None:
+    settings = stack[0]
+    set_tool_delay(30)  # without the cancel, the run would sit in a tool for 30 s
+    try:
+        accepted = await post_event(client, short("claim_submitted"))
+        session_id = accepted["session_id"]
+        before, _ = await collect(client, session_id, until=lambda m: m["event"] == "step.started")
+        started = time.monotonic()
+        cancel = await client.post(f"/sessions/{session_id}/cancel")
+        assert cancel.status_code == 202
+        rest, ended = await collect(client, session_id, headers={"Last-Event-ID": before[-1]["id"]})
+        took = time.monotonic() - started
+    finally:
+        set_tool_delay(0)
+    assert ended and took < 10
+    last = rest[-1]["transition"]
+    assert last["type"] == "session.failed" and last["data"]["error"] == "cancelled"
+    assert last["data"]["result"]["event_id"] == accepted["event_id"]
+    assert [m["event"] for m in rest].count("session.failed") == 1
+    assert (await client.get(f"/sessions/{session_id}")).json()["status"] == "cancelled"
+
+    cancel_id = cancel.json()["event_id"]
+    records = await read_topic(
+        settings.kafka_bootstrap or "",
+        settings.topic_results,
+        until=lambda rs: {accepted["event_id"], cancel_id} <= set(results_by_event(rs)),
+    )
+    results = results_by_event(records)
+    assert len(results[accepted["event_id"]]) == 1  # one result for the cancelled event
+    for event_id in (accepted["event_id"], cancel_id):
+        assert results[event_id][0]["status"] == "failed"
+        assert results[event_id][0]["error"] == "cancelled"
+
+    # Every offset is committed, the cancelled event's too: it is not redelivered.
+    deadline = time.monotonic() + 10
+    committed, end = await offsets(settings)
+    while committed < end and time.monotonic() < deadline:
+        await asyncio.sleep(0.2)
+        committed, end = await offsets(settings)
+    assert committed == end
+    await asyncio.sleep(1)
+    log = await read_log(redis, session_id)
+    assert [t.type for t in log].count("session.started") == 1  # never run again
+
+    ended_again = await client.post(f"/sessions/{session_id}/cancel")
+    assert ended_again.status_code == 409
+    assert (await client.post("/sessions/no-such-session/cancel")).status_code == 404
+
+
+# --- auth, validation, Kafka outages ----------------------------------------------------------
+
+
+async def test_auth(
+    stack: tuple[Settings, str, Worker], start_gateway: StartGateway, redis: Redis
+) -> None:
+    settings = stack[0].model_copy(
+        update={"api_tokens": ["token-one", "token-two"], "cors_origins": ["http://app.test"]}
+    )
+    url = await start_gateway(settings)
+    session_id = f"auth-{uuid.uuid4().hex[:8]}"
+    await finished_session(redis, session_id)
+    protected = [
+        ("POST", "/events"),
+        ("GET", "/sessions"),
+        ("GET", f"/sessions/{session_id}"),
+        ("GET", f"/sessions/{session_id}/history"),
+        ("GET", f"/sessions/{session_id}/result"),
+        ("GET", f"/sessions/{session_id}/stream"),
+        ("POST", f"/sessions/{session_id}/resume"),
+        ("POST", f"/sessions/{session_id}/cancel"),
+        ("GET", "/graph"),
+        ("GET", "/metrics"),
+    ]
+    async with httpx.AsyncClient(base_url=url, timeout=10) as http:
+        for method, path in protected:
+            response = await http.request(method, path)
+            assert response.status_code == 401, (method, path)
+            assert response.headers["www-authenticate"] == "Bearer", path
+            assert response.json()["detail"] == "a bearer token is required"
+            wrong = await http.request(method, path, headers={"Authorization": "Bearer nope"})
+            assert wrong.status_code == 401, (method, path)
+            assert "invalid_token" in wrong.headers["www-authenticate"]
+
+        good = {"Authorization": "Bearer token-two"}
+        assert (await http.get("/sessions", headers=good)).status_code == 200
+        assert (await http.get("/graph", headers=good)).status_code == 200
+        # EventSource cannot set headers: the stream alone takes ?access_token=.
+        stream = await http.get(
+            f"/sessions/{session_id}/stream", params={"access_token": "token-one"}
+        )
+        assert stream.status_code == 200 and "event: session.completed" in stream.text
+        assert (
+            await http.get("/sessions", params={"access_token": "token-one"})
+        ).status_code == 401
+        bad_query = await http.get(
+            f"/sessions/{session_id}/stream", params={"access_token": "nope"}
+        )
+        assert bad_query.status_code == 401
+
+        # Open: health, the page and its files (the page asks for the token).
+        assert (await http.get("/healthz")).status_code == 200
+        page = await http.get("/")
+        assert page.status_code == 200 and "<title>agentflow</title>" in page.text
+        for name in ("app.js", "app.css"):
+            assert (await http.get(f"/static/{name}")).status_code == 200
+
+        preflight = await http.options(
+            "/events",
+            headers={
+                "Origin": "http://app.test",
+                "Access-Control-Request-Method": "POST",
+                "Access-Control-Request-Headers": "authorization,content-type",
+            },
+        )
+        assert preflight.status_code == 200
+        assert preflight.headers["access-control-allow-origin"] == "http://app.test"
+        other = await http.get("/sessions", headers={**good, "Origin": "http://evil.test"})
+        assert "access-control-allow-origin" not in other.headers
+
+
+async def test_validation_errors(
+    stack: tuple[Settings, str, Worker], start_gateway: StartGateway
+) -> None:
+    settings = stack[0].model_copy(update={"max_event_bytes": 2048})
+    url = await start_gateway(settings)
+
+    async def problem(response: httpx.Response, status: int) -> dict[str, Any]:
+        assert response.status_code == status, response.text
+        body: dict[str, Any] = response.json()
+        assert body["detail"]
+        return body
+
+    async with httpx.AsyncClient(base_url=url, timeout=10) as http:
+        body = await problem(await http.post("/events", json={"data": {}}), 422)
+        assert body["errors"] == [{"field": "type", "reason": "Field required"}]
+        assert "field 'type'" in body["detail"]
+
+        event = example("claim_submitted")
+        del event["source"]
+        body = await problem(await http.post("/events", json=event), 422)
+        assert [e["field"] for e in body["errors"]] == ["source"]
+
+        event = example("claim_submitted") | {"specversion": "0.3"}
+        body = await problem(await http.post("/events", json=event), 422)
+        assert body["errors"][0]["field"] == "specversion"
+
+        body = await problem(await http.post("/events", content=b"{not json"), 422)
+        assert body["errors"][0]["field"] == "(body)" and "JSON" in body["errors"][0]["reason"]
+        body = await problem(await http.post("/events", json=[1, 2]), 422)
+        assert "JSON object" in body["detail"]
+        body = await problem(await http.post("/events", json={"type": "x", "tpye": 1}), 422)
+        assert body["errors"][0]["field"] == "tpye"
+        body = await problem(
+            await http.post("/events", json={"type": "x", "session_id": "has space"}), 422
+        )
+        assert body["errors"][0]["field"] == "session_id"
+
+        big = {"type": "claim.submitted", "data": {"blob": "x" * 3000}}
+        body = await problem(await http.post("/events", json=big), 413)
+        assert "AGENTFLOW_MAX_EVENT_BYTES" in body["detail"]
+
+        async def chunks() -> AsyncIterator[bytes]:  # no Content-Length: counted as read
+            yield b'{"type": "claim.submitted", "data": "'
+            for _ in range(10):
+                yield b"y" * 500
+            yield b'"}'
+
+        await problem(await http.post("/events", content=chunks()), 413)
+        nearly = {"type": "claim.submitted", "data": "z" * 1900}  # small body, big event
+        await problem(await http.post("/events", json=nearly), 413)
+
+        body = await problem(await http.get("/sessions", params={"status": "bogus"}), 422)
+        assert body["errors"][0]["field"] == "status"
+        body = await problem(await http.get("/sessions", params={"limit": 0}), 422)
+        assert body["errors"][0]["field"] == "limit"
+        body = await problem(
+            await http.get("/sessions/x/stream", headers={"Last-Event-ID": "abc"}), 422
+        )
+        assert body["errors"][0]["field"] == "Last-Event-ID"
+        body = await problem(await http.get("/graph", params={"format": "png"}), 422)
+        assert body["errors"][0]["field"] == "format"
+        await problem(await http.get("/sessions/no-such-session"), 404)
+
+
+async def test_kafka_down_answers_503_and_the_gateway_reconnects(
+    stack: tuple[Settings, str, Worker], start_gateway: StartGateway, redis: Redis
+) -> None:
+    # A port nothing listens on.
+    nowhere = stack[0].model_copy(update={"kafka_bootstrap": f"127.0.0.1:{free_port()}"})
+    url = await start_gateway(nowhere)
+    store = SessionStore(redis, ttl_s=600)
+    session_id = f"waiting-{uuid.uuid4().hex[:8]}"
+    await store.open(session_id, event_id="e-1", event_type="claim.submitted", subject=None)
+    await store.close(
+        WorkflowResult(session_id=session_id, event_id="e-1", status="interrupted", question="?")
+    )
+    async with httpx.AsyncClient(base_url=url, timeout=30) as http:
+        started = time.monotonic()
+        response = await http.post("/events", json=short("claim_submitted"))
+        assert response.status_code == 503 and time.monotonic() - started < 8
+        assert "Kafka" in response.json()["detail"] and response.headers["retry-after"]
+        resume = await http.post(f"/sessions/{session_id}/resume", json={"answer": "ok"})
+        assert resume.status_code == 503
+        health = await http.get("/healthz")
+        assert health.status_code == 503
+        assert health.json()["kafka"]["ok"] is False and health.json()["redis"]["ok"] is True
+
+    # A broker that goes away and comes back on the same port.
+    broker = await KafkaBroker().astart()
+    try:
+        settings = stack[0].model_copy(update={"kafka_bootstrap": broker.bootstrap})
+        url = await start_gateway(settings)
+        async with httpx.AsyncClient(base_url=url, timeout=30) as http:
+            assert (await http.post("/events", json=short("claim_submitted"))).status_code == 202
+            await asyncio.to_thread(broker.kill)
+            started = time.monotonic()
+            down = await http.post("/events", json=short("claim_submitted"))
+            assert down.status_code == 503 and time.monotonic() - started < 8
+            assert (await http.get("/healthz")).status_code == 503
+            await broker.astart()
+            again = await http.post("/events", json=short("claim_submitted"))
+            assert again.status_code == 202, again.text
+            assert (await http.get("/healthz")).status_code == 200
+    finally:
+        await broker.astop()
+
+
+# --- graph, metrics, OpenAPI ------------------------------------------------------------------
+
+
+async def test_graph_metrics_and_openapi(
+    stack: tuple[Settings, str, Worker], client: httpx.AsyncClient, redis: Redis
+) -> None:
+    settings, _, worker = stack
+    svg = await client.get("/graph", params={"format": "svg"})
+    assert svg.status_code == 200 and svg.headers["content-type"] == "image/svg+xml"
+    assert '<g class="node" id="node-plan"' in svg.text
+    assert 'id="edge-review-finalize"' in svg.text
+    assert not re.search(r'class="[^"]*\bvisited\b', svg.text)  # no path without a session
+    mermaid = await client.get("/graph", params={"format": "mermaid"})
+    assert mermaid.headers["content-type"].startswith("text/plain")
+    assert "plan --> assign" in mermaid.text
+    session_id = f"drawn-{uuid.uuid4().hex[:8]}"
+    await finished_session(redis, session_id)
+    path = await client.get("/graph", params={"format": "svg", "session": session_id})
+    assert 'class="node terminal visited" id="node-__end__"' in path.text
+    unknown = await client.get("/graph", params={"session": "no-such-session"})
+    assert unknown.status_code == 404
+
+    measured = await post_event(client, short("status_requested"))
+    await collect(client, measured["session_id"])
+    metrics = await client.get("/metrics")
+    assert metrics.headers["content-type"].startswith("text/plain")
+    for name in (
+        'agentflow_events_received_total{component="gateway"}',
+        "agentflow_runs_in_flight",
+        'agentflow_run_duration_seconds_count{status="completed"}',
+        'agentflow_node_duration_seconds_count{node="plan"}',
+        "agentflow_dlq_events_total",
+        'agentflow_sessions{status="completed"}',
+    ):
+        assert name in metrics.text, name
+    assert worker.settings.metrics_port
+    async with httpx.AsyncClient(timeout=10) as plain:
+        own = await plain.get(f"http://127.0.0.1:{worker.settings.metrics_port}/metrics")
+    assert 'agentflow_events_received_total{component="worker"}' in own.text
+
+    spec = (await client.get("/openapi.json")).json()
+    assert set(spec["paths"]) == {
+        "/events",
+        "/sessions",
+        "/sessions/{session_id}",
+        "/sessions/{session_id}/result",
+        "/sessions/{session_id}/history",
+        "/sessions/{session_id}/stream",
+        "/sessions/{session_id}/resume",
+        "/sessions/{session_id}/cancel",
+        "/graph",
+        "/metrics",
+        "/healthz",
+    }
+    post = spec["paths"]["/events"]["post"]
+    assert {"202", "401", "413", "422", "503"} <= set(post["responses"])
+    assert post["requestBody"]["content"]["application/json"]["schema"]["oneOf"]
+    assert "EventAccepted" in json.dumps(post["responses"]["202"])
+    detail = spec["paths"]["/sessions/{session_id}"]["get"]["responses"]["200"]
+    assert "SessionDetail" in json.dumps(detail)
+    stream = spec["paths"]["/sessions/{session_id}/stream"]["get"]
+    assert "text/event-stream" in stream["responses"]["200"]["content"]
+    assert {p["name"] for p in stream["parameters"]} >= {"after", "last-event-id", "access_token"}
+    assert "401" not in spec["paths"]["/healthz"]["get"]["responses"]
+    assert spec["components"]["securitySchemes"]["HTTPBearer"]["scheme"] == "bearer"

@@ -1,0 +1,186 @@
+"""The web page in a real headless Chromium (Debian's package), driven by Playwright."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from redis.asyncio import Redis
+
+from service.publisher import read_log
+from service.servers import LocalServers
+from service.settings import Settings
+from service.worker import Worker
+from tests.integration_tests.test_gateway import running_stack, set_tool_delay
+
+pytestmark = pytest.mark.integration
+
+CHROMIUM = Path("/usr/bin/chromium")
+CHROMIUM_ARGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--no-first-run",
+]
+ARTIFACTS = Path(__file__).resolve().parents[1] / "artifacts"
+TOKEN = "page-token"
+PATH_NODES = ["discover", "plan", "assign", "execute", "execute_step", "review", "finalize"]
+
+# Records every node the page highlights as current, in order, as the classes change.
+RECORD_CURRENT = """
+window.__current = [];
+new MutationObserver((records) => {
+  for (const r of records) {
+    const t = r.target;
+    if (t.classList && t.classList.contains("node") && t.classList.contains("current")) {
+      const name = t.id.slice("node-".length);
+      if (window.__current[window.__current.length - 1] !== name) window.__current.push(name);
+    }
+  }
+}).observe(document, { subtree: true, attributes: true, attributeFilter: ["class"] });
+"""
+
+
+@pytest.fixture(scope="module")
+async def stack(
+    servers: LocalServers, tmp_path_factory: pytest.TempPathFactory
+) -> AsyncIterator[tuple[Settings, str, Worker]]:
+    """A worker and a gateway that asks for a token."""
+    directory = tmp_path_factory.mktemp("agents")
+    async with running_stack(servers, directory, api_tokens=[TOKEN]) as started:
+        yield started
+
+
+@pytest.fixture(scope="module")
+async def browser() -> AsyncIterator[Any]:
+    if not CHROMIUM.exists():
+        pytest.fail(
+            "Chromium is missing at /usr/bin/chromium: install Debian's chromium package "
+            "(`apt-get install chromium`) to run the web page tests; they drive it with "
+            "Playwright and never download a browser."
+        )
+    from playwright.async_api import async_playwright
+
+    async with async_playwright() as playwright:
+        chromium = await playwright.chromium.launch(
+            executable_path=str(CHROMIUM), args=CHROMIUM_ARGS, headless=True
+        )
+        yield chromium
+        await chromium.close()
+
+
+@pytest.fixture
+async def page(browser: Any, stack: tuple[Settings, str, Worker]) -> AsyncIterator[Any]:
+    """A page that fails the test on script errors or on requests leaving the gateway."""
+    url = stack[1]
+    context = await browser.new_context(viewport={"width": 1440, "height": 1000})
+    tab = await context.new_page()
+    problems: list[str] = []
+    tab.on("pageerror", lambda exc: problems.append(f"page error: {exc}"))
+    tab.on(
+        "console",
+        lambda msg: problems.append(f"console: {msg.text}") if msg.type == "error" else None,
+    )
+    tab.on(
+        "request",
+        lambda req: (
+            None
+            if req.url.startswith((url, "data:"))
+            else problems.append(f"request off the gateway: {req.url}")
+        ),
+    )
+    await tab.add_init_script(RECORD_CURRENT)
+    yield tab
+    await context.close()
+    # 401s before the token is entered are expected; nothing else is.
+    assert [p for p in problems if "401" not in p] == []
+
+
+async def classes(page: Any, selector: str) -> set[str]:
+    return set((await page.get_attribute(selector, "class") or "").split())
+
+
+async def test_start_a_workflow_from_the_form_and_watch_it(
+    page: Any, stack: tuple[Settings, str, Worker], redis: Redis
+) -> None:
+    from playwright.async_api import expect
+
+    await page.goto(stack[1])
+    await expect(page.locator("#notice")).to_contain_text("API token")
+    await page.fill("#token", TOKEN)
+    await page.click("#token-form button")
+    await page.select_option("#example", "claim submitted")
+    set_tool_delay(0.4)  # long enough to see a node lit while it runs
+    try:
+        await page.click("#send")
+        await page.wait_for_url(re.compile(r"#/sessions/session-"))
+        await expect(page.locator("#node-execute_step")).to_have_class(
+            re.compile(r"\bcurrent\b"), timeout=30_000
+        )
+        await expect(page.locator("#session-status")).to_have_text("completed", timeout=60_000)
+    finally:
+        set_tool_delay(0)
+    session_id = await page.text_content("#session-title")
+
+    lit: list[str] = await page.evaluate("window.__current")
+    assert set(PATH_NODES) <= set(lit)
+    first = [lit.index(n) for n in PATH_NODES]
+    assert first == sorted(first)  # lit up in the order the graph ran them
+    for node in [*PATH_NODES, "__start__", "__end__"]:
+        assert "visited" in await classes(page, f"#node-{node}"), node
+    assert "visited" not in await classes(page, "#node-escalate")
+    assert await page.locator("#graph g.node.current").count() == 0
+    assert "visited" in await classes(page, "#edge-review-finalize")
+    assert "visited" not in await classes(page, "#edge-review-escalate")
+
+    await expect(page.locator("#result")).to_contain_text("completed")
+    await expect(page.locator("#review")).to_contain_text("approve")
+    steps = page.locator("#steps tbody tr")
+    assert await steps.count() >= 2
+    for i in range(await steps.count()):
+        row = steps.nth(i)
+        assert (await row.locator("td").nth(1).text_content() or "").strip()  # agents
+        assert await row.locator("td").nth(2).text_content() == "done"
+        assert (await row.locator("td").nth(3).text_content() or "").strip()  # output
+    log = await read_log(redis, session_id)
+    await expect(page.locator("#log tbody tr")).to_have_count(len(log))
+    await expect(page.locator(f'#session-list li[data-session="{session_id}"]')).to_contain_text(
+        "completed"
+    )
+
+    ARTIFACTS.mkdir(exist_ok=True)
+    await page.screenshot(path=str(ARTIFACTS / "session.png"), full_page=True)
+
+
+async def test_answer_an_escalation_from_the_page(
+    page: Any, stack: tuple[Settings, str, Worker]
+) -> None:
+    from playwright.async_api import expect
+
+    await page.add_init_script(f"localStorage.setItem('agentflow.token', {TOKEN!r})")
+    await page.goto(stack[1])
+    await page.select_option("#example", "claim needs review (escalates)")
+    await page.click("#send")
+    await expect(page.locator("#escalation")).to_be_visible(timeout=60_000)
+    await expect(page.locator("#session-status")).to_have_text("interrupted")
+    question = await page.text_content("#question")
+    assert question and question.strip()
+    assert "current" in await classes(page, "#node-escalate")  # waiting in escalate
+    ARTIFACTS.mkdir(exist_ok=True)
+    await page.screenshot(path=str(ARTIFACTS / "escalation.png"), full_page=True)
+
+    await page.fill("#answer", "approve: discharge confirmed")
+    await page.click("#answer-form button")
+    await expect(page.locator("#session-status")).to_have_text("completed", timeout=60_000)
+    await expect(page.locator("#escalation")).to_be_hidden()
+    await expect(page.locator("#review")).to_contain_text("discharge confirmed")
+    assert "visited" in await classes(page, "#node-escalate")
+    assert "current" not in await classes(page, "#node-escalate")
+    assert "visited" in await classes(page, "#edge-escalate-review")
+    assert "visited" in await classes(page, "#node-__end__")
