@@ -16,6 +16,7 @@ from rich.console import Console
 from nodes.models import CloudEvent, WorkflowResult
 from service.client import produce_event, session_id_for, wait_for_result, watch_session
 from service.console import print_result, print_transition
+from service.gateway import serve_gateway
 from service.servers import LocalServers
 from service.settings import Settings, load_settings
 from service.worker import Worker
@@ -53,9 +54,12 @@ async def run_demo(console: Console) -> int:
         worker = Worker(settings, name="demo-worker")
         await worker.start()
         running = asyncio.create_task(worker.run())
+        # Port 0: a free port, so the demo never collides with a running `agentflow dev`.
+        server, serving, url = await serve_gateway(settings, host="127.0.0.1", port=0)
         console.print(
             f"[bold]agentflow demo[/]  Kafka {servers.kafka_bootstrap}  Redis {servers.redis_url}"
-            f"  model {settings.model}\n"
+            f"  model {settings.model}\n  gateway and web page: {url}\n",
+            soft_wrap=True,
         )
         failures = 0
         for name in DEMO_EVENTS:
@@ -77,6 +81,9 @@ async def run_demo(console: Console) -> int:
             failures += result.status != "completed"
         console.rule()
         console.print(repr(worker))
+        console.print(f"sessions stay browsable at {url} until the demo exits")
+        server.should_exit = True
+        await serving
         worker.stop()
         await running
         return failures

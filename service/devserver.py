@@ -7,6 +7,7 @@ import signal
 
 from rich.console import Console
 
+from service.gateway import serve_gateway
 from service.servers import LocalServers
 from service.settings import Settings
 from service.worker import Worker
@@ -24,14 +25,23 @@ async def run_dev(settings: Settings, console: Console) -> None:
         )
         worker = Worker(settings, name="dev-worker")
         await worker.start()
+        server, serving, url = await serve_gateway(
+            settings, host=settings.gateway_host, port=settings.gateway_port
+        )
         console.print(
             "[bold]agentflow dev[/] running (Ctrl-C stops everything)\n"
+            f"  gateway and web page: {url}\n"
             f"  export AGENTFLOW_KAFKA_BOOTSTRAP={servers.kafka_bootstrap}\n"
-            f"  export AGENTFLOW_REDIS_URL={servers.redis_url}"
+            f"  export AGENTFLOW_REDIS_URL={servers.redis_url}",
+            soft_wrap=True,
         )
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, worker.stop)
-        await worker.run()
+        try:
+            await worker.run()
+        finally:
+            server.should_exit = True
+            await serving
     finally:
         await servers.astop()
