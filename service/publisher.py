@@ -52,6 +52,9 @@ redis.call('PUBLISH', KEYS[3], body)
 redis.call('PUBLISH', KEYS[4], body)
 redis.call('EXPIRE', KEYS[1], ARGV[3])
 redis.call('EXPIRE', KEYS[2], ARGV[3])
+if ARGV[4] ~= '' then
+  redis.call('HSET', KEYS[5], 'current_node', ARGV[4], 'updated_at', ARGV[5])
+end
 return seq
 """
 
@@ -74,9 +77,17 @@ class TransitionPublisher:
         transition.seq = 0
         body = transition.model_dump_json()
         sid = transition.session_id
+        # A node.started also moves the session record's current node, in the same step.
+        node = transition.node if transition.type == "node.started" and transition.node else ""
         seq = await self._script(
-            keys=[seq_key(sid), log_key(sid), session_channel(sid), ALL_TRANSITIONS_CHANNEL],
-            args=[body, self.maxlen, self.ttl_s],
+            keys=[
+                seq_key(sid),
+                log_key(sid),
+                session_channel(sid),
+                ALL_TRANSITIONS_CHANNEL,
+                f"agentflow:session:{sid}",
+            ],
+            args=[body, self.maxlen, self.ttl_s, node, transition.ts.isoformat()],
         )
         transition.seq = int(seq)
         self.published += 1

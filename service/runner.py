@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 from collections import defaultdict
+from collections.abc import Callable
 from typing import Any
 
 from langgraph.graph.state import CompiledStateGraph
@@ -55,7 +56,7 @@ class SessionRunner:
         *,
         sink: TransitionSink = _discard,
         sequence: Any = InMemorySequence,
-        infra_errors: tuple[type[BaseException], ...] = (),
+        is_infra_error: Callable[[BaseException], bool] = lambda exc: False,
     ) -> None:
         """Make a runner.
 
@@ -65,14 +66,14 @@ class SessionRunner:
             sink: receives every transition.
             sequence: numbers transitions (an object with `async next(session_id)`),
                 or None when the sink numbers them itself.
-            infra_errors: errors of the infrastructure (Redis, Kafka) that must not be
+            is_infra_error: tells errors of the infrastructure (Redis, Kafka) that must not be
                 turned into a failed result: they are raised so the caller can retry.
         """
         self.graph = graph
         self.context = context
         self.sink = sink
         self.sequence = sequence() if sequence is InMemorySequence else sequence
-        self.infra_errors = infra_errors
+        self.is_infra_error = is_infra_error
 
     def __repr__(self) -> str:
         return f"SessionRunner(model={self.context.model!r})"
@@ -167,7 +168,7 @@ class SessionRunner:
                 for transition in mapper.map(mode, chunk):
                     await self.emit(transition)
         except Exception as exc:
-            if isinstance(exc, self.infra_errors):
+            if self.is_infra_error(exc):
                 raise
             logger.warning("session %s failed: %s", session_id, exc)
             snapshot = await self.graph.aget_state(config)

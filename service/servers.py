@@ -457,6 +457,8 @@ class RedisServer(_ServerProcess):
         port: Port to listen on; a free one is chosen when omitted.
         binary: `redis-server` to run instead of the bundled one.
         modules: Module files to load instead of the bundled search and JSON modules.
+        persistent: Keep an append-only file in the server's directory, so a restart or a
+            `kill()` followed by `start()` comes back with the data (production-like).
         startup_timeout: Seconds to wait for PING and the modules to answer.
         stop_timeout: Seconds to wait after SIGTERM before SIGKILL.
     """
@@ -470,12 +472,14 @@ class RedisServer(_ServerProcess):
         port: int | None = None,
         binary: str | os.PathLike[str] | None = None,
         modules: Sequence[str | os.PathLike[str]] | None = None,
+        persistent: bool = False,
         startup_timeout: float = 30.0,
         stop_timeout: float = 10.0,
     ) -> None:
         super().__init__(
             port=port, binary=binary, startup_timeout=startup_timeout, stop_timeout=stop_timeout
         )
+        self._persistent = persistent
         self._modules = [Path(m) for m in modules] if modules is not None else None
 
     @property
@@ -497,7 +501,9 @@ class RedisServer(_ServerProcess):
             "--save",
             "",
             "--appendonly",
-            "no",
+            "yes" if self._persistent else "no",
+            "--appendfsync",
+            "always",
             "--dir",
             str(workdir),
             "--daemonize",

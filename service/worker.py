@@ -41,7 +41,7 @@ from service.sessions import SessionStore
 from service.settings import Settings
 from service.transitions import Transition
 
-__all__ = ["INFRA_ERRORS", "Worker", "open_checkpointer"]
+__all__ = ["INFRA_ERRORS", "is_infra_error", "Worker", "open_checkpointer"]
 
 logger = logging.getLogger(__name__)
 
@@ -53,6 +53,22 @@ INFRA_ERRORS: tuple[type[BaseException], ...] = (
     ConnectionError,
 )
 """Errors that mean Redis or Kafka is away: retried with backoff, never a failed run."""
+
+
+def is_infra_error(exc: BaseException) -> bool:
+    """Whether an error, or one it was raised from, means Redis or Kafka is away.
+
+    Libraries wrap connection errors (redisvl raises `RedisVLError` from them), so the
+    whole cause chain counts.
+    """
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        if isinstance(current, INFRA_ERRORS):
+            return True
+        seen.add(id(current))
+        current = current.__cause__ or current.__context__
+    return False
 
 
 class DeadLetter(Exception):
@@ -176,20 +192,17 @@ class Worker:
         publisher = TransitionPublisher(
             self._redis, ttl_s=s.session_ttl_s, maxlen=s.transition_log_maxlen
         )
-        store = self.store
 
         async def sink(transition: Transition) -> None:
-            await publisher.publish(transition)
+            await publisher.publish(transition)  # also sets the record's current node
             metrics.observe_transition(transition)
-            if transition.type == "node.started" and transition.node:
-                await store.set_node(transition.session_id, transition.node)
 
         self.runner = SessionRunner(
             build_graph(checkpointer, store=subject_store),
             s.context(library=library),
             sink=sink,
             sequence=None,
-            infra_errors=INFRA_ERRORS,
+            is_infra_error=is_infra_error,
         )
         if s.create_topics:
             await self._create_topics()
@@ -366,7 +379,9 @@ class Worker:
                 await func(*args)
                 self._set_degraded(None)
                 return
-            except INFRA_ERRORS as exc:
+            except Exception as exc:
+                if not is_infra_error(exc):
+                    raise
                 self._set_degraded(f"{type(exc).__name__}: {exc}")
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 5.0)

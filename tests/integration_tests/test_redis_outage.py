@@ -1,0 +1,96 @@
+"""Redis stopped and restarted under load: the worker waits, then finishes everything."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+import pytest
+from aiokafka import AIOKafkaProducer
+
+from service.publisher import read_log
+from service.servers import RedisServer
+from service.settings import Settings
+from tests.integration_tests.conftest import read_topic, results_by_event
+
+pytestmark = pytest.mark.integration
+
+ROOT = Path(__file__).resolve().parents[2]
+
+SLOW_TOOLS = '''
+import asyncio
+
+async def careful_check(claim_id: str) -> str:
+    """Check a claim, taking a moment."""
+    await asyncio.sleep(0.3)
+    return f"checked {claim_id}"
+'''
+
+AGENTS = """
+agents:
+  - name: clerk
+    description: Takes in, records, reviews, assesses and reports on claims and documents.
+    capabilities: [take, record, review, document, assess, eligibility, report, outcome, claim]
+    system_prompt: You are a careful clerk.
+    tools: [outage_tools.careful_check]
+"""
+
+
+async def test_redis_restart_under_load(
+    settings: Settings,
+    start_worker: Any,
+    producer: AIOKafkaProducer,
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    (tmp_path / "outage_tools.py").write_text(SLOW_TOOLS)
+    (tmp_path / "agents.yaml").write_text(AGENTS)
+    redis_server = RedisServer(persistent=True)
+    await redis_server.astart()
+    try:
+        settings = settings.model_copy(
+            update={"redis_url": redis_server.url, "agents_file": tmp_path / "agents.yaml"}
+        )
+        caplog.set_level(logging.WARNING, logger="service.worker")
+        worker = await start_worker(settings)
+        events = {}
+        for i in range(10):
+            event = json.loads((ROOT / "examples/events/claim_submitted.json").read_text())
+            event["id"] = f"outage-{i}-{tmp_path.name}"
+            events[f"outage-{i}"] = event["id"]
+            await producer.send_and_wait(
+                settings.topic_events, json.dumps(event).encode(), key=f"outage-{i}".encode()
+            )
+        await asyncio.sleep(1.5)  # runs are under way
+        assert worker.in_flight > 0
+        await asyncio.to_thread(redis_server.kill)
+        await asyncio.sleep(3)
+        await redis_server.astart()
+
+        records = await read_topic(
+            settings.kafka_bootstrap or "",
+            settings.topic_results,
+            until=lambda rs: set(events.values()) <= set(results_by_event(rs)),
+            timeout_s=180,
+        )
+        results = results_by_event(records)
+        for event_id in events.values():
+            assert len(results[event_id]) == 1, event_id
+            assert results[event_id][0]["status"] == "completed", results[event_id][0]["error"]
+        messages = [r.getMessage() for r in caplog.records]
+        assert any("stopped taking new events" in m for m in messages), messages
+        assert any("reachable again" in m for m in messages), messages
+        from redis.asyncio import Redis
+
+        client = Redis.from_url(redis_server.url)
+        try:
+            for session_id in events:
+                log = await read_log(client, session_id)
+                assert [t.seq for t in log] == list(range(1, len(log) + 1)), session_id
+        finally:
+            await client.aclose()
+    finally:
+        await redis_server.astop()
