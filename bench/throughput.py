@@ -35,10 +35,13 @@ sys.path.insert(0, str(ROOT))
 
 from graphs.workflow import build_graph  # noqa: E402
 from nodes.models import CloudEvent  # noqa: E402
+from service.library import open_library  # noqa: E402
+from service.memory import open_subject_store  # noqa: E402
 from service.servers import LocalServers  # noqa: E402
 from service.settings import Settings, load_settings  # noqa: E402
 from service.worker import open_checkpointer, redis_pool  # noqa: E402
 
+WORKER_LOG = Path("/tmp/agentflow-bench-worker.log")
 EVENT = json.loads((ROOT / "examples/events/claim_submitted.json").read_text())
 
 
@@ -146,8 +149,11 @@ async def wait_results(consumer: AIOKafkaConsumer, wanted: set[str], limit_s: fl
 async def plain_langgraph(settings: Settings, events: list[CloudEvent], in_flight: int) -> float:
     """Run the same events with `graph.ainvoke` on the same Redis checkpointer."""
     redis = redis_pool(settings.redis_url or "", in_flight)
-    graph = build_graph(await open_checkpointer(redis, settings))
-    context = settings.context()
+    # The same graph the worker runs: Redis checkpointer, workflow library, subject memory.
+    graph = build_graph(
+        await open_checkpointer(redis, settings), store=await open_subject_store(redis)
+    )
+    context = settings.context(library=await open_library(redis, settings))
     gate = asyncio.Semaphore(in_flight)
     await graph.ainvoke(
         {"event": event(0, "plain-warm")}, {"configurable": {"thread_id": "w"}}, context=context
@@ -169,14 +175,17 @@ async def plain_langgraph(settings: Settings, events: list[CloudEvent], in_fligh
 
 async def one_session_time(settings: Settings) -> float:
     redis = redis_pool(settings.redis_url or "", 4)
-    graph = build_graph(await open_checkpointer(redis, settings))
+    graph = build_graph(
+        await open_checkpointer(redis, settings), store=await open_subject_store(redis)
+    )
+    library = await open_library(redis, settings)
     times = []
     for i in range(3):
         started = time.perf_counter()
         await graph.ainvoke(
             {"event": event(i, "solo")},
             {"configurable": {"thread_id": f"solo-{uuid.uuid4()}"}},
-            context=settings.context(),
+            context=settings.context(library=library),
         )
         times.append(time.perf_counter() - started)
     await redis.aclose()

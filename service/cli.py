@@ -221,17 +221,24 @@ def send(
     _configure_logging(False)
     settings = _service_settings()
     event = read_event(event_file)
-    from service.client import produce_event, wait_for_result, watch_session
+    from service.client import (
+        last_seq,
+        produce_event,
+        session_id_for,
+        wait_for_result,
+        watch_session,
+    )
     from service.console import print_transition
 
     async def go() -> WorkflowResult | None:
+        after = await last_seq(settings, session_id_for(event)) if wait else 0
         session_id = await produce_event(settings, event)
         if not wait:
             console.print(f"sent event {event.id} to session {session_id}")
             return None
         waiting = asyncio.create_task(wait_for_result(settings, session_id, event.id, timeout))
         if not as_json:
-            async for transition in watch_session(settings, session_id):
+            async for transition in watch_session(settings, session_id, after):
                 print_transition(console, transition)
                 if (
                     transition.terminal

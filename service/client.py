@@ -11,11 +11,11 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from redis.asyncio import Redis
 
 from nodes.models import CloudEvent, WorkflowResult
-from service.publisher import follow
+from service.publisher import follow, log_key
 from service.settings import Settings
 from service.transitions import Transition
 
-__all__ = ["produce_event", "session_id_for", "wait_for_result", "watch_session"]
+__all__ = ["last_seq", "produce_event", "session_id_for", "wait_for_result", "watch_session"]
 
 
 def session_id_for(event: CloudEvent) -> str:
@@ -42,6 +42,17 @@ async def produce_event(settings: Settings, event: CloudEvent) -> str:
     finally:
         await producer.stop()
     return session_id
+
+
+async def last_seq(settings: Settings, session_id: str) -> int:
+    """Return the `seq` of a session's newest logged transition (0 if none)."""
+    assert settings.redis_url
+    redis = Redis.from_url(settings.redis_url)
+    try:
+        newest = await redis.xrevrange(log_key(session_id), count=1)
+    finally:
+        await redis.aclose()
+    return int(newest[0][0].split(b"-")[0]) if newest else 0
 
 
 async def watch_session(

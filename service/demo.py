@@ -14,7 +14,7 @@ from pathlib import Path
 from rich.console import Console
 
 from nodes.models import CloudEvent, WorkflowResult
-from service.client import produce_event, session_id_for, wait_for_result, watch_session
+from service.client import last_seq, produce_event, session_id_for, wait_for_result, watch_session
 from service.console import print_result, print_transition
 from service.gateway import serve_gateway
 from service.servers import LocalServers
@@ -30,9 +30,10 @@ DEMO_EVENTS = ("claim_submitted", "document_uploaded", "status_requested", "clai
 async def _send_and_follow(
     settings: Settings, console: Console, event: CloudEvent
 ) -> WorkflowResult:
+    after = await last_seq(settings, session_id_for(event))
     session_id = await produce_event(settings, event)
     result = asyncio.create_task(wait_for_result(settings, session_id, event.id, 120))
-    async for transition in watch_session(settings, session_id):
+    async for transition in watch_session(settings, session_id, after):
         print_transition(console, transition)
         if (
             transition.terminal

@@ -111,8 +111,15 @@ class SessionRunner:
                     )
         return await self._drive(session_id, {"event": event}, event.id, resumed=False)
 
-    async def resume(self, session_id: str, answer: Any) -> WorkflowResult:
+    async def resume(
+        self, session_id: str, answer: Any, *, event_id: str | None = None
+    ) -> WorkflowResult:
         """Answer an interrupted session and run it on.
+
+        Args:
+            session_id: the interrupted session.
+            answer: the human's answer.
+            event_id: the id of the event that carried the answer; the result reports it.
 
         Raises:
             UnknownSessionError: the session has no interrupted checkpoint.
@@ -122,8 +129,22 @@ class SessionRunner:
             raise UnknownSessionError(f"session {session_id} does not exist")
         if not snapshot.interrupts:
             raise UnknownSessionError(f"session {session_id} is not waiting for an answer")
-        event_id = _event_id_of(snapshot.values) or ""
-        return await self._drive(session_id, Command(resume=answer), event_id, resumed=True)
+        original = _event_id_of(snapshot.values) or ""
+        return await self._drive(
+            session_id, Command(resume=answer), original, resumed=True, reply_to=event_id
+        )
+
+    async def continue_run(self, session_id: str, *, event_id: str) -> WorkflowResult:
+        """Continue a run that stopped half-way (after a crash) from its checkpoint.
+
+        Raises:
+            UnknownSessionError: the session has nothing left to run.
+        """
+        snapshot = await self.graph.aget_state(self.config(session_id))
+        if not snapshot.values or not snapshot.next or snapshot.interrupts:
+            raise UnknownSessionError(f"session {session_id} has no run to continue")
+        original = _event_id_of(snapshot.values) or ""
+        return await self._drive(session_id, None, original, resumed=True, reply_to=event_id)
 
     async def result_of(self, session_id: str) -> WorkflowResult | None:
         """Return the result a session's checkpoint holds, if it finished."""
@@ -150,6 +171,7 @@ class SessionRunner:
         *,
         resumed: bool,
         config: Any = None,
+        reply_to: str | None = None,
     ) -> WorkflowResult:
         start_config = config or self.config(session_id)
         config = self.config(session_id)
@@ -176,12 +198,12 @@ class SessionRunner:
             result = build_result(
                 snapshot.values, session_id=session_id, status="failed", error=error
             )
-            await self._end(result, "session.failed")
+            await self._end(result, "session.failed", reply_to)
             return result
         snapshot = await self.graph.aget_state(config)
         if snapshot.interrupts:
             result = self._interrupted(session_id, snapshot)
-            await self._end(result, "session.interrupted")
+            await self._end(result, "session.interrupted", reply_to)
             return result
         result = snapshot.values.get("result")
         if not isinstance(result, WorkflowResult) or result.event_id != event_id:
@@ -191,9 +213,8 @@ class SessionRunner:
                 status="failed",
                 error="the graph stopped without a result",
             )
-        await self._end(
-            result, "session.completed" if result.status == "completed" else "session.failed"
-        )
+        kind = "session.completed" if result.status == "completed" else "session.failed"
+        await self._end(result, kind, reply_to)
         return result
 
     @staticmethod
@@ -204,7 +225,9 @@ class SessionRunner:
             snapshot.values, session_id=session_id, status="interrupted", question=question
         )
 
-    async def _end(self, result: WorkflowResult, kind: Any) -> None:
+    async def _end(self, result: WorkflowResult, kind: Any, reply_to: str | None) -> None:
+        if reply_to:
+            result.event_id = reply_to
         await self.emit(
             Transition(
                 session_id=result.session_id,

@@ -406,7 +406,7 @@ class Worker:
                 await self._publish_result(result)
                 return
         if event.is_resume:
-            await self._resume(record, session_id, event)
+            await self._resume(record, session_id, event, redelivered=claim != "new")
             return
         if event.is_cancel:
             await self._cancel(session_id, event)
@@ -421,7 +421,9 @@ class Worker:
             run.status = result.status
         await self._finish(result)
 
-    async def _resume(self, record: ConsumerRecord, session_id: str, event: CloudEvent) -> None:
+    async def _resume(
+        self, record: ConsumerRecord, session_id: str, event: CloudEvent, *, redelivered: bool
+    ) -> None:
         assert self.runner is not None and self.store is not None
         answer = event.data.get("answer") if isinstance(event.data, dict) else event.data
         if answer is None:
@@ -429,12 +431,17 @@ class Worker:
             return
         try:
             with metrics.timed_run() as run:
-                result = await self.runner.resume(session_id, answer)
+                try:
+                    result = await self.runner.resume(session_id, answer, event_id=event.id)
+                except UnknownSessionError:
+                    # A redelivered answer whose run was under way: continue that run.
+                    if not redelivered:
+                        raise
+                    result = await self.runner.continue_run(session_id, event_id=event.id)
                 run.status = result.status
         except UnknownSessionError as exc:
             await self._dead_letter(record, f"unknown session for resume: {exc}")
             return
-        result.event_id = event.id
         await self._finish(result)
 
     async def _cancel(self, session_id: str, event: CloudEvent) -> None:
