@@ -115,16 +115,21 @@ def run(
     _finish(result, as_json)
 
 
-def _finish(result: WorkflowResult, as_json: bool) -> None:
+def _finish(result: WorkflowResult, as_json: bool, *, embedded: bool = True) -> None:
     if as_json:
         typer.echo(result.model_dump_json(indent=2))
     else:
         from service.console import print_result
 
         print_result(console, result)
-        if result.status == "interrupted":
+        if result.status == "interrupted" and embedded:
             console.print(
                 f'\nanswer with: agentflow run --resume {result.session_id} --answer "..."'
+            )
+        elif result.status == "interrupted":
+            console.print(
+                "\nanswer with an agentflow.resume event (sessionid "
+                f"{result.session_id}, data.answer) or POST /sessions/{result.session_id}/resume"
             )
     raise typer.Exit(EXIT_CODES[result.status])
 
@@ -250,7 +255,7 @@ def send(
 
     result = asyncio.run(go())
     if result is not None:
-        _finish(result, as_json)
+        _finish(result, as_json, embedded=False)
 
 
 @app.command()
