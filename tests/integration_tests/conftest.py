@@ -9,6 +9,7 @@ import asyncio
 import json
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -112,6 +113,26 @@ async def read_topic(
     finally:
         await consumer.stop()
     return records
+
+
+EVENTS = Path(__file__).resolve().parents[2] / "examples" / "events"
+
+
+def example(name: str, **overrides: Any) -> dict[str, Any]:
+    """An example event as a dict, with a fresh id and overrides."""
+    raw = json.loads((EVENTS / f"{name}.json").read_text())
+    raw["id"] = f"{raw['id']}-{uuid.uuid4().hex[:6]}"
+    raw.update(overrides)
+    return raw
+
+
+async def send(
+    producer: AIOKafkaProducer, settings: Settings, event: dict[str, Any], key: str
+) -> None:
+    """Produce an event dict to the events topic, keyed by session id."""
+    await producer.send_and_wait(
+        settings.topic_events, json.dumps(event).encode(), key=key.encode()
+    )
 
 
 def results_by_event(records: list[ConsumerRecord]) -> dict[str, list[dict[str, Any]]]:

@@ -6,7 +6,6 @@ import asyncio
 import json
 import uuid
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -23,26 +22,9 @@ from service.checkpoints import checkpoint_serde
 from service.memory import LLM_CACHE_PREFIX, install_llm_cache, open_subject_store, subject_notes
 from service.runner import SessionRunner
 from service.settings import Settings
-from tests.integration_tests.conftest import read_topic, results_by_event
+from tests.integration_tests.conftest import example, read_topic, results_by_event, send
 
 pytestmark = pytest.mark.integration
-
-EVENTS = Path(__file__).resolve().parents[2] / "examples" / "events"
-
-
-def example(name: str, **overrides: Any) -> dict[str, Any]:
-    raw = json.loads((EVENTS / f"{name}.json").read_text())
-    raw["id"] = f"{raw['id']}-{uuid.uuid4().hex[:6]}"
-    raw.update(overrides)
-    return raw
-
-
-async def send(
-    producer: AIOKafkaProducer, settings: Settings, event: dict[str, Any], key: str
-) -> None:
-    await producer.send_and_wait(
-        settings.topic_events, json.dumps(event).encode(), key=key.encode()
-    )
 
 
 @pytest.fixture

@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import json
 import uuid
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -15,26 +14,9 @@ from redis.asyncio import Redis
 from service.publisher import read_log
 from service.sessions import SessionStore
 from service.settings import Settings
-from tests.integration_tests.conftest import read_topic, results_by_event
+from tests.integration_tests.conftest import example, read_topic, results_by_event, send
 
 pytestmark = pytest.mark.integration
-
-EVENTS = Path(__file__).resolve().parents[2] / "examples" / "events"
-
-
-def example(name: str, **overrides: Any) -> dict[str, Any]:
-    raw = json.loads((EVENTS / f"{name}.json").read_text())
-    raw["id"] = f"{raw['id']}-{uuid.uuid4().hex[:6]}"
-    raw.update(overrides)
-    return raw
-
-
-async def send(
-    producer: AIOKafkaProducer, settings: Settings, event: dict[str, Any], key: str
-) -> None:
-    await producer.send_and_wait(
-        settings.topic_events, json.dumps(event).encode(), key=key.encode()
-    )
 
 
 async def test_example_events_end_to_end(
