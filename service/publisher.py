@@ -3,10 +3,8 @@
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 from collections.abc import AsyncIterator
-from typing import Any
 
 from redis import exceptions as redis_errors
 from redis.asyncio import Redis
@@ -52,7 +50,7 @@ redis.call('PUBLISH', KEYS[3], body)
 redis.call('PUBLISH', KEYS[4], body)
 redis.call('EXPIRE', KEYS[1], ARGV[3])
 redis.call('EXPIRE', KEYS[2], ARGV[3])
-if ARGV[4] ~= '' then
+if ARGV[4] ~= '' and redis.call('EXISTS', KEYS[5]) == 1 then
   redis.call('HSET', KEYS[5], 'current_node', ARGV[4], 'updated_at', ARGV[5])
 end
 return seq
@@ -77,7 +75,7 @@ class TransitionPublisher:
         transition.seq = 0
         body = transition.model_dump_json()
         sid = transition.session_id
-        # A node.started also moves the session record's current node, in the same step.
+        # A node.started also moves the current node of the session's record, if it has one.
         node = transition.node if transition.type == "node.started" and transition.node else ""
         seq = await self._script(
             keys=[
@@ -129,8 +127,3 @@ async def follow(redis: Redis, session_id: str, after_seq: int = 0) -> AsyncIter
         with contextlib.suppress(redis_errors.ConnectionError):
             await pubsub.unsubscribe()
         await pubsub.aclose()
-
-
-def dumps(value: Any) -> str:
-    """JSON for Redis values."""
-    return json.dumps(value, default=str, separators=(",", ":"))

@@ -405,9 +405,8 @@ async def replay_session(
             )
 
             async def publish(transition: Transition) -> None:
-                await publisher.publish(transition)  # numbers it, as the worker's sink does
-                if transition.type == "node.started" and transition.node:
-                    await sessions.set_node(transition.session_id, transition.node)
+                # Numbers it and moves the record's current node, as the worker's sink does.
+                await publisher.publish(transition)
                 if on_transition is not None:
                     await on_transition(transition)
 

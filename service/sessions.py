@@ -120,13 +120,6 @@ class SessionStore:
             pipe.zadd(INDEX_KEY, {session_id: utcnow().timestamp()})
             await pipe.execute()
 
-    async def set_node(self, session_id: str, node: str) -> None:
-        """Record the node a session is in."""
-        await self.redis.hset(
-            session_key(session_id),
-            mapping={"current_node": node, "updated_at": utcnow().isoformat()},
-        )
-
     async def close(self, result: WorkflowResult, *, status: SessionStatus | None = None) -> None:
         """Record a run's outcome; finished sessions get the retention TTL."""
         key = session_key(result.session_id)
