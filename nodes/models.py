@@ -156,6 +156,20 @@ class PlanDraft(BaseModel):
     goals: list[str] = Field(description="Outcomes that make the workflow a success.")
     steps: list[StepDraft] = Field(description="Steps; dependencies must form no cycle.")
 
+    @classmethod
+    def of(cls, intent: str, goals: list[str], steps: list[Step]) -> PlanDraft:
+        """Restate a known workflow's steps as a plan, so `check_plan` can judge it."""
+        return cls(
+            intent=intent,
+            goals=goals,
+            steps=[
+                StepDraft(
+                    id=s.id, title=s.title, description=s.description, depends_on=s.depends_on
+                )
+                for s in steps
+            ],
+        )
+
 
 class AgentChoice(BaseModel):
     """Agents chosen for one step."""

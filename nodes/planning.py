@@ -13,7 +13,7 @@ from langgraph.types import Overwrite
 from nodes._llm import PlanError, chat_model, invoke_structured, model_name
 from nodes._runtime import context_of, dumps
 from nodes.context import WorkflowContext
-from nodes.models import CloudEvent, PlanDraft, SimilarWorkflow, Step, StepDraft, Usage
+from nodes.models import CloudEvent, PlanDraft, SimilarWorkflow, Step, Usage
 from nodes.prompts import PLAN_ADAPT_PROMPT, PLAN_PROMPT, PLAN_REPAIR_PROMPT
 from nodes.state import WorkflowState
 
@@ -138,14 +138,7 @@ async def plan(state: WorkflowState, runtime: Runtime[WorkflowContext]) -> dict[
 
 def known_steps(basis: SimilarWorkflow) -> tuple[list[Step], list[str]]:
     """Take a known workflow's steps and agents as they are, checked like a plan."""
-    draft = PlanDraft(
-        intent=basis.intent,
-        goals=basis.goals,
-        steps=[
-            StepDraft(id=s.id, title=s.title, description=s.description, depends_on=s.depends_on)
-            for s in basis.steps
-        ],
-    )
+    draft = PlanDraft.of(basis.intent, basis.goals, basis.steps)
     steps, problems = check_plan(draft)
     agents = [s.agents for s in basis.steps]
     return [

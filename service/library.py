@@ -61,7 +61,6 @@ from nodes.models import (
     PlanDraft,
     SimilarWorkflow,
     Step,
-    StepDraft,
     Workflow,
     format_validation_error,
     utcnow,
@@ -149,14 +148,7 @@ def _check_template(template: _Template, where: str, registry: AgentRegistry | N
                 f"{where}: step {step.id} names agent(s) {', '.join(missing)} that the "
                 f"agents file does not define (known: {', '.join(registry.names)})"
             )
-    draft = PlanDraft(
-        intent=template.intent,
-        goals=template.goals,
-        steps=[
-            StepDraft(id=s.id, title=s.title, description=s.description, depends_on=s.depends_on)
-            for s in template.steps
-        ],
-    )
+    draft = PlanDraft.of(template.intent, template.goals, template.steps)
     _, problems = check_plan(draft)
     if problems:
         raise TemplateError(f"{where}: " + "; ".join(problems))
