@@ -13,7 +13,6 @@ from langgraph.checkpoint.memory import InMemorySaver
 from graphs.workflow import build_graph
 from nodes.context import WorkflowContext
 from nodes.library import InMemoryWorkflowLibrary
-from nodes.models import CloudEvent
 from service.checkpoints import checkpoint_serde
 from service.runner import SessionRunner, UnknownSessionError
 from service.transitions import Transition
@@ -278,4 +277,3 @@ async def test_graph_runs_without_context_like_langgraph_server() -> None:
     event = json.loads(Path("examples/events/status_requested.json").read_text())
     out = await graph.ainvoke({"event": event}, {"configurable": {"thread_id": "x"}})
     assert out["result"].status == "completed"
-    assert isinstance(CloudEvent.model_validate(event), CloudEvent)
