@@ -20,6 +20,9 @@ __all__ = ["InMemorySequence", "SessionRunner", "UnknownSessionError"]
 logger = logging.getLogger(__name__)
 
 STREAM_MODES = ["tasks", "updates", "custom"]
+# Each step's checkpoint is saved before the next step starts. With LangGraph's default
+# ("async") a step can finish while the previous checkpoint is still being written; after
+# a crash that step has no checkpoint to hang its writes on and runs a second time.
 
 
 class UnknownSessionError(LookupError):
@@ -93,22 +96,11 @@ class SessionRunner:
             result = snapshot.values.get("result")
             if isinstance(result, WorkflowResult) and result.event_id == event.id:
                 return result
-            if snapshot.next:
+            if snapshot.tasks:
+                # Half-way: go on from the last checkpoint. Tasks that finished before a
+                # crash saved their writes (then `next` no longer names them); LangGraph
+                # applies those writes instead of running the tasks again.
                 return await self._drive(session_id, None, event.id, resumed=True)
-            # A crash can leave the newest checkpoint without its pending tasks: go on
-            # from the newest one of this event that still says what runs next.
-            async for earlier in self.graph.aget_state_history(config):
-                if _event_id_of(earlier.values) != event.id:
-                    break
-                if earlier.next:
-                    logger.info(
-                        "session %s continues from checkpoint %s",
-                        session_id,
-                        earlier.config["configurable"]["checkpoint_id"],
-                    )
-                    return await self._drive(
-                        session_id, None, event.id, resumed=True, config=earlier.config
-                    )
         return await self._drive(session_id, {"event": event}, event.id, resumed=False)
 
     async def resume(
@@ -141,7 +133,7 @@ class SessionRunner:
             UnknownSessionError: the session has nothing left to run.
         """
         snapshot = await self.graph.aget_state(self.config(session_id))
-        if not snapshot.values or not snapshot.next or snapshot.interrupts:
+        if not snapshot.values or not snapshot.tasks or snapshot.interrupts:
             raise UnknownSessionError(f"session {session_id} has no run to continue")
         original = _event_id_of(snapshot.values) or ""
         return await self._drive(session_id, None, original, resumed=True, reply_to=event_id)
@@ -175,7 +167,11 @@ class SessionRunner:
     ) -> WorkflowResult:
         start_config = config or self.config(session_id)
         config = self.config(session_id)
-        mapper = TransitionMapper(session_id)
+        restored = {}
+        if resumed:
+            before = await self.graph.aget_state(start_config)
+            restored = {t.id: t.result for t in before.tasks if t.result is not None}
+        mapper = TransitionMapper(session_id, restored)
         await self.emit(
             Transition(
                 session_id=session_id,
@@ -185,7 +181,11 @@ class SessionRunner:
         )
         try:
             async for mode, chunk in self.graph.astream(
-                graph_input, start_config, context=self.context, stream_mode=STREAM_MODES
+                graph_input,
+                start_config,
+                context=self.context,
+                stream_mode=STREAM_MODES,
+                durability="sync",
             ):
                 for transition in mapper.map(mode, chunk):
                     await self.emit(transition)

@@ -80,11 +80,27 @@ def _node_data(name: str, result: dict[str, Any]) -> dict[str, Any] | None:
     return None
 
 
+def _plain(result: Any) -> dict[str, Any]:
+    """A node's writes as a dict, with `Overwrite` wrappers taken off."""
+    if not isinstance(result, dict):
+        return {}
+    return {k: v.value if isinstance(v, Overwrite) else v for k, v in result.items()}
+
+
 class TransitionMapper:
     """Turn LangGraph stream parts (`tasks`, `updates`, `custom`) into transitions."""
 
-    def __init__(self, session_id: str) -> None:
+    def __init__(self, session_id: str, restored: dict[str, Any] | None = None) -> None:
+        """Make a mapper for one run of a session.
+
+        Args:
+            session_id: the session.
+            restored: results of tasks, by task id, that finished before a crash and whose
+                saved writes LangGraph hands back instead of running them again. The
+                stream still announces them; they become `node.completed` marked `restored`.
+        """
         self.session_id = session_id
+        self.restored = dict(restored or {})
         self._started: dict[str, tuple[float, str | None]] = {}
 
     def map(self, mode: str, chunk: Any) -> list[Transition]:
@@ -113,12 +129,25 @@ class TransitionMapper:
             if name == "execute_step" and isinstance(chunk["input"], dict):
                 step = chunk["input"].get("step")
                 step_id = getattr(step, "id", None)
+            if task_id in self.restored:
+                result = _plain(self.restored[task_id])
+                return [
+                    Transition(
+                        session_id=self.session_id,
+                        type="node.completed",
+                        node=name,
+                        step_id=step_id,
+                        data={**(_node_data(name, result) or {}), "restored": True},
+                    )
+                ]
             self._started[task_id] = (time.monotonic(), step_id)
             return [
                 Transition(
                     session_id=self.session_id, type="node.started", node=name, step_id=step_id
                 )
             ]
+        if task_id in self.restored:
+            return []
         started, step_id = self._started.pop(task_id, (time.monotonic(), None))
         duration_ms = int((time.monotonic() - started) * 1000)
         if chunk.get("interrupts"):
@@ -134,10 +163,7 @@ class TransitionMapper:
                     data={"error": str(chunk["error"])},
                 )
             ]
-        result = {
-            k: v.value if isinstance(v, Overwrite) else v
-            for k, v in dict(chunk.get("result") or {}).items()
-        }
+        result = _plain(chunk.get("result"))
         return [
             Transition(
                 session_id=self.session_id,

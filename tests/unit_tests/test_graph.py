@@ -277,3 +277,54 @@ async def test_graph_runs_without_context_like_langgraph_server() -> None:
     event = json.loads(Path("examples/events/status_requested.json").read_text())
     out = await graph.ainvoke({"event": event}, {"configurable": {"thread_id": "x"}})
     assert out["result"].status == "completed"
+
+
+class Crash(Exception):
+    """Stands for the process dying between a node's writes and the next checkpoint."""
+
+
+class CrashingSaver(InMemorySaver):
+    """Saves pending writes but fails to save the checkpoint of one step, like a SIGKILL."""
+
+    crash_at_step: int | None = None
+
+    async def aput(self, config: Any, checkpoint: Any, metadata: Any, new_versions: Any) -> Any:
+        if metadata.get("step") == self.crash_at_step:
+            raise Crash(f"killed before checkpoint of step {self.crash_at_step}")
+        return await super().aput(config, checkpoint, metadata, new_versions)
+
+
+@pytest.mark.parametrize("crash_at_step", [2, 3, 5])
+async def test_redelivered_event_after_crash_runs_no_finished_node_again(
+    make_event: Any, crash_at_step: int
+) -> None:
+    saver = CrashingSaver(serde=checkpoint_serde())
+    saver.crash_at_step = crash_at_step
+    seen: list[Transition] = []
+
+    async def sink(t: Transition) -> None:
+        seen.append(t)
+
+    def runner() -> SessionRunner:
+        return SessionRunner(
+            build_graph(saver),
+            WorkflowContext(),
+            sink=sink,
+            is_infra_error=lambda exc: isinstance(exc, Crash),
+        )
+
+    with pytest.raises(Crash):
+        await runner().start(make_event(), "crashed")
+    finished = [t.node for t in seen if t.type == "node.completed"]
+    before = len(seen)
+    saver.crash_at_step = None
+    result = await runner().start(make_event(), "crashed")
+
+    assert result.status == "completed", result.error
+    started = [t.node for t in seen if t.type == "node.started"]
+    for node in ("discover", "plan", "assign"):
+        # a node that finished before the crash ran exactly once in all
+        assert started.count(node) == 1, (node, finished, started)
+    # the step that finished just before the crash is reported from its saved writes
+    restored = [t.node for t in seen[before:] if (t.data or {}).get("restored")]
+    assert restored and set(restored) <= set(finished) | {"execute_step"}, restored
