@@ -83,8 +83,8 @@ def start_worker(settings: Settings) -> subprocess.Popen[bytes]:
         [sys.executable, "-m", "service.cli", "worker"],
         cwd=ROOT,
         env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
+        stdout=WORKER_LOG.open("ab"),
+        stderr=subprocess.STDOUT,
     )
 
 

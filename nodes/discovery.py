@@ -62,12 +62,9 @@ async def discover(state: WorkflowState, runtime: Runtime[WorkflowContext]) -> d
     similar = choose_basis(
         event, [w for w in similar if w.score >= context.min_similarity], context
     )
-    # A session may handle several events: each run starts from a clean slate.
-    return {
-        "event": event,
-        "started_at": utcnow(),
-        "similar_workflows": similar,
-        "discovery_note": note,
+    # A session may handle several events: each run starts from a clean slate. Only what
+    # an earlier run left is reset (a first run writes less, and every write is stored).
+    resets = {
         "steps": Overwrite([]),
         "conversations": Overwrite({}),
         "feedback": Overwrite([]),
@@ -76,3 +73,12 @@ async def discover(state: WorkflowState, runtime: Runtime[WorkflowContext]) -> d
         "review_rounds": 0,
         "human_answer": {},
     }
+    update: dict[str, Any] = {"event": event, "started_at": utcnow()}
+    update |= {key: value for key, value in resets.items() if key in state}
+    if similar:
+        update["similar_workflows"] = similar
+    elif "similar_workflows" in state:
+        update["similar_workflows"] = []
+    if note or "discovery_note" in state:
+        update["discovery_note"] = note
+    return update

@@ -6,12 +6,11 @@ import asyncio
 import logging
 import time
 from datetime import datetime
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from langchain_core.messages import AIMessage, BaseMessage, HumanMessage, SystemMessage, ToolMessage
-from langchain_core.tools import BaseTool, StructuredTool
+from langchain_core.tools import BaseTool, InjectedToolArg, StructuredTool
 from langgraph.runtime import Runtime
-from langgraph.store.base import BaseStore
 from langgraph.types import Send
 
 from nodes._llm import MODEL_RETRY, _retry_on, bind_tools, chat_model, invoke, model_name
@@ -22,7 +21,7 @@ from nodes.models import SessionNote, Step, Usage, subject_namespace
 from nodes.prompts import STEP_AGENT_PROMPT, STEP_TASK_PROMPT
 from nodes.state import StepTask, WorkflowState
 
-__all__ = ["dispatch_ready_steps", "execute", "execute_step", "ready_steps", "recall_tool"]
+__all__ = ["dispatch_ready_steps", "execute", "execute_step", "ready_steps", "recall_subject"]
 
 logger = logging.getLogger(__name__)
 
@@ -84,36 +83,42 @@ def dispatch_ready_steps(state: WorkflowState) -> list[Send] | Literal["review"]
     ]
 
 
-def recall_tool(store: BaseStore, subject: str, limit: int = 5) -> BaseTool:
-    """Make the tool agents use to recall earlier sessions about the event's subject."""
+async def recall_subject(
+    query: str = "",
+    *,
+    subject: Annotated[str, InjectedToolArg] = "",
+    store: Annotated[Any, InjectedToolArg] = None,
+    limit: Annotated[int, InjectedToolArg] = 5,
+) -> str:
+    """Recall what earlier sessions about this event's subject did and how they ended.
 
-    async def recall_subject(query: str = "") -> str:
-        """Recall what earlier sessions about this event's subject did and how they ended.
+    Args:
+        query: optional words to put the most relevant sessions first.
+    """
+    items = await store.asearch(subject_namespace(subject), limit=100)
+    notes = [SessionNote.model_validate(item.value) for item in items]
+    wanted = set(query.lower().split())
 
-        Args:
-            query: optional words to put the most relevant sessions first.
-        """
-        items = await store.asearch(subject_namespace(subject), limit=100)
-        notes = [SessionNote.model_validate(item.value) for item in items]
-        wanted = set(query.lower().split())
+    def rank(note: SessionNote) -> tuple[int, datetime]:
+        text = f"{note.event_type} {note.intent} {note.summary}".lower()
+        return (sum(1 for w in wanted if w in text), note.finished_at)
 
-        def rank(note: SessionNote) -> tuple[int, datetime]:
-            text = f"{note.event_type} {note.intent} {note.summary}".lower()
-            return (sum(1 for w in wanted if w in text), note.finished_at)
+    notes.sort(key=rank, reverse=True)
+    if not notes:
+        return f"No earlier sessions about {subject}."
+    lines = [
+        f"- {n.finished_at:%Y-%m-%d %H:%M} {n.event_type} (session {n.session_id}, "
+        f"{n.status}): {n.summary or n.intent}"
+        for n in notes[:limit]
+    ]
+    return f"Earlier sessions about {subject}:\n" + "\n".join(lines)
 
-        notes.sort(key=rank, reverse=True)
-        if not notes:
-            return f"No earlier sessions about {subject}."
-        lines = [
-            f"- {n.finished_at:%Y-%m-%d %H:%M} {n.event_type} (session {n.session_id}, "
-            f"{n.status}): {n.summary or n.intent}"
-            for n in notes[:limit]
-        ]
-        return f"Earlier sessions about {subject}:\n" + "\n".join(lines)
 
-    return StructuredTool.from_function(
-        coroutine=recall_subject, name="recall_subject", handle_tool_error=True
-    )
+RECALL_TOOL: BaseTool = StructuredTool.from_function(
+    coroutine=recall_subject, name="recall_subject", handle_tool_error=True
+)
+"""The tool agents use to recall earlier sessions about the event's subject. Made once:
+the store and the subject are filled in per call, so its binding to a model is reused."""
 
 
 async def _run_agent(
@@ -124,14 +129,16 @@ async def _run_agent(
     turn: list[BaseMessage],
     runtime: Runtime[WorkflowContext],
     step: Step,
-    extra_tools: list[BaseTool],
+    injected: dict[str, dict[str, Any]],
 ) -> tuple[str, Usage, str]:
     """Let one agent work on the step in a bounded tool-calling loop.
 
     Appends the agent's messages to `turn` and returns its answer, usage and model name.
+    `injected` holds arguments the model does not see, by tool name (the recall tool's
+    store and subject); a tool named there is offered to the agent.
     """
     agent = registry.get(name)
-    tools = [*registry.tools_of(name), *extra_tools]
+    tools = [*registry.tools_of(name), *([RECALL_TOOL] if RECALL_TOOL.name in injected else [])]
     model = chat_model(context, "execute", agent.model)
     bound = bind_tools(model, tuple(tools)) if tools else model
     by_name = {t.name: t for t in tools}
@@ -168,7 +175,8 @@ async def _run_agent(
                     status="error",
                 )
             else:
-                result = await tool.ainvoke(call)
+                args = {**call["args"], **injected.get(tool.name, {})}
+                result = await tool.ainvoke({**call, "args": args})
             turn.append(result)
     else:
         answer = answer or f"stopped after {context.max_tool_iterations} model turns"
@@ -204,14 +212,14 @@ async def execute_step(task: StepTask, runtime: Runtime[WorkflowContext]) -> dic
     try:
         registry = await asyncio.to_thread(load_agents, context.agents_file)
         event = task["event"]
-        recall = (
-            [recall_tool(runtime.store, event.subject)]
+        injected = (
+            {RECALL_TOOL.name: {"store": runtime.store, "subject": event.subject}}
             if runtime.store is not None and event.subject
-            else []
+            else {}
         )
         for name in step.agents or registry.names[:1]:
             answer, used, model = await _run_agent(
-                name, registry, context, task.get("history", []), turn, runtime, step, recall
+                name, registry, context, task.get("history", []), turn, runtime, step, injected
             )
             usage, answers = usage + used, [*answers, (name, answer)]
             models.append(model)

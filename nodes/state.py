@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from datetime import datetime
 from typing import Annotated, Any, TypedDict
 
 from langchain_core.messages import AnyMessage
+from langgraph.channels.delta import DeltaChannel
 
 from nodes.models import (
     CloudEvent,
@@ -42,12 +44,14 @@ def merge_steps(current: list[Step] | None, update: list[Step] | None) -> list[S
 
 
 def merge_conversations(
-    current: dict[str, list[AnyMessage]] | None, update: dict[str, list[AnyMessage]] | None
+    current: dict[str, list[AnyMessage]] | None,
+    updates: Sequence[dict[str, list[AnyMessage]]],
 ) -> dict[str, list[AnyMessage]]:
-    """Append each step's new messages to that step's conversation."""
+    """Append each step's new messages to that step's conversation (a batch of updates)."""
     merged = dict(current or {})
-    for step_id, messages in (update or {}).items():
-        merged[step_id] = [*merged.get(step_id, []), *messages]
+    for update in updates:
+        for step_id, messages in (update or {}).items():
+            merged[step_id] = [*merged.get(step_id, []), *messages]
     return merged
 
 
@@ -87,8 +91,10 @@ class WorkflowState(TypedDict, total=False):
     """Outcomes that make the workflow a success."""
     steps: Annotated[list[Step], merge_steps]
     """The plan's steps with their agents, status and output."""
-    conversations: Annotated[dict[str, list[AnyMessage]], merge_conversations]
-    """Each step's agent conversation, by step id."""
+    conversations: Annotated[dict[str, list[AnyMessage]], DeltaChannel(merge_conversations)]
+    """Each step's agent conversation, by step id. The largest part of the state, so a
+    checkpoint does not copy it: each node's new messages are stored once, as its writes,
+    and LangGraph rebuilds the whole from them when it loads a checkpoint."""
     review: ReviewDecision
     """The latest review decision."""
     review_rounds: int

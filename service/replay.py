@@ -420,6 +420,10 @@ async def replay_session(
             sink=sink,
             sequence=sequence,
         )
+        if opened.redis is not None and outcome.result.status != "interrupted":
+            from service.checkpoints import expire_session
+
+            await expire_session(opened.graph.checkpointer, session_id, settings.session_ttl_s)
         if store is not None:
             await store.close(outcome.result)
         return outcome

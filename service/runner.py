@@ -179,6 +179,7 @@ class SessionRunner:
                 data={"event_id": event_id, "resumed": resumed, "model": self.context.model},
             )
         )
+        result: Any = None
         try:
             async for mode, chunk in self.graph.astream(
                 graph_input,
@@ -187,6 +188,8 @@ class SessionRunner:
                 stream_mode=STREAM_MODES,
                 durability="sync",
             ):
+                if mode == "updates" and isinstance(chunk.get("finalize"), dict):
+                    result = chunk["finalize"].get("result")
                 for transition in mapper.map(mode, chunk):
                     await self.emit(transition)
         except Exception as exc:
@@ -199,6 +202,12 @@ class SessionRunner:
                 snapshot.values, session_id=session_id, status="failed", error=error
             )
             await self._end(result, "session.failed", reply_to)
+            return result
+        if isinstance(result, WorkflowResult) and result.event_id == event_id:
+            # The usual end: the result is in finalize's writes. Reading the state back
+            # would rebuild the conversations from every checkpoint of the run.
+            kind = "session.completed" if result.status == "completed" else "session.failed"
+            await self._end(result, kind, reply_to)
             return result
         snapshot = await self.graph.aget_state(config)
         if snapshot.interrupts:

@@ -34,7 +34,7 @@ from nodes.models import (
     utcnow,
 )
 from service import metrics
-from service.checkpoints import redis_checkpoint_serde
+from service.checkpoints import expire_session, redis_checkpoint_serde
 from service.publisher import TransitionPublisher
 from service.runner import SessionRunner, UnknownSessionError
 from service.sessions import SessionStore
@@ -87,10 +87,9 @@ async def open_checkpointer(client: Redis, settings: Settings) -> Any:
     """Set up the langgraph-checkpoint-redis saver on an existing client."""
     from langgraph.checkpoint.redis.aio import AsyncRedisSaver
 
-    saver = AsyncRedisSaver(
-        redis_client=client,
-        ttl={"default_ttl": max(1, settings.session_ttl_s // 60), "refresh_on_read": False},
-    )
+    # No per-write TTL: the worker gives a session's keys their TTL when it finishes
+    # (`expire_session`), so a session waiting for a human answer does not expire.
+    saver = AsyncRedisSaver(redis_client=client)
     saver.serde = redis_checkpoint_serde()
     await saver.asetup()
     return saver
@@ -483,7 +482,10 @@ class Worker:
         await self._publish_result(result)
 
     async def _finish(self, result: WorkflowResult) -> None:
-        assert self.store is not None
+        assert self.store is not None and self.runner is not None
+        if result.status != "interrupted":
+            checkpointer = self.runner.graph.checkpointer
+            await expire_session(checkpointer, result.session_id, self.settings.session_ttl_s)
         await self.store.close(result)
         await self.store.mark_event(result.event_id, result.session_id, "finished")
         await self._publish_result(result)
