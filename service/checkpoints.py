@@ -47,37 +47,53 @@ def redis_checkpoint_serde() -> JsonPlusSerializer:
     )
 
 
+# Finds a session's checkpoint and write documents through the checkpointer's search
+# indexes and expires them, with the latest-checkpoint pointers and write registries that
+# go with them, in one round trip. Like the transition script it names keys it was not
+# given, so it runs on standalone Redis (as all of agentflow does), not on a cluster.
+_EXPIRE_SESSION = """
+local query, ttl = ARGV[3], ARGV[4]
+local checkpoint, latest, registry = ARGV[5] .. ':', ARGV[6] .. ':', ARGV[7] .. ':'
+local count = 0
+for i = 1, 2 do
+  local offset = 0
+  repeat
+    local found = redis.call('FT.SEARCH', ARGV[i], query, 'NOCONTENT', 'LIMIT', offset, 500)
+    for j = 2, #found do
+      local key = found[j]
+      count = count + redis.call('EXPIRE', key, ttl)
+      if string.sub(key, 1, #checkpoint) == checkpoint then
+        local rest = string.sub(key, #checkpoint + 1)
+        redis.call('EXPIRE', registry .. rest, ttl)
+        redis.call('EXPIRE', latest .. string.match(rest, '^(.*):[^:]*$'), ttl)
+      end
+    end
+    offset = offset + 500
+  until offset >= found[1]
+end
+return count
+"""
+
+
 async def expire_session(saver: Any, session_id: str, ttl_s: int) -> int:
     """Give every Redis key of a session's checkpoints (all branches) a retention TTL.
 
     Called once when a session finishes, instead of an EXPIRE per key on every write
-    (about 95 round trips per session). Returns how many keys got the TTL.
+    (about 95 round trips per session). Returns how many documents got the TTL.
     """
+    from langgraph.checkpoint.redis.key_registry import WRITE_KEYS_ZSET_PREFIX
     from langgraph.checkpoint.redis.util import to_storage_safe_id
-    from redis.commands.search.query import Query
     from redisvl.query.filter import Tag
 
-    query = Query(str(Tag("thread_id") == to_storage_safe_id(session_id)))
-    query = query.no_content().paging(0, 10_000)
-    redis = saver._redis
-    keys: set[str] = set()
-    for index in (saver.checkpoints_index, saver.checkpoint_writes_index):
-        found = await redis.ft(index.name).search(query)
-        keys.update(_text(doc.id) for doc in found.docs)
-    for key in [k for k in keys if k.startswith(f"{saver._checkpoint_prefix}:")]:
-        # checkpoint:<thread>:<namespace>:<checkpoint id>
-        _, _, namespace, checkpoint = key.rsplit(":", 3)
-        keys.add(saver._make_redis_checkpoint_latest_key(session_id, namespace))
-        if saver._key_registry is not None:
-            keys.add(
-                saver._key_registry.make_write_keys_zset_key(session_id, namespace, checkpoint)
-            )
-    pipe = redis.pipeline(transaction=False)
-    for key in keys:
-        pipe.expire(key, ttl_s)
-    await pipe.execute()
-    return len(keys)
-
-
-def _text(value: str | bytes) -> str:
-    return value.decode() if isinstance(value, bytes) else value
+    query = str(Tag("thread_id") == to_storage_safe_id(session_id))
+    prefix = saver._checkpoint_prefix
+    args = [
+        saver.checkpoints_index.name,
+        saver.checkpoint_writes_index.name,
+        query,
+        ttl_s,
+        prefix,
+        f"{prefix}_latest",
+        WRITE_KEYS_ZSET_PREFIX,
+    ]
+    return int(await saver._redis.eval(_EXPIRE_SESSION, 0, *args))
