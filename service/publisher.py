@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 from collections.abc import AsyncIterator
+from typing import Any
 
 from redis import exceptions as redis_errors
 from redis.asyncio import Redis
@@ -13,6 +15,7 @@ from service.transitions import Transition
 
 __all__ = [
     "ALL_TRANSITIONS_CHANNEL",
+    "BackgroundPublisher",
     "TransitionPublisher",
     "log_key",
     "follow",
@@ -41,19 +44,25 @@ def seq_key(session_id: str) -> str:
 
 
 # Numbering, logging and publishing happen in one atomic step, so `seq` has no gaps
-# and a reader that replays the log then follows pub/sub never misses one.
+# and a reader that replays the log then follows pub/sub never misses one. One call
+# takes a batch of transitions of one session: ARGV is maxlen, ttl, then body, node and
+# time of each transition.
 _PUBLISH = """
-local seq = redis.call('INCR', KEYS[1])
-local body = string.gsub(ARGV[1], '"seq":0', '"seq":' .. seq, 1)
-redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[2], seq .. '-1', 'transition', body)
-redis.call('PUBLISH', KEYS[3], body)
-redis.call('PUBLISH', KEYS[4], body)
-redis.call('EXPIRE', KEYS[1], ARGV[3])
-redis.call('EXPIRE', KEYS[2], ARGV[3])
-if ARGV[4] ~= '' and redis.call('EXISTS', KEYS[5]) == 1 then
-  redis.call('HSET', KEYS[5], 'current_node', ARGV[4], 'updated_at', ARGV[5])
+local seqs = {}
+for i = 3, #ARGV, 3 do
+  local seq = redis.call('INCR', KEYS[1])
+  local body = string.gsub(ARGV[i], '"seq":0', '"seq":' .. seq, 1)
+  redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[1], seq .. '-1', 'transition', body)
+  redis.call('PUBLISH', KEYS[3], body)
+  redis.call('PUBLISH', KEYS[4], body)
+  if ARGV[i + 1] ~= '' and redis.call('EXISTS', KEYS[5]) == 1 then
+    redis.call('HSET', KEYS[5], 'current_node', ARGV[i + 1], 'updated_at', ARGV[i + 2])
+  end
+  seqs[#seqs + 1] = seq
 end
-return seq
+redis.call('EXPIRE', KEYS[1], ARGV[2])
+redis.call('EXPIRE', KEYS[2], ARGV[2])
+return seqs
 """
 
 
@@ -64,7 +73,7 @@ class TransitionPublisher:
         self.redis = redis
         self.ttl_s = ttl_s
         self.maxlen = maxlen
-        self._script = redis.register_script(_PUBLISH)
+        self._sha = redis.register_script(_PUBLISH).sha
         self.published = 0
 
     def __repr__(self) -> str:
@@ -72,23 +81,118 @@ class TransitionPublisher:
 
     async def publish(self, transition: Transition) -> None:
         """Number and publish one transition; sets `transition.seq`."""
-        transition.seq = 0
-        body = transition.model_dump_json()
-        sid = transition.session_id
-        # A node.started also moves the current node of the session's record, if it has one.
-        node = transition.node if transition.type == "node.started" and transition.node else ""
-        seq = await self._script(
-            keys=[
+        await self.publish_batch({transition.session_id: [transition]})
+
+    async def publish_batch(self, batch: dict[str, list[Transition]]) -> None:
+        """Number and publish transitions of several sessions, each in order, in one round trip.
+
+        A node.started also moves the current node of the session's record, if it has one.
+        """
+        calls = []
+        for sid, transitions in batch.items():
+            args: list[Any] = [self.maxlen, self.ttl_s]
+            for transition in transitions:
+                transition.seq = 0
+                started = transition.type == "node.started" and transition.node
+                node = transition.node if started else ""
+                args += [transition.model_dump_json(), node, transition.ts.isoformat()]
+            keys = [
                 seq_key(sid),
                 log_key(sid),
                 session_channel(sid),
                 ALL_TRANSITIONS_CHANNEL,
                 f"agentflow:session:{sid}",
-            ],
-            args=[body, self.maxlen, self.ttl_s, node, transition.ts.isoformat()],
-        )
-        transition.seq = int(seq)
-        self.published += 1
+            ]
+            calls.append((*keys, *args))
+        try:
+            numbered = await self._evalsha(calls)
+        except redis_errors.NoScriptError:  # a new or restarted Redis: load it, send again
+            await self.redis.script_load(_PUBLISH)
+            numbered = await self._evalsha(calls)
+        for transitions, seqs in zip(batch.values(), numbered, strict=True):
+            for transition, seq in zip(transitions, seqs, strict=True):
+                transition.seq = int(seq)
+            self.published += len(transitions)
+
+    async def _evalsha(self, calls: list[tuple[Any, ...]]) -> list[Any]:
+        # Not the pipeline's own script support: it asks SCRIPT EXISTS on every batch.
+        pipe = self.redis.pipeline(transaction=False)
+        for call in calls:
+            pipe.evalsha(self._sha, 5, *call)
+        return list(await pipe.execute())
+
+
+class BackgroundPublisher:
+    """Publish transitions in the background, in batches, each session's in order.
+
+    Runs do not wait for Redis on every transition: what queues up while a batch is on
+    its way goes out in the next one, all sessions together in one round trip. A
+    session's terminal transition waits until everything before it is published, and a
+    failed publish is raised to the session's run on its next transition (so the worker
+    retries the event as for any Redis error).
+    """
+
+    def __init__(self, publisher: TransitionPublisher) -> None:
+        self.publisher = publisher
+        self._pending: dict[str, list[Transition]] = {}
+        self._pending_sent = asyncio.Event()
+        self._sending: dict[str, list[Transition]] = {}
+        self._sending_sent = asyncio.Event()
+        self._flusher: asyncio.Task[None] | None = None
+        self._errors: dict[str, Exception] = {}
+        self.batches = 0
+
+    def __repr__(self) -> str:
+        return f"BackgroundPublisher(batches={self.batches}, {self.publisher!r})"
+
+    async def publish(self, transition: Transition) -> None:
+        """Queue a transition; for a terminal one, wait until the session's are published."""
+        sid = transition.session_id
+        if (error := self._errors.pop(sid, None)) is not None:
+            raise error
+        self._pending.setdefault(sid, []).append(transition)
+        if self._flusher is None:
+            self._flusher = asyncio.create_task(self._flush())
+        if transition.terminal:
+            await self.drain(sid)
+
+    async def drain(self, session_id: str) -> None:
+        """Wait until a session's queued transitions are published; raise a failure."""
+        while True:
+            if session_id in self._pending:
+                sent = self._pending_sent
+            elif session_id in self._sending:
+                sent = self._sending_sent
+            else:
+                break
+            await sent.wait()
+        if (error := self._errors.pop(session_id, None)) is not None:
+            raise error
+
+    async def close(self) -> None:
+        """Wait for everything queued (failures are logged)."""
+        if self._flusher is not None:
+            await asyncio.gather(self._flusher, return_exceptions=True)
+        for session_id, error in self._errors.items():
+            logger.warning("transitions of session %s not published: %s", session_id, error)
+        self._errors.clear()
+
+    async def _flush(self) -> None:
+        try:
+            while self._pending:
+                self._sending, self._pending = self._pending, {}
+                self._sending_sent, self._pending_sent = self._pending_sent, asyncio.Event()
+                try:
+                    await self.publisher.publish_batch(self._sending)
+                except Exception as exc:
+                    for session_id in self._sending:
+                        self._errors[session_id] = exc
+                finally:
+                    self.batches += 1
+                    self._sending = {}
+                    self._sending_sent.set()
+        finally:
+            self._flusher = None
 
 
 async def read_log(redis: Redis, session_id: str, after_seq: int = 0) -> list[Transition]:

@@ -120,8 +120,17 @@ class SessionStore:
             pipe.zadd(INDEX_KEY, {session_id: utcnow().timestamp()})
             await pipe.execute()
 
-    async def close(self, result: WorkflowResult, *, status: SessionStatus | None = None) -> None:
-        """Record a run's outcome; finished sessions get the retention TTL."""
+    async def close(
+        self,
+        result: WorkflowResult,
+        *,
+        status: SessionStatus | None = None,
+        finished_event: str | None = None,
+    ) -> None:
+        """Record a run's outcome; finished sessions get the retention TTL.
+
+        With `finished_event`, that event moves to `finished` in the same transaction.
+        """
         key = session_key(result.session_id)
         final = status or result.status
         async with self.redis.pipeline(transaction=True) as pipe:
@@ -137,6 +146,12 @@ class SessionStore:
             if final != "interrupted":
                 pipe.expire(key, self.ttl_s)
             pipe.zadd(INDEX_KEY, {result.session_id: utcnow().timestamp()})
+            if finished_event is not None:
+                pipe.set(
+                    event_key(finished_event),
+                    json.dumps({"session_id": result.session_id, "state": "finished"}),
+                    ex=self.ttl_s,
+                )
             await pipe.execute()
 
     async def claim_event(self, event_id: str, session_id: str) -> tuple[EventClaim, str]:

@@ -35,7 +35,7 @@ from nodes.models import (
 )
 from service import metrics
 from service.checkpoints import expire_session, redis_checkpoint_serde
-from service.publisher import TransitionPublisher
+from service.publisher import BackgroundPublisher, TransitionPublisher
 from service.runner import SessionRunner, UnknownSessionError
 from service.sessions import SessionStore
 from service.settings import Settings
@@ -157,6 +157,7 @@ class Worker:
         self.runner: SessionRunner | None = None
         self.store: SessionStore | None = None
         self._stop_metrics: Any = None
+        self._publisher: BackgroundPublisher | None = None
 
     def __repr__(self) -> str:
         return (
@@ -188,9 +189,10 @@ class Worker:
         subject_store = await open_subject_store(self._redis)
         install_llm_cache(s)
         self.store = SessionStore(self._redis, ttl_s=s.session_ttl_s)
-        publisher = TransitionPublisher(
-            self._redis, ttl_s=s.session_ttl_s, maxlen=s.transition_log_maxlen
+        self._publisher = BackgroundPublisher(
+            TransitionPublisher(self._redis, ttl_s=s.session_ttl_s, maxlen=s.transition_log_maxlen)
         )
+        publisher = self._publisher
 
         async def sink(transition: Transition) -> None:
             await publisher.publish(transition)  # also sets the record's current node
@@ -414,7 +416,7 @@ class Worker:
             session_id, event_id=event.id, event_type=event.type, subject=event.subject
         )
         if claim == "new":
-            await self._session_message("session.started", session_id, event.id)
+            await (await self._session_message("session.started", session_id, event.id))
         with metrics.timed_run() as run:
             result = await self.runner.start(event, session_id)
             run.status = result.status
@@ -486,8 +488,7 @@ class Worker:
         if result.status != "interrupted":
             checkpointer = self.runner.graph.checkpointer
             await expire_session(checkpointer, result.session_id, self.settings.session_ttl_s)
-        await self.store.close(result)
-        await self.store.mark_event(result.event_id, result.session_id, "finished")
+        await self.store.close(result, finished_event=result.event_id)
         await self._publish_result(result)
         if result.status == "failed":
             self.failed += 1
@@ -503,21 +504,27 @@ class Worker:
 
     async def _publish_result(self, result: WorkflowResult) -> None:
         assert self._producer is not None and self.store is not None
-        await self._producer.send_and_wait(
-            self.settings.topic_results,
-            result.model_dump_json().encode(),
-            key=result.session_id.encode(),
-            headers=[("event_id", result.event_id.encode())],
-        )
-        if result.status != "interrupted":
-            await self._session_message(
-                "session.ended", result.session_id, result.event_id, status=result.status
+        sent = [
+            await self._producer.send(
+                self.settings.topic_results,
+                result.model_dump_json().encode(),
+                key=result.session_id.encode(),
+                headers=[("event_id", result.event_id.encode())],
             )
+        ]
+        if result.status != "interrupted":
+            sent.append(
+                await self._session_message(
+                    "session.ended", result.session_id, result.event_id, status=result.status
+                )
+            )
+        await asyncio.gather(*sent)  # both acknowledged before the event counts as published
         await self.store.mark_event(result.event_id, result.session_id, "published")
 
     async def _session_message(
         self, kind: str, session_id: str, event_id: str, **extra: Any
-    ) -> None:
+    ) -> asyncio.Future[Any]:
+        """Send a lifecycle message to the sessions topic; return its delivery future."""
         assert self._producer is not None
         body = {
             "type": kind,
@@ -526,7 +533,7 @@ class Worker:
             "ts": utcnow().isoformat(),
             **extra,
         }
-        await self._producer.send_and_wait(
+        return await self._producer.send(
             self.settings.topic_sessions, json.dumps(body).encode(), key=session_id.encode()
         )
 
@@ -602,6 +609,9 @@ class Worker:
         if self._producer is not None:
             await self._producer.stop()
             self._producer = None
+        if self._publisher is not None:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._publisher.close(), timeout=10)
         if self._redis is not None:
             await self._redis.aclose()
             self._redis = None
