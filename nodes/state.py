@@ -91,10 +91,12 @@ class WorkflowState(TypedDict, total=False):
     """Outcomes that make the workflow a success."""
     steps: Annotated[list[Step], merge_steps]
     """The plan's steps with their agents, status and output."""
-    conversations: Annotated[dict[str, list[AnyMessage]], DeltaChannel(merge_conversations)]
-    """Each step's agent conversation, by step id. The largest part of the state, so a
-    checkpoint does not copy it: each node's new messages are stored once, as its writes,
-    and LangGraph rebuilds the whole from them when it loads a checkpoint."""
+    conversations: Annotated[
+        dict[str, list[AnyMessage]], DeltaChannel(merge_conversations, snapshot_frequency=1)
+    ]
+    """Each step's agent conversation, by step id. The largest part of the state, so only
+    the checkpoints of steps that add messages store it; the others point back to those.
+    (With rarer snapshots, reading a checkpoint walks back through every run before it.)"""
     review: ReviewDecision
     """The latest review decision."""
     review_rounds: int
