@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 from collections import defaultdict
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Literal
 
 from langgraph.graph.state import CompiledStateGraph
 from langgraph.types import Command
@@ -20,9 +20,10 @@ __all__ = ["InMemorySequence", "SessionRunner", "UnknownSessionError"]
 logger = logging.getLogger(__name__)
 
 STREAM_MODES = ["tasks", "updates", "custom"]
-# Each step's checkpoint is saved before the next step starts. With LangGraph's default
-# ("async") a step can finish while the previous checkpoint is still being written; after
-# a crash that step has no checkpoint to hang its writes on and runs a second time.
+DURABILITY: Literal["sync"] = "sync"
+"""Each step's checkpoint is saved before the next step starts. With LangGraph's default
+("async") a step can finish while the previous checkpoint is still being written; after
+a crash that step has no checkpoint to hang its writes on and runs a second time."""
 
 
 class UnknownSessionError(LookupError):
@@ -162,14 +163,12 @@ class SessionRunner:
         event_id: str,
         *,
         resumed: bool,
-        config: Any = None,
         reply_to: str | None = None,
     ) -> WorkflowResult:
-        start_config = config or self.config(session_id)
         config = self.config(session_id)
         restored = {}
         if resumed:
-            before = await self.graph.aget_state(start_config)
+            before = await self.graph.aget_state(config)
             restored = {t.id: t.result for t in before.tasks if t.result is not None}
         mapper = TransitionMapper(session_id, restored)
         await self.emit(
@@ -183,10 +182,10 @@ class SessionRunner:
         try:
             async for mode, chunk in self.graph.astream(
                 graph_input,
-                start_config,
+                config,
                 context=self.context,
                 stream_mode=STREAM_MODES,
-                durability="sync",
+                durability=DURABILITY,
             ):
                 if mode == "updates" and isinstance(chunk.get("finalize"), dict):
                     result = chunk["finalize"].get("result")

@@ -468,6 +468,8 @@ class Worker:
         )
         result.event_id = event.id
         if live:
+            checkpointer = self.runner.graph.checkpointer
+            await expire_session(checkpointer, session_id, self.settings.session_ttl_s)
             await self.store.close(result, status="cancelled")
             await self.runner.emit(
                 Transition(
