@@ -201,6 +201,19 @@ async def plain_langgraph(settings: Settings, events: list[CloudEvent], in_fligh
     return elapsed
 
 
+async def langgraph_alone(events: list[CloudEvent]) -> float:
+    """Sessions/s of the graph with no checkpointer, no store and an instant model.
+
+    What one process of plain LangGraph can do at most on this machine for this graph:
+    any runner built on it, with checkpoints or not, stays below it.
+    """
+    graph = build_graph(None)
+    context = load_settings(model="offline").context()
+    started = time.perf_counter()
+    await asyncio.gather(*(graph.ainvoke({"event": e}, context=context) for e in events))
+    return len(events) / (time.perf_counter() - started)
+
+
 async def one_session_time(settings: Settings) -> float:
     redis = redis_pool(settings.redis_url or "", 4)
     graph = build_graph(
@@ -254,6 +267,7 @@ async def part2(servers: LocalServers, args: Any, tag: str) -> None:
         settings, [event(i, f"q{tag}") for i in range(args.sessions)], args.sessions
     )
     skipped = NO_LIBRARY.count
+    ceiling = await langgraph_alone([event(i, f"c{tag}") for i in range(100)])
     ideal, achieved, plain = args.sessions / solo, args.sessions / slow_s, args.sessions / plain_s
     print(
         f"\n2) model sleeping {args.latency * 1000:.0f} ms per call, "
@@ -266,6 +280,10 @@ async def part2(servers: LocalServers, args: Any, tag: str) -> None:
     )
     if skipped:
         print(f"     ({skipped} of them planned without the library: its search timed out)")
+    print(
+        f"   LangGraph alone (no checkpointer, instant model): {ceiling:.1f} sessions/s"
+        f"  (≤ {ceiling / ideal:.2f} of ideal)"
+    )
     print(f"   achieved through the worker       : {achieved:.1f} sessions/s in {slow_s:.1f} s")
     print(f"   ratio achieved/ideal: {achieved / ideal:.2f}   (target ≥ 0.90)")
     print(f"   ratio achieved/plain: {achieved / plain:.2f}")
