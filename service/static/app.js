@@ -248,7 +248,7 @@ function scheduleRefresh() {
     try {
       renderDetail(await api(`/sessions/${encodeURIComponent(id)}`));
     } catch (err) {
-      if (err.status !== 404) notice(err.message, true); // 404: the worker has not opened it yet
+      if (err.status !== 404) notice(err.message, true);
     }
   }, 200);
 }
@@ -311,7 +311,8 @@ async function openSession(id) {
       notice("the stream closed; reload to retry", true);
     }
   };
-  scheduleRefresh();
+  // The details are fetched once transitions arrive: before its first one the worker
+  // may not have opened the session yet (a 404).
   for (const item of document.querySelectorAll("#session-list li")) {
     item.classList.toggle("open", item.dataset.session === id);
   }

@@ -506,7 +506,7 @@ async def test_cancel_stops_a_running_session(
     assert [m["event"] for m in rest].count("session.failed") == 1
     assert (await client.get(f"/sessions/{session_id}")).json()["status"] == "cancelled"
     checkpoints = [k async for k in redis.scan_iter(match=f"checkpoint:{session_id}:*")]
-    assert checkpoints and all(await redis.ttl(k) > 0 for k in checkpoints)  # retention
+    assert checkpoints and all([await redis.ttl(k) > 0 for k in checkpoints])  # retention
 
     cancel_id = cancel.json()["event_id"]
     records = await read_topic(
