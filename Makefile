@@ -28,7 +28,7 @@ lint: $(STAMP)
 typecheck: $(STAMP)
 	$(BIN)/mypy graphs nodes service
 
-test: lint $(STAMP)
+test: lint typecheck $(STAMP)
 	$(BIN)/pytest -q
 
 clean:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Sequence
 from datetime import datetime
 from typing import Annotated, Any, Literal
 
@@ -125,7 +126,7 @@ async def _run_agent(
     name: str,
     registry: AgentRegistry,
     context: WorkflowContext,
-    history: list[BaseMessage],
+    history: Sequence[BaseMessage],
     turn: list[BaseMessage],
     runtime: Runtime[WorkflowContext],
     step: Step,
@@ -207,7 +208,9 @@ async def execute_step(task: StepTask, runtime: Runtime[WorkflowContext]) -> dic
             )
         )
     ]
-    usage, models, answers = Usage(), [], []
+    usage = Usage()
+    models: list[str] = []
+    answers: list[tuple[str, str]] = []
     update: dict[str, Any]
     try:
         registry = await asyncio.to_thread(load_agents, context.agents_file)

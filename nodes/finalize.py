@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping
 from typing import Any, Literal
 
 from langchain_core.messages import HumanMessage
@@ -35,7 +36,7 @@ logger = logging.getLogger(__name__)
 
 
 def build_result(
-    state: WorkflowState,
+    state: WorkflowState | Mapping[str, Any],
     *,
     session_id: str,
     status: Literal["completed", "failed", "interrupted"],

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import uuid
+from collections.abc import Sequence
 from datetime import UTC, datetime
-from typing import Any, Literal
+from typing import Any, Literal, Protocol
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 from typing_extensions import TypedDict  # pydantic needs it on Python < 3.12
@@ -149,6 +150,19 @@ class StepDraft(BaseModel):
     )
 
 
+class StepLike(Protocol):
+    """What `PlanDraft.of` reads of a step: a `Step`, a library or a template step."""
+
+    @property
+    def id(self) -> str: ...
+    @property
+    def title(self) -> str: ...
+    @property
+    def description(self) -> str: ...
+    @property
+    def depends_on(self) -> list[str]: ...
+
+
 class PlanDraft(BaseModel):
     """The planner's structured answer: intent, goals and steps."""
 
@@ -157,7 +171,7 @@ class PlanDraft(BaseModel):
     steps: list[StepDraft] = Field(description="Steps; dependencies must form no cycle.")
 
     @classmethod
-    def of(cls, intent: str, goals: list[str], steps: list[Step]) -> PlanDraft:
+    def of(cls, intent: str, goals: list[str], steps: Sequence[StepLike]) -> PlanDraft:
         """Restate a known workflow's steps as a plan, so `check_plan` can judge it."""
         return cls(
             intent=intent,

@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import json
 from collections.abc import AsyncIterator
+from typing import cast
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from redis.asyncio import Redis
@@ -52,7 +53,7 @@ async def last_seq(settings: Settings, session_id: str) -> int:
         newest = await redis.xrevrange(log_key(session_id), count=1)
     finally:
         await redis.aclose()
-    return int(newest[0][0].split(b"-")[0]) if newest else 0
+    return int(cast(bytes, newest[0][0]).split(b"-")[0]) if newest else 0
 
 
 async def watch_session(

@@ -5,8 +5,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator
-from typing import Any
+from collections.abc import AsyncGenerator
+from typing import Any, cast
 
 from redis import exceptions as redis_errors
 from redis.asyncio import Redis
@@ -198,10 +198,13 @@ class BackgroundPublisher:
 async def read_log(redis: Redis, session_id: str, after_seq: int = 0) -> list[Transition]:
     """Return a session's logged transitions with `seq` greater than `after_seq`."""
     entries = await redis.xrange(log_key(session_id), min=f"({after_seq}-1", max="+")
-    return [Transition.model_validate_json(fields[b"transition"]) for _, fields in entries]
+    rows = cast(list[tuple[bytes, dict[bytes, bytes]]], entries)
+    return [Transition.model_validate_json(fields[b"transition"]) for _, fields in rows]
 
 
-async def follow(redis: Redis, session_id: str, after_seq: int = 0) -> AsyncIterator[Transition]:
+async def follow(
+    redis: Redis, session_id: str, after_seq: int = 0
+) -> AsyncGenerator[Transition, None]:
     """Yield a session's transitions from the log, then live, without gap or duplicate.
 
     Subscribes first, then replays the log, then skips live messages already replayed.

@@ -7,8 +7,9 @@ from collections import defaultdict
 from collections.abc import Callable
 from typing import Any, Literal
 
+from langchain_core.runnables import RunnableConfig
 from langgraph.graph.state import CompiledStateGraph
-from langgraph.types import Command
+from langgraph.types import Command, StreamMode
 
 from nodes.context import WorkflowContext
 from nodes.finalize import build_result
@@ -19,7 +20,7 @@ __all__ = ["InMemorySequence", "SessionRunner", "UnknownSessionError"]
 
 logger = logging.getLogger(__name__)
 
-STREAM_MODES = ["tasks", "updates", "custom"]
+STREAM_MODES: list[StreamMode] = ["tasks", "updates", "custom"]
 DURABILITY: Literal["sync"] = "sync"
 """Each step's checkpoint is saved before the next step starts. With LangGraph's default
 ("async") a step can finish while the previous checkpoint is still being written; after
@@ -55,7 +56,7 @@ class SessionRunner:
 
     def __init__(
         self,
-        graph: CompiledStateGraph,
+        graph: CompiledStateGraph[Any, Any, Any, Any],
         context: WorkflowContext,
         *,
         sink: TransitionSink = _discard,
@@ -146,7 +147,7 @@ class SessionRunner:
         return result if isinstance(result, WorkflowResult) else None
 
     @staticmethod
-    def config(session_id: str) -> dict[str, Any]:
+    def config(session_id: str) -> RunnableConfig:
         """Return the graph config of a session (its thread)."""
         return {"configurable": {"thread_id": session_id}}
 
@@ -187,8 +188,9 @@ class SessionRunner:
                 stream_mode=STREAM_MODES,
                 durability=DURABILITY,
             ):
-                if mode == "updates" and isinstance(chunk.get("finalize"), dict):
-                    result = chunk["finalize"].get("result")
+                finalized = chunk.get("finalize") if isinstance(chunk, dict) else None
+                if mode == "updates" and isinstance(finalized, dict):
+                    result = finalized.get("result")
                 for transition in mapper.map(mode, chunk):
                     await self.emit(transition)
         except Exception as exc:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 from datetime import datetime
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 from pydantic import BaseModel, Field
 from redis.asyncio import Redis
@@ -58,7 +58,7 @@ class SessionStore:
         raw = await self.redis.hgetall(session_key(session_id))
         if not raw:
             return None
-        fields = {k.decode(): v.decode() for k, v in raw.items()}
+        fields = {_text(k): _text(v) for k, v in raw.items()}
         data: dict[str, Any] = {k: v for k, v in fields.items() if v != ""}
         data["event_ids"] = json.loads(fields.get("event_ids", "[]"))
         if "result" in data:
@@ -78,9 +78,9 @@ class SessionStore:
             ids = await self.redis.zrevrange(INDEX_KEY, cursor, cursor + page - 1)
             cursor += page
             for raw_id in ids:
-                record = await self.get(raw_id.decode())
+                record = await self.get(_text(raw_id))
                 if record is None:
-                    await self.redis.zrem(INDEX_KEY, raw_id)  # expired
+                    await self.redis.zrem(INDEX_KEY, _text(raw_id))  # expired
                     continue
                 if status and record.status != status:
                     continue
@@ -171,7 +171,7 @@ class SessionStore:
             return "new", session_id
         raw = await self.redis.get(key)
         known = json.loads(raw) if raw else {"session_id": session_id, "state": "running"}
-        return known["state"], known["session_id"]
+        return cast(EventClaim, known["state"]), str(known["session_id"])
 
     async def mark_event(self, event_id: str, session_id: str, state: EventClaim) -> None:
         """Move an event to `finished` (result known) or `published` (result sent)."""
@@ -185,3 +185,8 @@ class SessionStore:
         """Return the session an event id belongs to, if it was seen."""
         raw = await self.redis.get(event_key(event_id))
         return json.loads(raw)["session_id"] if raw else None
+
+
+def _text(value: Any) -> str:
+    """A Redis reply as text (the client answers bytes)."""
+    return value.decode() if isinstance(value, bytes) else str(value)
