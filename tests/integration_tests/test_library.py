@@ -15,18 +15,14 @@ from typing import Any
 
 import pytest
 from langchain_core.embeddings import Embeddings
-from langgraph.checkpoint.memory import InMemorySaver
 from redis.asyncio import Redis
 
-from graphs.workflow import build_graph
 from nodes.context import WorkflowContext
 from nodes.library import InMemoryWorkflowLibrary, event_text, workflow_text
 from nodes.models import CloudEvent, SimilarWorkflow, Step, Workflow
-from service.checkpoints import checkpoint_serde
 from service.library import CorruptWorkflowError, RedisWorkflowLibrary, seed_library
-from service.runner import SessionRunner
 from service.servers import LocalServers
-from service.transitions import Transition
+from tests.unit_tests.helpers import runner_for
 
 pytestmark = pytest.mark.integration
 
@@ -71,16 +67,6 @@ async def library(redis: Redis) -> AsyncIterator[RedisWorkflowLibrary]:
     await lib.setup()
     yield lib
     await lib.index.delete(drop=True)
-
-
-def runner_for(context: WorkflowContext) -> tuple[SessionRunner, list[Transition]]:
-    seen: list[Transition] = []
-
-    async def sink(t: Transition) -> None:
-        seen.append(t)
-
-    graph = build_graph(InMemorySaver(serde=checkpoint_serde()))
-    return SessionRunner(graph, context, sink=sink), seen
 
 
 async def test_workflows_are_indexed_listed_counted_and_deleted(

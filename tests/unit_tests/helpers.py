@@ -9,8 +9,14 @@ from typing import Any
 
 from langchain_core.messages import BaseMessage
 from langchain_core.outputs import ChatResult
+from langgraph.checkpoint.memory import InMemorySaver
 
+from graphs.workflow import build_graph
 from nodes.chat_models import OfflineChatModel
+from nodes.context import WorkflowContext
+from service.checkpoints import checkpoint_serde
+from service.runner import SessionRunner
+from service.transitions import Transition
 
 
 class ScriptedModel(OfflineChatModel):
@@ -43,3 +49,14 @@ def write_agents(tmp_path: Path, tools_module: str, body: str, module: str = "te
     path = tmp_path / "agents.yaml"
     path.write_text(body)
     return path
+
+
+def runner_for(context: WorkflowContext) -> tuple[SessionRunner, list[Transition]]:
+    """A runner on an in-memory checkpointer, and the list its transitions go to."""
+    seen: list[Transition] = []
+
+    async def sink(t: Transition) -> None:
+        seen.append(t)
+
+    graph = build_graph(InMemorySaver(serde=checkpoint_serde()))
+    return SessionRunner(graph, context, sink=sink), seen

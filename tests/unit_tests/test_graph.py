@@ -16,7 +16,7 @@ from nodes.library import InMemoryWorkflowLibrary
 from service.checkpoints import checkpoint_serde
 from service.runner import SessionRunner, UnknownSessionError
 from service.transitions import Transition
-from tests.unit_tests.helpers import scripted, write_agents
+from tests.unit_tests.helpers import runner_for, scripted, write_agents
 
 SLOW_TOOLS = '''
 import asyncio, time
@@ -29,17 +29,6 @@ async def slow_lookup(claim_id: str) -> str:
     LOG.append(("end", claim_id, time.monotonic()))
     return f"looked up {claim_id}"
 '''
-
-
-def runner_for(context: WorkflowContext) -> tuple[SessionRunner, list[Transition]]:
-    seen: list[Transition] = []
-
-    async def sink(t: Transition) -> None:
-        seen.append(t)
-
-    return SessionRunner(
-        build_graph(InMemorySaver(serde=checkpoint_serde())), context, sink=sink
-    ), seen
 
 
 async def test_example_event_completes_with_plan_agents_and_review(make_event: Any) -> None:

@@ -8,10 +8,8 @@ from typing import Any
 import pytest
 from langchain_core.caches import InMemoryCache
 from langchain_core.messages import HumanMessage
-from langgraph.checkpoint.memory import InMemorySaver
 
 import nodes.library
-from graphs.workflow import build_graph
 from nodes._llm import invoke, invoke_structured
 from nodes.agents import load_agents
 from nodes.chat_models import OfflineChatModel
@@ -19,26 +17,13 @@ from nodes.context import WorkflowContext
 from nodes.discovery import choose_basis
 from nodes.library import InMemoryWorkflowLibrary, blend_quality, similarity, terms
 from nodes.models import CloudEvent, PlanDraft, SimilarWorkflow, Step, WorkflowResult
-from service.checkpoints import checkpoint_serde
 from service.library import TemplateError, load_templates
-from service.runner import SessionRunner
 from service.settings import ConfigError, load_settings
-from service.transitions import Transition
-from tests.unit_tests.helpers import scripted
+from tests.unit_tests.helpers import runner_for, scripted
 
 ROOT = Path(__file__).resolve().parents[2]
 TEMPLATES = ROOT / "examples" / "workflows"
 EDUCATION = {"claim_id": "C-3001", "veteran_id": "V-1001", "benefit": "education"}
-
-
-def runner_for(context: WorkflowContext) -> tuple[SessionRunner, list[Transition]]:
-    seen: list[Transition] = []
-
-    async def sink(t: Transition) -> None:
-        seen.append(t)
-
-    graph = build_graph(InMemorySaver(serde=checkpoint_serde()))
-    return SessionRunner(graph, context, sink=sink), seen
 
 
 async def cold_then_warm(
