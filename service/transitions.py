@@ -130,16 +130,7 @@ class TransitionMapper:
                 step = chunk["input"].get("step")
                 step_id = getattr(step, "id", None)
             if task_id in self.restored:
-                result = _plain(self.restored[task_id])
-                return [
-                    Transition(
-                        session_id=self.session_id,
-                        type="node.completed",
-                        node=name,
-                        step_id=step_id,
-                        data={**(_node_data(name, result) or {}), "restored": True},
-                    )
-                ]
+                return [self._completed(name, step_id, self.restored[task_id], restored=True)]
             self._started[task_id] = (time.monotonic(), step_id)
             return [
                 Transition(
@@ -163,14 +154,25 @@ class TransitionMapper:
                     data={"error": str(chunk["error"])},
                 )
             ]
-        result = _plain(chunk.get("result"))
-        return [
-            Transition(
-                session_id=self.session_id,
-                type="node.completed",
-                node=name,
-                step_id=step_id,
-                duration_ms=duration_ms,
-                data=_node_data(name, result),
-            )
-        ]
+        return [self._completed(name, step_id, chunk.get("result"), duration_ms=duration_ms)]
+
+    def _completed(
+        self,
+        name: str,
+        step_id: str | None,
+        result: Any,
+        *,
+        duration_ms: int | None = None,
+        restored: bool = False,
+    ) -> Transition:
+        data = _node_data(name, _plain(result))
+        if restored:
+            data = {**(data or {}), "restored": True}
+        return Transition(
+            session_id=self.session_id,
+            type="node.completed",
+            node=name,
+            step_id=step_id,
+            duration_ms=duration_ms,
+            data=data,
+        )
