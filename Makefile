@@ -19,7 +19,7 @@ $(STAMP): $(BIN)/python pyproject.toml constraints.txt
 install: $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/python -m service.demo
+	$(BIN)/python -m service.devtools.demo
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

@@ -35,9 +35,9 @@ from langchain_core.embeddings import Embeddings  # noqa: E402
 from langgraph.graph import END, START, StateGraph  # noqa: E402
 
 from nodes.models import CloudEvent, SimilarWorkflow, Step  # noqa: E402
-from service.library import RedisWorkflowLibrary  # noqa: E402
-from service.servers import LocalServers  # noqa: E402
-from service.worker import redis_pool  # noqa: E402
+from service.devtools.servers import LocalServers  # noqa: E402
+from service.storage.library import RedisWorkflowLibrary  # noqa: E402
+from service.worker.worker import redis_pool  # noqa: E402
 
 DOMAINS = "claim document payment invoice order shipment account customer ticket refund".split()
 VERBS = "submitted uploaded requested approved rejected updated cancelled opened closed".split()

@@ -33,12 +33,12 @@ sys.path.insert(0, str(ROOT))
 from graphs.workflow import build_graph  # noqa: E402
 from nodes.context import NODE_NAMES  # noqa: E402
 from nodes.models import CloudEvent, WorkflowResult  # noqa: E402
-from service.library import RedisWorkflowLibrary  # noqa: E402
-from service.memory import open_subject_store  # noqa: E402
-from service.runner import SessionRunner  # noqa: E402
-from service.servers import LocalServers  # noqa: E402
-from service.settings import load_settings  # noqa: E402
-from service.worker import open_checkpointer, redis_pool  # noqa: E402
+from service.config import load_settings  # noqa: E402
+from service.devtools.servers import LocalServers  # noqa: E402
+from service.runtime.runner import SessionRunner  # noqa: E402
+from service.storage.library import RedisWorkflowLibrary  # noqa: E402
+from service.storage.memory import open_subject_store  # noqa: E402
+from service.worker.worker import open_checkpointer, redis_pool  # noqa: E402
 
 EVENTS = ROOT / "examples" / "events"
 KINDS = ("claim_submitted", "document_uploaded", "status_requested")

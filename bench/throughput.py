@@ -40,11 +40,11 @@ sys.path.insert(0, str(ROOT))
 
 from graphs.workflow import build_graph  # noqa: E402
 from nodes.models import CloudEvent  # noqa: E402
-from service.library import open_library  # noqa: E402
-from service.memory import open_subject_store  # noqa: E402
-from service.servers import LocalServers  # noqa: E402
-from service.settings import Settings, load_settings  # noqa: E402
-from service.worker import open_checkpointer, redis_pool  # noqa: E402
+from service.config import Settings, load_settings  # noqa: E402
+from service.devtools.servers import LocalServers  # noqa: E402
+from service.storage.library import open_library  # noqa: E402
+from service.storage.memory import open_subject_store  # noqa: E402
+from service.worker.worker import open_checkpointer, redis_pool  # noqa: E402
 
 WORKER_LOG = Path("/tmp/agentflow-bench-worker.log")
 

@@ -12,9 +12,9 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from redis.asyncio import Redis
 
 from nodes.models import CloudEvent, WorkflowResult
-from service.publisher import follow, log_key
-from service.settings import Settings
-from service.transitions import Transition
+from service.config import Settings
+from service.runtime.transitions import Transition
+from service.storage.publisher import follow, log_key
 
 __all__ = ["last_seq", "produce_event", "session_id_for", "wait_for_result", "watch_session"]
 

@@ -17,9 +17,9 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from aiokafka.structs import ConsumerRecord
 from redis.asyncio import Redis
 
-from service.servers import LocalServers
-from service.settings import Settings, load_settings
-from service.worker import Worker
+from service.config import Settings, load_settings
+from service.devtools.servers import LocalServers
+from service.worker.worker import Worker
 
 pytestmark = pytest.mark.integration
 

@@ -17,9 +17,9 @@ from aiokafka import AIOKafkaProducer
 from redis.asyncio import Redis
 
 from graphs.workflow import build_graph
-from service.publisher import read_log
-from service.settings import Settings
-from service.worker import open_checkpointer
+from service.config import Settings
+from service.storage.publisher import read_log
+from service.worker.worker import open_checkpointer
 from tests.integration_tests.conftest import read_topic, results_by_event
 
 pytestmark = pytest.mark.integration

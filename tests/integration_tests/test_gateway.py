@@ -20,13 +20,13 @@ from aiokafka import AIOKafkaConsumer, TopicPartition
 from redis.asyncio import Redis
 
 from nodes.models import WorkflowResult
-from service.gateway import serve_gateway
-from service.publisher import TransitionPublisher, read_log, session_channel
-from service.servers import KafkaBroker, LocalServers
-from service.sessions import SessionStore
-from service.settings import Settings, load_settings
-from service.transitions import Transition
-from service.worker import Worker
+from service.config import Settings, load_settings
+from service.devtools.servers import KafkaBroker, LocalServers
+from service.gateway.app import serve_gateway
+from service.runtime.transitions import Transition
+from service.storage.publisher import TransitionPublisher, read_log, session_channel
+from service.storage.sessions import SessionStore
+from service.worker.worker import Worker
 from tests.integration_tests.conftest import read_topic, results_by_event
 
 pytestmark = pytest.mark.integration

@@ -20,8 +20,8 @@ from redis.asyncio import Redis
 from nodes.context import WorkflowContext
 from nodes.library import InMemoryWorkflowLibrary, event_text, workflow_text
 from nodes.models import CloudEvent, SimilarWorkflow, Step, Workflow
-from service.library import CorruptWorkflowError, RedisWorkflowLibrary, seed_library
-from service.servers import LocalServers
+from service.devtools.servers import LocalServers
+from service.storage.library import CorruptWorkflowError, RedisWorkflowLibrary, seed_library
 from tests.unit_tests.helpers import runner_for
 
 pytestmark = pytest.mark.integration
@@ -187,7 +187,7 @@ async def test_a_corrupted_document_is_skipped_and_logged(
     await redis.execute_command("JSON.SET", library.key("bad"), "$", json.dumps(broken))
     await redis.execute_command("JSON.SET", library.key("junk"), "$", '"just a string"')
 
-    with caplog.at_level(logging.WARNING, logger="service.library"):
+    with caplog.at_level(logging.WARNING, logger="service.storage.library"):
         found = await library.search(CloudEvent.wrap("claim.submitted", {"claim_id": "C-2"}))
         total, listed = await library.recent()
     assert [w.id for w in found] == [good]
@@ -263,7 +263,7 @@ def test_library_commands(
     monkeypatch: pytest.MonkeyPatch,
     capsys: pytest.CaptureFixture[str],
 ) -> None:
-    from service.cli import main
+    from service.cli.app import main
 
     monkeypatch.setenv("AGENTFLOW_REDIS_URL", servers.redis_url)
     monkeypatch.setenv("COLUMNS", "200")

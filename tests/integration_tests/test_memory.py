@@ -18,10 +18,15 @@ from graphs.workflow import build_graph
 from nodes.context import WorkflowContext
 from nodes.library import InMemoryWorkflowLibrary
 from nodes.models import WorkflowResult
-from service.checkpoints import checkpoint_serde
-from service.memory import LLM_CACHE_PREFIX, install_llm_cache, open_subject_store, subject_notes
-from service.runner import SessionRunner
-from service.settings import Settings
+from service.config import Settings
+from service.runtime.runner import SessionRunner
+from service.storage.checkpoints import checkpoint_serde
+from service.storage.memory import (
+    LLM_CACHE_PREFIX,
+    install_llm_cache,
+    open_subject_store,
+    subject_notes,
+)
 from tests.integration_tests.conftest import example, read_topic, results_by_event, send
 
 pytestmark = pytest.mark.integration
@@ -140,7 +145,7 @@ async def test_sessions_history_prints_each_step_and_agent(
         settings.topic_results,
         until=lambda rs: event["id"] in results_by_event(rs),
     )
-    from service.cli import main
+    from service.cli.app import main
 
     monkeypatch.setenv("AGENTFLOW_REDIS_URL", settings.redis_url or "")
     monkeypatch.setenv("COLUMNS", "200")

@@ -11,9 +11,9 @@ from typing import Any
 import pytest
 from aiokafka import AIOKafkaProducer
 
-from service.publisher import read_log
-from service.servers import RedisServer
-from service.settings import Settings
+from service.config import Settings
+from service.devtools.servers import RedisServer
+from service.storage.publisher import read_log
 from tests.integration_tests.conftest import read_topic, results_by_event
 
 pytestmark = pytest.mark.integration
@@ -54,7 +54,7 @@ async def test_redis_restart_under_load(
         settings = settings.model_copy(
             update={"redis_url": redis_server.url, "agents_file": tmp_path / "agents.yaml"}
         )
-        caplog.set_level(logging.WARNING, logger="service.worker")
+        caplog.set_level(logging.WARNING, logger="service.worker.worker")
         worker = await start_worker(settings)
         events = {}
         for i in range(10):

@@ -17,13 +17,13 @@ from redis.asyncio import Redis
 
 from graphs.workflow import build_graph
 from nodes.models import CloudEvent
-from service.drawing import render_graph, session_path
-from service.publisher import TransitionPublisher, read_log
-from service.replay import ReplayError, branch_history, checkpoint_id, replay_session
-from service.runner import SessionRunner
-from service.sessions import SessionStore
-from service.settings import Settings
-from service.worker import open_checkpointer
+from service.config import Settings
+from service.observe.drawing import render_graph, session_path
+from service.runtime.replay import ReplayError, branch_history, checkpoint_id, replay_session
+from service.runtime.runner import SessionRunner
+from service.storage.publisher import TransitionPublisher, read_log
+from service.storage.sessions import SessionStore
+from service.worker.worker import open_checkpointer
 
 pytestmark = pytest.mark.integration
 

@@ -10,10 +10,10 @@ from typing import Any
 import pytest
 from redis.asyncio import Redis
 
-from service.publisher import read_log
-from service.servers import LocalServers
-from service.settings import Settings
-from service.worker import Worker
+from service.config import Settings
+from service.devtools.servers import LocalServers
+from service.storage.publisher import read_log
+from service.worker.worker import Worker
 from tests.integration_tests.test_gateway import running_stack, set_tool_delay
 
 pytestmark = pytest.mark.integration

@@ -11,9 +11,9 @@ import pytest
 from aiokafka import AIOKafkaProducer
 from redis.asyncio import Redis
 
-from service.publisher import read_log
-from service.sessions import SessionStore
-from service.settings import Settings
+from service.config import Settings
+from service.storage.publisher import read_log
+from service.storage.sessions import SessionStore
 from tests.integration_tests.conftest import example, read_topic, results_by_event, send
 
 pytestmark = pytest.mark.integration

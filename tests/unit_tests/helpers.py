@@ -14,9 +14,9 @@ from langgraph.checkpoint.memory import InMemorySaver
 from graphs.workflow import build_graph
 from nodes.chat_models import OfflineChatModel
 from nodes.context import WorkflowContext
-from service.checkpoints import checkpoint_serde
-from service.runner import SessionRunner
-from service.transitions import Transition
+from service.runtime.runner import SessionRunner
+from service.runtime.transitions import Transition
+from service.storage.checkpoints import checkpoint_serde
 
 
 class ScriptedModel(OfflineChatModel):

@@ -6,7 +6,7 @@ import pytest
 
 from nodes.agents import AgentConfigError, AgentRegistry
 from nodes.chat_models import ModelConfigError, OfflineChatModel, make_chat_model
-from service.settings import ConfigError, load_settings
+from service.config import ConfigError, load_settings
 
 
 def write(tmp_path: Path, body: str) -> Path:

@@ -15,12 +15,12 @@ from langgraph.checkpoint.memory import InMemorySaver
 from graphs.workflow import NODES, build_graph
 from nodes.library import InMemoryWorkflowLibrary
 from nodes.models import CloudEvent
-from service.checkpoints import checkpoint_serde
-from service.drawing import SessionPath, format_duration, render_graph, session_path
-from service.replay import branch_history, transitions_from_history
-from service.runner import SessionRunner
-from service.settings import load_settings
-from service.transitions import Transition
+from service.config import load_settings
+from service.observe.drawing import SessionPath, format_duration, render_graph, session_path
+from service.runtime.replay import branch_history, transitions_from_history
+from service.runtime.runner import SessionRunner
+from service.runtime.transitions import Transition
+from service.storage.checkpoints import checkpoint_serde
 
 ROOT = Path(__file__).resolve().parents[2]
 SVG = "{http://www.w3.org/2000/svg}"
@@ -242,7 +242,7 @@ def test_empty_path_draws_like_no_path() -> None:
 
 def agentflow(*args: str, capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
     """Run the CLI in this process; return its exit code, stdout and stderr."""
-    from service.cli import main
+    from service.cli.app import main
 
     with pytest.raises(SystemExit) as exited:
         main(list(args))

@@ -18,8 +18,8 @@ from nodes.chat_models import make_chat_model
 from nodes.context import WorkflowContext
 from nodes.library import InMemoryWorkflowLibrary
 from nodes.models import WorkflowResult
-from service.checkpoints import checkpoint_serde
-from service.runner import SessionRunner
+from service.runtime.runner import SessionRunner
+from service.storage.checkpoints import checkpoint_serde
 from tests.openai_server import SNAPSHOT, ChatRequest, OpenAICompatibleServer
 
 MODEL = "openai:test-model"

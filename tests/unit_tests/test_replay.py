@@ -10,14 +10,14 @@ from typing import Any
 import pytest
 
 from nodes.models import ReviewDecision, Step
-from service.replay import (
+from service.config import load_settings
+from service.runtime.replay import (
     ReplayError,
     branch_history,
     checkpoint_id,
     open_session_graph,
     parse_edits,
 )
-from service.settings import load_settings
 
 
 def test_parse_edits_validates_against_the_state_types() -> None:
@@ -44,7 +44,7 @@ def test_parse_edits_validates_against_the_state_types() -> None:
 
 def agentflow(*args: str, capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
     """Run the CLI in this process; return its exit code, stdout and stderr."""
-    from service.cli import main
+    from service.cli.app import main
 
     with pytest.raises(SystemExit) as exited:
         main(list(args))

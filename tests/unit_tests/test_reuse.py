@@ -17,8 +17,8 @@ from nodes.context import WorkflowContext
 from nodes.discovery import choose_basis
 from nodes.library import InMemoryWorkflowLibrary, blend_quality, similarity, terms
 from nodes.models import CloudEvent, PlanDraft, SimilarWorkflow, Step, WorkflowResult
-from service.library import TemplateError, load_templates
-from service.settings import ConfigError, load_settings
+from service.config import ConfigError, load_settings
+from service.storage.library import TemplateError, load_templates
 from tests.unit_tests.helpers import runner_for, scripted
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -227,7 +227,7 @@ def test_missing_template_path_is_refused(tmp_path: Path) -> None:
 async def test_embedded_run_seeds_the_in_memory_library(
     monkeypatch: pytest.MonkeyPatch, make_event: Any
 ) -> None:
-    from service.embedded import run_embedded
+    from service.runtime.embedded import run_embedded
 
     monkeypatch.setattr(nodes.library, "_DEFAULT", InMemoryWorkflowLibrary())
     settings = load_settings(library_seed=TEMPLATES, reuse="direct")

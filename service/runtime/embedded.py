@@ -10,10 +10,10 @@ from rich.console import Console
 
 from graphs.workflow import build_graph
 from nodes.models import CloudEvent, WorkflowResult
-from service.checkpoints import checkpoint_serde
-from service.runner import SessionRunner
-from service.settings import Settings
-from service.transitions import Transition
+from service.config import Settings
+from service.runtime.runner import SessionRunner
+from service.runtime.transitions import Transition
+from service.storage.checkpoints import checkpoint_serde
 
 __all__ = ["run_embedded"]
 
@@ -32,7 +32,7 @@ async def run_embedded(
     The workflow library is the process's in-memory one; `AGENTFLOW_LIBRARY_SEED` (a
     template file or folder, like `examples/workflows`) seeds it before the run.
     """
-    from service.console import print_transition
+    from service.cli.console import print_transition
 
     async def sink(transition: Transition) -> None:
         if console is not None:
@@ -54,7 +54,7 @@ async def run_embedded(
         if settings.library_seed is not None:  # templates keep their ids: seeding twice is fine
             from nodes.agents import load_agents
             from nodes.library import default_library
-            from service.library import seed_library
+            from service.storage.library import seed_library
 
             await seed_library(
                 default_library(), settings.library_seed, load_agents(settings.agents_file)

@@ -14,7 +14,7 @@ from langgraph.types import Command, StreamMode
 from nodes.context import WorkflowContext
 from nodes.finalize import build_result
 from nodes.models import CloudEvent, WorkflowResult
-from service.transitions import Transition, TransitionMapper, TransitionSink
+from service.runtime.transitions import Transition, TransitionMapper, TransitionSink
 
 __all__ = ["InMemorySequence", "SessionRunner", "UnknownSessionError"]
 

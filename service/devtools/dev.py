@@ -7,10 +7,10 @@ import signal
 
 from rich.console import Console
 
-from service.gateway import serve_gateway
-from service.servers import LocalServers
-from service.settings import Settings
-from service.worker import Worker
+from service.config import Settings
+from service.devtools.servers import LocalServers
+from service.gateway.app import serve_gateway
+from service.worker.worker import Worker
 
 __all__ = ["run_dev"]
 

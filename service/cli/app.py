@@ -15,7 +15,7 @@ import typer
 from rich.console import Console
 
 from nodes.models import CloudEvent, EventValidationError, WorkflowResult
-from service.settings import ConfigError, Settings, load_settings
+from service.config import ConfigError, Settings, load_settings
 
 __all__ = ["app", "main"]
 
@@ -97,7 +97,7 @@ def run(
         raise BadInput("--resume needs the on-disk checkpoints; drop --memory")
     settings = _settings()
     event = read_event(event_file) if event_file is not None and resume is None else None
-    from service.embedded import run_embedded
+    from service.runtime.embedded import run_embedded
 
     result = asyncio.run(
         run_embedded(
@@ -119,7 +119,7 @@ def _finish(result: WorkflowResult, as_json: bool, *, embedded: bool = True) -> 
     if as_json:
         typer.echo(result.model_dump_json(indent=2))
     else:
-        from service.console import print_result
+        from service.cli.console import print_result
 
         print_result(console, result)
         if result.status == "interrupted" and embedded:
@@ -149,7 +149,7 @@ def graph(
     Sessions are read from AGENTFLOW_REDIS_URL when set, else from `agentflow run`'s
     checkpoints.
     """
-    from service.drawing import FORMATS, render_graph
+    from service.observe.drawing import FORMATS, render_graph
 
     if fmt not in FORMATS:
         raise BadInput(f"unknown format {fmt!r}; use {', '.join(FORMATS)}")
@@ -157,7 +157,7 @@ def graph(
         raise BadInput("png is binary: give --output FILE (or pipe stdout to a file)")
     path = None
     if session is not None:
-        from service.replay import ReplayError, load_session_path
+        from service.runtime.replay import ReplayError, load_session_path
 
         try:
             path = asyncio.run(load_session_path(_settings(), session))
@@ -195,7 +195,7 @@ def worker(verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False) ->
     """Consume events from Kafka and run their workflows until SIGTERM."""
     _configure_logging(True)
     settings = _service_settings()
-    from service.worker import Worker
+    from service.worker.worker import Worker
 
     async def serve() -> None:
         w = Worker(settings)
@@ -210,7 +210,7 @@ def worker(verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False) ->
 def dev(verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False) -> None:
     """Start local Kafka and Redis and a worker; run until Ctrl-C, then clean up."""
     _configure_logging(verbose)
-    from service.devserver import run_dev
+    from service.devtools.dev import run_dev
 
     asyncio.run(run_dev(_settings(), console))
 
@@ -226,6 +226,7 @@ def send(
     _configure_logging(False)
     settings = _service_settings()
     event = read_event(event_file)
+    from service.cli.console import print_transition
     from service.client import (
         last_seq,
         produce_event,
@@ -233,7 +234,6 @@ def send(
         wait_for_result,
         watch_session,
     )
-    from service.console import print_transition
 
     async def go() -> WorkflowResult | None:
         after = await last_seq(settings, session_id_for(event)) if wait else 0
@@ -266,8 +266,8 @@ def watch(
     """Catch up on a session's transitions from the log, then follow it live."""
     _configure_logging(False)
     settings = _service_settings()
+    from service.cli.console import print_transition
     from service.client import watch_session
-    from service.console import print_transition
 
     async def go() -> None:
         async for transition in watch_session(settings, session_id, after):
@@ -321,7 +321,7 @@ def gateway(
     """Serve the HTTP API and the live web page until Ctrl-C or SIGTERM."""
     _configure_logging(True)
     settings = _service_settings()
-    from service.gateway import serve_gateway
+    from service.gateway.app import serve_gateway
 
     async def serve() -> None:
         import signal
@@ -364,9 +364,9 @@ def sessions_replay(
     """
     _configure_logging(verbose)
     settings = _settings()
-    from service.console import print_transition
-    from service.replay import ReplayError, parse_edits, replay_session
-    from service.transitions import Transition
+    from service.cli.console import print_transition
+    from service.runtime.replay import ReplayError, parse_edits, replay_session
+    from service.runtime.transitions import Transition
 
     async def show(transition: Transition) -> None:
         if not as_json:
@@ -403,7 +403,7 @@ def _with_library(settings: Settings, use: Callable[[Any], Awaitable[Any]]) -> A
     import redis.exceptions
     from redis.asyncio import Redis
 
-    from service.library import open_library
+    from service.storage.library import open_library
 
     async def go() -> Any:
         client = Redis.from_url(settings.redis_url or "", socket_connect_timeout=5)
@@ -433,7 +433,7 @@ def library_load(
     _configure_logging(False)
     settings = _library_settings()
     from nodes.agents import load_agents
-    from service.library import TemplateError, load_templates
+    from service.storage.library import TemplateError, load_templates
 
     try:
         templates = load_templates(path, load_agents(settings.agents_file))
@@ -487,7 +487,7 @@ def library_show(
     """Show one workflow: what it handled, its steps and agents, and how it did."""
     _configure_logging(False)
     settings = _library_settings()
-    from service.library import CorruptWorkflowError
+    from service.storage.library import CorruptWorkflowError
 
     async def get(library: Any) -> Any:
         return await library.get(workflow_id)
@@ -567,7 +567,7 @@ def sessions_history(
     _configure_logging(False)
     settings = _settings()
     from graphs.workflow import build_graph
-    from service.memory import open_history_checkpointer, session_history
+    from service.storage.memory import open_history_checkpointer, session_history
 
     async def read() -> tuple[list[Any], str]:
         async with open_history_checkpointer(settings) as (checkpointer, where):

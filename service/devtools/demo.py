@@ -14,16 +14,16 @@ from pathlib import Path
 from rich.console import Console
 
 from nodes.models import CloudEvent, WorkflowResult
+from service.cli.console import print_result, print_transition
 from service.client import last_seq, produce_event, session_id_for, wait_for_result, watch_session
-from service.console import print_result, print_transition
-from service.gateway import serve_gateway
-from service.servers import LocalServers
-from service.settings import Settings, load_settings
-from service.worker import Worker
+from service.config import Settings, load_settings
+from service.devtools.servers import LocalServers
+from service.gateway.app import serve_gateway
+from service.worker.worker import Worker
 
 __all__ = ["main", "run_demo"]
 
-EXAMPLES = Path(__file__).resolve().parents[1] / "examples" / "events"
+EXAMPLES = Path(__file__).resolve().parents[2] / "examples" / "events"
 DEMO_EVENTS = ("claim_submitted", "document_uploaded", "status_requested", "claim_needs_review")
 
 
@@ -93,7 +93,7 @@ async def run_demo(console: Console) -> int:
 
 
 def main() -> None:
-    """Entry point of `python -m service.demo`."""
+    """Entry point of `python -m service.devtools.demo`."""
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     console = Console(highlight=False)
     failures = asyncio.run(run_demo(console))

@@ -127,7 +127,7 @@ class Settings(BaseSettings):
         except AgentConfigError as exc:
             raise ConfigError(str(exc)) from None
         if self.library_seed is not None:
-            from service.library import TemplateError, load_templates
+            from service.storage.library import TemplateError, load_templates
 
             try:
                 load_templates(self.library_seed, registry)

@@ -71,7 +71,7 @@ if TYPE_CHECKING:
     from langchain_core.embeddings import Embeddings
     from redis.asyncio import Redis
 
-    from service.settings import Settings
+    from service.config import Settings
 
 __all__ = [
     "CorruptWorkflowError",

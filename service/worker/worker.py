@@ -33,13 +33,13 @@ from nodes.models import (
     WorkflowResult,
     utcnow,
 )
-from service import metrics
-from service.checkpoints import expire_session, redis_checkpoint_serde
-from service.publisher import BackgroundPublisher, TransitionPublisher
-from service.runner import SessionRunner, UnknownSessionError
-from service.sessions import SessionStore
-from service.settings import Settings
-from service.transitions import Transition
+from service.config import Settings
+from service.observe import metrics
+from service.runtime.runner import SessionRunner, UnknownSessionError
+from service.runtime.transitions import Transition
+from service.storage.checkpoints import expire_session, redis_checkpoint_serde
+from service.storage.publisher import BackgroundPublisher, TransitionPublisher
+from service.storage.sessions import SessionStore
 
 __all__ = ["INFRA_ERRORS", "is_infra_error", "Worker", "open_checkpointer"]
 
@@ -182,8 +182,8 @@ class Worker:
         self._redis = redis_pool(s.redis_url, s.max_in_flight)
         await self._redis.ping()
         checkpointer = await open_checkpointer(self._redis, s)
-        from service.library import open_library
-        from service.memory import install_llm_cache, open_subject_store
+        from service.storage.library import open_library
+        from service.storage.memory import install_llm_cache, open_subject_store
 
         library = await open_library(self._redis, s)
         subject_store = await open_subject_store(self._redis)

@@ -28,12 +28,12 @@ from redis.asyncio import Redis
 from graphs.workflow import build_graph
 from nodes.models import CloudEvent, WorkflowResult
 from nodes.state import WorkflowState
-from service.drawing import SessionPath, session_path
-from service.publisher import TransitionPublisher, read_log
-from service.runner import InMemorySequence, SessionRunner
-from service.sessions import SessionStore
-from service.settings import Settings
-from service.transitions import Transition, TransitionSink
+from service.config import Settings
+from service.observe.drawing import SessionPath, session_path
+from service.runtime.runner import InMemorySequence, SessionRunner
+from service.runtime.transitions import Transition, TransitionSink
+from service.storage.publisher import TransitionPublisher, read_log
+from service.storage.sessions import SessionStore
 
 __all__ = [
     "ReplayError",
@@ -79,7 +79,7 @@ async def open_session_graph(settings: Settings) -> AsyncIterator[SessionGraph]:
     """
     async with AsyncExitStack() as stack:
         if settings.redis_url:
-            from service.worker import open_checkpointer
+            from service.worker.worker import open_checkpointer
 
             redis = Redis.from_url(settings.redis_url)
             stack.push_async_callback(redis.aclose)
@@ -88,7 +88,7 @@ async def open_session_graph(settings: Settings) -> AsyncIterator[SessionGraph]:
             return
         from langgraph.checkpoint.sqlite.aio import AsyncSqliteSaver
 
-        from service.checkpoints import checkpoint_serde
+        from service.storage.checkpoints import checkpoint_serde
 
         path = settings.data_dir / "checkpoints.sqlite"
         if not path.exists():
@@ -421,7 +421,7 @@ async def replay_session(
             sequence=sequence,
         )
         if opened.redis is not None and outcome.result.status != "interrupted":
-            from service.checkpoints import expire_session
+            from service.storage.checkpoints import expire_session
 
             await expire_session(opened.graph.checkpointer, session_id, settings.session_ttl_s)
         if store is not None:

@@ -27,7 +27,7 @@ if TYPE_CHECKING:
     from langgraph.store.redis.aio import AsyncRedisStore
     from redis.asyncio import Redis
 
-    from service.settings import Settings
+    from service.config import Settings
 
 __all__ = [
     "LLM_CACHE_PREFIX",
@@ -143,7 +143,7 @@ async def open_history_checkpointer(settings: Settings) -> AsyncIterator[tuple[A
     if settings.redis_url:
         from redis.asyncio import Redis
 
-        from service.worker import open_checkpointer
+        from service.worker.worker import open_checkpointer
 
         client = Redis.from_url(settings.redis_url, socket_connect_timeout=5)
         try:
@@ -153,7 +153,7 @@ async def open_history_checkpointer(settings: Settings) -> AsyncIterator[tuple[A
         return
     from langgraph.checkpoint.sqlite.aio import AsyncSqliteSaver
 
-    from service.checkpoints import checkpoint_serde
+    from service.storage.checkpoints import checkpoint_serde
 
     path = settings.data_dir / "checkpoints.sqlite"
     if not path.exists():

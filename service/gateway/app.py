@@ -51,12 +51,18 @@ from nodes.models import (
     ResultWorkflow,
     WorkflowResult,
 )
-from service import metrics
 from service.client import session_id_for
-from service.publisher import follow, log_key, read_log
-from service.sessions import INDEX_KEY, SessionRecord, SessionStatus, SessionStore, session_key
-from service.settings import Settings
-from service.transitions import Transition
+from service.config import Settings
+from service.observe import metrics
+from service.runtime.transitions import Transition
+from service.storage.publisher import follow, log_key, read_log
+from service.storage.sessions import (
+    INDEX_KEY,
+    SessionRecord,
+    SessionStatus,
+    SessionStore,
+    session_key,
+)
 
 __all__ = ["create_app", "serve_gateway"]
 
@@ -299,7 +305,7 @@ class Backends:
         async with self._graph_lock:
             if self._graph is None:
                 from graphs.workflow import build_graph
-                from service.worker import open_checkpointer
+                from service.worker.worker import open_checkpointer
 
                 self._graph = build_graph(await open_checkpointer(self.redis, self.settings))
             return self._graph
@@ -804,7 +810,7 @@ async def stream_session(
 
 @cache
 def _drawing(fmt: Literal["svg", "mermaid"]) -> str:
-    from service.drawing import render_graph
+    from service.observe.drawing import render_graph
 
     return render_graph(fmt)
 
@@ -831,7 +837,7 @@ async def get_graph(
     media = "image/svg+xml" if format == "svg" else "text/plain; charset=utf-8"
     if session is None:
         return Response(_drawing(format), media_type=media)
-    from service.drawing import render_graph, session_path
+    from service.observe.drawing import render_graph, session_path
 
     transitions = await read_log(backends.redis, session)
     if not transitions:

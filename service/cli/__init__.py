@@ -1,0 +1,1 @@
+"""The `agentflow` command line: thin commands over the library."""
