@@ -13,8 +13,8 @@ from redis.asyncio import Redis
 
 from nodes.models import CloudEvent, WorkflowResult
 from service.config import Settings
-from service.runtime.transitions import Transition
 from service.storage.publisher import follow, log_key
+from service.storage.transitions import Transition
 
 __all__ = ["last_seq", "produce_event", "session_id_for", "wait_for_result", "watch_session"]
 

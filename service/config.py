@@ -11,12 +11,9 @@ from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 from nodes.agents import AgentConfigError, load_agents
 from nodes.chat_models import default_model_spec
 from nodes.context import WorkflowContext
+from service.errors import ConfigError
 
-__all__ = ["ConfigError", "Settings", "load_settings"]
-
-
-class ConfigError(ValueError):
-    """The configuration cannot start the service; the message says what to fix."""
+__all__ = ["Settings", "load_settings"]
 
 
 class Settings(BaseSettings):
@@ -127,7 +124,8 @@ class Settings(BaseSettings):
         except AgentConfigError as exc:
             raise ConfigError(str(exc)) from None
         if self.library_seed is not None:
-            from service.storage.library import TemplateError, load_templates
+            from service.errors import TemplateError
+            from service.storage.library import load_templates
 
             try:
                 load_templates(self.library_seed, registry)

@@ -15,7 +15,8 @@ import typer
 from rich.console import Console
 
 from nodes.models import CloudEvent, EventValidationError, WorkflowResult
-from service.config import ConfigError, Settings, load_settings
+from service.config import Settings, load_settings
+from service.errors import ConfigError
 
 __all__ = ["app", "main"]
 
@@ -157,7 +158,8 @@ def graph(
         raise BadInput("png is binary: give --output FILE (or pipe stdout to a file)")
     path = None
     if session is not None:
-        from service.runtime.replay import ReplayError, load_session_path
+        from service.errors import ReplayError
+        from service.runtime.replay import load_session_path
 
         try:
             path = asyncio.run(load_session_path(_settings(), session))
@@ -365,8 +367,9 @@ def sessions_replay(
     _configure_logging(verbose)
     settings = _settings()
     from service.cli.console import print_transition
-    from service.runtime.replay import ReplayError, parse_edits, replay_session
-    from service.runtime.transitions import Transition
+    from service.errors import ReplayError
+    from service.runtime.replay import parse_edits, replay_session
+    from service.storage.transitions import Transition
 
     async def show(transition: Transition) -> None:
         if not as_json:
@@ -433,7 +436,8 @@ def library_load(
     _configure_logging(False)
     settings = _library_settings()
     from nodes.agents import load_agents
-    from service.storage.library import TemplateError, load_templates
+    from service.errors import TemplateError
+    from service.storage.library import load_templates
 
     try:
         templates = load_templates(path, load_agents(settings.agents_file))
@@ -487,7 +491,7 @@ def library_show(
     """Show one workflow: what it handled, its steps and agents, and how it did."""
     _configure_logging(False)
     settings = _library_settings()
-    from service.storage.library import CorruptWorkflowError
+    from service.errors import CorruptWorkflowError
 
     async def get(library: Any) -> Any:
         return await library.get(workflow_id)

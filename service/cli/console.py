@@ -6,7 +6,7 @@ from rich.console import Console
 from rich.markup import escape
 
 from nodes.models import WorkflowResult
-from service.runtime.transitions import Transition
+from service.storage.transitions import Transition
 
 __all__ = ["print_result", "print_transition"]
 

@@ -43,12 +43,13 @@ from pathlib import Path
 from types import TracebackType
 from typing import IO, Any, Self, TypeVar
 
+from service.errors import ServerStartError
+
 __all__ = [
     "DEV_EXTRA_HINT",
     "KafkaBroker",
     "LocalServers",
     "RedisServer",
-    "ServerStartError",
     "find_redis_modules",
     "find_redis_server",
     "find_tansu",
@@ -72,10 +73,6 @@ _TANSU_ENV_VARS = ("SCHEMA_REGISTRY", "OTEL_EXPORTER_OTLP_ENDPOINT")
 _REQUIRED_REDIS_MODULES = frozenset({"search", "rejson"})
 
 _T = TypeVar("_T")
-
-
-class ServerStartError(RuntimeError):
-    """Raised when a local dev server cannot be found, started or reached."""
 
 
 def find_tansu() -> Path:

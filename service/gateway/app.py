@@ -53,8 +53,8 @@ from nodes.models import (
 )
 from service.client import session_id_for
 from service.config import Settings
+from service.errors import KafkaUnavailable
 from service.observe import metrics
-from service.runtime.transitions import Transition
 from service.storage.publisher import follow, log_key, read_log
 from service.storage.sessions import (
     INDEX_KEY,
@@ -63,6 +63,7 @@ from service.storage.sessions import (
     SessionStore,
     session_key,
 )
+from service.storage.transitions import Transition
 
 __all__ = ["create_app", "serve_gateway"]
 
@@ -74,10 +75,6 @@ SEND_TIMEOUT_S = 5.0
 ENDED = frozenset({"session.completed", "session.failed"})
 """Transitions after which a session's stream ends (an interrupted one waits for a resume)."""
 STATUSES: tuple[str, ...] = ("running", "interrupted", "completed", "failed", "cancelled")
-
-
-class KafkaUnavailable(ConnectionError):
-    """Kafka did not acknowledge an event in time."""
 
 
 # --- API models ------------------------------------------------------------------------

@@ -18,7 +18,7 @@ from xml.sax.saxutils import escape, quoteattr
 from langchain_core.runnables.graph import Edge, Graph, Node
 from langgraph.constants import END, START
 
-from service.runtime.transitions import Transition
+from service.storage.transitions import Transition
 
 __all__ = [
     "DrawFormat",

@@ -23,7 +23,7 @@ from prometheus_client import (
     start_http_server,
 )
 
-from service.runtime.transitions import Transition
+from service.storage.transitions import Transition
 
 __all__ = [
     "CONTENT_TYPE_LATEST",

@@ -12,8 +12,8 @@ from graphs.workflow import build_graph
 from nodes.models import CloudEvent, WorkflowResult
 from service.config import Settings
 from service.runtime.runner import SessionRunner
-from service.runtime.transitions import Transition
 from service.storage.checkpoints import checkpoint_serde
+from service.storage.transitions import Transition
 
 __all__ = ["run_embedded"]
 

@@ -29,14 +29,15 @@ from graphs.workflow import build_graph
 from nodes.models import CloudEvent, WorkflowResult
 from nodes.state import WorkflowState
 from service.config import Settings
+from service.errors import ReplayError
 from service.observe.drawing import SessionPath, session_path
 from service.runtime.runner import InMemorySequence, SessionRunner
-from service.runtime.transitions import Transition, TransitionSink
+from service.runtime.stream import TransitionSink
 from service.storage.publisher import TransitionPublisher, read_log
 from service.storage.sessions import SessionStore
+from service.storage.transitions import Transition
 
 __all__ = [
-    "ReplayError",
     "ReplayResult",
     "SessionGraph",
     "branch_history",
@@ -52,10 +53,6 @@ __all__ = [
 ]
 
 logger = logging.getLogger(__name__)
-
-
-class ReplayError(ValueError):
-    """A replay cannot start; the message says why and what to pick instead."""
 
 
 @dataclass

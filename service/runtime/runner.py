@@ -14,9 +14,11 @@ from langgraph.types import Command, StreamMode
 from nodes.context import WorkflowContext
 from nodes.finalize import build_result
 from nodes.models import CloudEvent, WorkflowResult
-from service.runtime.transitions import Transition, TransitionMapper, TransitionSink
+from service.errors import UnknownSessionError
+from service.runtime.stream import TransitionMapper, TransitionSink
+from service.storage.transitions import Transition
 
-__all__ = ["InMemorySequence", "SessionRunner", "UnknownSessionError"]
+__all__ = ["InMemorySequence", "SessionRunner"]
 
 logger = logging.getLogger(__name__)
 
@@ -25,10 +27,6 @@ DURABILITY: Literal["sync"] = "sync"
 """Each step's checkpoint is saved before the next step starts. With LangGraph's default
 ("async") a step can finish while the previous checkpoint is still being written; after
 a crash that step has no checkpoint to hang its writes on and runs a second time."""
-
-
-class UnknownSessionError(LookupError):
-    """A resume names a session that has no checkpoint to resume from."""
 
 
 class InMemorySequence:

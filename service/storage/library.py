@@ -66,6 +66,7 @@ from nodes.models import (
     utcnow,
 )
 from nodes.planning import check_plan
+from service.errors import CorruptWorkflowError, TemplateError
 
 if TYPE_CHECKING:
     from langchain_core.embeddings import Embeddings
@@ -74,9 +75,7 @@ if TYPE_CHECKING:
     from service.config import Settings
 
 __all__ = [
-    "CorruptWorkflowError",
     "RedisWorkflowLibrary",
-    "TemplateError",
     "load_templates",
     "make_embeddings",
     "open_library",
@@ -89,14 +88,6 @@ DEFAULT_PREFIX = "agentflow:workflow"
 _TYPE_WEIGHT = 10.0
 _OFFERED = "@verdict:{" + " | ".join(sorted(OFFERED_VERDICTS)) + "}"
 _MAX_QUERY_TERMS = 40
-
-
-class TemplateError(ValueError):
-    """A workflow template file cannot be read or holds an invalid workflow."""
-
-
-class CorruptWorkflowError(ValueError):
-    """A stored workflow document does not hold a valid workflow."""
 
 
 class _TemplateStep(BaseModel):

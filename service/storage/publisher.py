@@ -11,7 +11,7 @@ from typing import Any, cast
 from redis import exceptions as redis_errors
 from redis.asyncio import Redis
 
-from service.runtime.transitions import Transition
+from service.storage.transitions import Transition
 
 __all__ = [
     "ALL_TRANSITIONS_CHANNEL",

@@ -34,12 +34,13 @@ from nodes.models import (
     utcnow,
 )
 from service.config import Settings
+from service.errors import UnknownSessionError
 from service.observe import metrics
-from service.runtime.runner import SessionRunner, UnknownSessionError
-from service.runtime.transitions import Transition
+from service.runtime.runner import SessionRunner
 from service.storage.checkpoints import expire_session, redis_checkpoint_serde
 from service.storage.publisher import BackgroundPublisher, TransitionPublisher
 from service.storage.sessions import SessionStore
+from service.storage.transitions import Transition
 
 __all__ = ["INFRA_ERRORS", "is_infra_error", "Worker", "open_checkpointer"]
 

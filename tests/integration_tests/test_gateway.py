@@ -23,9 +23,9 @@ from nodes.models import WorkflowResult
 from service.config import Settings, load_settings
 from service.devtools.servers import KafkaBroker, LocalServers
 from service.gateway.app import serve_gateway
-from service.runtime.transitions import Transition
 from service.storage.publisher import TransitionPublisher, read_log, session_channel
 from service.storage.sessions import SessionStore
+from service.storage.transitions import Transition
 from service.worker.worker import Worker
 from tests.integration_tests.conftest import read_topic, results_by_event
 

@@ -21,7 +21,8 @@ from nodes.context import WorkflowContext
 from nodes.library import InMemoryWorkflowLibrary, event_text, workflow_text
 from nodes.models import CloudEvent, SimilarWorkflow, Step, Workflow
 from service.devtools.servers import LocalServers
-from service.storage.library import CorruptWorkflowError, RedisWorkflowLibrary, seed_library
+from service.errors import CorruptWorkflowError
+from service.storage.library import RedisWorkflowLibrary, seed_library
 from tests.unit_tests.helpers import runner_for
 
 pytestmark = pytest.mark.integration

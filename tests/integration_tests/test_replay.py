@@ -18,8 +18,9 @@ from redis.asyncio import Redis
 from graphs.workflow import build_graph
 from nodes.models import CloudEvent
 from service.config import Settings
+from service.errors import ReplayError
 from service.observe.drawing import render_graph, session_path
-from service.runtime.replay import ReplayError, branch_history, checkpoint_id, replay_session
+from service.runtime.replay import branch_history, checkpoint_id, replay_session
 from service.runtime.runner import SessionRunner
 from service.storage.publisher import TransitionPublisher, read_log
 from service.storage.sessions import SessionStore

@@ -12,7 +12,8 @@ import redis.asyncio as aioredis
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 
-from service.devtools.servers import KafkaBroker, LocalServers, RedisServer, ServerStartError
+from service.devtools.servers import KafkaBroker, LocalServers, RedisServer
+from service.errors import ServerStartError
 
 pytestmark = pytest.mark.integration
 

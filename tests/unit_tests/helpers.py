@@ -15,8 +15,8 @@ from graphs.workflow import build_graph
 from nodes.chat_models import OfflineChatModel
 from nodes.context import WorkflowContext
 from service.runtime.runner import SessionRunner
-from service.runtime.transitions import Transition
 from service.storage.checkpoints import checkpoint_serde
+from service.storage.transitions import Transition
 
 
 class ScriptedModel(OfflineChatModel):

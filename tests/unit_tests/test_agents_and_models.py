@@ -6,7 +6,8 @@ import pytest
 
 from nodes.agents import AgentConfigError, AgentRegistry
 from nodes.chat_models import ModelConfigError, OfflineChatModel, make_chat_model
-from service.config import ConfigError, load_settings
+from service.config import load_settings
+from service.errors import ConfigError
 
 
 def write(tmp_path: Path, body: str) -> Path:

@@ -19,8 +19,8 @@ from service.config import load_settings
 from service.observe.drawing import SessionPath, format_duration, render_graph, session_path
 from service.runtime.replay import branch_history, transitions_from_history
 from service.runtime.runner import SessionRunner
-from service.runtime.transitions import Transition
 from service.storage.checkpoints import checkpoint_serde
+from service.storage.transitions import Transition
 
 ROOT = Path(__file__).resolve().parents[2]
 SVG = "{http://www.w3.org/2000/svg}"

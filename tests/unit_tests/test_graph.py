@@ -13,9 +13,10 @@ from langgraph.checkpoint.memory import InMemorySaver
 from graphs.workflow import build_graph
 from nodes.context import WorkflowContext
 from nodes.library import InMemoryWorkflowLibrary
-from service.runtime.runner import SessionRunner, UnknownSessionError
-from service.runtime.transitions import Transition
+from service.errors import UnknownSessionError
+from service.runtime.runner import SessionRunner
 from service.storage.checkpoints import checkpoint_serde
+from service.storage.transitions import Transition
 from tests.unit_tests.helpers import runner_for, scripted, write_agents
 
 SLOW_TOOLS = '''

@@ -11,8 +11,8 @@ import pytest
 
 from nodes.models import ReviewDecision, Step
 from service.config import load_settings
+from service.errors import ReplayError
 from service.runtime.replay import (
-    ReplayError,
     branch_history,
     checkpoint_id,
     open_session_graph,

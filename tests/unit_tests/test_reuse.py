@@ -17,8 +17,9 @@ from nodes.context import WorkflowContext
 from nodes.discovery import choose_basis
 from nodes.library import InMemoryWorkflowLibrary, blend_quality, similarity, terms
 from nodes.models import CloudEvent, PlanDraft, SimilarWorkflow, Step, WorkflowResult
-from service.config import ConfigError, load_settings
-from service.storage.library import TemplateError, load_templates
+from service.config import load_settings
+from service.errors import ConfigError, TemplateError
+from service.storage.library import load_templates
 from tests.unit_tests.helpers import runner_for, scripted
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -1,52 +1,17 @@
-"""Transitions: what a session did, turned from the graph's stream into messages."""
+"""Turn the graph's stream into transitions: what a session did, as messages."""
 
 from __future__ import annotations
 
 import time
 from collections.abc import Awaitable, Callable
-from datetime import datetime
-from typing import Any, Literal
+from typing import Any
 
 from langgraph.types import Overwrite
-from pydantic import BaseModel, Field
 
-from nodes.models import Step, utcnow
+from nodes.models import Step
+from service.storage.transitions import Transition
 
-__all__ = ["Transition", "TransitionMapper", "TransitionSink", "TransitionType"]
-
-TransitionType = Literal[
-    "session.started",
-    "node.started",
-    "node.completed",
-    "node.failed",
-    "step.started",
-    "step.completed",
-    "agent.message",
-    "session.interrupted",
-    "session.completed",
-    "session.failed",
-]
-TERMINAL: frozenset[str] = frozenset({"session.interrupted", "session.completed", "session.failed"})
-
-
-class Transition(BaseModel):
-    """One thing that happened in a session."""
-
-    session_id: str
-    seq: int = 0
-    ts: datetime = Field(default_factory=utcnow)
-    type: TransitionType
-    node: str | None = None
-    step_id: str | None = None
-    agent: str | None = None
-    duration_ms: int | None = None
-    data: dict[str, Any] | None = None
-
-    @property
-    def terminal(self) -> bool:
-        """Whether the session stops after this transition (until resumed)."""
-        return self.type in TERMINAL
-
+__all__ = ["TransitionMapper", "TransitionSink"]
 
 TransitionSink = Callable[[Transition], Awaitable[None]]
 """Receives each transition, with its `seq` already set."""

@@ -1,0 +1,50 @@
+"""The service's errors: one base class, each error a subclass of the closest built-in.
+
+Every message says what went wrong and what to do about it, so the CLI and the gateway
+can show it as it is.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "AgentflowError",
+    "ConfigError",
+    "CorruptWorkflowError",
+    "KafkaUnavailable",
+    "ReplayError",
+    "ServerStartError",
+    "TemplateError",
+    "UnknownSessionError",
+]
+
+
+class AgentflowError(Exception):
+    """Base of the errors agentflow's service raises on purpose."""
+
+
+class ConfigError(AgentflowError, ValueError):
+    """The configuration cannot start the service; the message says what to fix."""
+
+
+class TemplateError(AgentflowError, ValueError):
+    """A workflow template file cannot be read or holds an invalid workflow."""
+
+
+class CorruptWorkflowError(AgentflowError, ValueError):
+    """A stored workflow document does not hold a valid workflow."""
+
+
+class UnknownSessionError(AgentflowError, LookupError):
+    """A resume names a session that has no checkpoint to resume from."""
+
+
+class ReplayError(AgentflowError, ValueError):
+    """A replay cannot start; the message says why and what to pick instead."""
+
+
+class KafkaUnavailable(AgentflowError, ConnectionError):
+    """Kafka did not acknowledge an event in time."""
+
+
+class ServerStartError(AgentflowError, RuntimeError):
+    """A local dev server cannot be found, started or reached."""

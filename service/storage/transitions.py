@@ -1,0 +1,45 @@
+"""The transition message: one thing that happened in a session, as stored and sent."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any, Literal
+
+from pydantic import BaseModel, Field
+
+from nodes.models import utcnow
+
+__all__ = ["TERMINAL", "Transition", "TransitionType"]
+
+TransitionType = Literal[
+    "session.started",
+    "node.started",
+    "node.completed",
+    "node.failed",
+    "step.started",
+    "step.completed",
+    "agent.message",
+    "session.interrupted",
+    "session.completed",
+    "session.failed",
+]
+TERMINAL: frozenset[str] = frozenset({"session.interrupted", "session.completed", "session.failed"})
+
+
+class Transition(BaseModel):
+    """One thing that happened in a session."""
+
+    session_id: str
+    seq: int = 0
+    ts: datetime = Field(default_factory=utcnow)
+    type: TransitionType
+    node: str | None = None
+    step_id: str | None = None
+    agent: str | None = None
+    duration_ms: int | None = None
+    data: dict[str, Any] | None = None
+
+    @property
+    def terminal(self) -> bool:
+        """Whether the session stops after this transition (until resumed)."""
+        return self.type in TERMINAL
