@@ -36,9 +36,10 @@ from nodes.models import CloudEvent, WorkflowResult  # noqa: E402
 from service.config import load_settings  # noqa: E402
 from service.devtools.servers import LocalServers  # noqa: E402
 from service.runtime.runner import SessionRunner  # noqa: E402
+from service.storage.checkpoints import open_checkpointer  # noqa: E402
 from service.storage.library import RedisWorkflowLibrary  # noqa: E402
 from service.storage.memory import open_subject_store  # noqa: E402
-from service.worker.worker import open_checkpointer, redis_pool  # noqa: E402
+from service.worker.worker import redis_pool  # noqa: E402
 
 EVENTS = ROOT / "examples" / "events"
 KINDS = ("claim_submitted", "document_uploaded", "status_requested")
@@ -100,9 +101,7 @@ async def run_mode(redis_url: str, mode: str, rounds: int) -> dict[str, dict[str
         library = RedisWorkflowLibrary(redis, prefix=f"bench-{tag}:workflow")
         await library.setup()
         stack.push_async_callback(library.index.delete, True)
-        graph = build_graph(
-            await open_checkpointer(redis, settings), store=await open_subject_store(redis)
-        )
+        graph = build_graph(await open_checkpointer(redis), store=await open_subject_store(redis))
         phases = {}
         for phase in ("cold", "warm"):
             # cold: nothing is reused, so every session plans and assigns as without memory

@@ -42,9 +42,10 @@ from graphs.workflow import build_graph  # noqa: E402
 from nodes.models import CloudEvent  # noqa: E402
 from service.config import Settings, load_settings  # noqa: E402
 from service.devtools.servers import LocalServers  # noqa: E402
+from service.storage.checkpoints import open_checkpointer  # noqa: E402
 from service.storage.library import open_library  # noqa: E402
 from service.storage.memory import open_subject_store  # noqa: E402
-from service.worker.worker import open_checkpointer, redis_pool  # noqa: E402
+from service.worker.worker import redis_pool  # noqa: E402
 
 WORKER_LOG = Path("/tmp/agentflow-bench-worker.log")
 
@@ -178,10 +179,8 @@ async def plain_langgraph(settings: Settings, events: list[CloudEvent], in_fligh
     """Run the same events with `graph.ainvoke` on the same Redis checkpointer."""
     redis = redis_pool(settings.redis_url or "", in_flight)
     # The same graph the worker runs: Redis checkpointer, workflow library, subject memory.
-    graph = build_graph(
-        await open_checkpointer(redis, settings), store=await open_subject_store(redis)
-    )
-    context = settings.context(library=await open_library(redis, settings))
+    graph = build_graph(await open_checkpointer(redis), store=await open_subject_store(redis))
+    context = settings.context(library=await open_library(redis, embeddings=settings.embeddings))
     gate = asyncio.Semaphore(in_flight)
     await graph.ainvoke(
         {"event": event(0, "plain-warm")}, {"configurable": {"thread_id": "w"}}, context=context
@@ -216,10 +215,8 @@ async def langgraph_alone(events: list[CloudEvent]) -> float:
 
 async def one_session_time(settings: Settings) -> float:
     redis = redis_pool(settings.redis_url or "", 4)
-    graph = build_graph(
-        await open_checkpointer(redis, settings), store=await open_subject_store(redis)
-    )
-    library = await open_library(redis, settings)
+    graph = build_graph(await open_checkpointer(redis), store=await open_subject_store(redis))
+    library = await open_library(redis, embeddings=settings.embeddings)
     times = []
     for i in range(3):
         started = time.perf_counter()

@@ -411,7 +411,7 @@ def _with_library(settings: Settings, use: Callable[[Any], Awaitable[Any]]) -> A
     async def go() -> Any:
         client = Redis.from_url(settings.redis_url or "", socket_connect_timeout=5)
         try:
-            return await use(await open_library(client, settings))
+            return await use(await open_library(client, embeddings=settings.embeddings))
         finally:
             await client.aclose()
 

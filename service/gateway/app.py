@@ -302,9 +302,9 @@ class Backends:
         async with self._graph_lock:
             if self._graph is None:
                 from graphs.workflow import build_graph
-                from service.worker.worker import open_checkpointer
+                from service.storage.checkpoints import open_checkpointer
 
-                self._graph = build_graph(await open_checkpointer(self.redis, self.settings))
+                self._graph = build_graph(await open_checkpointer(self.redis))
             return self._graph
 
     async def kafka_health(self) -> Reachability:

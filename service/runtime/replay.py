@@ -76,11 +76,11 @@ async def open_session_graph(settings: Settings) -> AsyncIterator[SessionGraph]:
     """
     async with AsyncExitStack() as stack:
         if settings.redis_url:
-            from service.worker.worker import open_checkpointer
+            from service.storage.checkpoints import open_checkpointer
 
             redis = Redis.from_url(settings.redis_url)
             stack.push_async_callback(redis.aclose)
-            saver = await open_checkpointer(redis, settings)
+            saver = await open_checkpointer(redis)
             yield SessionGraph(build_graph(saver), redis, f"Redis at {settings.redis_url}")
             return
         from langgraph.checkpoint.sqlite.aio import AsyncSqliteSaver

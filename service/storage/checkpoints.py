@@ -1,14 +1,23 @@
-"""Checkpoint serialisation shared by every checkpointer agentflow opens."""
+"""Checkpoints: the Redis checkpointer, the serialisation every checkpointer shares, retention."""
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from langgraph.checkpoint.serde.jsonplus import JsonPlusSerializer
 
 from nodes import models
 
-__all__ = ["CHECKPOINT_TYPES", "checkpoint_serde", "expire_session", "redis_checkpoint_serde"]
+if TYPE_CHECKING:
+    from redis.asyncio import Redis
+
+__all__ = [
+    "CHECKPOINT_TYPES",
+    "checkpoint_serde",
+    "expire_session",
+    "open_checkpointer",
+    "redis_checkpoint_serde",
+]
 
 CHECKPOINT_TYPES: list[tuple[str, str]] = [
     ("nodes.models", name)
@@ -97,3 +106,15 @@ async def expire_session(saver: Any, session_id: str, ttl_s: int) -> int:
         WRITE_KEYS_ZSET_PREFIX,
     ]
     return int(await saver._redis.eval(_EXPIRE_SESSION, 0, *args))
+
+
+async def open_checkpointer(client: Redis) -> Any:
+    """Set up the langgraph-checkpoint-redis saver on an existing client."""
+    from langgraph.checkpoint.redis.aio import AsyncRedisSaver
+
+    # No per-write TTL: the worker gives a session's keys their TTL when it finishes
+    # (`expire_session`), so a session waiting for a human answer does not expire.
+    saver = AsyncRedisSaver(redis_client=client)
+    saver.serde = redis_checkpoint_serde()
+    await saver.asetup()
+    return saver

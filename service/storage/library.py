@@ -72,7 +72,6 @@ if TYPE_CHECKING:
     from langchain_core.embeddings import Embeddings
     from redis.asyncio import Redis
 
-    from service.config import Settings
 
 __all__ = [
     "RedisWorkflowLibrary",
@@ -575,13 +574,17 @@ class RedisWorkflowLibrary:
             return None
 
 
-async def open_library(redis: Redis, settings: Settings) -> RedisWorkflowLibrary:
-    """Set up the Redis workflow library the settings describe, on an existing client.
+async def open_library(redis: Redis, *, embeddings: str | None = None) -> RedisWorkflowLibrary:
+    """Set up the Redis workflow library on an existing client.
+
+    Args:
+        redis: the client.
+        embeddings: `provider:model` of embeddings for hybrid search (`AGENTFLOW_EMBEDDINGS`).
 
     Raises:
         ValueError: `AGENTFLOW_EMBEDDINGS` names embeddings that cannot be made.
     """
-    embeddings = make_embeddings(settings.embeddings) if settings.embeddings else None
-    library = RedisWorkflowLibrary(redis, embeddings=embeddings)
+    model = make_embeddings(embeddings) if embeddings else None
+    library = RedisWorkflowLibrary(redis, embeddings=model)
     await library.setup()
     return library

@@ -143,11 +143,11 @@ async def open_history_checkpointer(settings: Settings) -> AsyncIterator[tuple[A
     if settings.redis_url:
         from redis.asyncio import Redis
 
-        from service.worker.worker import open_checkpointer
+        from service.storage.checkpoints import open_checkpointer
 
         client = Redis.from_url(settings.redis_url, socket_connect_timeout=5)
         try:
-            yield await open_checkpointer(client, settings), f"Redis at {settings.redis_url}"
+            yield await open_checkpointer(client), f"Redis at {settings.redis_url}"
         finally:
             await client.aclose()
         return

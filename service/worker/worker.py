@@ -37,12 +37,12 @@ from service.config import Settings
 from service.errors import UnknownSessionError
 from service.observe import metrics
 from service.runtime.runner import SessionRunner
-from service.storage.checkpoints import expire_session, redis_checkpoint_serde
+from service.storage.checkpoints import expire_session, open_checkpointer
 from service.storage.publisher import BackgroundPublisher, TransitionPublisher
 from service.storage.sessions import SessionStore
 from service.storage.transitions import Transition
 
-__all__ = ["INFRA_ERRORS", "is_infra_error", "Worker", "open_checkpointer"]
+__all__ = ["INFRA_ERRORS", "is_infra_error", "Worker"]
 
 logger = logging.getLogger(__name__)
 
@@ -82,18 +82,6 @@ def redis_pool(url: str, max_in_flight: int) -> Redis:
         url, max_connections=max_in_flight + 32, timeout=30, health_check_interval=10
     )
     return Redis(connection_pool=pool)
-
-
-async def open_checkpointer(client: Redis, settings: Settings) -> Any:
-    """Set up the langgraph-checkpoint-redis saver on an existing client."""
-    from langgraph.checkpoint.redis.aio import AsyncRedisSaver
-
-    # No per-write TTL: the worker gives a session's keys their TTL when it finishes
-    # (`expire_session`), so a session waiting for a human answer does not expire.
-    saver = AsyncRedisSaver(redis_client=client)
-    saver.serde = redis_checkpoint_serde()
-    await saver.asetup()
-    return saver
 
 
 @dataclass
@@ -182,11 +170,11 @@ class Worker:
             )
         self._redis = redis_pool(s.redis_url, s.max_in_flight)
         await self._redis.ping()
-        checkpointer = await open_checkpointer(self._redis, s)
+        checkpointer = await open_checkpointer(self._redis)
         from service.storage.library import open_library
         from service.storage.memory import install_llm_cache, open_subject_store
 
-        library = await open_library(self._redis, s)
+        library = await open_library(self._redis, embeddings=s.embeddings)
         subject_store = await open_subject_store(self._redis)
         install_llm_cache(s)
         self.store = SessionStore(self._redis, ttl_s=s.session_ttl_s)

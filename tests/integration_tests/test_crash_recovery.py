@@ -18,8 +18,8 @@ from redis.asyncio import Redis
 
 from graphs.workflow import build_graph
 from service.config import Settings
+from service.storage.checkpoints import open_checkpointer
 from service.storage.publisher import read_log
-from service.worker.worker import open_checkpointer
 from tests.integration_tests.conftest import read_topic, results_by_event
 
 pytestmark = pytest.mark.integration
@@ -119,7 +119,7 @@ async def test_sigkill_mid_run_then_restart(
         if first.poll() is None:
             first.kill()
     # What the checkpoints hold after the kill: these plans must never run again.
-    graph = build_graph(await open_checkpointer(redis, settings))
+    graph = build_graph(await open_checkpointer(redis))
     planned_before = {}
     for session_id in sessions:
         snapshot = await graph.aget_state({"configurable": {"thread_id": session_id}})

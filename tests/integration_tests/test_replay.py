@@ -22,9 +22,9 @@ from service.errors import ReplayError
 from service.observe.drawing import render_graph, session_path
 from service.runtime.replay import branch_history, checkpoint_id, replay_session
 from service.runtime.runner import SessionRunner
+from service.storage.checkpoints import open_checkpointer
 from service.storage.publisher import TransitionPublisher, read_log
 from service.storage.sessions import SessionStore
-from service.worker.worker import open_checkpointer
 
 pytestmark = pytest.mark.integration
 
@@ -39,7 +39,7 @@ async def run_on_redis(
     store = SessionStore(redis, ttl_s=settings.session_ttl_s)
     publisher = TransitionPublisher(redis, ttl_s=settings.session_ttl_s)
     await store.open(session_id, event_id=event.id, event_type=event.type, subject=event.subject)
-    graph = build_graph(await open_checkpointer(redis, settings))
+    graph = build_graph(await open_checkpointer(redis))
     runner = SessionRunner(graph, settings.context(), sink=publisher.publish, sequence=None)
     result = await runner.start(event, session_id)
     await store.close(result)
