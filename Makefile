@@ -6,7 +6,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint typecheck install clean
+.PHONY: demo test lint typecheck browser install clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -28,7 +28,12 @@ lint: $(STAMP)
 typecheck: $(STAMP)
 	$(BIN)/mypy graphs nodes service
 
-test: lint typecheck $(STAMP)
+# The web-page tests drive Debian's Chromium: installed here when missing (as root), or
+# `make test` stops before pytest with the command to run.
+browser:
+	@tests/ensure_chromium.sh
+
+test: lint typecheck browser $(STAMP)
 	$(BIN)/pytest -q
 
 clean:
