@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import asyncio
+import inspect
 import json
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
@@ -21,7 +22,14 @@ from service.config import Settings, load_settings
 from service.devtools.servers import LocalServers
 from service.worker.worker import Worker
 
-pytestmark = pytest.mark.integration
+HERE = Path(__file__).resolve().parent
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Mark every test in this directory `integration` (a conftest's `pytestmark` does not)."""
+    for item in items:
+        if item.path.is_relative_to(HERE):
+            item.add_marker(pytest.mark.integration)
 
 
 @pytest.fixture(scope="session")
@@ -81,6 +89,29 @@ async def producer(servers: LocalServers) -> AsyncIterator[AIOKafkaProducer]:
     await client.stop()
 
 
+async def wait_until(
+    condition: Callable[[], bool | Awaitable[bool]], what: str, *, timeout_s: float = 60.0
+) -> None:
+    """Poll `condition` (sync or async) until it holds.
+
+    The bound only catches a hang: a test waits for the condition itself, never for time.
+
+    Raises:
+        TimeoutError: naming `what` was awaited, when the condition does not hold in time.
+    """
+    try:
+        async with asyncio.timeout(timeout_s):
+            while True:
+                held = condition()
+                if inspect.isawaitable(held):
+                    held = await held
+                if held:
+                    return
+                await asyncio.sleep(0.05)
+    except TimeoutError:
+        raise TimeoutError(f"not within {timeout_s:g} s: {what}") from None
+
+
 async def read_topic(
     bootstrap: str,
     topic: str,
@@ -115,7 +146,7 @@ async def read_topic(
     return records
 
 
-EVENTS = Path(__file__).resolve().parents[2] / "examples" / "events"
+EVENTS = HERE.parents[1] / "examples" / "events"
 
 
 def example(name: str, **overrides: Any) -> dict[str, Any]:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import json
 import os
 import signal
@@ -10,9 +9,7 @@ import subprocess
 import sys
 import uuid
 from pathlib import Path
-from typing import Any
 
-import pytest
 from aiokafka import AIOKafkaProducer
 from redis.asyncio import Redis
 
@@ -20,18 +17,20 @@ from graphs.workflow import build_graph
 from service.config import Settings
 from service.storage.checkpoints import open_checkpointer
 from service.storage.publisher import read_log
-from tests.integration_tests.conftest import read_topic, results_by_event
-
-pytestmark = pytest.mark.integration
+from tests.integration_tests.conftest import read_topic, results_by_event, wait_until
 
 ROOT = Path(__file__).resolve().parents[2]
 
 SLOW_TOOLS = '''
-import time
+import asyncio
+from pathlib import Path
 
-def slow_check(claim_id: str) -> str:
-    """Check a claim, slowly."""
-    time.sleep(0.4)
+GATE = Path(GATE_PATH)
+
+async def slow_check(claim_id: str) -> str:
+    """Check a claim; held until the gate file exists."""
+    while not GATE.exists():
+        await asyncio.sleep(0.05)
     return f"checked {claim_id}"
 '''
 
@@ -71,17 +70,13 @@ def start_worker_process(
     )
 
 
-async def wait_for(condition: Any, timeout_s: float, what: str) -> None:
-    async with asyncio.timeout(timeout_s):
-        while not await condition():
-            await asyncio.sleep(0.1)
-    assert await condition(), what
-
-
 async def test_sigkill_mid_run_then_restart(
     settings: Settings, producer: AIOKafkaProducer, redis: Redis, tmp_path: Path
 ) -> None:
-    (tmp_path / "crash_tools.py").write_text(SLOW_TOOLS)
+    # The first worker's runs are held in their first tool call until the gate file exists,
+    # so the kill lands mid-run however fast the machine is; the gate opens for the second.
+    gate = tmp_path / "gate"
+    (tmp_path / "crash_tools.py").write_text(SLOW_TOOLS.replace("GATE_PATH", repr(str(gate))))
     agents_file = tmp_path / "agents.yaml"
     agents_file.write_text(SLOW_AGENTS)
     log = tmp_path / "worker.log"
@@ -105,14 +100,7 @@ async def test_sigkill_mid_run_then_restart(
                 done += any(t.node == "plan" and t.type == "node.completed" for t in log_entries)
             return done >= 3
 
-        await wait_for(some_planned, 90, "sessions got planned before the kill")
-        results_before = await read_topic(
-            settings.kafka_bootstrap or "",
-            settings.topic_results,
-            until=lambda rs: True,
-            timeout_s=5,
-        )
-        assert len(results_before) < len(sessions), "the kill must land mid-run"
+        await wait_until(some_planned, "sessions got planned before the kill", timeout_s=90)
         first.send_signal(signal.SIGKILL)
         first.wait(10)
     finally:
@@ -126,6 +114,7 @@ async def test_sigkill_mid_run_then_restart(
         planned_before[session_id] = bool(snapshot.values.get("intent"))
     assert any(planned_before.values())
 
+    gate.touch()
     second = start_worker_process(settings, agents_file, log)
     try:
         records = await read_topic(

@@ -19,8 +19,6 @@ import httpx
 import pytest
 from langgraph_sdk import get_client
 
-pytestmark = pytest.mark.integration
-
 ROOT = Path(__file__).resolve().parents[2]
 EVENTS = ROOT / "examples" / "events"
 

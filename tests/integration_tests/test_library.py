@@ -7,7 +7,6 @@ import json
 import logging
 import math
 import re
-import socket
 import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -24,8 +23,6 @@ from service.devtools.servers import LocalServers
 from service.errors import CorruptWorkflowError
 from service.storage.library import RedisWorkflowLibrary, seed_library
 from tests.unit_tests.helpers import runner_for
-
-pytestmark = pytest.mark.integration
 
 ROOT = Path(__file__).resolve().parents[2]
 TEMPLATES = ROOT / "examples" / "workflows"
@@ -207,26 +204,6 @@ async def test_discovery_with_an_empty_library(
     (discovered,) = [t for t in seen if t.node == "discover" and t.type == "node.completed"]
     assert discovered.data == {"similar": []}
     assert await library.count() == 1  # the approved run is kept
-
-
-async def test_discovery_with_redis_unavailable_goes_on_without_examples(
-    make_event: Any, caplog: pytest.LogCaptureFixture
-) -> None:
-    with socket.socket() as probe:  # a port nobody listens on
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    client = Redis.from_url(f"redis://127.0.0.1:{port}/0", socket_connect_timeout=1)
-    library = RedisWorkflowLibrary(client)
-    runner, seen = runner_for(WorkflowContext(library=library, reuse="direct"))
-    with caplog.at_level(logging.WARNING):
-        result = await runner.start(make_event(), "no-redis")
-    await client.aclose()
-    assert result.status == "completed" and result.usage.by_node["plan"] == 1
-    (discovered,) = [t for t in seen if t.node == "discover" and t.type == "node.completed"]
-    assert discovered.data is not None and discovered.data["similar"] == []
-    assert discovered.data["note"].startswith("workflow library unavailable: ")
-    assert str(port) in discovered.data["note"]
-    assert "could not update the workflow library" in caplog.text
 
 
 @pytest.mark.parametrize("mode", ["direct", "adapt"])

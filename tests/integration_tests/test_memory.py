@@ -29,8 +29,6 @@ from service.storage.memory import (
 )
 from tests.integration_tests.conftest import example, read_topic, results_by_event, send
 
-pytestmark = pytest.mark.integration
-
 
 @pytest.fixture
 def llm_cache_reset() -> Iterator[None]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import importlib
 import json
 import logging
 from pathlib import Path
@@ -10,22 +11,26 @@ from typing import Any
 
 import pytest
 from aiokafka import AIOKafkaProducer
+from redis.asyncio import Redis
 
 from service.config import Settings
 from service.devtools.servers import RedisServer
 from service.storage.publisher import read_log
-from tests.integration_tests.conftest import read_topic, results_by_event
-
-pytestmark = pytest.mark.integration
+from tests.integration_tests.conftest import read_topic, results_by_event, wait_until
 
 ROOT = Path(__file__).resolve().parents[2]
 
-SLOW_TOOLS = '''
+GATED_TOOLS = '''
 import asyncio
 
+held = 0
+GATE = asyncio.Event()
+
 async def careful_check(claim_id: str) -> str:
-    """Check a claim, taking a moment."""
-    await asyncio.sleep(0.3)
+    """Check a claim; held until the test opens the gate."""
+    global held
+    held += 1
+    await GATE.wait()
     return f"checked {claim_id}"
 '''
 
@@ -45,9 +50,13 @@ async def test_redis_restart_under_load(
     producer: AIOKafkaProducer,
     tmp_path: Path,
     caplog: pytest.LogCaptureFixture,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    (tmp_path / "outage_tools.py").write_text(SLOW_TOOLS)
+    (tmp_path / "outage_tools.py").write_text(GATED_TOOLS)
     (tmp_path / "agents.yaml").write_text(AGENTS)
+    # The worker runs in this process: it imports the same module, so the test holds its gate.
+    monkeypatch.syspath_prepend(str(tmp_path))
+    tools = importlib.import_module("outage_tools")
     redis_server = RedisServer(persistent=True)
     await redis_server.astart()
     try:
@@ -64,10 +73,17 @@ async def test_redis_restart_under_load(
             await producer.send_and_wait(
                 settings.topic_events, json.dumps(event).encode(), key=f"outage-{i}".encode()
             )
-        await asyncio.sleep(1.5)  # runs are under way
-        assert worker.in_flight > 0
+        # Every run is held inside its first step's tool call: all ten are mid-run.
+        await wait_until(lambda: tools.held >= len(events), "every run reached its tool call")
+        assert worker.in_flight == len(events)
+
         await asyncio.to_thread(redis_server.kill)
-        await asyncio.sleep(3)
+        tools.GATE.set()  # the runs go on and meet the dead Redis
+
+        def outage_seen() -> bool:
+            return any("stopped taking new events" in r.getMessage() for r in caplog.records)
+
+        await wait_until(outage_seen, "the worker noticed Redis was gone")
         await redis_server.astart()
 
         records = await read_topic(
@@ -81,9 +97,7 @@ async def test_redis_restart_under_load(
             assert len(results[event_id]) == 1, event_id
             assert results[event_id][0]["status"] == "completed", results[event_id][0]["error"]
         messages = [r.getMessage() for r in caplog.records]
-        assert any("stopped taking new events" in m for m in messages), messages
         assert any("reachable again" in m for m in messages), messages
-        from redis.asyncio import Redis
 
         client = Redis.from_url(redis_server.url)
         try:

@@ -26,8 +26,6 @@ from service.storage.checkpoints import open_checkpointer
 from service.storage.publisher import TransitionPublisher, read_log
 from service.storage.sessions import SessionStore
 
-pytestmark = pytest.mark.integration
-
 ROOT = Path(__file__).resolve().parents[2]
 SVG = "{http://www.w3.org/2000/svg}"
 

@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-import asyncio
 import json
 import uuid
 from typing import Any
 
-import pytest
 from aiokafka import AIOKafkaProducer
 from redis.asyncio import Redis
 
@@ -15,8 +13,6 @@ from service.config import Settings
 from service.storage.publisher import read_log
 from service.storage.sessions import SessionStore
 from tests.integration_tests.conftest import example, read_topic, results_by_event, send
-
-pytestmark = pytest.mark.integration
 
 
 async def test_example_events_end_to_end(
@@ -211,4 +207,3 @@ async def test_two_workers_many_sessions_keep_order_and_one_result_each(
         ends = [i for i, t in enumerate(log) if t.type == "session.completed"]
         second_start = [i for i, t in enumerate(log) if t.type == "session.started"][1]
         assert ends[0] < second_start  # the second event waited for the first
-    await asyncio.sleep(0)

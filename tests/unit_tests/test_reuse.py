@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import logging
+import socket
 from pathlib import Path
 from typing import Any
 
 import pytest
 from langchain_core.caches import InMemoryCache
 from langchain_core.messages import HumanMessage
+from redis.asyncio import Redis
 
 import nodes.library
 from nodes._llm import invoke, invoke_structured
@@ -19,7 +22,7 @@ from nodes.library import InMemoryWorkflowLibrary, blend_quality, similarity, te
 from nodes.models import CloudEvent, PlanDraft, SimilarWorkflow, Step, WorkflowResult
 from service.config import load_settings
 from service.errors import ConfigError, TemplateError
-from service.storage.library import load_templates
+from service.storage.library import RedisWorkflowLibrary, load_templates
 from tests.unit_tests.helpers import runner_for, scripted
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -301,3 +304,23 @@ async def test_failing_library_leaves_a_note_and_the_run_goes_on(
     (discovered,) = [t for t in seen if t.node == "discover" and t.type == "node.completed"]
     assert discovered.data is not None
     assert discovered.data["note"] == f"workflow library unavailable: {reason}"
+
+
+async def test_discovery_with_redis_unavailable_goes_on_without_examples(
+    make_event: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    with socket.socket() as probe:  # a port nobody listens on
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    client = Redis.from_url(f"redis://127.0.0.1:{port}/0", socket_connect_timeout=1)
+    library = RedisWorkflowLibrary(client)
+    runner, seen = runner_for(WorkflowContext(library=library, reuse="direct"))
+    with caplog.at_level(logging.WARNING):
+        result = await runner.start(make_event(), "no-redis")
+    await client.aclose()
+    assert result.status == "completed" and result.usage.by_node["plan"] == 1
+    (discovered,) = [t for t in seen if t.node == "discover" and t.type == "node.completed"]
+    assert discovered.data is not None and discovered.data["similar"] == []
+    assert discovered.data["note"].startswith("workflow library unavailable: ")
+    assert str(port) in discovered.data["note"]
+    assert "could not update the workflow library" in caplog.text
