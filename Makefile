@@ -33,7 +33,7 @@ typecheck: $(STAMP)
 browser:
 	@tests/ensure_chromium.sh
 
-test: lint typecheck browser $(STAMP)
+test: browser lint typecheck $(STAMP)
 	$(BIN)/pytest -q
 
 clean:
