@@ -6,7 +6,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint typecheck install clean
+.PHONY: demo test lint typecheck install notebooks clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -30,6 +30,13 @@ typecheck: $(STAMP)
 
 test: lint typecheck $(STAMP)
 	$(BIN)/pytest -q
+
+# JupyterLab on notebooks/, at 127.0.0.1 only: open the URL it prints (token included). The
+# kernel is this venv's Python: the variable makes the venv's `python3` kernelspec win over a
+# user-level one. --allow-root: containers often run as root, and the server is local.
+notebooks: $(STAMP)
+	JUPYTER_PREFER_ENV_PATH=1 $(BIN)/jupyter lab --notebook-dir=notebooks --ip=127.0.0.1 \
+		--no-browser --allow-root
 
 clean:
 	rm -rf $(VENV) .agentflow .pytest_cache .mypy_cache .ruff_cache
