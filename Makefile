@@ -6,7 +6,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint typecheck browser install clean
+.PHONY: demo test lint typecheck layers browser install notebooks clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -31,10 +31,17 @@ typecheck: $(STAMP)
 # The web-page tests drive Debian's Chromium: installed here when missing (as root), or
 # `make test` stops before pytest with the command to run.
 browser:
-	@tests/ensure_chromium.sh
+	@sh tests/ensure_chromium.sh
 
 test: browser lint typecheck $(STAMP)
 	$(BIN)/pytest -q
+
+# JupyterLab on notebooks/, at 127.0.0.1 only: open the URL it prints (token included). The
+# kernel is this venv's Python: the variable makes the venv's `python3` kernelspec win over a
+# user-level one. --allow-root: containers often run as root, and the server is local.
+notebooks: $(STAMP)
+	JUPYTER_PREFER_ENV_PATH=1 $(BIN)/jupyter lab --notebook-dir=notebooks --ip=127.0.0.1 \
+		--no-browser --allow-root
 
 clean:
 	rm -rf $(VENV) .agentflow .pytest_cache .mypy_cache .ruff_cache
