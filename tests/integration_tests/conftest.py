@@ -19,7 +19,7 @@ from redis.asyncio import Redis
 
 from service.config import Settings, load_settings
 from service.devtools.servers import LocalServers
-from service.worker.worker import Worker
+from service.worker import Worker
 
 pytestmark = pytest.mark.integration
 
