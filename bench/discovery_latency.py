@@ -35,9 +35,9 @@ from langchain_core.embeddings import Embeddings  # noqa: E402
 from langgraph.graph import END, START, StateGraph  # noqa: E402
 
 from nodes.models import CloudEvent, SimilarWorkflow, Step  # noqa: E402
+from service.bootstrap import redis_client  # noqa: E402
 from service.devtools.servers import LocalServers  # noqa: E402
 from service.storage.library import RedisWorkflowLibrary  # noqa: E402
-from service.worker.worker import redis_pool  # noqa: E402
 
 DOMAINS = "claim document payment invoice order shipment account customer ticket refund".split()
 VERBS = "submitted uploaded requested approved rejected updated cancelled opened closed".split()
@@ -143,7 +143,7 @@ async def main() -> None:
     parser.add_argument("--hybrid", action="store_true", help="add a hashing embedding")
     args = parser.parse_args()
     async with LocalServers.from_env() as servers:
-        redis = redis_pool(servers.redis_url, 8)
+        redis = redis_client(servers.redis_url, max_connections=40)
         embeddings = HashingEmbeddings() if args.hybrid else None
         library = RedisWorkflowLibrary(
             redis, prefix=f"bench-{uuid.uuid4().hex[:6]}:workflow", embeddings=embeddings

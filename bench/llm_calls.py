@@ -33,13 +33,13 @@ sys.path.insert(0, str(ROOT))
 from graphs.workflow import build_graph  # noqa: E402
 from nodes.context import NODE_NAMES  # noqa: E402
 from nodes.models import CloudEvent, WorkflowResult  # noqa: E402
+from service.bootstrap import redis_client  # noqa: E402
 from service.config import load_settings  # noqa: E402
 from service.devtools.servers import LocalServers  # noqa: E402
 from service.runtime.runner import SessionRunner  # noqa: E402
 from service.storage.checkpoints import open_checkpointer  # noqa: E402
 from service.storage.library import RedisWorkflowLibrary  # noqa: E402
 from service.storage.memory import open_subject_store  # noqa: E402
-from service.worker.worker import redis_pool  # noqa: E402
 
 EVENTS = ROOT / "examples" / "events"
 KINDS = ("claim_submitted", "document_uploaded", "status_requested")
@@ -95,7 +95,7 @@ def ratio(warm: float, cold: float) -> str:
 async def run_mode(redis_url: str, mode: str, rounds: int) -> dict[str, dict[str, Any]]:
     settings = load_settings(redis_url=redis_url, reuse=mode)
     async with AsyncExitStack() as stack:
-        redis = redis_pool(redis_url, 8)
+        redis = redis_client(redis_url, max_connections=40)
         stack.push_async_callback(redis.aclose)
         tag = uuid.uuid4().hex[:6]
         library = RedisWorkflowLibrary(redis, prefix=f"bench-{tag}:workflow")

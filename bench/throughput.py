@@ -40,12 +40,12 @@ sys.path.insert(0, str(ROOT))
 
 from graphs.workflow import build_graph  # noqa: E402
 from nodes.models import CloudEvent  # noqa: E402
+from service.bootstrap import redis_client  # noqa: E402
 from service.config import Settings, load_settings  # noqa: E402
 from service.devtools.servers import LocalServers  # noqa: E402
 from service.storage.checkpoints import open_checkpointer  # noqa: E402
 from service.storage.library import open_library  # noqa: E402
 from service.storage.memory import open_subject_store  # noqa: E402
-from service.worker.worker import redis_pool  # noqa: E402
 
 WORKER_LOG = Path("/tmp/agentflow-bench-worker.log")
 
@@ -177,7 +177,7 @@ async def wait_results(consumer: AIOKafkaConsumer, wanted: set[str], limit_s: fl
 
 async def plain_langgraph(settings: Settings, events: list[CloudEvent], in_flight: int) -> float:
     """Run the same events with `graph.ainvoke` on the same Redis checkpointer."""
-    redis = redis_pool(settings.redis_url or "", in_flight)
+    redis = redis_client(settings.redis_url or "", max_connections=in_flight + 32)
     # The same graph the worker runs: Redis checkpointer, workflow library, subject memory.
     graph = build_graph(await open_checkpointer(redis), store=await open_subject_store(redis))
     context = settings.context(library=await open_library(redis, embeddings=settings.embeddings))
@@ -214,7 +214,7 @@ async def langgraph_alone(events: list[CloudEvent]) -> float:
 
 
 async def one_session_time(settings: Settings) -> float:
-    redis = redis_pool(settings.redis_url or "", 4)
+    redis = redis_client(settings.redis_url or "", max_connections=36)
     graph = build_graph(await open_checkpointer(redis), store=await open_subject_store(redis))
     library = await open_library(redis, embeddings=settings.embeddings)
     times = []

@@ -8,10 +8,11 @@ import json
 from collections.abc import AsyncIterator
 from typing import cast
 
-from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
+from aiokafka import AIOKafkaConsumer
 from redis.asyncio import Redis
 
 from nodes.models import CloudEvent, WorkflowResult
+from service.bootstrap import kafka_producer
 from service.config import Settings
 from service.storage.publisher import follow, log_key
 from service.storage.transitions import Transition
@@ -27,12 +28,7 @@ def session_id_for(event: CloudEvent) -> str:
 async def produce_event(settings: Settings, event: CloudEvent) -> str:
     """Produce an event to the events topic, keyed by its session id; return the id."""
     session_id = session_id_for(event)
-    producer = AIOKafkaProducer(
-        bootstrap_servers=settings.kafka_bootstrap,
-        acks="all" if settings.producer_acks == "all" else int(settings.producer_acks),
-        enable_idempotence=settings.producer_idempotence,
-        max_request_size=max(settings.max_event_bytes * 2, 1024 * 1024),
-    )
+    producer = kafka_producer(settings)
     await producer.start()
     try:
         await producer.send_and_wait(

@@ -1,4 +1,8 @@
-"""Service settings, read from `AGENTFLOW_*` environment variables."""
+"""Service settings, read from `AGENTFLOW_*` environment variables.
+
+Settings only: nothing here reads files or connects. What start-up opens and checks
+is in `service.bootstrap`.
+"""
 
 from __future__ import annotations
 
@@ -8,7 +12,6 @@ from typing import Annotated, Literal
 from pydantic import Field, ValidationError, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
-from nodes.agents import AgentConfigError, load_agents
 from nodes.chat_models import default_model_spec
 from nodes.context import WorkflowContext
 from service.errors import ConfigError
@@ -112,25 +115,6 @@ class Settings(BaseSettings):
         }
         values.update(overrides)
         return WorkflowContext(**values)  # type: ignore[arg-type]
-
-    def check(self) -> None:
-        """Check what start-up needs: the agents file and its tools, and the library seed.
-
-        Raises:
-            ConfigError: with a sentence naming what to fix.
-        """
-        try:
-            registry = load_agents(self.agents_file)
-        except AgentConfigError as exc:
-            raise ConfigError(str(exc)) from None
-        if self.library_seed is not None:
-            from service.errors import TemplateError
-            from service.storage.library import load_templates
-
-            try:
-                load_templates(self.library_seed, registry)
-            except TemplateError as exc:
-                raise ConfigError(f"AGENTFLOW_LIBRARY_SEED: {exc}") from None
 
 
 def load_settings(**overrides: object) -> Settings:

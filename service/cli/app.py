@@ -15,6 +15,7 @@ import typer
 from rich.console import Console
 
 from nodes.models import CloudEvent, EventValidationError, WorkflowResult
+from service.bootstrap import check_startup
 from service.config import Settings, load_settings
 from service.errors import ConfigError
 
@@ -53,7 +54,7 @@ def _configure_logging(verbose: bool) -> None:
 def _settings() -> Settings:
     try:
         settings = load_settings()
-        settings.check()
+        check_startup(settings)
     except ConfigError as exc:
         raise BadInput(str(exc)) from None
     return settings
@@ -197,7 +198,7 @@ def worker(verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False) ->
     """Consume events from Kafka and run their workflows until SIGTERM."""
     _configure_logging(True)
     settings = _service_settings()
-    from service.worker.worker import Worker
+    from service.worker import Worker
 
     async def serve() -> None:
         w = Worker(settings)

@@ -14,12 +14,13 @@ from pathlib import Path
 from rich.console import Console
 
 from nodes.models import CloudEvent, WorkflowResult
+from service.bootstrap import check_startup
 from service.cli.console import print_result, print_transition
 from service.client import last_seq, produce_event, session_id_for, wait_for_result, watch_session
 from service.config import Settings, load_settings
 from service.devtools.servers import LocalServers
 from service.gateway.app import serve_gateway
-from service.worker.worker import Worker
+from service.worker import Worker
 
 __all__ = ["main", "run_demo"]
 
@@ -51,7 +52,7 @@ async def run_demo(console: Console) -> int:
         settings = load_settings(
             kafka_bootstrap=servers.kafka_bootstrap, redis_url=servers.redis_url
         )
-        settings.check()
+        check_startup(settings)
         worker = Worker(settings, name="demo-worker")
         await worker.start()
         running = asyncio.create_task(worker.run())

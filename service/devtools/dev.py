@@ -7,10 +7,11 @@ import signal
 
 from rich.console import Console
 
+from service.bootstrap import startup_summary
 from service.config import Settings
 from service.devtools.servers import LocalServers
 from service.gateway.app import serve_gateway
-from service.worker.worker import Worker
+from service.worker import Worker
 
 __all__ = ["run_dev"]
 
@@ -30,6 +31,7 @@ async def run_dev(settings: Settings, console: Console) -> None:
         )
         console.print(
             "[bold]agentflow dev[/] running (Ctrl-C stops everything)\n"
+            f"  {startup_summary(settings)}\n"
             f"  gateway and web page: {url}\n"
             f"  export AGENTFLOW_KAFKA_BOOTSTRAP={servers.kafka_bootstrap}\n"
             f"  export AGENTFLOW_REDIS_URL={servers.redis_url}",

@@ -51,6 +51,7 @@ from nodes.models import (
     ResultWorkflow,
     WorkflowResult,
 )
+from service.bootstrap import log_startup
 from service.client import session_id_for
 from service.config import Settings
 from service.errors import KafkaUnavailable
@@ -897,6 +898,7 @@ def create_app(settings: Settings, *, keepalive_s: float = 15.0) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        log_startup(settings, "gateway")
         if not settings.api_tokens:
             logger.warning(
                 "AGENTFLOW_API_TOKENS is empty: the gateway API needs no token; "

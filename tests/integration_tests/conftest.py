@@ -20,7 +20,7 @@ from redis.asyncio import Redis
 
 from service.config import Settings, load_settings
 from service.devtools.servers import LocalServers
-from service.worker.worker import Worker
+from service.worker import Worker
 
 HERE = Path(__file__).resolve().parent
 

@@ -20,13 +20,14 @@ from aiokafka import AIOKafkaConsumer, TopicPartition
 from redis.asyncio import Redis
 
 from nodes.models import WorkflowResult
+from service.bootstrap import check_startup
 from service.config import Settings, load_settings
 from service.devtools.servers import KafkaBroker, LocalServers
 from service.gateway.app import serve_gateway
 from service.storage.publisher import TransitionPublisher, read_log, session_channel
 from service.storage.sessions import SessionStore
 from service.storage.transitions import Transition
-from service.worker.worker import Worker
+from service.worker import Worker
 from tests.integration_tests.conftest import read_topic, results_by_event
 
 pytestmark = pytest.mark.integration
@@ -110,7 +111,7 @@ async def running_stack(
         "agents_file": slow_agents(directory),
     }
     settings = load_settings(**(values | overrides))
-    settings.check()  # loads the agents, and so the tools module `set_tool_delay` changes
+    check_startup(settings)  # loads the agents, and so the tools module `set_tool_delay` changes
     worker = Worker(settings, name=f"gateway-test-worker-{tag}")
     await worker.start()
     running = asyncio.create_task(worker.run())

@@ -13,7 +13,7 @@ from redis.asyncio import Redis
 from service.config import Settings
 from service.devtools.servers import LocalServers
 from service.storage.publisher import read_log
-from service.worker.worker import Worker
+from service.worker import Worker
 from tests.integration_tests.test_gateway import running_stack, set_tool_delay
 
 pytestmark = pytest.mark.integration

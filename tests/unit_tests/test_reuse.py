@@ -20,6 +20,7 @@ from nodes.context import WorkflowContext
 from nodes.discovery import choose_basis
 from nodes.library import InMemoryWorkflowLibrary, blend_quality, similarity, terms
 from nodes.models import CloudEvent, PlanDraft, SimilarWorkflow, Step, WorkflowResult
+from service.bootstrap import check_startup
 from service.config import load_settings
 from service.errors import ConfigError, TemplateError
 from service.storage.library import RedisWorkflowLibrary, load_templates
@@ -235,7 +236,7 @@ async def test_embedded_run_seeds_the_in_memory_library(
 
     monkeypatch.setattr(nodes.library, "_DEFAULT", InMemoryWorkflowLibrary())
     settings = load_settings(library_seed=TEMPLATES, reuse="direct")
-    settings.check()
+    check_startup(settings)
     result = await run_embedded(
         settings, session_id="seeded", event=make_event("status_requested"), memory=True
     )
@@ -266,7 +267,7 @@ def test_settings_wire_discovery_and_reuse(monkeypatch: pytest.MonkeyPatch, tmp_
     bad = tmp_path / "bad.yaml"
     bad.write_text("id: t\nevent_type: a.b\nintent: x\nsteps: [{id: s1, title: T, agents: [x]}]\n")
     with pytest.raises(ConfigError, match="AGENTFLOW_LIBRARY_SEED: .*agent"):
-        load_settings(library_seed=bad).check()
+        check_startup(load_settings(library_seed=bad))
 
 
 async def test_cache_hits_are_counted_apart_from_model_calls() -> None:

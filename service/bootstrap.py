@@ -1,0 +1,293 @@
+"""What start-up opens and checks: the Redis and Kafka clients, the graph's stores, the config.
+
+One factory per client, so every caller connects the same way: `redis_client`,
+`kafka_producer`, `kafka_consumer`, and `ensure_topics` for the topics. `open_graph` opens
+what a graph run needs on Redis (checkpointer, workflow library, subject memory, LLM cache).
+`check_startup` checks what the configuration names (agents file and tools, models,
+library seed) before anything connects, and `log_startup` says what a component runs with.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+from typing import TYPE_CHECKING, Any
+
+import redis.exceptions
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
+from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+from aiokafka.errors import KafkaConnectionError, KafkaTimeoutError, TopicAlreadyExistsError
+from redis.asyncio import BlockingConnectionPool, Redis
+
+from graphs.workflow import build_graph
+from nodes.agents import AgentConfigError, AgentRegistry, load_agents
+from nodes.chat_models import OFFLINE, ModelConfigError, make_chat_model
+from service.config import Settings
+from service.errors import ConfigError, TemplateError
+from service.storage.checkpoints import open_checkpointer
+from service.storage.library import load_templates, open_library
+from service.storage.memory import install_llm_cache, open_subject_store
+
+if TYPE_CHECKING:
+    from langgraph.graph.state import CompiledStateGraph
+
+    from nodes.context import WorkflowContext
+
+__all__ = [
+    "INFRA_ERRORS",
+    "check_startup",
+    "ensure_topics",
+    "is_infra_error",
+    "kafka_consumer",
+    "kafka_producer",
+    "log_startup",
+    "open_graph",
+    "redis_client",
+    "startup_summary",
+]
+
+logger = logging.getLogger(__name__)
+
+INFRA_ERRORS: tuple[type[BaseException], ...] = (
+    redis.exceptions.ConnectionError,
+    redis.exceptions.TimeoutError,
+    KafkaConnectionError,
+    KafkaTimeoutError,
+    ConnectionError,
+)
+"""Errors that mean Redis or Kafka is away: retried with backoff, never a failed run."""
+
+
+def is_infra_error(exc: BaseException) -> bool:
+    """Whether an error, or one it was raised from, means Redis or Kafka is away.
+
+    Libraries wrap connection errors (redisvl raises `RedisVLError` from them), so the
+    whole cause chain counts.
+    """
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        if isinstance(current, INFRA_ERRORS):
+            return True
+        seen.add(id(current))
+        current = current.__cause__ or current.__context__
+    return False
+
+
+# --- clients ---------------------------------------------------------------------------
+
+
+def redis_client(
+    url: str,
+    *,
+    max_connections: int = 64,
+    decode_responses: bool = True,
+    socket_connect_timeout: float | None = None,
+) -> Redis:
+    """Make a Redis client whose pool waits for a free connection instead of failing.
+
+    Replies come as text by default. The checkpointer, the long-term store and redisvl
+    read either: they keep JSON documents and base64 blobs, never raw bytes, and decode
+    what they get when it is bytes.
+
+    Args:
+        url: `redis://` or `rediss://` (TLS); credentials and database go in the URL.
+        max_connections: pool size; a worker needs one per run in flight and a few more.
+        decode_responses: replies as `str` (True) or `bytes`.
+        socket_connect_timeout: seconds to wait for a connection; None waits as long as
+            the operating system does.
+    """
+    pool = BlockingConnectionPool.from_url(
+        url,
+        max_connections=max_connections,
+        timeout=30,
+        health_check_interval=10,
+        decode_responses=decode_responses,
+        socket_connect_timeout=socket_connect_timeout,
+    )
+    return Redis(connection_pool=pool)
+
+
+def _bootstrap_servers(settings: Settings) -> str:
+    if not settings.kafka_bootstrap:
+        raise ConfigError(
+            "set AGENTFLOW_KAFKA_BOOTSTRAP to reach Kafka "
+            "(`agentflow dev` starts a local broker and prints it)"
+        )
+    return settings.kafka_bootstrap
+
+
+def kafka_producer(settings: Settings, **options: Any) -> AIOKafkaProducer:
+    """Make (not start) a producer as the settings ask: acks, idempotence, request size.
+
+    Args:
+        settings: `AGENTFLOW_KAFKA_BOOTSTRAP`, `_PRODUCER_ACKS`, `_PRODUCER_IDEMPOTENCE`
+            and `_MAX_EVENT_BYTES` are read.
+        **options: further `AIOKafkaProducer` options, e.g. `request_timeout_ms`.
+
+    Raises:
+        ConfigError: `AGENTFLOW_KAFKA_BOOTSTRAP` is not set.
+    """
+    return AIOKafkaProducer(
+        bootstrap_servers=_bootstrap_servers(settings),
+        acks="all" if settings.producer_acks == "all" else int(settings.producer_acks),
+        enable_idempotence=settings.producer_idempotence,
+        # Results carry the whole workflow: room for twice the largest event.
+        max_request_size=max(settings.max_event_bytes * 2, 1024 * 1024),
+        **options,
+    )
+
+
+def kafka_consumer(
+    settings: Settings, *topics: str, group_id: str | None = None, **options: Any
+) -> AIOKafkaConsumer:
+    """Make (not start) a consumer that commits only by hand and starts at the earliest.
+
+    Fetch sizes leave room for the largest event `AGENTFLOW_MAX_EVENT_BYTES` allows.
+
+    Args:
+        settings: `AGENTFLOW_KAFKA_BOOTSTRAP` and `_MAX_EVENT_BYTES` are read.
+        *topics: topics to subscribe to now (or call `subscribe` later).
+        group_id: the consumer group; None reads without one.
+        **options: further `AIOKafkaConsumer` options, e.g. `client_id`.
+
+    Raises:
+        ConfigError: `AGENTFLOW_KAFKA_BOOTSTRAP` is not set.
+    """
+    return AIOKafkaConsumer(
+        *topics,
+        bootstrap_servers=_bootstrap_servers(settings),
+        group_id=group_id,
+        enable_auto_commit=False,
+        auto_offset_reset="earliest",
+        max_partition_fetch_bytes=max(settings.max_event_bytes * 2, 1024 * 1024),
+        fetch_max_bytes=max(settings.max_event_bytes * 4, 8 * 1024 * 1024),
+        **options,
+    )
+
+
+async def ensure_topics(settings: Settings) -> None:
+    """Create the events, results, sessions and dead-letter topics that do not exist yet.
+
+    Raises:
+        ConfigError: `AGENTFLOW_KAFKA_BOOTSTRAP` is not set.
+    """
+    admin = AIOKafkaAdminClient(bootstrap_servers=_bootstrap_servers(settings))
+    await admin.start()
+    try:
+        existing = set(await admin.list_topics())
+        wanted = [
+            settings.topic_events,
+            settings.topic_results,
+            settings.topic_sessions,
+            settings.topic_dlq,
+        ]
+        missing = [
+            NewTopic(t, num_partitions=settings.topic_partitions, replication_factor=1)
+            for t in wanted
+            if t not in existing
+        ]
+        if missing:
+            with contextlib.suppress(TopicAlreadyExistsError):  # another worker was first
+                await admin.create_topics(missing)
+            logger.info("created topics %s", [t.name for t in missing])
+    finally:
+        await admin.close()
+
+
+async def open_graph(
+    redis: Redis, settings: Settings
+) -> tuple[CompiledStateGraph[Any, Any, Any, Any], WorkflowContext]:
+    """Open what a graph run needs on Redis and return the graph and its run options.
+
+    The graph gets the Redis checkpointer and the subject memory store; the options get
+    the workflow library (with `AGENTFLOW_EMBEDDINGS`, if set). `AGENTFLOW_LLM_CACHE` is
+    installed as LangChain's process-wide cache.
+
+    Raises:
+        ValueError: `AGENTFLOW_EMBEDDINGS` or `AGENTFLOW_LLM_CACHE` cannot be used.
+    """
+    checkpointer = await open_checkpointer(redis)
+    library = await open_library(redis, embeddings=settings.embeddings)
+    subject_store = await open_subject_store(redis)
+    install_llm_cache(settings)
+    graph = build_graph(checkpointer, store=subject_store)
+    return graph, settings.context(library=library)
+
+
+# --- start-up checks -------------------------------------------------------------------
+
+
+def check_startup(settings: Settings) -> None:
+    """Check what start-up needs: the agents file and its tools, the models, the library seed.
+
+    Raises:
+        ConfigError: with a sentence naming the variable or file and what to fix.
+    """
+    try:
+        registry = load_agents(settings.agents_file)
+    except AgentConfigError as exc:
+        raise ConfigError(str(exc)) from None
+    _check_models(settings, registry)
+    if settings.library_seed is not None:
+        try:
+            load_templates(settings.library_seed, registry)
+        except TemplateError as exc:
+            raise ConfigError(f"AGENTFLOW_LIBRARY_SEED: {exc}") from None
+
+
+def _check_models(settings: Settings, registry: AgentRegistry) -> None:
+    """Make every model the runs will use, so a model that cannot work stops start-up."""
+    specs: list[tuple[str, str, str]] = [("AGENTFLOW_MODEL", settings.model, "")]
+    specs += [
+        (f"AGENTFLOW_MODEL_{node.upper()}", spec, "")
+        for node, spec in settings.node_models().items()
+    ]
+    for name in registry.names:
+        if spec := registry.get(name).model:
+            where = f"the model of agent '{name}' in {settings.agents_file}"
+            specs.append((where, spec, "remove its `model:` line"))
+    for where, spec, other_fix in specs:
+        fix = other_fix or f"set {where}=offline to run without an LLM"
+        if spec.startswith("openai:") and not os.environ.get("OPENAI_API_KEY"):
+            # The OpenAI client refuses to start without a key, even for a local server.
+            raise ConfigError(
+                f"{_named(where, spec)} needs OPENAI_API_KEY: export OPENAI_API_KEY=... (any "
+                "value will do for a local OpenAI-compatible server named by OPENAI_BASE_URL), "
+                f"or {fix}"
+            )
+        try:
+            make_chat_model(spec, timeout_s=settings.model_timeout_s)
+        except ModelConfigError as exc:
+            cause = exc.__cause__ or exc
+            raise ConfigError(
+                f"{_named(where, spec)} cannot be used ({cause}); install the provider's "
+                f"package and set its credentials, or {fix}"
+            ) from None
+
+
+def _named(where: str, spec: str) -> str:
+    return f"{where}={spec}" if where.startswith("AGENTFLOW_") else f"{where} ({spec})"
+
+
+def startup_summary(settings: Settings) -> str:
+    """Say what the service runs with: the agents file, the models and the reuse mode."""
+    agents = str(settings.agents_file)
+    if "agents_file" not in settings.model_fields_set:
+        agents += " (the example; AGENTFLOW_AGENTS_FILE names your own)"
+    model = settings.model
+    if model == OFFLINE:
+        model += " (deterministic, no LLM is called)"
+    overrides = settings.node_models()
+    if overrides:
+        model += ", " + ", ".join(f"{node} {spec}" for node, spec in overrides.items())
+    reuse: str = settings.reuse
+    if reuse != "off":
+        reuse += f" at score {settings.reuse_score}"
+    return f"agents {agents}; model {model}; reuse {reuse}"
+
+
+def log_startup(settings: Settings, component: str) -> None:
+    """Log one line saying what a component (worker, gateway, dev) runs with."""
+    logger.info("%s: %s", component, startup_summary(settings))

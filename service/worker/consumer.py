@@ -1,0 +1,195 @@
+"""The worker's side of the events topic: poll, track offsets, commit what is safe, pause.
+
+Runs finish out of order, so an offset is committed only when every earlier offset of
+its partition has finished (reached a terminal or checkpointed-interrupted state):
+committing past an event still running would lose it if the worker crashed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable, Collection, Iterable
+from dataclasses import dataclass, field
+
+from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener, TopicPartition
+from aiokafka.errors import KafkaError
+from aiokafka.structs import ConsumerRecord
+
+__all__ = ["EventConsumer", "PartitionOffsets"]
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class PartitionOffsets:
+    """Offsets of one partition: taken but not finished, and how far it is committed."""
+
+    pending: set[int] = field(default_factory=set)
+    """Offsets taken whose events have not finished."""
+    highest: int = -1
+    """The highest offset taken; -1 before the first."""
+    committed: int = -1
+    """The offset last committed (the next one to read); -1 before the first commit."""
+
+    def take(self, offset: int) -> None:
+        """Remember an offset whose event starts."""
+        self.pending.add(offset)
+        self.highest = max(self.highest, offset)
+
+    def finish(self, offset: int) -> None:
+        """Remember that an offset's event finished."""
+        self.pending.discard(offset)
+
+    def safe(self) -> int | None:
+        """Return the offset to commit: every earlier one has finished; None if none taken."""
+        if self.highest < 0:
+            return None
+        return min(self.pending) if self.pending else self.highest + 1
+
+    def to_commit(self) -> int | None:
+        """Return the safe offset if it is past the committed one, else None."""
+        safe = self.safe()
+        return safe if safe is not None and safe > self.committed else None
+
+
+class EventConsumer:
+    """A consumer-group member that commits only offsets whose earlier events all finished.
+
+    The worker takes each record's offset when it starts the event and finishes it when
+    the event is done; `commit` sends what is safe. While the worker is full or degraded,
+    `hold(True)` pauses fetching. On revocation the partitions' runs get the grace period
+    to reach a checkpoint, what is safe is committed, and the rest are cancelled (their
+    events are redelivered to the partitions' next owner).
+    """
+
+    def __init__(
+        self,
+        kafka: AIOKafkaConsumer,
+        *,
+        runs_of: Callable[[Collection[TopicPartition]], list[asyncio.Task[None]]],
+        grace_s: float,
+        commit_interval_s: float = 0.5,
+    ) -> None:
+        """Wrap a consumer made by `service.bootstrap.kafka_consumer`.
+
+        Args:
+            kafka: the consumer, not started.
+            runs_of: returns the in-flight runs of events of the given partitions.
+            grace_s: how long revoked partitions' runs may take to finish.
+            commit_interval_s: `commit(force=False)` sends at most this often.
+        """
+        self.kafka = kafka
+        self.paused = False
+        self._runs_of = runs_of
+        self._grace_s = grace_s
+        self._commit_interval_s = commit_interval_s
+        self._offsets: dict[TopicPartition, PartitionOffsets] = {}
+        self._last_commit = 0.0
+
+    def __repr__(self) -> str:
+        pending = sum(len(o.pending) for o in self._offsets.values())
+        return (
+            f"EventConsumer(partitions={len(self._offsets)} pending={pending} paused={self.paused})"
+        )
+
+    def offsets(self, tp: TopicPartition) -> PartitionOffsets | None:
+        """Return the offsets tracked for a partition, if it is assigned."""
+        return self._offsets.get(tp)
+
+    async def start(self, topic: str) -> None:
+        """Join the group on a topic."""
+        self.kafka.subscribe([topic], listener=_Rebalance(self))
+        await self.kafka.start()
+
+    async def stop(self) -> None:
+        """Leave the group."""
+        await self.kafka.stop()
+
+    async def poll(self, max_records: int) -> dict[TopicPartition, list[ConsumerRecord]]:
+        """Fetch what is there within 100 ms.
+
+        Raises:
+            KafkaError: Kafka cannot be reached.
+        """
+        return await self.kafka.getmany(timeout_ms=100, max_records=max_records)  # type: ignore[no-any-return]
+
+    def take(self, tp: TopicPartition, offset: int) -> None:
+        """Remember that a record's event starts."""
+        self._offsets.setdefault(tp, PartitionOffsets()).take(offset)
+
+    def finish(self, tp: TopicPartition, offset: int) -> None:
+        """Remember that a record's event is done (unless its partition was released)."""
+        if tp in self._offsets:
+            self._offsets[tp].finish(offset)
+
+    def hold(self, full: bool) -> None:
+        """Pause fetching while `full` (the worker is at its limit or degraded), else resume."""
+        assigned = list(self.kafka.assignment())
+        if full and not self.paused:
+            self.kafka.pause(*assigned)
+            self.paused = True
+        elif not full and self.paused:
+            self.kafka.resume(*assigned)
+            self.paused = False
+        elif self.paused:
+            self.kafka.pause(*assigned)  # partitions assigned since the pause
+
+    async def commit(self, *, force: bool, only: Iterable[TopicPartition] | None = None) -> None:
+        """Commit each partition's safe offset; unless `force`, at most every interval.
+
+        A failed commit is logged and tried again on the next call.
+        """
+        now = time.monotonic()
+        if not force and now - self._last_commit < self._commit_interval_s:
+            return
+        self._last_commit = now
+        wanted = set(only) if only is not None else set(self.kafka.assignment())
+        offsets = {}
+        for tp in wanted:
+            tracker = self._offsets.get(tp)
+            offset = tracker.to_commit() if tracker else None
+            if offset is not None:
+                offsets[tp] = offset
+        if not offsets:
+            return
+        try:
+            await self.kafka.commit(offsets)
+        except KafkaError as exc:
+            logger.warning("commit failed, will retry: %s", exc)
+            return
+        for tp, offset in offsets.items():
+            if tp in self._offsets:  # not released while the commit was on its way
+                self._offsets[tp].committed = offset
+
+    async def release(self, partitions: list[TopicPartition]) -> None:
+        """On revocation: let their runs reach a checkpoint, commit, cancel the rest."""
+        runs = self._runs_of(partitions)
+        if runs:
+            await asyncio.wait(runs, timeout=self._grace_s)
+        await self.commit(force=True, only=partitions)
+        for run in runs:
+            run.cancel()
+        for tp in partitions:
+            self._offsets.pop(tp, None)
+        if partitions:
+            logger.info("released partitions %s", sorted(tp.partition for tp in partitions))
+
+    def assign(self, partitions: Iterable[TopicPartition]) -> None:
+        """Start tracking newly assigned partitions."""
+        partitions = list(partitions)
+        for tp in partitions:
+            self._offsets.setdefault(tp, PartitionOffsets())
+        logger.info("assigned partitions %s", sorted(tp.partition for tp in partitions))
+
+
+class _Rebalance(ConsumerRebalanceListener):  # type: ignore[misc]
+    def __init__(self, consumer: EventConsumer) -> None:
+        self.consumer = consumer
+
+    async def on_partitions_revoked(self, revoked: Iterable[TopicPartition]) -> None:
+        await self.consumer.release(list(revoked))
+
+    async def on_partitions_assigned(self, assigned: Iterable[TopicPartition]) -> None:
+        self.consumer.assign(assigned)

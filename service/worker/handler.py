@@ -1,0 +1,254 @@
+"""One event of a session: process, resume or cancel it, and finish the session's run."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from aiokafka.structs import ConsumerRecord
+
+from nodes.finalize import build_result
+from nodes.models import CANCEL_EVENT_TYPE, CloudEvent, EventValidationError, WorkflowResult
+from service.bootstrap import is_infra_error
+from service.config import Settings
+from service.errors import UnknownSessionError
+from service.observe import metrics
+from service.runtime.runner import SessionRunner
+from service.storage.checkpoints import expire_session
+from service.storage.sessions import SessionStore
+from service.storage.transitions import Transition
+from service.worker.outbox import Outbox
+
+__all__ = ["EventHandler"]
+
+logger = logging.getLogger(__name__)
+
+
+class EventHandler:
+    """Run the events of sessions: each after the session's previous one, through outages.
+
+    An event runs the graph for its session (`agentflow.resume` continues an interrupted
+    run with its answer, `agentflow.cancel` ends the session), then the result goes out
+    through the outbox. An event that already has its result is not run again; one that
+    cannot be parsed goes to the dead-letter topic. Redis and Kafka outages are retried
+    with backoff, never turned into a failed run.
+    """
+
+    def __init__(
+        self,
+        runner: SessionRunner,
+        store: SessionStore,
+        outbox: Outbox,
+        settings: Settings,
+        *,
+        on_degraded: Callable[[str | None], None] = lambda reason: None,
+    ) -> None:
+        """Run events with these collaborators.
+
+        Args:
+            runner: runs the graph for a session.
+            store: session records and which events were seen.
+            outbox: sends results, lifecycle messages and dead letters.
+            settings: `AGENTFLOW_MAX_EVENT_BYTES` and `AGENTFLOW_SESSION_TTL_S` are read.
+            on_degraded: told why Redis or Kafka is away, and None once they answer again.
+        """
+        self.runner = runner
+        self.store = store
+        self.outbox = outbox
+        self.settings = settings
+        self.on_degraded = on_degraded
+        self.completed = self.failed = self.duplicates = 0
+
+    def __repr__(self) -> str:
+        return (
+            f"EventHandler(completed={self.completed} failed={self.failed} "
+            f"duplicates={self.duplicates})"
+        )
+
+    def parse(self, record: ConsumerRecord) -> tuple[str, CloudEvent | None, str | None]:
+        """Read a record: its session id, and the event or why it cannot be processed."""
+        key = record.key.decode(errors="replace") if record.key else None
+        value: bytes = record.value or b""
+        if len(value) > self.settings.max_event_bytes:
+            return (
+                key or "",
+                None,
+                (
+                    f"event of {len(value)} bytes exceeds AGENTFLOW_MAX_EVENT_BYTES "
+                    f"({self.settings.max_event_bytes})"
+                ),
+            )
+        try:
+            event = CloudEvent.parse(value)
+        except EventValidationError as exc:
+            return key or "", None, str(exc)
+        session_id = event.sessionid or key or f"session-{event.id}"
+        if event.is_resume and not (event.sessionid or key):
+            return session_id, None, "resume event without a sessionid attribute"
+        return session_id, event, None
+
+    async def handle(
+        self,
+        record: ConsumerRecord,
+        session_id: str,
+        event: CloudEvent | None,
+        problem: str | None,
+        previous: asyncio.Task[None] | None,
+    ) -> None:
+        """Handle one record, after `previous` (the session's event before it) is done.
+
+        Returns when the event is done: its result or dead letter is sent. A cancel event
+        of the session may stop it on the way (the run ends as cancelled, not
+        redelivered).
+
+        Raises:
+            asyncio.CancelledError: cancelled otherwise (shutdown, revoked partition): the
+                event is left for redelivery.
+        """
+        me = asyncio.current_task()
+        assert me is not None
+        cancelled = False
+        while True:
+            try:
+                if previous is not None:
+                    await asyncio.wait([previous])  # per-session order
+                if event is None:
+                    reason = problem or "invalid event"
+                    await self._retrying(self.outbox.dead_letter, record, reason)
+                elif cancelled and not event.is_cancel:
+                    await self._retrying(self.cancel, session_id, event)
+                else:
+                    await self._retrying(self.process, record, session_id, event)
+                return
+            except asyncio.CancelledError as exc:
+                if exc.args != (CANCEL_EVENT_TYPE,):
+                    raise
+                # An agentflow.cancel event of this session: the run ends as cancelled
+                # (not redelivered), and so do the session's events queued before it.
+                me.uncancel()
+                cancelled = True
+                if previous is not None and not previous.done():
+                    previous.cancel(msg=CANCEL_EVENT_TYPE)
+
+    async def _retrying(self, func: Callable[..., Awaitable[None]], *args: Any) -> None:
+        """Run `func` until it gets through Redis and Kafka outages."""
+        delay = 0.25
+        while True:
+            try:
+                await func(*args)
+                self.on_degraded(None)
+                return
+            except Exception as exc:
+                if not is_infra_error(exc):
+                    raise
+                self.on_degraded(f"{type(exc).__name__}: {exc}")
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 5.0)
+
+    async def process(self, record: ConsumerRecord, session_id: str, event: CloudEvent) -> None:
+        """Run an event, unless it already has its result; resume and cancel events too."""
+        claim, session_id = await self.store.claim_event(event.id, session_id)
+        if claim == "published":
+            self.duplicates += 1
+            logger.info("event %s already has its result; skipped", event.id)
+            return
+        if claim == "finished":  # crashed between the result and its publication
+            result = await self._stored_result(session_id, event.id)
+            if result is not None:
+                await self.outbox.publish_result(result)
+                return
+        if event.is_resume:
+            await self.resume(record, session_id, event, redelivered=claim != "new")
+            return
+        if event.is_cancel:
+            await self.cancel(session_id, event)
+            return
+        await self.store.open(
+            session_id, event_id=event.id, event_type=event.type, subject=event.subject
+        )
+        if claim == "new":
+            await (await self.outbox.session_message("session.started", session_id, event.id))
+        with metrics.timed_run() as run:
+            result = await self.runner.start(event, session_id)
+            run.status = result.status
+        await self.finish(result)
+
+    async def resume(
+        self, record: ConsumerRecord, session_id: str, event: CloudEvent, *, redelivered: bool
+    ) -> None:
+        """Continue an interrupted session with the answer an `agentflow.resume` event holds."""
+        answer = event.data.get("answer") if isinstance(event.data, dict) else event.data
+        if answer is None:
+            await self.outbox.dead_letter(record, "resume event without data.answer")
+            return
+        try:
+            with metrics.timed_run() as run:
+                try:
+                    result = await self.runner.resume(session_id, answer, event_id=event.id)
+                except UnknownSessionError:
+                    # A redelivered answer whose run was under way: continue that run.
+                    if not redelivered:
+                        raise
+                    result = await self.runner.continue_run(session_id, event_id=event.id)
+                run.status = result.status
+        except UnknownSessionError as exc:
+            await self.outbox.dead_letter(record, f"unknown session for resume: {exc}")
+            return
+        await self.finish(result)
+
+    async def cancel(self, session_id: str, event: CloudEvent) -> None:
+        """Cancel a session for an `agentflow.cancel` event, or for the run it stopped."""
+        if not event.is_cancel:  # a run stopped by a cancel: it may have finished already
+            state, _ = await self.store.claim_event(event.id, session_id)
+            if state == "published":
+                return
+            if state == "finished" and (done := await self._stored_result(session_id, event.id)):
+                await self.outbox.publish_result(done)
+                return
+        snapshot = await self.runner.graph.aget_state(self.runner.config(session_id))
+        record = await self.store.get(session_id)
+        status = record.status if record is not None else None
+        live = status in ("running", "interrupted")
+        ended = status in ("completed", "failed")
+        error = f"nothing to cancel: session {status}" if ended else "cancelled"
+        result = build_result(
+            snapshot.values or {}, session_id=session_id, status="failed", error=error
+        )
+        result.event_id = event.id
+        if live:
+            checkpointer = self.runner.graph.checkpointer
+            await expire_session(checkpointer, session_id, self.settings.session_ttl_s)
+            await self.store.close(result, status="cancelled")
+            await self.runner.emit(
+                Transition(
+                    session_id=session_id,
+                    type="session.failed",
+                    data={
+                        "status": "failed",
+                        "error": error,
+                        "result": result.model_dump(mode="json"),
+                    },
+                )
+            )
+        await self.store.mark_event(event.id, session_id, "finished")
+        await self.outbox.publish_result(result)
+
+    async def finish(self, result: WorkflowResult) -> None:
+        """Close a run: retention for an ended session, its record, its result out."""
+        if result.status != "interrupted":
+            checkpointer = self.runner.graph.checkpointer
+            await expire_session(checkpointer, result.session_id, self.settings.session_ttl_s)
+        await self.store.close(result, finished_event=result.event_id)
+        await self.outbox.publish_result(result)
+        if result.status == "failed":
+            self.failed += 1
+        else:
+            self.completed += 1
+
+    async def _stored_result(self, session_id: str, event_id: str) -> WorkflowResult | None:
+        record = await self.store.get(session_id)
+        if record and record.result and record.result.event_id == event_id:
+            return record.result
+        return None
