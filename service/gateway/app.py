@@ -74,9 +74,11 @@ def create_app(settings: Settings, *, keepalive_s: float = 15.0) -> FastAPI:
         finally:
             await backends.close()
 
-    # FastAPIOffline: /docs and /redoc load their scripts from this server (the files ship
-    # in the fastapi-offline wheel), so they work offline; FastAPI's own load from a CDN.
+    # FastAPIOffline: /docs loads Swagger UI from this server (the files ship in the
+    # fastapi-offline wheel), so it works offline; FastAPI's own loads it from a CDN.
+    # No /redoc: ReDoc fetches its logo from its CDN even so.
     app = FastAPIOffline(
+        redoc_url=None,
         title="agentflow gateway",
         version="0.1.0",
         description="Start workflows, follow sessions live, answer escalations.",
@@ -133,9 +135,18 @@ def _answer_errors_as_problems(app: FastAPI, settings: Settings) -> None:
 class _EmbeddedServer(uvicorn.Server):
     """A uvicorn server that leaves signal handling to the program that runs it."""
 
+    def __init__(self, config: uvicorn.Config, backends: Backends) -> None:
+        super().__init__(config)
+        self.backends = backends
+
     @contextlib.contextmanager
     def capture_signals(self) -> Any:
         yield
+
+    async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
+        """End the open streams first: uvicorn waits for every response to finish."""
+        self.backends.stopping.set()
+        await super().shutdown(sockets)
 
 
 async def serve_gateway(
@@ -161,14 +172,11 @@ async def serve_gateway(
     sock.listen(128)
     sock.setblocking(False)
     bound = sock.getsockname()[1]
+    app = create_app(settings, keepalive_s=keepalive_s)
     config = uvicorn.Config(
-        create_app(settings, keepalive_s=keepalive_s),
-        log_config=None,
-        access_log=False,
-        lifespan="on",
-        timeout_graceful_shutdown=3,
+        app, log_config=None, access_log=False, lifespan="on", timeout_graceful_shutdown=3
     )
-    server = _EmbeddedServer(config)
+    server = _EmbeddedServer(config, app.state.backends)
     task = asyncio.create_task(server.serve(sockets=[sock]), name="gateway")
     while not server.started:
         if task.done():

@@ -75,6 +75,8 @@ class Backends:
             )
         self.settings = settings
         self.keepalive_s = keepalive_s
+        # Set when the server stops: open streams end rather than hold the shutdown up.
+        self.stopping = asyncio.Event()
         self.redis = _redis_client(settings.redis_url)
         self.store = SessionStore(self.redis, ttl_s=settings.session_ttl_s)
         self._producer: AIOKafkaProducer | None = None

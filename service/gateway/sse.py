@@ -45,7 +45,12 @@ async def last_seq(redis: Redis, session_id: str) -> tuple[int, str | None]:
 
 
 def session_stream(
-    redis: Redis, session_id: str, after: int, *, keepalive_s: float
+    redis: Redis,
+    session_id: str,
+    after: int,
+    *,
+    keepalive_s: float,
+    stopping: asyncio.Event,
 ) -> EventSourceResponse:
     """Return the response that streams a session's transitions after seq `after`.
 
@@ -54,9 +59,11 @@ def session_stream(
         session_id: The session to follow.
         after: Start after this seq (0: from the first transition).
         keepalive_s: Seconds between keep-alive comments, so proxies keep an idle stream.
+        stopping: Set when the gateway stops: the stream ends (the client reconnects with
+            `Last-Event-ID`) instead of holding the shutdown up.
     """
     return EventSourceResponse(
-        _transition_events(redis, session_id, after),
+        _transition_events(redis, session_id, after, stopping),
         headers={"Cache-Control": "no-cache"},
         ping=keepalive_s,
         ping_message_factory=lambda: ServerSentEvent(comment="keep-alive", sep=SEP),
@@ -71,7 +78,7 @@ def _event(transition: Transition) -> ServerSentEvent:
 
 
 async def _transition_events(
-    redis: Redis, session_id: str, after: int
+    redis: Redis, session_id: str, after: int, stopping: asyncio.Event
 ) -> AsyncIterator[ServerSentEvent]:
     """Yield a session's transitions after seq `after`, until the session ends."""
     # `follow` runs in a task of its own: when the client goes, this generator is
@@ -86,10 +93,16 @@ async def _transition_events(
             await queue.put(exc)
 
     task = asyncio.create_task(pump(), name=f"stream {session_id}")
+    stop = asyncio.create_task(stopping.wait())
+    get: asyncio.Task[Transition | BaseException] | None = None
     try:
         yield ServerSentEvent(comment="following session", retry=RETRY_MS, sep=SEP)
         while True:
-            item = await queue.get()
+            get = asyncio.create_task(queue.get())
+            await asyncio.wait((get, stop), return_when=asyncio.FIRST_COMPLETED)
+            if not get.done():
+                return  # the gateway stops
+            item = get.result()
             if isinstance(item, BaseException):
                 logger.warning("stream of session %s broke: %s", session_id, item)
                 return  # the client reconnects with Last-Event-ID
@@ -103,6 +116,8 @@ async def _transition_events(
                 if last <= item.seq:  # nothing newer: a later run would have logged more
                     return
     finally:
-        task.cancel()
+        for pending in (get, stop, task):
+            if pending is not None:
+                pending.cancel()
         with anyio.move_on_after(5, shield=True), contextlib.suppress(asyncio.CancelledError):
             await task

@@ -55,4 +55,10 @@ async def stream_session(
     last, kind = await last_seq(backends.redis, session_id)
     if kind in ENDED and after >= last:
         return Response(status_code=204)  # EventSource stops reconnecting on 204
-    return session_stream(backends.redis, session_id, after, keepalive_s=backends.keepalive_s)
+    return session_stream(
+        backends.redis,
+        session_id,
+        after,
+        keepalive_s=backends.keepalive_s,
+        stopping=backends.stopping,
+    )
