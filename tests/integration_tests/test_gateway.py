@@ -3,14 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import inspect
 import json
 import re
 import socket
 import sys
-import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
-from contextlib import asynccontextmanager
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from contextlib import asynccontextmanager, contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +24,7 @@ from service.bootstrap import check_startup
 from service.config import Settings, load_settings
 from service.devtools.servers import KafkaBroker, LocalServers
 from service.gateway.app import serve_gateway
+from service.gateway.backends import SEND_TIMEOUT_S
 from service.storage.publisher import TransitionPublisher, read_log, session_channel
 from service.storage.sessions import SessionStore
 from service.storage.transitions import Transition
@@ -37,6 +38,8 @@ EVENTS = ROOT / "examples" / "events"
 TOOLS_MODULE = "gateway_test_tools"
 
 StartGateway = Callable[..., Awaitable[str]]
+ANSWERED_S = SEND_TIMEOUT_S * 3
+"""A request that Kafka cannot take is answered 503 within SEND_TIMEOUT_S; this catches a hang."""
 
 
 def example(name: str) -> dict[str, Any]:
@@ -52,29 +55,43 @@ def short(name: str) -> dict[str, Any]:
     return {"type": raw["type"], "data": raw["data"], "subject": raw["subject"]}
 
 
-def slow_agents(directory: Path) -> Path:
-    """Write the example agents with tools that sleep `gateway_test_tools.DELAY` seconds."""
+def held_agents(directory: Path) -> Path:
+    """Write the example agents with tools that `held_tools` can hold."""
     tools = [
-        '"""The example claims tools, each after `DELAY` seconds."""',
+        '"""The example claims tools; while `HOLD` is set, each call waits for its release."""',
         "import asyncio",
         "import functools",
         "import importlib.util",
         "",
-        "DELAY = 0.0",
         f"_spec = importlib.util.spec_from_file_location('_claims', {str(ROOT / 'examples' / 'claims_tools.py')!r})",  # noqa: E501
         "_real = importlib.util.module_from_spec(_spec)",
         "_spec.loader.exec_module(_real)",
         "",
-        "def _slow(func):",
+        "class Hold:",
+        "    def __init__(self):",
+        "        self.entered = asyncio.Event()  # a tool call is waiting",
+        "        self.released = asyncio.Event()",
+        "        self.cancelled = 0  # calls cancelled while waiting",
+        "",
+        "HOLD = None",
+        "",
+        "def _held(func):",
         "    @functools.wraps(func)",
         "    async def tool(*args, **kwargs):",
-        "        await asyncio.sleep(DELAY)",
+        "        hold = HOLD",
+        "        if hold is not None:",
+        "            hold.entered.set()",
+        "            try:",
+        "                await hold.released.wait()",
+        "            except asyncio.CancelledError:",
+        "                hold.cancelled += 1",
+        "                raise",
         "        return func(*args, **kwargs)",
         "    return tool",
         "",
     ]
     for name in ("lookup_claim", "lookup_veteran", "list_documents", "check_eligibility"):
-        tools.append(f"{name} = _slow(_real.{name})")
+        tools.append(f"{name} = _held(_real.{name})")
     (directory / f"{TOOLS_MODULE}.py").write_text("\n".join(tools) + "\n")
     agents = (ROOT / "examples" / "agents.yaml").read_text()
     path = directory / "agents.yaml"
@@ -82,8 +99,36 @@ def slow_agents(directory: Path) -> Path:
     return path
 
 
-def set_tool_delay(seconds: float) -> None:
-    sys.modules[TOOLS_MODULE].DELAY = seconds  # type: ignore[attr-defined]
+@contextmanager
+def held_tools() -> Iterator[Any]:
+    """Hold every tool call of the runs until `hold.released` is set (or the block ends).
+
+    `hold.entered` is set when a run waits in a tool; `hold.cancelled` counts the calls
+    cancelled while waiting.
+    """
+    tools = sys.modules[TOOLS_MODULE]
+    hold = tools.Hold()
+    tools.HOLD = hold
+    try:
+        yield hold
+    finally:
+        tools.HOLD = None
+        hold.released.set()
+
+
+async def wait_until(
+    condition: Callable[[], bool | Awaitable[bool]], what: str, timeout_s: float = 60
+) -> None:
+    """Wait until `condition()` is true; the bound only catches a hang."""
+    try:
+        async with asyncio.timeout(timeout_s):
+            while True:
+                result = condition()
+                if await result if inspect.isawaitable(result) else result:
+                    return
+                await asyncio.sleep(0.05)
+    except TimeoutError:
+        raise AssertionError(f"still waiting after {timeout_s} s for {what}") from None
 
 
 def free_port() -> int:
@@ -96,7 +141,7 @@ def free_port() -> int:
 async def running_stack(
     servers: LocalServers, directory: Path, **overrides: Any
 ) -> AsyncIterator[tuple[Settings, str, Worker]]:
-    """Run a worker (with slowable tools) and a gateway on topics of their own."""
+    """Run a worker (with tools `held_tools` can hold) and a gateway on topics of their own."""
     tag = uuid.uuid4().hex[:8]
     values: dict[str, Any] = {
         "kafka_bootstrap": servers.kafka_bootstrap,
@@ -108,10 +153,10 @@ async def running_stack(
         "topic_dlq": f"agentflow.events.dlq.{tag}",
         "topic_partitions": 3,
         "shutdown_grace_s": 5,
-        "agents_file": slow_agents(directory),
+        "agents_file": held_agents(directory),
     }
     settings = load_settings(**(values | overrides))
-    check_startup(settings)  # loads the agents, and so the tools module `set_tool_delay` changes
+    check_startup(settings)  # loads the agents, and so the tools module `held_tools` holds
     worker = Worker(settings, name=f"gateway-test-worker-{tag}")
     await worker.start()
     running = asyncio.create_task(worker.run())
@@ -181,10 +226,14 @@ async def collect(
     headers: dict[str, str] | None = None,
     params: dict[str, Any] | None = None,
     until: Callable[[dict[str, Any]], bool] | None = None,
+    into: list[dict[str, Any]] | None = None,
     timeout_s: float = 60,
 ) -> tuple[list[dict[str, Any]], bool]:
-    """Read a session's stream; return its messages and whether the server ended it."""
-    messages: list[dict[str, Any]] = []
+    """Read a session's stream; return its messages and whether the server ended it.
+
+    `into` receives the messages as they come, for a caller that watches the progress.
+    """
+    messages: list[dict[str, Any]] = [] if into is None else into
     async with asyncio.timeout(timeout_s):
         async with http.stream(
             "GET", f"/sessions/{session_id}/stream", headers=headers, params=params
@@ -342,20 +391,30 @@ async def test_a_full_cloudevent_is_taken_as_is(client: httpx.AsyncClient) -> No
 # --- the stream: reconnects and late joins ----------------------------------------------------
 
 
-async def test_reconnect_mid_stream_with_last_event_id(client: httpx.AsyncClient) -> None:
-    set_tool_delay(0.3)  # the run lasts a few seconds, so the reconnect is mid-run
-    try:
+async def test_reconnect_mid_stream_with_last_event_id(
+    client: httpx.AsyncClient, redis: Redis
+) -> None:
+    with held_tools() as hold:  # the run waits in its first tool: the reconnect is mid-run
         session_id = (await post_event(client, short("claim_submitted")))["session_id"]
         first, ended = await collect(client, session_id, until=lambda m: int(m["id"]) >= 5)
         assert not ended and seqs(first) == [1, 2, 3, 4, 5]
+        await asyncio.wait_for(hold.entered.wait(), 60)
         status = (await client.get(f"/sessions/{session_id}")).json()["status"]
         assert status == "running"
 
-        rest, ended = await collect(client, session_id, headers={"Last-Event-ID": "5"})
-    finally:
-        set_tool_delay(0)
+        # The reconnected stream replays what was logged after 5, then goes on live once
+        # the tools are released.
+        logged = (await read_log(redis, session_id))[-1].seq
+        assert logged > 5
+        rest: list[dict[str, Any]] = []
+        reading = asyncio.create_task(
+            collect(client, session_id, headers={"Last-Event-ID": "5"}, into=rest)
+        )
+        await wait_until(lambda: bool(rest) and int(rest[-1]["id"]) >= logged, "the replay")
+        hold.released.set()
+        _, ended = await reading
     assert ended
-    assert seqs(rest)[0] == 6
+    assert seqs(rest)[0] == 6 and seqs(rest)[-1] > logged  # some logged, some live
     assert seqs(first) + seqs(rest) == list(range(1, seqs(rest)[-1] + 1))  # no gap, no dup
     assert rest[-1]["event"] == "session.completed"
 
@@ -410,10 +469,36 @@ async def test_idle_stream_sends_keepalives_and_stops_when_the_client_goes(
                 # Checked before leaving the loop: closing `sse` closes the response.
                 assert await subscribed() == 1  # following the session's channel
                 break
-    deadline = time.monotonic() + 5
-    while await subscribed() and time.monotonic() < deadline:
-        await asyncio.sleep(0.05)
-    assert await subscribed() == 0  # the gateway stopped following when the client left
+    # The gateway stops following when the client leaves.
+    await wait_until(lambda: _subscribers(subscribed, 0), "the gateway to unsubscribe")
+
+
+async def test_stopping_the_gateway_ends_open_streams(
+    stack: tuple[Settings, str, Worker], redis: Redis
+) -> None:
+    server, serving, url = await serve_gateway(stack[0], host="127.0.0.1", port=0)
+    session_id = f"open-{uuid.uuid4().hex[:8]}"
+    channel = session_channel(session_id)
+
+    async def subscribed() -> int:
+        return int(dict(await redis.pubsub_numsub(channel))[channel.encode()])
+
+    async with (
+        httpx.AsyncClient(base_url=url, timeout=30) as http,
+        http.stream("GET", f"/sessions/{session_id}/stream") as response,
+    ):
+        lines = response.aiter_lines()
+        assert await anext(lines) == ": following session"
+        await wait_until(lambda: _subscribers(subscribed, 1), "the gateway to subscribe")
+        server.should_exit = True
+        rest = [line async for line in lines]  # the server ends the body: no broken read
+        await asyncio.wait_for(serving, 60)
+    assert "retry: 2000" in rest
+    await wait_until(lambda: _subscribers(subscribed, 0), "the gateway to unsubscribe")
+
+
+async def _subscribers(subscribed: Callable[[], Awaitable[int]], count: int) -> bool:
+    return await subscribed() == count
 
 
 # --- human in the loop and cancel -------------------------------------------------------------
@@ -436,8 +521,9 @@ async def test_resume_an_escalated_session_over_http(client: httpx.AsyncClient) 
 
     following = asyncio.create_task(follow())
     await asyncio.wait_for(interrupted.wait(), 60)
-    await asyncio.sleep(0.3)
-    assert not following.done()  # an interrupted session's stream stays open
+    # An interrupted session's stream stays open: the same stream carries the resumed
+    # run to the end (two session.started below).
+    assert not following.done()
     detail = (await client.get(f"/sessions/{session_id}")).json()
     assert detail["status"] == "interrupted"
     question = messages[-1]["transition"]["data"]["question"]
@@ -487,50 +573,47 @@ async def offsets(settings: Settings) -> tuple[int, int]:
 async def test_cancel_stops_a_running_session(
     stack: tuple[Settings, str, Worker], client: httpx.AsyncClient, redis: Redis
 ) -> None:
-    settings = stack[0]
-    set_tool_delay(30)  # without the cancel, the run would sit in a tool for 30 s
-    try:
+    settings, _, worker = stack
+    # Held, the run would wait in its tool for ever: only the cancel can end it.
+    with held_tools() as hold:
         accepted = await post_event(client, short("claim_submitted"))
         session_id = accepted["session_id"]
         before, _ = await collect(client, session_id, until=lambda m: m["event"] == "step.started")
-        started = time.monotonic()
+        await asyncio.wait_for(hold.entered.wait(), 60)
         cancel = await client.post(f"/sessions/{session_id}/cancel")
         assert cancel.status_code == 202
         rest, ended = await collect(client, session_id, headers={"Last-Event-ID": before[-1]["id"]})
-        took = time.monotonic() - started
-    finally:
-        set_tool_delay(0)
-    assert ended and took < 10
-    last = rest[-1]["transition"]
-    assert last["type"] == "session.failed" and last["data"]["error"] == "cancelled"
-    assert last["data"]["result"]["event_id"] == accepted["event_id"]
-    assert [m["event"] for m in rest].count("session.failed") == 1
-    assert (await client.get(f"/sessions/{session_id}")).json()["status"] == "cancelled"
-    checkpoints = [k async for k in redis.scan_iter(match=f"checkpoint:{session_id}:*")]
-    assert checkpoints and all([await redis.ttl(k) > 0 for k in checkpoints])  # retention
+        assert ended
+        assert hold.cancelled >= 1  # stopped inside the tool, not after it
+        last = rest[-1]["transition"]
+        assert last["type"] == "session.failed" and last["data"]["error"] == "cancelled"
+        assert last["data"]["result"]["event_id"] == accepted["event_id"]
+        assert [m["event"] for m in rest].count("session.failed") == 1
+        assert (await client.get(f"/sessions/{session_id}")).json()["status"] == "cancelled"
+        checkpoints = [k async for k in redis.scan_iter(match=f"checkpoint:{session_id}:*")]
+        assert checkpoints and all([await redis.ttl(k) > 0 for k in checkpoints])  # retention
 
-    cancel_id = cancel.json()["event_id"]
-    records = await read_topic(
-        settings.kafka_bootstrap or "",
-        settings.topic_results,
-        until=lambda rs: {accepted["event_id"], cancel_id} <= set(results_by_event(rs)),
-    )
-    results = results_by_event(records)
-    assert len(results[accepted["event_id"]]) == 1  # one result for the cancelled event
-    for event_id in (accepted["event_id"], cancel_id):
-        assert results[event_id][0]["status"] == "failed"
-        assert results[event_id][0]["error"] == "cancelled"
+        cancel_id = cancel.json()["event_id"]
+        records = await read_topic(
+            settings.kafka_bootstrap or "",
+            settings.topic_results,
+            until=lambda rs: {accepted["event_id"], cancel_id} <= set(results_by_event(rs)),
+        )
+        results = results_by_event(records)
+        assert len(results[accepted["event_id"]]) == 1  # one result for the cancelled event
+        for event_id in (accepted["event_id"], cancel_id):
+            assert results[event_id][0]["status"] == "failed"
+            assert results[event_id][0]["error"] == "cancelled"
 
-    # Every offset is committed, the cancelled event's too: it is not redelivered.
-    deadline = time.monotonic() + 10
-    committed, end = await offsets(settings)
-    while committed < end and time.monotonic() < deadline:
-        await asyncio.sleep(0.2)
-        committed, end = await offsets(settings)
-    assert committed == end
-    await asyncio.sleep(1)
-    log = await read_log(redis, session_id)
-    assert [t.type for t in log].count("session.started") == 1  # never run again
+        # Every offset is committed, the cancelled event's too, and the worker is idle: a
+        # run of it again (which the held tools would keep in flight) cannot be pending.
+        async def settled() -> bool:
+            committed, end = await offsets(settings)
+            return committed == end and worker.in_flight == 0
+
+        await wait_until(settled, "every offset committed and no run in flight")
+        log = await read_log(redis, session_id)
+        assert [t.type for t in log].count("session.started") == 1  # never run again
 
     ended_again = await client.post(f"/sessions/{session_id}/cancel")
     assert ended_again.status_code == 409
@@ -685,9 +768,9 @@ async def test_kafka_down_answers_503_and_the_gateway_reconnects(
         WorkflowResult(session_id=session_id, event_id="e-1", status="interrupted", question="?")
     )
     async with httpx.AsyncClient(base_url=url, timeout=30) as http:
-        started = time.monotonic()
-        response = await http.post("/events", json=short("claim_submitted"))
-        assert response.status_code == 503 and time.monotonic() - started < 8
+        # Answered, not hung: the bound only fails a gateway that waits past SEND_TIMEOUT_S.
+        response = await http.post("/events", json=short("claim_submitted"), timeout=ANSWERED_S)
+        assert response.status_code == 503
         assert "Kafka" in response.json()["detail"] and response.headers["retry-after"]
         resume = await http.post(f"/sessions/{session_id}/resume", json={"answer": "ok"})
         assert resume.status_code == 503
@@ -703,9 +786,8 @@ async def test_kafka_down_answers_503_and_the_gateway_reconnects(
         async with httpx.AsyncClient(base_url=url, timeout=30) as http:
             assert (await http.post("/events", json=short("claim_submitted"))).status_code == 202
             await asyncio.to_thread(broker.kill)
-            started = time.monotonic()
-            down = await http.post("/events", json=short("claim_submitted"))
-            assert down.status_code == 503 and time.monotonic() - started < 8
+            down = await http.post("/events", json=short("claim_submitted"), timeout=ANSWERED_S)
+            assert down.status_code == 503
             assert (await http.get("/healthz")).status_code == 503
             await broker.astart()
             again = await http.post("/events", json=short("claim_submitted"))
@@ -780,3 +862,15 @@ async def test_graph_metrics_and_openapi(
     assert {p["name"] for p in stream["parameters"]} >= {"after", "last-event-id", "access_token"}
     assert "401" not in spec["paths"]["/healthz"]["get"]["responses"]
     assert spec["components"]["securitySchemes"]["HTTPBearer"]["scheme"] == "bearer"
+
+
+async def test_api_docs_load_nothing_from_another_host(client: httpx.AsyncClient) -> None:
+    docs = await client.get("/docs")
+    assert docs.status_code == 200 and "agentflow gateway - Swagger UI" in docs.text
+    assert "//" not in docs.text  # no URL of another host
+    assets = re.findall(r'(?:src|href)="([^"]+)"', docs.text)
+    assert {a.rsplit(".", 1)[-1] for a in assets} >= {"js", "css"}
+    for asset in assets:
+        served = await client.get(asset)
+        assert served.status_code == 200 and served.content, asset
+    assert (await client.get("/redoc")).status_code == 404  # ReDoc would fetch from its CDN

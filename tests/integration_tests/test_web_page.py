@@ -7,6 +7,7 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 from redis.asyncio import Redis
 
@@ -14,7 +15,13 @@ from service.config import Settings
 from service.devtools.servers import LocalServers
 from service.storage.publisher import read_log
 from service.worker import Worker
-from tests.integration_tests.test_gateway import running_stack, set_tool_delay
+from tests.integration_tests.test_gateway import (
+    collect,
+    held_tools,
+    post_event,
+    running_stack,
+    short,
+)
 
 pytestmark = pytest.mark.integration
 
@@ -116,16 +123,14 @@ async def test_start_a_workflow_from_the_form_and_watch_it(
     await page.fill("#token", TOKEN)
     await page.click("#token-form button")
     await page.select_option("#example", "claim submitted")
-    set_tool_delay(0.4)  # long enough to see a node lit while it runs
-    try:
+    with held_tools() as hold:  # the run waits in execute_step until the page shows it there
         await page.click("#send")
         await page.wait_for_url(re.compile(r"#/sessions/session-"))
         await expect(page.locator("#node-execute_step")).to_have_class(
-            re.compile(r"\bcurrent\b"), timeout=30_000
+            re.compile(r"\bcurrent\b"), timeout=60_000
         )
+        hold.released.set()
         await expect(page.locator("#session-status")).to_have_text("completed", timeout=60_000)
-    finally:
-        set_tool_delay(0)
     session_id = await page.text_content("#session-title")
 
     lit: list[str] = await page.evaluate("window.__current")
@@ -184,3 +189,76 @@ async def test_answer_an_escalation_from_the_page(
     assert "current" not in await classes(page, "#node-escalate")
     assert "visited" in await classes(page, "#edge-escalate-review")
     assert "visited" in await classes(page, "#node-__end__")
+
+
+async def test_a_session_has_an_address_and_its_panels_show_only_when_open(
+    page: Any, stack: tuple[Settings, str, Worker], redis: Redis
+) -> None:
+    from playwright.async_api import expect
+
+    url = stack[1]
+    async with httpx.AsyncClient(
+        base_url=url, headers={"Authorization": f"Bearer {TOKEN}"}, timeout=30
+    ) as http:
+        first, second = [
+            (await post_event(http, short("status_requested")))["session_id"] for _ in range(2)
+        ]
+        for session_id in (first, second):
+            await collect(http, session_id)  # until it ends
+
+    await page.add_init_script(f"localStorage.setItem('agentflow.token', {TOKEN!r})")
+    await page.goto(url)
+    await expect(page.locator(f'#session-list li[data-session="{second}"]')).to_be_visible()
+    # No session picked: none of its panels.
+    for panel in ("#session", "#cancel", "#steps", "#review", "#result", "#log", "#graph"):
+        await expect(page.locator(panel)).to_be_hidden()
+    await expect(page.locator("#empty")).to_be_visible()
+    ARTIFACTS.mkdir(exist_ok=True)
+    await page.screenshot(path=str(ARTIFACTS / "no-session.png"), full_page=True)
+
+    async def shows(session_id: str) -> None:
+        await expect(page.locator("#session")).to_be_visible()
+        await expect(page.locator("#session-title")).to_have_text(session_id)
+        await expect(page.locator("#session-status")).to_have_text("completed")
+        log = await read_log(redis, session_id)
+        await expect(page.locator("#log tbody tr")).to_have_count(len(log))
+        await expect(page.locator("#empty")).to_be_hidden()
+
+    # Opening a session gives it an address.
+    await page.click(f'#session-list li[data-session="{first}"] a')
+    await page.wait_for_url(f"{url}/#/sessions/{first}")
+    await shows(first)
+    await page.click(f'#session-list li[data-session="{second}"] a')
+    await page.wait_for_url(f"{url}/#/sessions/{second}")
+    await shows(second)
+
+    # Back: the previous session, then no session.
+    await page.go_back()
+    await page.wait_for_url(f"{url}/#/sessions/{first}")
+    await shows(first)
+    await page.go_back()
+    await page.wait_for_url(f"{url}/")
+    await expect(page.locator("#session")).to_be_hidden()
+    await expect(page.locator("#empty")).to_be_visible()
+    await page.go_forward()
+    await shows(first)
+
+    # The address opens the session in a fresh page.
+    fresh = await page.context.new_page()
+    await fresh.goto(f"{url}/#/sessions/{second}")
+    await expect(fresh.locator("#session-title")).to_have_text(second)
+    await expect(fresh.locator("#session-status")).to_have_text("completed")
+    await expect(fresh.locator("#log tbody tr")).to_have_count(len(await read_log(redis, second)))
+    await fresh.close()
+
+
+async def test_api_docs_render_offline(page: Any, stack: tuple[Settings, str, Worker]) -> None:
+    from playwright.async_api import expect
+
+    # The page fixture fails the test on any request that leaves the gateway.
+    await page.goto(f"{stack[1]}/docs")
+    await expect(page.locator(".swagger-ui .info .title")).to_contain_text("agentflow gateway")
+    await expect(page.locator(".opblock-summary-path", has_text="/events").first).to_be_visible()
+    await expect(page.locator(".opblock-summary-path", has_text="/stream").first).to_be_visible()
+    ARTIFACTS.mkdir(exist_ok=True)
+    await page.screenshot(path=str(ARTIFACTS / "docs.png"))

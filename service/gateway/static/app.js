@@ -33,6 +33,7 @@ const $ = (id) => document.getElementById(id);
 let token = localStorage.getItem("agentflow.token") || "";
 let graphSvg = null;
 let view = null; // the open session: {id, source, lastSeq, path, refresh}
+let opened = 0; // counts openings, so an opening that awaited can see it was overtaken
 
 class ApiError extends Error {
   constructor(status, message) { super(message); this.status = status; }
@@ -280,6 +281,7 @@ function onTransition(t) {
 
 async function openSession(id) {
   closeSession();
+  const opening = opened;
   $("empty").hidden = true;
   $("session").hidden = false;
   delete $("session").dataset.ended;
@@ -291,6 +293,7 @@ async function openSession(id) {
   $("result").textContent = "not yet";
   $("escalation").hidden = true;
   setStatus("waiting");
+  markOpen(id);
   if (graphSvg === null) {
     try {
       graphSvg = await api("/graph?format=svg");
@@ -298,6 +301,7 @@ async function openSession(id) {
       graphSvg = "";
       notice(`cannot draw the graph: ${err.message}`, true);
     }
+    if (opening !== opened) return; // the back button (or a click) went elsewhere meanwhile
   }
   $("graph").innerHTML = graphSvg; // our own SVG, from this gateway
   const query = token ? `?access_token=${encodeURIComponent(token)}` : "";
@@ -313,17 +317,21 @@ async function openSession(id) {
   };
   // The details are fetched once transitions arrive: before its first one the worker
   // may not have opened the session yet (a 404).
-  for (const item of document.querySelectorAll("#session-list li")) {
-    item.classList.toggle("open", item.dataset.session === id);
-  }
 }
 
 function closeSession() {
+  opened += 1;
   if (view) {
     view.source.close();
     clearTimeout(view.refresh);
   }
   view = null;
+}
+
+function markOpen(id) {
+  for (const item of document.querySelectorAll("#session-list li")) {
+    item.classList.toggle("open", item.dataset.session === id);
+  }
 }
 
 async function answer(e) {
@@ -349,12 +357,15 @@ async function cancel() {
   }
 }
 
+// A session's address is `#/sessions/{id}`: the list's links and a sent event set it,
+// loading it opens the session, and the back button walks the sessions opened before.
 function route() {
   const match = location.hash.match(/^#\/sessions\/(.+)$/);
   if (match) {
     openSession(decodeURIComponent(match[1]));
   } else {
     closeSession();
+    markOpen(null);
     $("session").hidden = true;
     $("empty").hidden = false;
   }

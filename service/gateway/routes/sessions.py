@@ -1,0 +1,201 @@
+"""The sessions: list, detail, result, checkpoint history, and the resume and cancel commands."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Depends, Query
+from fastapi.exceptions import HTTPException
+
+from nodes.models import (
+    CANCEL_EVENT_TYPE,
+    RESUME_EVENT_TYPE,
+    CloudEvent,
+    ResultWorkflow,
+    WorkflowResult,
+)
+from service.gateway.auth import AUTH_ERRORS, require_token
+from service.gateway.backends import Backends, BackendsDep, known_session
+from service.gateway.schemas import (
+    KAFKA_DOWN,
+    REDIS_DOWN,
+    CheckpointSummary,
+    EventAccepted,
+    Problem,
+    ResumeRequest,
+    SessionDetail,
+    SessionHistory,
+    SessionPage,
+    SessionReview,
+    SessionSummary,
+)
+from service.storage.sessions import SessionStatus
+
+__all__ = ["router"]
+
+router = APIRouter(dependencies=[Depends(require_token)], responses=AUTH_ERRORS)
+
+
+@router.get("/sessions", response_model=SessionPage, responses={422: {"model": Problem}})
+async def list_sessions(
+    backends: BackendsDep,
+    status: Annotated[SessionStatus | None, Query(description="Only sessions in it.")] = None,
+    limit: Annotated[int, Query(ge=1, le=500)] = 50,
+    offset: Annotated[int, Query(ge=0)] = 0,
+) -> SessionPage:
+    """List sessions, most recently updated first."""
+    records, total = await backends.store.list(status=status, offset=offset, limit=limit)
+    if status is not None:
+        total = (await backends.count_by_status()).get(status, 0)
+    return SessionPage(
+        sessions=[SessionSummary.of(r) for r in records], total=total, limit=limit, offset=offset
+    )
+
+
+@router.get(
+    "/sessions/{session_id}",
+    response_model=SessionDetail,
+    responses={404: {"model": Problem}, **REDIS_DOWN},
+)
+async def get_session(session_id: str, backends: BackendsDep) -> SessionDetail:
+    """Return a session: status, current node, workflow, review and result."""
+    record = await known_session(backends, session_id)
+    graph = await backends.graph()
+    snapshot = await graph.aget_state({"configurable": {"thread_id": session_id}})
+    values = snapshot.values or {}
+    detail = SessionDetail(
+        **SessionSummary.of(record).model_dump(),
+        event_ids=record.event_ids,
+        next=list(snapshot.next),
+        result=record.result,
+    )
+    if values:
+        detail.workflow = ResultWorkflow(
+            intent=values.get("intent", ""),
+            goals=values.get("goals", []),
+            steps=values.get("steps", []),
+        )
+    elif record.result is not None:
+        detail.workflow = record.result.workflow
+    decision = values.get("review")
+    if decision is not None:
+        detail.review = SessionReview(
+            verdict=decision.verdict,
+            feedback=decision.feedback,
+            question=record.question or decision.question or None,
+        )
+    elif record.result is not None:
+        detail.review = SessionReview(**record.result.review.model_dump())
+    return detail
+
+
+@router.get(
+    "/sessions/{session_id}/result",
+    response_model=WorkflowResult,
+    responses={404: {"model": Problem, "description": "No such session or no result yet."}},
+)
+async def get_result(
+    session_id: str,
+    backends: BackendsDep,
+    event_id: Annotated[str | None, Query(description="The result of this event.")] = None,
+) -> WorkflowResult:
+    """Return the session's latest result (of one event, with `event_id`)."""
+    record = await known_session(backends, session_id)
+    result = record.result
+    if result is None or (event_id is not None and result.event_id != event_id):
+        raise HTTPException(404, f"session {session_id} has no result for that event yet")
+    return result
+
+
+@router.get(
+    "/sessions/{session_id}/history",
+    response_model=SessionHistory,
+    responses={404: {"model": Problem}},
+)
+async def get_history(
+    session_id: str,
+    backends: BackendsDep,
+    limit: Annotated[int, Query(ge=1, le=1000)] = 100,
+    before: Annotated[
+        str | None, Query(description="Only checkpoints older than this checkpoint id.")
+    ] = None,
+) -> SessionHistory:
+    """Return a session's checkpoints, newest first."""
+    graph = await backends.graph()
+    config = {"configurable": {"thread_id": session_id}}
+    checkpoints: list[CheckpointSummary] = []
+    # The Redis saver ignores `before`; checkpoint ids sort by time, so filter here.
+    async for snapshot in graph.aget_state_history(config, limit=None if before else limit):
+        if len(checkpoints) == limit:
+            break
+        configurable = snapshot.config["configurable"]
+        if before is not None and configurable["checkpoint_id"] >= before:
+            continue
+        parent = (snapshot.parent_config or {}).get("configurable", {})
+        metadata = snapshot.metadata or {}
+        checkpoints.append(
+            CheckpointSummary(
+                checkpoint_id=configurable["checkpoint_id"],
+                parent_checkpoint_id=parent.get("checkpoint_id"),
+                created_at=snapshot.created_at,
+                step=metadata.get("step"),
+                source=metadata.get("source"),
+                next=list(snapshot.next),
+                tasks=[task.name for task in snapshot.tasks],
+                interrupts=[i.value for i in snapshot.interrupts],
+                steps={s.id: s.status for s in (snapshot.values or {}).get("steps", [])},
+            )
+        )
+    if not checkpoints and before is None:
+        await known_session(backends, session_id)  # 404 for an unknown session
+    return SessionHistory(session_id=session_id, checkpoints=checkpoints)
+
+
+@router.post(
+    "/sessions/{session_id}/resume",
+    status_code=202,
+    response_model=EventAccepted,
+    responses={
+        404: {"model": Problem},
+        409: {"model": Problem, "description": "The session is not waiting for an answer."},
+        422: {"model": Problem},
+        **KAFKA_DOWN,
+    },
+)
+async def resume_session(
+    session_id: str, body: ResumeRequest, backends: BackendsDep
+) -> EventAccepted:
+    """Answer an escalated review: an `agentflow.resume` event goes to the worker."""
+    record = await known_session(backends, session_id)
+    if record.status != "interrupted":
+        raise HTTPException(
+            409, f"session {session_id} is {record.status}, not waiting for an answer"
+        )
+    return await _command(backends, session_id, RESUME_EVENT_TYPE, {"answer": body.answer})
+
+
+@router.post(
+    "/sessions/{session_id}/cancel",
+    status_code=202,
+    response_model=EventAccepted,
+    responses={
+        404: {"model": Problem},
+        409: {"model": Problem, "description": "The session has already ended."},
+        **KAFKA_DOWN,
+    },
+)
+async def cancel_session(session_id: str, backends: BackendsDep) -> EventAccepted:
+    """Cancel a session: an `agentflow.cancel` event stops its run in the worker."""
+    record = await known_session(backends, session_id)
+    if record.status not in ("running", "interrupted"):
+        raise HTTPException(409, f"session {session_id} has already ended ({record.status})")
+    return await _command(backends, session_id, CANCEL_EVENT_TYPE, None)
+
+
+async def _command(
+    backends: Backends, session_id: str, kind: str, data: dict[str, Any] | None
+) -> EventAccepted:
+    """Send a command event (resume, cancel) to the session's run, through Kafka."""
+    event = CloudEvent.wrap(kind, data, session_id=session_id, source="agentflow/gateway")
+    await backends.send(event, session_id)
+    return EventAccepted.of(session_id, event.id)

@@ -1,0 +1,64 @@
+"""GET /sessions/{session_id}/stream: follow a session live over Server-Sent Events."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import APIRouter, Depends, Header, Query
+from fastapi.responses import Response
+from sse_starlette import EventSourceResponse
+
+from service.gateway.auth import AUTH_ERRORS, require_token_or_query
+from service.gateway.backends import BackendsDep
+from service.gateway.schemas import FieldProblem, Problem, unprocessable
+from service.gateway.sse import ENDED, last_seq, session_stream
+
+__all__ = ["router"]
+
+# EventSource cannot set headers: this route also takes `?access_token=`.
+router = APIRouter(dependencies=[Depends(require_token_or_query)], responses=AUTH_ERRORS)
+
+
+@router.get(
+    "/sessions/{session_id}/stream",
+    response_class=EventSourceResponse,
+    responses={
+        200: {
+            "description": "Server-Sent Events: `id` is the transition's seq, `event` its "
+            "type, `data` the transition JSON. Ends after the session ends.",
+            "content": {"text/event-stream": {"schema": {"type": "string"}}},
+        },
+        204: {"description": "The session ended and nothing follows the given id."},
+        422: {"model": Problem},
+    },
+)
+async def stream_session(
+    session_id: str,
+    backends: BackendsDep,
+    after: Annotated[int, Query(ge=0, description="Start after this seq.")] = 0,
+    last_event_id: Annotated[
+        str | None, Header(description="Set by EventSource on reconnect; wins over `after`.")
+    ] = None,
+) -> Response:
+    """Follow a session: its logged transitions first, then live ones, without a gap.
+
+    A client that joins after the end still gets every transition (within retention);
+    the last one carries the result in `data.result`, then the stream ends.
+    """
+    if last_event_id is not None:
+        if not last_event_id.strip().isdigit():
+            raise unprocessable(
+                "invalid request",
+                [FieldProblem(field="Last-Event-ID", reason="must be a transition seq")],
+            )
+        after = int(last_event_id)
+    last, kind = await last_seq(backends.redis, session_id)
+    if kind in ENDED and after >= last:
+        return Response(status_code=204)  # EventSource stops reconnecting on 204
+    return session_stream(
+        backends.redis,
+        session_id,
+        after,
+        keepalive_s=backends.keepalive_s,
+        stopping=backends.stopping,
+    )

@@ -1,0 +1,193 @@
+"""The gateway's request and response models, and the error answers in the OpenAPI document."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any, Literal
+from urllib.parse import quote
+
+from fastapi.exceptions import HTTPException
+from pydantic import BaseModel, ConfigDict, Field
+
+from nodes.models import ResultWorkflow, WorkflowResult
+from service.storage.sessions import SessionRecord, SessionStatus
+
+__all__ = [
+    "KAFKA_DOWN",
+    "REDIS_DOWN",
+    "CheckpointSummary",
+    "EventAccepted",
+    "EventRequest",
+    "FieldProblem",
+    "Health",
+    "Links",
+    "Problem",
+    "Reachability",
+    "ResumeRequest",
+    "SessionDetail",
+    "SessionHistory",
+    "SessionPage",
+    "SessionReview",
+    "SessionSummary",
+    "unprocessable",
+]
+
+
+class FieldProblem(BaseModel):
+    """One problem of a request, and the field it is in."""
+
+    field: str = Field(description="Dotted path of the field, e.g. `data` or `source`.")
+    reason: str
+
+
+class Problem(BaseModel):
+    """An error answer."""
+
+    detail: str = Field(description="What went wrong, in one sentence.")
+    errors: list[FieldProblem] = Field(default_factory=list)
+
+
+def unprocessable(detail: str, errors: list[FieldProblem]) -> HTTPException:
+    """Return a 422 whose detail names each field and what is wrong with it."""
+    text = "; ".join(f"field '{e.field}': {e.reason}" for e in errors)
+    return HTTPException(422, {"detail": f"{detail}: {text}" if text else detail, "errors": errors})
+
+
+REDIS_DOWN: dict[int | str, dict[str, Any]] = {
+    503: {"model": Problem, "description": "Redis is unreachable."}
+}
+KAFKA_DOWN: dict[int | str, dict[str, Any]] = {
+    503: {"model": Problem, "description": "Kafka did not acknowledge the event."}
+}
+
+
+class EventRequest(BaseModel):
+    """A short form of an event; the gateway wraps it into a CloudEvent."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    type: str = Field(min_length=1, description="Event type, e.g. `claim.submitted`.")
+    data: Any = Field(default=None, description="The event payload.")
+    subject: str | None = Field(default=None, description="What the event is about.")
+    session_id: str | None = Field(
+        default=None, description="Continue this session instead of opening one."
+    )
+
+
+class Links(BaseModel):
+    """Where to follow an accepted event."""
+
+    self: str = Field(description="The session.")
+    stream: str = Field(description="The session's transitions as Server-Sent Events.")
+    result: str = Field(description="The event's result, once there is one.")
+
+
+class EventAccepted(BaseModel):
+    """An event that Kafka acknowledged; the worker will run it."""
+
+    session_id: str
+    event_id: str
+    links: Links
+
+    @classmethod
+    def of(cls, session_id: str, event_id: str) -> EventAccepted:
+        """Return the answer for an accepted event, with the links to follow it."""
+        base = f"/sessions/{quote(session_id, safe='')}"
+        return cls(
+            session_id=session_id,
+            event_id=event_id,
+            links=Links(
+                self=base,
+                stream=f"{base}/stream",
+                result=f"{base}/result?event_id={quote(event_id, safe='')}",
+            ),
+        )
+
+
+class ResumeRequest(BaseModel):
+    """The answer to an escalated review."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    answer: str = Field(min_length=1, description="e.g. `approve: discharge confirmed`.")
+
+
+class SessionSummary(BaseModel):
+    """A session as listed."""
+
+    session_id: str
+    status: SessionStatus
+    current_node: str | None = None
+    event_type: str | None = None
+    subject: str | None = None
+    created_at: datetime
+    updated_at: datetime
+    question: str | None = None
+
+    @classmethod
+    def of(cls, record: SessionRecord) -> SessionSummary:
+        """Return the listed fields of a session's record."""
+        return cls.model_validate(record.model_dump(include=set(cls.model_fields)))
+
+
+class SessionPage(BaseModel):
+    """One page of sessions, newest first."""
+
+    sessions: list[SessionSummary]
+    total: int = Field(description="Sessions with this status (all sessions without a filter).")
+    limit: int
+    offset: int
+
+
+class SessionReview(BaseModel):
+    """The latest review of a session."""
+
+    verdict: str | None = None
+    feedback: str = ""
+    question: str | None = None
+
+
+class SessionDetail(SessionSummary):
+    """A session: where it is, its workflow, its review and its result."""
+
+    event_ids: list[str] = Field(default_factory=list)
+    next: list[str] = Field(default_factory=list, description="Nodes that run next.")
+    workflow: ResultWorkflow = Field(default_factory=ResultWorkflow)
+    review: SessionReview = Field(default_factory=SessionReview)
+    result: WorkflowResult | None = None
+
+
+class CheckpointSummary(BaseModel):
+    """One checkpoint of a session's thread."""
+
+    checkpoint_id: str
+    parent_checkpoint_id: str | None = None
+    created_at: datetime | None = None
+    step: int | None = Field(default=None, description="The superstep that wrote it.")
+    source: str | None = Field(default=None, description="input, loop, update or fork.")
+    next: list[str] = Field(default_factory=list, description="Nodes due to run after it.")
+    tasks: list[str] = Field(default_factory=list, description="Tasks pending at it.")
+    interrupts: list[Any] = Field(default_factory=list)
+    steps: dict[str, str] = Field(default_factory=dict, description="Step id to status.")
+
+
+class SessionHistory(BaseModel):
+    """A session's checkpoints, newest first."""
+
+    session_id: str
+    checkpoints: list[CheckpointSummary]
+
+
+class Reachability(BaseModel):
+    """Whether one server answered."""
+
+    ok: bool
+    error: str | None = None
+
+
+class Health(BaseModel):
+    """Whether the gateway can reach Kafka and Redis."""
+
+    status: Literal["ok", "unavailable"]
+    kafka: Reachability
+    redis: Reachability
