@@ -55,14 +55,9 @@ from service.client import session_id_for
 from service.config import Settings
 from service.errors import KafkaUnavailable
 from service.observe import metrics
-from service.storage.publisher import follow, log_key, read_log
-from service.storage.sessions import (
-    INDEX_KEY,
-    SessionRecord,
-    SessionStatus,
-    SessionStore,
-    session_key,
-)
+from service.storage.keys import INDEX_KEY, log_key, session_key
+from service.storage.publisher import follow, read_log
+from service.storage.sessions import SessionRecord, SessionStatus, SessionStore
 from service.storage.transitions import Transition
 
 __all__ = ["create_app", "serve_gateway"]
@@ -221,7 +216,9 @@ class Backends:
             )
         self.settings = settings
         self.keepalive_s = keepalive_s
-        self.redis = Redis.from_url(settings.redis_url, socket_connect_timeout=3)
+        self.redis = Redis.from_url(
+            settings.redis_url, socket_connect_timeout=3, decode_responses=True
+        )
         self.store = SessionStore(self.redis, ttl_s=settings.session_ttl_s)
         self._producer: AIOKafkaProducer | None = None
         self._producer_lock = asyncio.Lock()
@@ -329,12 +326,12 @@ class Backends:
         ids: list[Any] = list(await self.redis.zrange(INDEX_KEY, 0, -1))
         async with self.redis.pipeline(transaction=False) as pipe:
             for raw_id in ids:
-                pipe.hget(session_key(raw_id.decode()), "status")
+                pipe.hget(session_key(raw_id), "status")
             statuses = await pipe.execute() if ids else []
         counts = dict.fromkeys(STATUSES, 0)
         for status in statuses:
             if status is not None:
-                counts[status.decode()] = counts.get(status.decode(), 0) + 1
+                counts[status] = counts.get(status, 0) + 1
         return counts
 
     async def close(self) -> None:
@@ -721,7 +718,7 @@ async def _last_seq(redis: Redis, session_id: str) -> tuple[int, str | None]:
     entries: Any = await redis.xrevrange(log_key(session_id), count=1)
     if not entries:
         return 0, None
-    last = Transition.model_validate_json(entries[0][1][b"transition"])
+    last = Transition.model_validate_json(entries[0][1]["transition"])
     return last.seq, last.type
 
 

@@ -78,7 +78,7 @@ async def open_session_graph(settings: Settings) -> AsyncIterator[SessionGraph]:
         if settings.redis_url:
             from service.storage.checkpoints import open_checkpointer
 
-            redis = Redis.from_url(settings.redis_url)
+            redis = Redis.from_url(settings.redis_url, decode_responses=True)
             stack.push_async_callback(redis.aclose)
             saver = await open_checkpointer(redis)
             yield SessionGraph(build_graph(saver), redis, f"Redis at {settings.redis_url}")

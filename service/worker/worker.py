@@ -79,7 +79,11 @@ class DeadLetter(Exception):
 def redis_pool(url: str, max_in_flight: int) -> Redis:
     """Open a Redis client whose pool waits instead of failing when all are busy."""
     pool = BlockingConnectionPool.from_url(
-        url, max_connections=max_in_flight + 32, timeout=30, health_check_interval=10
+        url,
+        max_connections=max_in_flight + 32,
+        timeout=30,
+        health_check_interval=10,
+        decode_responses=True,
     )
     return Redis(connection_pool=pool)
 

@@ -85,7 +85,7 @@ async def test_redis_restart_under_load(
         assert any("reachable again" in m for m in messages), messages
         from redis.asyncio import Redis
 
-        client = Redis.from_url(redis_server.url)
+        client = Redis.from_url(redis_server.url, decode_responses=True)
         try:
             for session_id in events:
                 log = await read_log(client, session_id)
