@@ -30,7 +30,7 @@ from nodes.models import CloudEvent, WorkflowResult
 from nodes.state import WorkflowState
 from service.config import Settings
 from service.errors import ReplayError
-from service.observe.drawing import SessionPath, session_path
+from service.observe.path import SessionPath, session_path
 from service.runtime.runner import InMemorySequence, SessionRunner
 from service.runtime.stream import TransitionSink
 from service.storage.publisher import TransitionPublisher, read_log
