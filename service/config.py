@@ -8,9 +8,10 @@ from typing import Annotated, Literal
 from pydantic import Field, ValidationError, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
-from nodes.agents import AgentConfigError, load_agents
+from nodes.agents import load_agents
 from nodes.chat_models import default_model_spec
 from nodes.context import WorkflowContext
+from nodes.errors import AgentConfigError
 from service.errors import ConfigError
 
 __all__ = ["Settings", "load_settings"]

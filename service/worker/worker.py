@@ -26,13 +26,8 @@ from aiokafka.structs import ConsumerRecord
 from redis.asyncio import BlockingConnectionPool, Redis
 
 from graphs.workflow import build_graph
-from nodes.models import (
-    CANCEL_EVENT_TYPE,
-    CloudEvent,
-    EventValidationError,
-    WorkflowResult,
-    utcnow,
-)
+from nodes.errors import EventValidationError
+from nodes.models import CANCEL_EVENT_TYPE, CloudEvent, WorkflowResult, utcnow
 from service.config import Settings
 from service.errors import UnknownSessionError
 from service.observe import metrics
