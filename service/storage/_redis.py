@@ -1,10 +1,10 @@
 """What the storage classes ask of the Redis client they are given, and of the libraries on it.
 
 Redis replies come as text: session records, the transition log and pub/sub messages are
-read from a client made with `decode_responses=True` (the Redis client factory makes it
-so). The Redis libraries agentflow builds on (langgraph-checkpoint-redis, its store, and
-redisvl under the workflow library) work on such a client as well as on one that answers
-bytes, so one text client serves a whole process.
+read from a client made with `decode_responses=True`, not decoded by hand. The Redis
+libraries agentflow builds on (langgraph-checkpoint-redis, its store, and redisvl under
+the workflow library) work on such a client as well as on one that answers bytes, so one
+text client can serve a whole process.
 """
 
 from __future__ import annotations
