@@ -12,33 +12,36 @@ from langchain_core.runnables import Runnable
 from langgraph.types import RetryPolicy, default_retry_on
 from pydantic import BaseModel, ValidationError
 
-from nodes.agents import AgentConfigError
-from nodes.chat_models import ModelConfigError, make_chat_model
+from nodes.chat_models import make_chat_model
 from nodes.context import WorkflowContext
+from nodes.errors import (
+    AgentConfigError,
+    ModelConfigError,
+    PlanError,
+    StructuredOutputError,
+)
 from nodes.models import Usage
 
 __all__ = [
-    "bind_tools",
     "MODEL_RETRY",
-    "StructuredOutputError",
+    "bind_tools",
     "chat_model",
     "invoke",
     "invoke_structured",
     "is_cache_hit",
+    "is_retryable",
+    "model_name",
 ]
 
 SchemaT = TypeVar("SchemaT", bound=BaseModel)
 
 
-class StructuredOutputError(ValueError):
-    """A model answered, but not in the requested structure."""
+def is_retryable(exc: Exception) -> bool:
+    """Whether a node that failed with `exc` may succeed if it runs again.
 
-
-class PlanError(ValueError):
-    """The planner's plan is invalid and could not be repaired."""
-
-
-def _retry_on(exc: Exception) -> bool:
+    Configuration and plan errors never do; timeouts and unparseable answers may; a
+    provider's `ModelError` says so itself; anything else is LangGraph's call.
+    """
     if isinstance(exc, AgentConfigError | ModelConfigError | PlanError):
         return False
     if isinstance(exc, StructuredOutputError | TimeoutError):
@@ -49,7 +52,7 @@ def _retry_on(exc: Exception) -> bool:
 
 
 MODEL_RETRY = RetryPolicy(
-    max_attempts=3, initial_interval=0.2, max_interval=5.0, retry_on=_retry_on
+    max_attempts=3, initial_interval=0.2, max_interval=5.0, retry_on=is_retryable
 )
 """Retry policy for nodes that call models: transient errors and unparseable answers."""
 
@@ -57,7 +60,7 @@ MODEL_RETRY = RetryPolicy(
 def chat_model(context: WorkflowContext, node: str, spec: str | None = None) -> BaseChatModel:
     """Return the chat model a node (or an agent with its own `spec`) uses."""
     if context.chat_model is not None:
-        return context.chat_model  # type: ignore[no-any-return]
+        return context.chat_model
     return make_chat_model(spec or context.model_for(node), timeout_s=context.model_timeout_s)
 
 

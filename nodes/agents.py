@@ -15,15 +15,12 @@ import yaml
 from langchain_core.tools import BaseTool, StructuredTool
 from pydantic import BaseModel, Field, ValidationError
 
+from nodes.errors import AgentConfigError
 from nodes.models import format_validation_error
 
-__all__ = ["AgentConfigError", "AgentRegistry", "AgentSpec", "load_agents"]
+__all__ = ["AgentRegistry", "AgentSpec", "load_agents"]
 
 logger = logging.getLogger(__name__)
-
-
-class AgentConfigError(ValueError):
-    """The agents file is missing, malformed, or names something that does not exist."""
 
 
 class AgentSpec(BaseModel):

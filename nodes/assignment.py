@@ -8,10 +8,11 @@ from typing import Any
 from langchain_core.messages import BaseMessage, HumanMessage
 from langgraph.runtime import Runtime
 
-from nodes._llm import StructuredOutputError, chat_model, invoke_structured, model_name
+from nodes._llm import chat_model, invoke_structured, model_name
 from nodes._runtime import context_of, dumps
 from nodes.agents import AgentRegistry, load_agents
 from nodes.context import WorkflowContext
+from nodes.errors import StructuredOutputError
 from nodes.models import AssignmentDraft, Step, Usage
 from nodes.state import WorkflowState
 

@@ -20,9 +20,10 @@ from langchain_core.runnables import Runnable
 from langchain_core.tools import BaseTool
 from langchain_core.utils.function_calling import convert_to_openai_tool
 
+from nodes.errors import ModelConfigError
+
 __all__ = [
     "OFFLINE",
-    "ModelConfigError",
     "OfflineChatModel",
     "default_model_spec",
     "make_chat_model",
@@ -39,10 +40,6 @@ _STOPWORDS = frozenset(
         "any all can will each step steps event what when which who"
     ).split()
 )
-
-
-class ModelConfigError(ValueError):
-    """A model spec cannot be turned into a chat model."""
 
 
 def default_model_spec() -> str:

@@ -3,7 +3,13 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Literal
+
+from langchain_core.language_models import BaseChatModel
+from pydantic import ConfigDict
+from pydantic.json_schema import SkipJsonSchema
+
+from nodes.library import WorkflowLibrary
 
 __all__ = ["NODE_NAMES", "WorkflowContext"]
 
@@ -12,7 +18,14 @@ NODE_NAMES = ("plan", "assign", "execute", "review", "finalize")
 
 @dataclass(kw_only=True)
 class WorkflowContext:
-    """Options for one run; nodes read them from `runtime.context`."""
+    """Options for one run; nodes read them from `runtime.context`.
+
+    `library` and `chat_model` are objects, not options a JSON client can send: they are
+    left out of the JSON schema LangGraph's server and Studio show.
+    """
+
+    # LangGraph builds the JSON schema with pydantic, which must accept the protocol type.
+    __pydantic_config__ = ConfigDict(arbitrary_types_allowed=True)
 
     model: str = field(
         default="offline",
@@ -56,11 +69,11 @@ class WorkflowContext:
         default=0.75,
         metadata={"description": "A same-type workflow scoring at least this is reused."},
     )
-    library: Any = field(
+    library: SkipJsonSchema[WorkflowLibrary | None] = field(
         default=None,
         metadata={"description": "The `WorkflowLibrary`; the process-wide in-memory one if unset."},
     )
-    chat_model: Any = field(
+    chat_model: SkipJsonSchema[BaseChatModel | None] = field(
         default=None,
         metadata={"description": "A ready chat model used for every node (tests, notebooks)."},
     )

@@ -14,7 +14,7 @@ from langchain_core.tools import BaseTool, InjectedToolArg, StructuredTool
 from langgraph.runtime import Runtime
 from langgraph.types import Send
 
-from nodes._llm import MODEL_RETRY, _retry_on, bind_tools, chat_model, invoke, model_name
+from nodes._llm import MODEL_RETRY, bind_tools, chat_model, invoke, is_retryable, model_name
 from nodes._runtime import context_of, dumps, write
 from nodes.agents import AgentRegistry, load_agents
 from nodes.context import WorkflowContext
@@ -229,7 +229,7 @@ async def execute_step(task: StepTask, runtime: Runtime[WorkflowContext]) -> dic
         output = answers[-1][1] if len(answers) == 1 else "\n".join(f"{n}: {a}" for n, a in answers)
         update = {"status": "done", "output": output, "error": None}
     except Exception as exc:
-        if attempt < MODEL_RETRY.max_attempts and _retry_on(exc):
+        if attempt < MODEL_RETRY.max_attempts and is_retryable(exc):
             raise
         logger.warning("step %s failed after %d attempt(s): %s", step.id, attempt, exc)
         update = {"status": "failed", "output": "", "error": f"{type(exc).__name__}: {exc}"}

@@ -10,12 +10,13 @@ from typing import Any, Literal, Protocol
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 from typing_extensions import TypedDict  # pydantic needs it on Python < 3.12
 
+from nodes.errors import EventValidationError
+
 __all__ = [
     "AgentChoice",
     "AssignmentDraft",
     "BasedOn",
     "CloudEvent",
-    "EventValidationError",
     "PlanDraft",
     "ReuseMode",
     "ReviewDecision",
@@ -42,10 +43,6 @@ CANCEL_EVENT_TYPE = "agentflow.cancel"
 def utcnow() -> datetime:
     """Return the current time in UTC."""
     return datetime.now(UTC)
-
-
-class EventValidationError(ValueError):
-    """An event is not a valid CloudEvents 1.0 structured-mode JSON object."""
 
 
 def format_validation_error(exc: ValidationError, what: str = "event") -> str:

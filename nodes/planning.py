@@ -10,14 +10,15 @@ from langchain_core.messages import BaseMessage, HumanMessage
 from langgraph.runtime import Runtime
 from langgraph.types import Overwrite
 
-from nodes._llm import PlanError, chat_model, invoke_structured, model_name
+from nodes._llm import chat_model, invoke_structured, model_name
 from nodes._runtime import context_of, dumps
 from nodes.context import WorkflowContext
+from nodes.errors import PlanError
 from nodes.models import CloudEvent, PlanDraft, SimilarWorkflow, Step, Usage
 from nodes.prompts import PLAN_ADAPT_PROMPT, PLAN_PROMPT, PLAN_REPAIR_PROMPT
 from nodes.state import WorkflowState
 
-__all__ = ["PlanError", "check_plan", "known_steps", "plan", "render_plan_prompt"]
+__all__ = ["check_plan", "known_steps", "plan", "render_plan_prompt"]
 
 logger = logging.getLogger(__name__)
 

@@ -21,8 +21,9 @@ from aiokafka.errors import KafkaConnectionError, KafkaTimeoutError, TopicAlread
 from redis.asyncio import BlockingConnectionPool, Redis
 
 from graphs.workflow import build_graph
-from nodes.agents import AgentConfigError, AgentRegistry, load_agents
-from nodes.chat_models import OFFLINE, ModelConfigError, make_chat_model
+from nodes.agents import AgentRegistry, load_agents
+from nodes.chat_models import OFFLINE, make_chat_model
+from nodes.errors import AgentConfigError, ModelConfigError
 from service.config import Settings
 from service.errors import ConfigError, TemplateError
 from service.storage.checkpoints import open_checkpointer

@@ -14,7 +14,8 @@ from redis.asyncio import Redis
 from nodes.models import CloudEvent, WorkflowResult
 from service.bootstrap import kafka_producer
 from service.config import Settings
-from service.storage.publisher import follow, log_key
+from service.storage.keys import log_key
+from service.storage.publisher import follow
 from service.storage.transitions import Transition
 
 __all__ = ["last_seq", "produce_event", "session_id_for", "wait_for_result", "watch_session"]
@@ -44,12 +45,12 @@ async def produce_event(settings: Settings, event: CloudEvent) -> str:
 async def last_seq(settings: Settings, session_id: str) -> int:
     """Return the `seq` of a session's newest logged transition (0 if none)."""
     assert settings.redis_url
-    redis = Redis.from_url(settings.redis_url)
+    redis = Redis.from_url(settings.redis_url, decode_responses=True)
     try:
         newest = await redis.xrevrange(log_key(session_id), count=1)
     finally:
         await redis.aclose()
-    return int(cast(bytes, newest[0][0]).split(b"-")[0]) if newest else 0
+    return int(cast(str, newest[0][0]).split("-")[0]) if newest else 0
 
 
 async def watch_session(
@@ -57,7 +58,7 @@ async def watch_session(
 ) -> AsyncIterator[Transition]:
     """Yield a session's transitions: the log first, then live, until it stops."""
     assert settings.redis_url
-    redis = Redis.from_url(settings.redis_url)
+    redis = Redis.from_url(settings.redis_url, decode_responses=True)
     try:
         async with contextlib.aclosing(follow(redis, session_id, after_seq)) as transitions:
             async for transition in transitions:

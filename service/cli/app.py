@@ -14,7 +14,8 @@ from typing import Annotated, Any
 import typer
 from rich.console import Console
 
-from nodes.models import CloudEvent, EventValidationError, WorkflowResult
+from nodes.errors import EventValidationError
+from nodes.models import CloudEvent, WorkflowResult
 from service.bootstrap import check_startup
 from service.config import Settings, load_settings
 from service.errors import ConfigError

@@ -522,14 +522,12 @@ class RedisServer(_ServerProcess):
             socket_timeout=_PROBE_TIMEOUT,
             socket_connect_timeout=_PROBE_TIMEOUT,
             retry=Retry(NoBackoff(), 0),
+            decode_responses=True,
         )
         try:
             client.ping()
             answering_pid = client.info("server").get("process_id")
-            loaded = {
-                _as_str(module.get(b"name", module.get("name", ""))).lower()
-                for module in client.execute_command("MODULE", "LIST")
-            }
+            loaded = {str(module.get("name", "")).lower() for module in client.module_list()}
         except (redis.ConnectionError, redis.TimeoutError) as exc:
             raise _NotReadyError() from exc
         finally:
@@ -802,17 +800,11 @@ def _ensure_executable(path: Path) -> Path:
 
 def _port_in_use_message(log_tail: str) -> bool:
     lowered = log_tail.lower()
-    return any(
-        text in lowered for text in ("address already in use", "address in use", "addrinuse")
-    )
+    return any(text in lowered for text in _PORT_IN_USE_MARKERS)
 
 
 def _format_tail(tail: str) -> str:
     return f"\nLast lines of its log:\n{tail}" if tail else " Its log is empty."
-
-
-def _as_str(value: bytes | str) -> str:
-    return value.decode() if isinstance(value, bytes) else value
 
 
 async def _fetch_cluster_id(bootstrap: str, limit_s: float) -> str | None:

@@ -25,7 +25,8 @@ from service.errors import KafkaUnavailable
 from service.gateway.schemas import Reachability
 from service.observe import metrics
 from service.storage.checkpoints import open_checkpointer
-from service.storage.sessions import INDEX_KEY, SessionRecord, SessionStore, session_key
+from service.storage.keys import INDEX_KEY, session_key
+from service.storage.sessions import SessionRecord, SessionStore
 
 __all__ = [
     "REDIS_ERRORS",
@@ -43,8 +44,7 @@ REDIS_ERRORS = (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError)
 STATUSES: tuple[str, ...] = ("running", "interrupted", "completed", "failed", "cancelled")
 
 
-# Every open stream holds a pub/sub connection of the pool: room for many, and replies as
-# bytes because the transition log is read as stored.
+# Every open stream holds a pub/sub connection of the pool: room for many.
 _MAX_REDIS_CONNECTIONS = 10_000
 
 
@@ -69,7 +69,6 @@ class Backends:
         self.redis = redis_client(
             settings.redis_url,
             max_connections=_MAX_REDIS_CONNECTIONS,
-            decode_responses=False,
             socket_connect_timeout=3,
         )
         self.store = SessionStore(self.redis, ttl_s=settings.session_ttl_s)
@@ -173,12 +172,12 @@ class Backends:
         ids: list[Any] = list(await self.redis.zrange(INDEX_KEY, 0, -1))
         async with self.redis.pipeline(transaction=False) as pipe:
             for raw_id in ids:
-                pipe.hget(session_key(raw_id.decode()), "status")
+                pipe.hget(session_key(raw_id), "status")
             statuses = await pipe.execute() if ids else []
         counts = dict.fromkeys(STATUSES, 0)
         for status in statuses:
             if status is not None:
-                counts[status.decode()] = counts.get(status.decode(), 0) + 1
+                counts[status] = counts.get(status, 0) + 1
         return counts
 
     async def close(self) -> None:

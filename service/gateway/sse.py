@@ -20,7 +20,8 @@ from redis.asyncio import Redis
 from sse_starlette import EventSourceResponse, ServerSentEvent
 
 from service.gateway.backends import REDIS_ERRORS
-from service.storage.publisher import follow, log_key
+from service.storage.keys import log_key
+from service.storage.publisher import follow
 from service.storage.transitions import Transition
 
 __all__ = ["ENDED", "last_seq", "session_stream"]
@@ -40,7 +41,7 @@ async def last_seq(redis: Redis, session_id: str) -> tuple[int, str | None]:
     entries: Any = await redis.xrevrange(log_key(session_id), count=1)
     if not entries:
         return 0, None
-    last = Transition.model_validate_json(entries[0][1][b"transition"])
+    last = Transition.model_validate_json(entries[0][1]["transition"])
     return last.seq, last.type
 
 

@@ -30,7 +30,7 @@ from nodes.models import CloudEvent, WorkflowResult
 from nodes.state import WorkflowState
 from service.config import Settings
 from service.errors import ReplayError
-from service.observe.drawing import SessionPath, session_path
+from service.observe.path import SessionPath, session_path
 from service.runtime.runner import InMemorySequence, SessionRunner
 from service.runtime.stream import TransitionSink
 from service.storage.publisher import TransitionPublisher, read_log
@@ -78,7 +78,7 @@ async def open_session_graph(settings: Settings) -> AsyncIterator[SessionGraph]:
         if settings.redis_url:
             from service.storage.checkpoints import open_checkpointer
 
-            redis = Redis.from_url(settings.redis_url)
+            redis = Redis.from_url(settings.redis_url, decode_responses=True)
             stack.push_async_callback(redis.aclose)
             saver = await open_checkpointer(redis)
             yield SessionGraph(build_graph(saver), redis, f"Redis at {settings.redis_url}")

@@ -138,12 +138,6 @@ class SessionRunner:
         original = _event_id_of(snapshot.values) or ""
         return await self._drive(session_id, None, original, resumed=True, reply_to=event_id)
 
-    async def result_of(self, session_id: str) -> WorkflowResult | None:
-        """Return the result a session's checkpoint holds, if it finished."""
-        snapshot = await self.graph.aget_state(self.config(session_id))
-        result = snapshot.values.get("result") if snapshot.values else None
-        return result if isinstance(result, WorkflowResult) else None
-
     @staticmethod
     def config(session_id: str) -> RunnableConfig:
         """Return the graph config of a session (its thread)."""

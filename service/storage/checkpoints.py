@@ -7,6 +7,7 @@ from typing import TYPE_CHECKING, Any
 from langgraph.checkpoint.serde.jsonplus import JsonPlusSerializer
 
 from nodes import models
+from service.storage._redis import quiet_index_setup
 
 if TYPE_CHECKING:
     from redis.asyncio import Redis
@@ -109,12 +110,13 @@ async def expire_session(saver: Any, session_id: str, ttl_s: int) -> int:
 
 
 async def open_checkpointer(client: Redis) -> Any:
-    """Set up the langgraph-checkpoint-redis saver on an existing client."""
+    """Set up the langgraph-checkpoint-redis saver on an existing client (of either mode)."""
     from langgraph.checkpoint.redis.aio import AsyncRedisSaver
 
     # No per-write TTL: the worker gives a session's keys their TTL when it finishes
     # (`expire_session`), so a session waiting for a human answer does not expire.
     saver = AsyncRedisSaver(redis_client=client)
     saver.serde = redis_checkpoint_serde()
-    await saver.asetup()
+    with quiet_index_setup():
+        await saver.asetup()
     return saver

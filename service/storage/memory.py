@@ -19,6 +19,8 @@ from typing import TYPE_CHECKING, Any
 from langchain_core.messages import AnyMessage
 
 from nodes.models import CloudEvent, SessionNote, Step, subject_namespace
+from service.storage._redis import quiet_index_setup
+from service.storage.keys import LLM_CACHE_PREFIX
 
 if TYPE_CHECKING:
     from langchain_core.caches import BaseCache
@@ -30,7 +32,6 @@ if TYPE_CHECKING:
     from service.config import Settings
 
 __all__ = [
-    "LLM_CACHE_PREFIX",
     "RunConversation",
     "install_llm_cache",
     "open_history_checkpointer",
@@ -41,11 +42,9 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-LLM_CACHE_PREFIX = "agentflow:llmcache"
-
 
 async def open_subject_store(redis: Redis) -> AsyncRedisStore:
-    """Set up LangGraph's long-term store on an existing Redis client."""
+    """Set up LangGraph's long-term store on an existing Redis client (of either mode)."""
     from langgraph.store.redis.aio import AsyncRedisStore
 
     try:
@@ -63,7 +62,8 @@ async def open_subject_store(redis: Redis) -> AsyncRedisStore:
             store = AsyncRedisStore(redis_client=redis)
         finally:
             store_base.SearchIndex = sync_index  # type: ignore[misc]
-    await store.setup()
+    with quiet_index_setup():
+        await store.setup()
     return store
 
 
@@ -145,7 +145,7 @@ async def open_history_checkpointer(settings: Settings) -> AsyncIterator[tuple[A
 
         from service.storage.checkpoints import open_checkpointer
 
-        client = Redis.from_url(settings.redis_url, socket_connect_timeout=5)
+        client = Redis.from_url(settings.redis_url, socket_connect_timeout=5, decode_responses=True)
         try:
             yield await open_checkpointer(client), f"Redis at {settings.redis_url}"
         finally:

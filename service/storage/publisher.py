@@ -11,36 +11,19 @@ from typing import Any, cast
 from redis import exceptions as redis_errors
 from redis.asyncio import Redis
 
+from service.storage._redis import require_text_client
+from service.storage.keys import (
+    ALL_TRANSITIONS_CHANNEL,
+    log_key,
+    seq_key,
+    session_channel,
+    session_key,
+)
 from service.storage.transitions import Transition
 
-__all__ = [
-    "ALL_TRANSITIONS_CHANNEL",
-    "BackgroundPublisher",
-    "TransitionPublisher",
-    "log_key",
-    "follow",
-    "read_log",
-    "session_channel",
-]
+__all__ = ["BackgroundPublisher", "TransitionPublisher", "follow", "read_log"]
 
 logger = logging.getLogger(__name__)
-
-ALL_TRANSITIONS_CHANNEL = "agentflow:transitions"
-
-
-def session_channel(session_id: str) -> str:
-    """The pub/sub channel of one session's transitions."""
-    return f"agentflow:session:{session_id}:transitions"
-
-
-def log_key(session_id: str) -> str:
-    """The stream that keeps one session's transitions for late clients."""
-    return f"agentflow:session:{session_id}:log"
-
-
-def seq_key(session_id: str) -> str:
-    """The counter that numbers one session's transitions."""
-    return f"agentflow:session:{session_id}:seq"
 
 
 # Numbering, logging and publishing happen in one atomic step, so `seq` has no gaps
@@ -67,7 +50,13 @@ return seqs
 
 
 class TransitionPublisher:
-    """Number each transition and PUBLISH + XADD it, atomically, in Redis."""
+    """Number each transition and PUBLISH + XADD it, atomically, in Redis.
+
+    Args:
+        redis: a client in either mode (it reads back only the numbers it gave).
+        ttl_s: how long a session's log and counter are kept after its last transition.
+        maxlen: about how many transitions a session's log keeps.
+    """
 
     def __init__(self, redis: Redis, *, ttl_s: int, maxlen: int = 10_000) -> None:
         self.redis = redis
@@ -101,7 +90,7 @@ class TransitionPublisher:
                 log_key(sid),
                 session_channel(sid),
                 ALL_TRANSITIONS_CHANNEL,
-                f"agentflow:session:{sid}",
+                session_key(sid),
             ]
             calls.append((*keys, *args))
         try:
@@ -196,10 +185,20 @@ class BackgroundPublisher:
 
 
 async def read_log(redis: Redis, session_id: str, after_seq: int = 0) -> list[Transition]:
-    """Return a session's logged transitions with `seq` greater than `after_seq`."""
+    """Return a session's logged transitions with `seq` greater than `after_seq`.
+
+    Args:
+        redis: a client made with `decode_responses=True`.
+        session_id: the session.
+        after_seq: read only what comes after this transition.
+
+    Raises:
+        TypeError: the client answers bytes.
+    """
+    require_text_client(redis, "read_log")
     entries = await redis.xrange(log_key(session_id), min=f"({after_seq}-1", max="+")
-    rows = cast(list[tuple[bytes, dict[bytes, bytes]]], entries)
-    return [Transition.model_validate_json(fields[b"transition"]) for _, fields in rows]
+    rows = cast(list[tuple[str, dict[str, str]]], entries)
+    return [Transition.model_validate_json(fields["transition"]) for _, fields in rows]
 
 
 async def follow(
@@ -208,7 +207,9 @@ async def follow(
     """Yield a session's transitions from the log, then live, without gap or duplicate.
 
     Subscribes first, then replays the log, then skips live messages already replayed.
+    Needs a client made with `decode_responses=True`, as `read_log` does.
     """
+    require_text_client(redis, "follow")
     pubsub = redis.pubsub()
     await pubsub.subscribe(session_channel(session_id))
     try:

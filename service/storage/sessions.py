@@ -10,22 +10,13 @@ from pydantic import BaseModel, Field
 from redis.asyncio import Redis
 
 from nodes.models import WorkflowResult, utcnow
+from service.storage._redis import require_text_client
+from service.storage.keys import INDEX_KEY, event_key, session_key
 
 __all__ = ["EventClaim", "SessionRecord", "SessionStore"]
 
 SessionStatus = Literal["running", "interrupted", "completed", "failed", "cancelled"]
 EventClaim = Literal["new", "running", "finished", "published"]
-INDEX_KEY = "agentflow:sessions"
-
-
-def session_key(session_id: str) -> str:
-    """The hash that holds one session's record."""
-    return f"agentflow:session:{session_id}"
-
-
-def event_key(event_id: str) -> str:
-    """The key that remembers one event id and how far it got."""
-    return f"agentflow:event:{event_id}"
 
 
 class SessionRecord(BaseModel):
@@ -44,10 +35,18 @@ class SessionRecord(BaseModel):
 
 
 class SessionStore:
-    """Session records (hashes), an index by update time, and seen event ids."""
+    """Session records (hashes), an index by update time, and seen event ids.
+
+    Args:
+        redis: a client made with `decode_responses=True` (records are read as text).
+        ttl_s: how long a finished session's record and its event ids are kept.
+
+    Raises:
+        TypeError: the client answers bytes.
+    """
 
     def __init__(self, redis: Redis, *, ttl_s: int) -> None:
-        self.redis = redis
+        self.redis = require_text_client(redis, "SessionStore")
         self.ttl_s = ttl_s
 
     def __repr__(self) -> str:
@@ -55,10 +54,9 @@ class SessionStore:
 
     async def get(self, session_id: str) -> SessionRecord | None:
         """Return a session's record, or None if there is none."""
-        raw = await self.redis.hgetall(session_key(session_id))
-        if not raw:
+        fields = cast(dict[str, str], await self.redis.hgetall(session_key(session_id)))
+        if not fields:
             return None
-        fields = {_text(k): _text(v) for k, v in raw.items()}
         data: dict[str, Any] = {k: v for k, v in fields.items() if v != ""}
         data["event_ids"] = json.loads(fields.get("event_ids", "[]"))
         if "result" in data:
@@ -75,12 +73,12 @@ class SessionStore:
         skipped = 0
         page = max(limit, 50)
         while len(records) < limit and cursor < total:
-            ids = await self.redis.zrevrange(INDEX_KEY, cursor, cursor + page - 1)
+            ids = cast(list[str], await self.redis.zrevrange(INDEX_KEY, cursor, cursor + page - 1))
             cursor += page
-            for raw_id in ids:
-                record = await self.get(_text(raw_id))
+            for session_id in ids:
+                record = await self.get(session_id)
                 if record is None:
-                    await self.redis.zrem(INDEX_KEY, _text(raw_id))  # expired
+                    await self.redis.zrem(INDEX_KEY, session_id)  # expired
                     continue
                 if status and record.status != status:
                     continue
@@ -180,13 +178,3 @@ class SessionStore:
             json.dumps({"session_id": session_id, "state": state}),
             ex=self.ttl_s,
         )
-
-    async def event_session(self, event_id: str) -> str | None:
-        """Return the session an event id belongs to, if it was seen."""
-        raw = await self.redis.get(event_key(event_id))
-        return json.loads(raw)["session_id"] if raw else None
-
-
-def _text(value: Any) -> str:
-    """A Redis reply as text (the client answers bytes)."""
-    return value.decode() if isinstance(value, bytes) else str(value)

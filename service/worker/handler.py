@@ -9,8 +9,9 @@ from typing import Any
 
 from aiokafka.structs import ConsumerRecord
 
+from nodes.errors import EventValidationError
 from nodes.finalize import build_result
-from nodes.models import CANCEL_EVENT_TYPE, CloudEvent, EventValidationError, WorkflowResult
+from nodes.models import CANCEL_EVENT_TYPE, CloudEvent, WorkflowResult
 from service.bootstrap import is_infra_error
 from service.config import Settings
 from service.errors import UnknownSessionError

@@ -58,7 +58,7 @@ def settings(servers: LocalServers) -> Settings:
 
 @pytest.fixture
 async def redis(servers: LocalServers) -> AsyncIterator[Redis]:
-    client = Redis.from_url(servers.redis_url)
+    client = Redis.from_url(servers.redis_url, decode_responses=True)
     yield client
     await client.aclose()
 

@@ -25,7 +25,8 @@ from service.config import Settings, load_settings
 from service.devtools.servers import KafkaBroker, LocalServers
 from service.gateway.app import serve_gateway
 from service.gateway.backends import SEND_TIMEOUT_S
-from service.storage.publisher import TransitionPublisher, read_log, session_channel
+from service.storage.keys import session_channel
+from service.storage.publisher import TransitionPublisher, read_log
 from service.storage.sessions import SessionStore
 from service.storage.transitions import Transition
 from service.worker import Worker
@@ -457,7 +458,7 @@ async def test_idle_stream_sends_keepalives_and_stops_when_the_client_goes(
     comments: list[str] = []
 
     async def subscribed() -> int:
-        return int(dict(await redis.pubsub_numsub(channel))[channel.encode()])
+        return int(dict(await redis.pubsub_numsub(channel))[channel])
 
     async with (
         httpx.AsyncClient(base_url=url, timeout=10) as http,

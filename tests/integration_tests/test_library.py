@@ -21,7 +21,9 @@ from nodes.library import InMemoryWorkflowLibrary, event_text, workflow_text
 from nodes.models import CloudEvent, SimilarWorkflow, Step, Workflow
 from service.devtools.servers import LocalServers
 from service.errors import CorruptWorkflowError
+from service.storage.checkpoints import open_checkpointer
 from service.storage.library import RedisWorkflowLibrary, seed_library
+from service.storage.memory import open_subject_store
 from tests.unit_tests.helpers import runner_for
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -193,6 +195,26 @@ async def test_a_corrupted_document_is_skipped_and_logged(
     assert "skipping corrupted workflow document" in caplog.text and ":bad" in caplog.text
     with pytest.raises(CorruptWorkflowError, match="steps"):
         await library.get("bad")
+
+
+async def test_setting_up_existing_indexes_logs_nothing(
+    redis: Redis, caplog: pytest.LogCaptureFixture
+) -> None:
+    lib = RedisWorkflowLibrary(
+        redis, prefix=f"test-{uuid.uuid4().hex[:8]}:workflow", embeddings=ConceptEmbeddings()
+    )
+    for _ in range(2):  # the second round finds every index there
+        await lib.setup()
+        await open_checkpointer(redis)
+        await open_subject_store(redis)
+    assert lib.vector_index is not None and await lib.vector_index.exists()
+    with caplog.at_level(logging.DEBUG):
+        await lib.setup()
+        await open_checkpointer(redis)
+        await open_subject_store(redis)
+    await lib.index.delete(drop=True)
+    await lib.vector_index.delete(drop=True)
+    assert [r.getMessage() for r in caplog.records if r.levelno >= logging.INFO] == []
 
 
 async def test_discovery_with_an_empty_library(

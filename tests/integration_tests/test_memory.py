@@ -21,12 +21,8 @@ from nodes.models import WorkflowResult
 from service.config import Settings
 from service.runtime.runner import SessionRunner
 from service.storage.checkpoints import checkpoint_serde
-from service.storage.memory import (
-    LLM_CACHE_PREFIX,
-    install_llm_cache,
-    open_subject_store,
-    subject_notes,
-)
+from service.storage.keys import LLM_CACHE_PREFIX
+from service.storage.memory import install_llm_cache, open_subject_store, subject_notes
 from tests.integration_tests.conftest import example, read_topic, results_by_event, send
 
 

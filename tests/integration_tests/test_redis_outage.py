@@ -99,7 +99,7 @@ async def test_redis_restart_under_load(
         messages = [r.getMessage() for r in caplog.records]
         assert any("reachable again" in m for m in messages), messages
 
-        client = Redis.from_url(redis_server.url)
+        client = Redis.from_url(redis_server.url, decode_responses=True)
         try:
             for session_id in events:
                 log = await read_log(client, session_id)

@@ -55,7 +55,7 @@ async def test_example_events_end_to_end(
 
     async def checkpoint_ttls(session_id: str) -> list[int]:
         keys = redis.scan_iter(match=f"*:{session_id}:*", count=1000)
-        return [await redis.ttl(k) async for k in keys if not k.startswith(b"agentflow:")]
+        return [await redis.ttl(k) async for k in keys if not k.startswith("agentflow:")]
 
     # a finished session's checkpoints get the retention TTL; one waiting for a human keeps its
     finished, waiting = await checkpoint_ttls("s-submit"), await checkpoint_ttls("s-review")

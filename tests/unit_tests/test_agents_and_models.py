@@ -4,8 +4,9 @@ from pathlib import Path
 
 import pytest
 
-from nodes.agents import AgentConfigError, AgentRegistry
-from nodes.chat_models import ModelConfigError, OfflineChatModel, make_chat_model
+from nodes.agents import AgentRegistry
+from nodes.chat_models import OfflineChatModel, make_chat_model
+from nodes.errors import AgentConfigError, ModelConfigError
 from service.config import load_settings
 from service.errors import ConfigError
 

@@ -13,7 +13,8 @@ from graphs.workflow import NODES, build_graph
 from nodes.library import InMemoryWorkflowLibrary
 from nodes.models import CloudEvent
 from service.config import load_settings
-from service.observe.drawing import SessionPath, format_duration, render_graph, session_path
+from service.observe.drawing import render_graph
+from service.observe.path import SessionPath, format_duration, session_path
 from service.runtime.replay import branch_history, transitions_from_history
 from service.runtime.runner import SessionRunner
 from service.storage.checkpoints import checkpoint_serde

@@ -2,7 +2,8 @@ from __future__ import annotations
 
 import pytest
 
-from nodes.models import CloudEvent, EventValidationError, SimilarWorkflow, Usage, Workflow
+from nodes.errors import EventValidationError
+from nodes.models import CloudEvent, SimilarWorkflow, Usage, Workflow
 
 
 def test_event_parses_cloudevent_json() -> None:

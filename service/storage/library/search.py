@@ -1,4 +1,4 @@
-"""The workflow library on Redis, and workflow templates written by hand in YAML.
+"""The workflow library on Redis: the search index and its queries.
 
 `RedisWorkflowLibrary` keeps each workflow as a JSON document under
 `agentflow:workflow:{id}` and finds them through a redisvl search index:
@@ -12,19 +12,6 @@
 The candidates are then scored in [0, 1] exactly as every library scores them
 (`nodes.library.similarity`, formula in its module docstring), so thresholds mean the
 same with the in-memory library of `agentflow run` and with this one.
-
-A template file holds one workflow, or a list of them under `workflows:`:
-
-```yaml
-id: tpl-claim-submitted          # letters, digits, `.`, `_`, `-`
-event_type: claim.submitted
-intent: Handle a submitted benefit claim
-goals: [The claim is recorded, ...]
-data_summary: claim_id veteran_id benefit   # words of the event data it fits (optional)
-steps:
-  - {id: s1, title: Take in the claim, description: ..., agents: [intake]}
-  - {id: s2, title: ..., depends_on: [s1], agents: [eligibility_analyst]}
-```
 """
 
 from __future__ import annotations
@@ -33,20 +20,15 @@ import asyncio
 import hashlib
 import json
 import logging
-import math
-from collections.abc import Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import ValidationError
 from redis.commands.search.query import Query
 from redisvl.index import AsyncSearchIndex
 from redisvl.query.filter import Tag
 from redisvl.schema import IndexSchema
 
-from nodes.agents import AgentRegistry
 from nodes.library import (
     OFFERED_VERDICTS,
     blend_quality,
@@ -56,194 +38,27 @@ from nodes.library import (
     terms,
     workflow_text,
 )
-from nodes.models import (
-    CloudEvent,
-    PlanDraft,
-    SimilarWorkflow,
-    Step,
-    Workflow,
-    format_validation_error,
-    utcnow,
-)
-from nodes.planning import check_plan
-from service.errors import CorruptWorkflowError, TemplateError
+from nodes.models import CloudEvent, SimilarWorkflow, Workflow, utcnow
+from service.errors import CorruptWorkflowError
+from service.storage.keys import WORKFLOW_PREFIX, workflow_index, workflow_key
+from service.storage.library.embeddings import cosine, make_embeddings, vector_bytes
 
 if TYPE_CHECKING:
     from langchain_core.embeddings import Embeddings
     from redis.asyncio import Redis
 
-
-__all__ = [
-    "RedisWorkflowLibrary",
-    "load_templates",
-    "make_embeddings",
-    "open_library",
-    "seed_library",
-]
+__all__ = ["RedisWorkflowLibrary", "open_library"]
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_PREFIX = "agentflow:workflow"
 _TYPE_WEIGHT = 10.0
 _OFFERED = "@verdict:{" + " | ".join(sorted(OFFERED_VERDICTS)) + "}"
 _MAX_QUERY_TERMS = 40
 
 
-class _TemplateStep(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-    id: str = Field(min_length=1)
-    title: str = Field(min_length=1)
-    description: str = ""
-    depends_on: list[str] = Field(default_factory=list)
-    agents: list[str] = Field(min_length=1)
-
-
-class _Template(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-    id: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")
-    event_type: str = Field(min_length=1)
-    intent: str = Field(min_length=1)
-    goals: list[str] = Field(default_factory=list)
-    steps: list[_TemplateStep] = Field(min_length=1)
-    summary: str = ""
-    data_summary: str = ""
-    quality: float = Field(default=1.0, ge=0, le=1)
-
-
-def _template_files(path: Path) -> list[Path]:
-    if path.is_dir():
-        files = sorted([*path.glob("*.yaml"), *path.glob("*.yml")])
-        if not files:
-            raise TemplateError(f"{path} holds no workflow templates (*.yaml)")
-        return files
-    if not path.exists():
-        raise TemplateError(f"workflow template {path} does not exist")
-    return [path]
-
-
-def _check_template(template: _Template, where: str, registry: AgentRegistry | None) -> None:
-    ids = [s.id for s in template.steps]
-    if dupes := sorted({i for i in ids if ids.count(i) > 1}):
-        raise TemplateError(f"{where}: step id(s) {', '.join(dupes)} appear more than once")
-    for step in template.steps:
-        unknown = [d for d in step.depends_on if d not in ids or d == step.id]
-        if unknown:
-            raise TemplateError(
-                f"{where}: step {step.id} depends on unknown step(s) {', '.join(unknown)}"
-            )
-        if registry is not None and (missing := [a for a in step.agents if a not in registry]):
-            raise TemplateError(
-                f"{where}: step {step.id} names agent(s) {', '.join(missing)} that the "
-                f"agents file does not define (known: {', '.join(registry.names)})"
-            )
-    draft = PlanDraft.of(template.intent, template.goals, template.steps)
-    _, problems = check_plan(draft)
-    if problems:
-        raise TemplateError(f"{where}: " + "; ".join(problems))
-
-
-def load_templates(
-    path: str | Path, registry: AgentRegistry | None = None
-) -> list[SimilarWorkflow]:
-    """Read workflow templates from a YAML file or every YAML file of a folder.
-
-    Args:
-        path: a template file, or a folder of them.
-        registry: when given, every agent a template names must be in it.
-
-    Raises:
-        TemplateError: with a sentence naming the file, the template and the problem.
-    """
-    found: dict[str, SimilarWorkflow] = {}
-    for file in _template_files(Path(path)):
-        try:
-            raw = yaml.safe_load(file.read_text())
-        except OSError as exc:
-            raise TemplateError(f"cannot read workflow template {file}: {exc.strerror}") from None
-        except yaml.YAMLError as exc:
-            raise TemplateError(f"workflow template {file} is not valid YAML: {exc}") from None
-        items = raw.get("workflows", [raw]) if isinstance(raw, dict) else raw
-        if not isinstance(items, list) or not items:
-            raise TemplateError(
-                f"{file} must hold a workflow template, or a list of them under 'workflows:'"
-            )
-        for number, item in enumerate(items, 1):
-            where = f"{file} (workflow #{number})"
-            try:
-                template = _Template.model_validate(item)
-            except ValidationError as exc:
-                raise TemplateError(format_validation_error(exc, f"workflow in {where}")) from None
-            _check_template(template, f"{file} ({template.id})", registry)
-            if template.id in found:
-                raise TemplateError(f"{where}: template id {template.id!r} is used twice")
-            now = utcnow()
-            found[template.id] = SimilarWorkflow(
-                id=template.id,
-                event_type=template.event_type,
-                intent=template.intent,
-                goals=template.goals,
-                steps=[Step(**s.model_dump()) for s in template.steps],
-                summary=template.summary,
-                data_summary=template.data_summary,
-                verdict="template",
-                quality=template.quality,
-                source="template",
-                created_at=now,
-                last_used=now,
-            )
-    return list(found.values())
-
-
-async def seed_library(
-    library: Any, path: str | Path, registry: AgentRegistry | None = None
-) -> list[str]:
-    """Put the templates of a file or folder into a library (same id: replaced).
-
-    Raises:
-        TemplateError: a template cannot be used; nothing is put then.
-    """
-    templates = load_templates(path, registry)
-    return [await library.put(t) for t in templates]
-
-
-def make_embeddings(spec: str) -> Embeddings:
-    """Make an embeddings model from a `provider:model` string (LangChain's `init_embeddings`).
-
-    Raises:
-        ValueError: the provider is unknown, its package is missing or it has no credentials.
-    """
-    from langchain.embeddings import init_embeddings
-
-    try:
-        return init_embeddings(spec)
-    except Exception as exc:  # the providers raise many different types
-        raise ValueError(
-            f"cannot make embeddings {spec!r}: {exc}. Set AGENTFLOW_EMBEDDINGS to a "
-            "`provider:model` whose package and credentials are present, or unset it."
-        ) from exc
-
-
-def _text(value: Any) -> str:
-    return value.decode() if isinstance(value, bytes) else str(value)
-
-
 def _type_token(event_type: str) -> str:
     """One search term that stands for an exact event type."""
     return "et" + hashlib.sha1(event_type.encode()).hexdigest()[:16]
-
-
-def _cosine(a: Sequence[float], b: Sequence[float]) -> float:
-    dot = sum(x * y for x, y in zip(a, b, strict=False))
-    norm = math.sqrt(sum(x * x for x in a)) * math.sqrt(sum(y * y for y in b))
-    return dot / norm if norm else 0.0
-
-
-def _vector_bytes(vector: Sequence[float]) -> bytes:
-    import numpy as np
-
-    return np.asarray(vector, dtype=np.float32).tobytes()
 
 
 @dataclass
@@ -280,14 +95,15 @@ class RedisWorkflowLibrary:
         redis: Redis,
         *,
         embeddings: Embeddings | None = None,
-        prefix: str = DEFAULT_PREFIX,
+        prefix: str = WORKFLOW_PREFIX,
         candidates: int = 10,
         timeout_s: float = 2.0,
     ) -> None:
         """Make a library on a Redis client.
 
         Args:
-            redis: an async client of a Redis with the query engine and JSON.
+            redis: an async client of a Redis with the query engine and JSON, in either
+                mode (redis-py decodes search replies itself).
             embeddings: makes search hybrid (text + vector) when given.
             prefix: documents live under `{prefix}:{id}`; the index is `{prefix}s`.
             candidates: how many candidates each search query returns at least.
@@ -296,7 +112,7 @@ class RedisWorkflowLibrary:
         self.redis = redis
         self.embeddings = embeddings
         self.prefix = prefix
-        self.index_name = f"{prefix}s"
+        self.index_name = workflow_index(prefix)
         self.candidates = candidates
         self.timeout_s = timeout_s
         self.index = AsyncSearchIndex(
@@ -325,7 +141,7 @@ class RedisWorkflowLibrary:
         ]
         name = self.index_name
         if dims is not None:  # the vector index needs only what its KNN queries filter on
-            name = f"{self.index_name}:vec{dims}"
+            name = workflow_index(self.prefix, dims=dims)
             fields = [f for f in fields if f["name"] in ("event_type", "verdict")]
             fields.append(
                 {
@@ -352,16 +168,19 @@ class RedisWorkflowLibrary:
 
     async def setup(self) -> None:
         """Create the search index (and the vector index with embeddings) if missing."""
-        await self.index.create(overwrite=False)
+        # Asked first: redisvl's create() logs at INFO when the index exists.
+        if not await self.index.exists():
+            await self.index.create()
         if self.embeddings is not None:
             dims = len(await self.embeddings.aembed_query("dimension probe"))
             schema = IndexSchema.from_dict(self._schema_dict(dims))
             self.vector_index = AsyncSearchIndex(schema, redis_client=self.redis)
-            await self.vector_index.create(overwrite=False)
+            if not await self.vector_index.exists():
+                await self.vector_index.create()
 
     def key(self, workflow_id: str) -> str:
         """Return the Redis key of a workflow."""
-        return f"{self.prefix}:{workflow_id}"
+        return workflow_key(workflow_id, self.prefix)
 
     async def add(self, workflow: Workflow, *, summary: str = "") -> str:
         """Keep a finished workflow and return its id."""
@@ -503,7 +322,7 @@ class RedisWorkflowLibrary:
                 continue
             if data.get("verdict") not in OFFERED_VERDICTS:
                 continue
-            doc_terms = _text(getattr(candidate.doc, "text", "")).split()
+            doc_terms = str(getattr(candidate.doc, "text", "")).split()
             kind = str(data.get("event_type", ""))
             score = similarity(query_terms, event_type, kind, doc_terms, candidate.sim)
             if score > 0:
@@ -540,7 +359,7 @@ class RedisWorkflowLibrary:
             .dialect(2)
         )
         assert self.vector_index is not None
-        params = {"vector": _vector_bytes(vector)}
+        params = {"vector": vector_bytes(vector)}
         return list((await self.vector_index.search(_returning(q), query_params=params)).docs)
 
     async def _fill_vectors(self, found: dict[str, _Candidate], vector: list[float]) -> None:
@@ -551,7 +370,7 @@ class RedisWorkflowLibrary:
         stored = await self.redis.json().mget(missing, "$.embedding")  # type: ignore[misc]
         for key, value in zip(missing, stored, strict=True):
             embedding: Any = value[0] if isinstance(value, list) and value else None
-            found[key].sim = _cosine(vector, embedding) if isinstance(embedding, list) else 0.0
+            found[key].sim = cosine(vector, embedding) if isinstance(embedding, list) else 0.0
 
     def _parse(self, key: str, raw: Any) -> SimilarWorkflow:
         try:
@@ -559,16 +378,14 @@ class RedisWorkflowLibrary:
                 return SimilarWorkflow.model_validate_json(raw)
             return SimilarWorkflow.model_validate(raw)
         except (ValidationError, ValueError) as exc:
-            raise CorruptWorkflowError(
-                f"{_text(key)} does not hold a valid workflow: {exc}"
-            ) from None
+            raise CorruptWorkflowError(f"{key} does not hold a valid workflow: {exc}") from None
 
-    def _try_parse(self, key: Any, raw: Any) -> SimilarWorkflow | None:
+    def _try_parse(self, key: str, raw: Any) -> SimilarWorkflow | None:
         if raw is None:
-            logger.warning("skipping workflow document %s: it has no workflow", _text(key))
+            logger.warning("skipping workflow document %s: it has no workflow", key)
             return None
         try:
-            return self._parse(_text(key), raw)
+            return self._parse(key, raw)
         except CorruptWorkflowError as exc:
             logger.warning("skipping corrupted workflow document: %s", exc)
             return None

@@ -1,0 +1,40 @@
+"""The errors nodes raise on purpose: one base class, each a subclass of the closest built-in.
+
+Every message names the file, field or node at fault and what to fix, so the CLI, the
+worker and the gateway can show it as it is.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "AgentConfigError",
+    "EventValidationError",
+    "ModelConfigError",
+    "PlanError",
+    "StructuredOutputError",
+    "WorkflowError",
+]
+
+
+class WorkflowError(Exception):
+    """Base of the errors the workflow's nodes and their inputs raise on purpose."""
+
+
+class EventValidationError(WorkflowError, ValueError):
+    """An event is not a valid CloudEvents 1.0 structured-mode JSON object."""
+
+
+class AgentConfigError(WorkflowError, ValueError):
+    """The agents file is missing, malformed, or names something that does not exist."""
+
+
+class ModelConfigError(WorkflowError, ValueError):
+    """A model spec cannot be turned into a chat model."""
+
+
+class StructuredOutputError(WorkflowError, ValueError):
+    """A model answered, but not in the requested structure."""
+
+
+class PlanError(WorkflowError, ValueError):
+    """The planner's plan is invalid and could not be repaired."""

@@ -1,0 +1,84 @@
+"""Every Redis key and pub/sub channel agentflow names, in one place.
+
+Users, scripts and tests read these names, so they do not change.
+
+- `agentflow:sessions` (sorted set): session ids by the time of their last update;
+- `agentflow:session:{id}` (hash): a session's record;
+- `agentflow:event:{id}` (string): an event id, its session and how far it got;
+- `agentflow:session:{id}:seq` (string): the counter that numbers its transitions;
+- `agentflow:session:{id}:log` (stream): its transitions, for clients that come late;
+- `agentflow:session:{id}:transitions` (channel): its transitions, live;
+- `agentflow:transitions` (channel): every session's transitions, live;
+- `agentflow:workflow:{id}` (JSON): a workflow of the library; its search index is
+  `agentflow:workflows` (and `agentflow:workflows:vec{dims}` with embeddings);
+- `agentflow:llmcache:*` (strings): the exact LLM cache (langchain-redis `RedisCache`).
+
+Keys that agentflow does not name live beside these: langgraph-checkpoint-redis keeps
+checkpoints under `checkpoint:*`, `checkpoint_write:*`, `checkpoint_latest:*` and
+`write_keys_zset:*` (indexes `checkpoints`, `checkpoint_writes`), and its long-term store
+under `store:*` (index `store`). `service.storage.checkpoints.expire_session` reads those
+prefixes from the saver itself.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "ALL_TRANSITIONS_CHANNEL",
+    "INDEX_KEY",
+    "LLM_CACHE_PREFIX",
+    "WORKFLOW_PREFIX",
+    "event_key",
+    "log_key",
+    "seq_key",
+    "session_channel",
+    "session_key",
+    "workflow_index",
+    "workflow_key",
+]
+
+INDEX_KEY = "agentflow:sessions"
+"""The sorted set of session ids, scored by the time of their last update."""
+
+ALL_TRANSITIONS_CHANNEL = "agentflow:transitions"
+"""The pub/sub channel every session's transitions are published on too."""
+
+WORKFLOW_PREFIX = "agentflow:workflow"
+"""The workflow library's documents live under `{prefix}:{id}`, its index is `{prefix}s`."""
+
+LLM_CACHE_PREFIX = "agentflow:llmcache"
+"""The exact LLM cache's keys start with this."""
+
+
+def session_key(session_id: str) -> str:
+    """Return the hash that holds one session's record."""
+    return f"agentflow:session:{session_id}"
+
+
+def event_key(event_id: str) -> str:
+    """Return the key that remembers one event id and how far it got."""
+    return f"agentflow:event:{event_id}"
+
+
+def session_channel(session_id: str) -> str:
+    """Return the pub/sub channel of one session's transitions."""
+    return f"agentflow:session:{session_id}:transitions"
+
+
+def log_key(session_id: str) -> str:
+    """Return the stream that keeps one session's transitions for late clients."""
+    return f"agentflow:session:{session_id}:log"
+
+
+def seq_key(session_id: str) -> str:
+    """Return the counter that numbers one session's transitions."""
+    return f"agentflow:session:{session_id}:seq"
+
+
+def workflow_key(workflow_id: str, prefix: str = WORKFLOW_PREFIX) -> str:
+    """Return the JSON document of one workflow of the library."""
+    return f"{prefix}:{workflow_id}"
+
+
+def workflow_index(prefix: str = WORKFLOW_PREFIX, *, dims: int | None = None) -> str:
+    """Return the name of the library's search index, or of its vector index of `dims`."""
+    return f"{prefix}s" if dims is None else f"{prefix}s:vec{dims}"
