@@ -482,7 +482,7 @@ async def test_stopping_the_gateway_ends_open_streams(
     channel = session_channel(session_id)
 
     async def subscribed() -> int:
-        return int(dict(await redis.pubsub_numsub(channel))[channel.encode()])
+        return int(dict(await redis.pubsub_numsub(channel))[channel])
 
     async with (
         httpx.AsyncClient(base_url=url, timeout=30) as http,
