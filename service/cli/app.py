@@ -34,6 +34,7 @@ for command in (run, graph, worker, dev, send, watch, health, gateway):
 app.add_typer(sessions.app, name="sessions")
 app.add_typer(library.app, name="library")
 
+_UNREACHABLE = (RedisConnectionError, RedisTimeoutError, KafkaConnectionError)
 _NOT_INPUT = (KafkaUnavailable, ServerStartError)
 """Errors of the service's surroundings, not of what the user typed: exit code 1."""
 
@@ -50,14 +51,6 @@ def main(argv: list[str] | None = None) -> None:
     except (BadInput, AgentflowError) as exc:
         err_console.print(f"[bold red]error:[/] {escape(str(exc))}", soft_wrap=True)
         sys.exit(1 if isinstance(exc, _NOT_INPUT) else EXIT_BAD_INPUT)
-    except (RedisConnectionError, RedisTimeoutError, KafkaConnectionError) as exc:
-        where = "Kafka" if isinstance(exc, KafkaConnectionError) else "Redis"
-        err_console.print(
-            f"[bold red]error:[/] cannot reach {where}: {escape(str(exc))} "
-            "(is it running? `agentflow health` checks both)",
-            soft_wrap=True,
-        )
-        sys.exit(1)
     except typer.Exit as exc:
         sys.exit(exc.exit_code)
     except typer.TyperException as exc:  # usage errors: the usage line and the problem
@@ -67,6 +60,32 @@ def main(argv: list[str] | None = None) -> None:
         else:
             err_console.print(f"[bold red]error:[/] {escape(str(exc))}", soft_wrap=True)
         sys.exit(exc.exit_code)
+    except KeyboardInterrupt:  # Ctrl-C ends `watch` and the waits: no traceback
+        sys.exit(130)
+    except Exception as exc:
+        unreachable = _unreachable(exc)
+        if unreachable is None:
+            raise
+        where = "Kafka" if isinstance(unreachable, KafkaConnectionError) else "Redis"
+        err_console.print(
+            f"[bold red]error:[/] cannot reach {where}: {escape(str(unreachable))} "
+            "(is it running? `agentflow health` checks both)",
+            soft_wrap=True,
+        )
+        sys.exit(1)
+
+
+def _unreachable(exc: BaseException | None) -> BaseException | None:
+    """The connection error behind an error, if Kafka or Redis could not be reached.
+
+    Libraries wrap them (redisvl's RedisSearchError), so the causes are followed.
+    """
+    seen = 0
+    while exc is not None and seen < 10:
+        if isinstance(exc, _UNREACHABLE):
+            return exc
+        exc, seen = exc.__cause__ or exc.__context__, seen + 1
+    return None
 
 
 if __name__ == "__main__":

@@ -7,12 +7,11 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Annotated, TypeVar
 
-import redis.exceptions
 import typer
 from redis.asyncio import Redis
 
 from nodes.agents import load_agents
-from service.cli.console import console, err_console, print_workflow, print_workflows
+from service.cli.console import console, print_workflow, print_workflows
 from service.cli.inputs import BadInput, configure_logging, read_settings, require_redis
 from service.config import Settings
 from service.errors import CorruptWorkflowError, TemplateError
@@ -41,9 +40,6 @@ def _with_library(settings: Settings, use: Callable[[RedisWorkflowLibrary], Awai
 
     try:
         return asyncio.run(go())
-    except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError) as exc:
-        err_console.print(f"[bold red]error:[/] cannot reach Redis at {settings.redis_url}: {exc}")
-        raise typer.Exit(1) from None
     except ValueError as exc:  # AGENTFLOW_EMBEDDINGS cannot be made
         raise BadInput(str(exc)) from None
 

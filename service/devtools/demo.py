@@ -84,8 +84,9 @@ async def run_demo(console: Console, *, keep_open: bool = False) -> int:
         console.rule()
         console.print(repr(worker))
         if keep_open:
+            stopped = _stop_on_signals()
             console.print(f"sessions stay browsable at {url}; Ctrl-C ends the demo", soft_wrap=True)
-            await _until_stopped()
+            await stopped.wait()
         server.should_exit = True
         await serving
         worker.stop()
@@ -95,17 +96,13 @@ async def run_demo(console: Console, *, keep_open: bool = False) -> int:
         await servers.astop()
 
 
-async def _until_stopped() -> None:
-    """Wait for Ctrl-C (SIGINT) or SIGTERM."""
+def _stop_on_signals() -> asyncio.Event:
+    """Return an event that Ctrl-C (SIGINT) or SIGTERM sets from now on."""
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
-    try:
-        await stop.wait()
-    finally:
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.remove_signal_handler(sig)
+    return stop
 
 
 def interactive() -> bool:
