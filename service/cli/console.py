@@ -14,7 +14,6 @@ from typing import Any, NoReturn
 import typer
 from langchain_core.messages import BaseMessage, messages_to_dict
 from rich.console import Console
-from rich.table import Table
 from rich.text import Text
 
 from nodes.models import SimilarWorkflow, WorkflowResult
@@ -77,10 +76,11 @@ _WORKFLOW_COLUMNS = ("id", "event type", "source", "quality", "reused", "last us
 
 
 def print_workflows(items: Sequence[SimilarWorkflow], total: int) -> None:
-    """Print the library's workflows with their ids whole.
+    """Print the library's workflows, one line each, with their ids whole.
 
-    On a terminal, a table; piped, tab-separated lines under a header line, so that
-    `cut -f1` gives the ids that `show` and `delete` take.
+    On a terminal, aligned columns (the intent last, wrapped by the terminal); piped,
+    tab-separated lines under a header line, so that `cut -f1` gives the ids that
+    `show` and `delete` take.
     """
     rows = [
         (
@@ -90,23 +90,23 @@ def print_workflows(items: Sequence[SimilarWorkflow], total: int) -> None:
             f"{w.quality:.2f}",
             str(w.reuse_count),
             _when(w.last_used),
-            w.intent,
+            " ".join(w.intent.split()),
         )
         for w in items
     ]
     if not console.is_terminal:
         for row in (_WORKFLOW_COLUMNS, *rows):
-            typer.echo("\t".join(" ".join(cell.split()) for cell in row))
+            typer.echo("\t".join(row))
         return
-    table = Table(box=None, pad_edge=False)
-    widest_id = max((len(w.id) for w in items), default=2)
-    table.add_column("id", min_width=widest_id, overflow="fold")
-    for column in _WORKFLOW_COLUMNS[1:-1]:
-        table.add_column(column, no_wrap=True)
-    table.add_column("intent", overflow="fold")
+    widths = [max(len(row[i]) for row in (_WORKFLOW_COLUMNS, *rows)) for i in range(6)]
+
+    def line(row: Sequence[str]) -> str:
+        cells = [cell.ljust(width) for cell, width in zip(row[:6], widths, strict=True)]
+        return "  ".join([*cells, row[6]])
+
+    console.print(Text(line(_WORKFLOW_COLUMNS), style="bold"), soft_wrap=True)
     for row in rows:
-        table.add_row(*(Text(cell) for cell in row))
-    console.print(table)
+        console.print(Text(line(row)), soft_wrap=True)
     console.print(f"{len(items)} of {total} workflow(s)")
 
 

@@ -17,7 +17,7 @@ from service.cli.inputs import (
     read_settings,
     require_services,
 )
-from service.client import produce_event, send_and_follow, watch_session
+from service.client import produce_event, send_and_follow, session_id_for, watch_session
 from service.config import Settings
 from service.errors import UnknownSessionError
 from service.observe.terminal import print_transition
@@ -61,7 +61,11 @@ def send_and_finish(
             send_and_follow(settings, event, timeout_s=timeout_s, on_transition=show)
         )
     except TimeoutError as exc:
-        err_console.print(f"[bold red]no result:[/] {exc}", soft_wrap=True)
+        err_console.print(
+            f"[bold red]no result:[/] {exc}; the event was sent and may still run "
+            f"(`agentflow watch {session_id_for(event)}` follows it)",
+            soft_wrap=True,
+        )
         raise typer.Exit(EXIT_NO_RESULT) from None
     finish(result, as_json=as_json, service=True)
 

@@ -71,7 +71,8 @@ def list_workflows(
 ) -> None:
     """List the library's workflows, last used first.
 
-    On a terminal, a table; piped, tab-separated lines under a header (ids whole).
+    On a terminal, aligned columns; piped, tab-separated lines under a header. Ids are
+    printed whole either way.
     """
     configure_logging()
     settings = _settings()

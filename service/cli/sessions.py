@@ -122,7 +122,7 @@ def answer(
     try:
         asyncio.run(waiting_session(settings, session_id))
     except UnknownSessionError as exc:
-        raise BadInput(f"{exc} (`agentflow watch {session_id}` shows where it is)") from None
+        raise BadInput(str(exc)) from None
     if not wait:
         asyncio.run(produce_event(settings, event))
         console.print(f"sent the answer to session {session_id} (event {event.id})")

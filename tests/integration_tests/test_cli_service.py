@@ -60,6 +60,7 @@ def cli_env(settings: Settings | None, **extra: str) -> dict[str, str]:
 async def start(
     *args: str, env: dict[str, str], cwd: Path, module: str = "service.cli", **kw: Any
 ) -> asyncio.subprocess.Process:
+    """Start `python -m MODULE ARGS` with its output piped."""
     return await asyncio.create_subprocess_exec(
         sys.executable,
         "-m",
@@ -100,6 +101,7 @@ def agentflow(settings: Settings, tmp_path: Path) -> Callable[..., Any]:
 
 
 def event_file(tmp_path: Path, name: str, **overrides: Any) -> tuple[Path, dict[str, Any]]:
+    """Write an example event with a fresh id to a file; return the file and the event."""
     raw = example(name, **overrides)
     path = tmp_path / f"{raw['id']}.json"
     path.write_text(json.dumps(raw))
@@ -135,6 +137,7 @@ async def test_send_wait_of_a_handled_event_returns_its_result(
     )
     assert code == 4, (out, err)
     assert f"no result for event {raw['id']}" in err and "within 2 s" in err
+    assert "agentflow watch" in err
 
 
 async def test_watch_and_answer_a_session_that_waits_for_a_human(

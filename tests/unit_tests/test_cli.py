@@ -15,6 +15,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+from rich.console import Console
 
 from nodes.models import SimilarWorkflow, Step
 from service.cli import console as cli_console
@@ -222,6 +223,7 @@ def test_worker_verbose_turns_agentflow_loggers_to_debug(agentflow: Agentflow) -
 
 
 def workflow(workflow_id: str, **fields: object) -> SimilarWorkflow:
+    """A one-step library workflow."""
     return SimilarWorkflow.model_validate(
         {
             "id": workflow_id,
@@ -241,6 +243,20 @@ def test_workflow_list_piped_prints_ids_whole(capsys: pytest.CaptureFixture[str]
     assert header.split("\t")[:3] == ["id", "event type", "source"]
     assert [row.split("\t")[0] for row in rows] == [long_id, "tpl-short"]
     assert rows[1].split("\t")[2] == "template"
+
+
+def test_workflow_list_on_a_narrow_terminal_keeps_ids_whole(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    long_id = "wf-" + "a-rather-long-workflow-identifier-" * 2 + "end"
+    screen = io.StringIO()
+    terminal = Console(file=screen, force_terminal=True, width=60, color_system=None)
+    monkeypatch.setattr(cli_console, "console", terminal)
+    cli_console.print_workflows([workflow(long_id), workflow("tpl-short")], total=2)
+    lines = screen.getvalue().splitlines()
+    assert lines[0].split()[:3] == ["id", "event", "type"]
+    assert [line.split()[0] for line in lines[1:3]] == [long_id, "tpl-short"]
+    assert lines[-1] == "2 of 2 workflow(s)"
 
 
 def test_workflow_show_labels_its_fields(capsys: pytest.CaptureFixture[str]) -> None:
