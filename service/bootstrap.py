@@ -12,6 +12,8 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import redis.exceptions
@@ -26,7 +28,7 @@ from nodes.chat_models import OFFLINE, make_chat_model
 from nodes.errors import AgentConfigError, ModelConfigError
 from service.config import Settings
 from service.errors import ConfigError, TemplateError
-from service.storage.checkpoints import open_checkpointer
+from service.storage.checkpoints import checkpoint_serde, open_checkpointer
 from service.storage.library import load_templates, open_library
 from service.storage.memory import install_llm_cache, open_subject_store
 
@@ -37,6 +39,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "INFRA_ERRORS",
+    "SessionCheckpoints",
     "check_startup",
     "ensure_topics",
     "is_infra_error",
@@ -44,6 +47,7 @@ __all__ = [
     "kafka_producer",
     "log_startup",
     "open_graph",
+    "open_session_checkpointer",
     "redis_client",
     "startup_summary",
 ]
@@ -292,3 +296,41 @@ def startup_summary(settings: Settings) -> str:
 def log_startup(settings: Settings, component: str) -> None:
     """Log one line saying what a component (worker, gateway, dev) runs with."""
     logger.info("%s: %s", component, startup_summary(settings))
+
+
+@dataclass
+class SessionCheckpoints:
+    """The checkpointer that holds the sessions, and where it is."""
+
+    saver: Any
+    """The checkpointer: Redis (the worker's) or SQLite (`agentflow run`'s)."""
+    redis: Redis | None
+    """The Redis client when sessions live in Redis (for their logs and records)."""
+    where: str
+    """Where the checkpoints are, for messages."""
+
+
+@contextlib.asynccontextmanager
+async def open_session_checkpointer(settings: Settings) -> AsyncIterator[SessionCheckpoints]:
+    """Open the checkpointer sessions live in: Redis when configured, else `agentflow run`'s.
+
+    Raises:
+        FileNotFoundError: no Redis is configured and `agentflow run` kept no checkpoints;
+            its argument is the missing file.
+    """
+    if settings.redis_url:
+        client = redis_client(settings.redis_url, socket_connect_timeout=5)
+        try:
+            saver = await open_checkpointer(client)
+            yield SessionCheckpoints(saver, client, f"Redis at {settings.redis_url}")
+        finally:
+            await client.aclose()
+        return
+    from langgraph.checkpoint.sqlite.aio import AsyncSqliteSaver
+
+    path = settings.data_dir / "checkpoints.sqlite"
+    if not path.exists():
+        raise FileNotFoundError(path)
+    async with AsyncSqliteSaver.from_conn_string(str(path)) as sqlite:
+        sqlite.serde = checkpoint_serde()
+        yield SessionCheckpoints(sqlite, None, str(path))

@@ -1,24 +1,40 @@
-"""Talking to a running agentflow from outside: send events, follow sessions."""
+"""Talking to a running agentflow from outside: send events, follow and answer sessions."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
 import json
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import cast
 
-from aiokafka import AIOKafkaConsumer
+from aiokafka.admin import AIOKafkaAdminClient
 from redis.asyncio import Redis
 
-from nodes.models import CloudEvent, WorkflowResult
-from service.bootstrap import kafka_producer
+from nodes.models import RESUME_EVENT_TYPE, CloudEvent, WorkflowResult
+from service.bootstrap import kafka_consumer, kafka_producer, redis_client
 from service.config import Settings
-from service.storage.keys import log_key
-from service.storage.publisher import follow
-from service.storage.transitions import Transition
+from service.errors import UnknownSessionError
+from service.storage.keys import log_key, session_key
+from service.storage.publisher import follow, read_log
+from service.storage.sessions import SessionRecord, SessionStore
+from service.storage.transitions import ENDED, Transition
 
-__all__ = ["last_seq", "produce_event", "session_id_for", "wait_for_result", "watch_session"]
+__all__ = [
+    "follow_event",
+    "health_problems",
+    "last_seq",
+    "produce_event",
+    "resume_event",
+    "send_and_follow",
+    "session_id_for",
+    "wait_for_result",
+    "waiting_session",
+    "watch_session",
+]
+
+OnTransition = Callable[[Transition], object]
+"""Called with each transition as it is read."""
 
 
 def session_id_for(event: CloudEvent) -> str:
@@ -44,26 +60,51 @@ async def produce_event(settings: Settings, event: CloudEvent) -> str:
 
 async def last_seq(settings: Settings, session_id: str) -> int:
     """Return the `seq` of a session's newest logged transition (0 if none)."""
-    assert settings.redis_url
-    redis = Redis.from_url(settings.redis_url, decode_responses=True)
+    redis = _redis(settings)
     try:
-        newest = await redis.xrevrange(log_key(session_id), count=1)
+        return await _newest_seq(redis, session_id)
     finally:
         await redis.aclose()
-    return int(cast(str, newest[0][0]).split("-")[0]) if newest else 0
 
 
 async def watch_session(
-    settings: Settings, session_id: str, after_seq: int = 0
+    settings: Settings, session_id: str, after_seq: int = 0, *, wait_s: float = 30.0
 ) -> AsyncIterator[Transition]:
-    """Yield a session's transitions: the log first, then live, until it stops."""
-    assert settings.redis_url
-    redis = Redis.from_url(settings.redis_url, decode_responses=True)
+    """Yield a session's transitions, the log first, then live, until the session ends.
+
+    An interrupted session is followed on through its answer: the session has ended at a
+    completed or failed transition with nothing logged after it. A session with neither
+    a record nor a logged transition may be about to start (its event was just sent), so
+    its first transition is waited for.
+
+    Args:
+        settings: where Redis is.
+        session_id: the session to follow.
+        after_seq: yield only transitions with a greater `seq`.
+        wait_s: how long to wait for a session that has not started yet.
+
+    Raises:
+        UnknownSessionError: the session did not start within `wait_s`.
+    """
+    redis = _redis(settings)
     try:
+        known = await redis.exists(log_key(session_id), session_key(session_id)) > 0
         async with contextlib.aclosing(follow(redis, session_id, after_seq)) as transitions:
+            if not known:
+                try:
+                    async with asyncio.timeout(wait_s):
+                        first = await anext(transitions)
+                except TimeoutError:
+                    raise UnknownSessionError(
+                        f"session {session_id} is unknown: it has no record and no transition, "
+                        f"and none came within {wait_s:g} s"
+                    ) from None
+                yield first
+                if await _ended(redis, first):
+                    return
             async for transition in transitions:
                 yield transition
-                if transition.terminal:
+                if await _ended(redis, transition):
                     return
     finally:
         await redis.aclose()
@@ -77,12 +118,7 @@ async def wait_for_result(
     Raises:
         TimeoutError: no result arrived in time.
     """
-    consumer = AIOKafkaConsumer(
-        settings.topic_results,
-        bootstrap_servers=settings.kafka_bootstrap,
-        auto_offset_reset="earliest",
-        enable_auto_commit=False,
-    )
+    consumer = kafka_consumer(settings, settings.topic_results)
     await consumer.start()
     try:
         async with asyncio.timeout(timeout_s):
@@ -93,3 +129,167 @@ async def wait_for_result(
     finally:
         await consumer.stop()
     raise TimeoutError(f"no result for event {event_id} of session {session_id}")
+
+
+async def follow_event(
+    settings: Settings,
+    session_id: str,
+    event_id: str,
+    *,
+    after_seq: int = 0,
+    timeout_s: float = 300.0,
+    on_transition: OnTransition | None = None,
+) -> WorkflowResult:
+    """Follow a session's transitions until the result of one of its events arrives.
+
+    The result comes from the results topic, so an event that was handled before (its
+    transitions logged long ago, none new to come) returns its result at once.
+
+    Args:
+        settings: where Kafka and Redis are.
+        session_id: the event's session.
+        event_id: the event whose result ends the wait.
+        after_seq: pass only transitions with a greater `seq` to `on_transition`.
+        timeout_s: how long to wait for the result.
+        on_transition: called with each transition until the event's run ends.
+
+    Raises:
+        TimeoutError: no result within `timeout_s`.
+    """
+    show = on_transition or (lambda _transition: None)
+    redis = _redis(settings)
+    shown = after_seq
+    reached_end = False
+
+    async def pump() -> None:
+        nonlocal shown, reached_end
+        async with contextlib.aclosing(follow(redis, session_id, after_seq)) as transitions:
+            async for transition in transitions:
+                shown = transition.seq
+                show(transition)
+                if _ends_run_of(transition, event_id):
+                    reached_end = True
+                    return
+
+    pumping = asyncio.create_task(pump(), name=f"follow {session_id}")
+    waiting = asyncio.create_task(wait_for_result(settings, session_id, event_id, timeout_s))
+    try:
+        async with asyncio.timeout(timeout_s):
+            done, _ = await asyncio.wait({pumping, waiting}, return_when=asyncio.FIRST_COMPLETED)
+            if pumping in done:
+                pumping.result()  # a Redis error; else the run's end was seen
+            result = await waiting
+        if not reached_end:
+            # The worker logs a run's transitions before it sends the result: show those
+            # the live follower had not reached yet.
+            for transition in await read_log(redis, session_id, shown):
+                show(transition)
+                if _ends_run_of(transition, event_id):
+                    break
+        return result
+    except TimeoutError:
+        raise TimeoutError(
+            f"no result for event {event_id} of session {session_id} within {timeout_s:g} s"
+        ) from None
+    finally:
+        for task in (pumping, waiting):
+            task.cancel()
+        await asyncio.gather(pumping, waiting, return_exceptions=True)
+        await redis.aclose()
+
+
+async def send_and_follow(
+    settings: Settings,
+    event: CloudEvent,
+    *,
+    timeout_s: float = 300.0,
+    on_transition: OnTransition | None = None,
+) -> WorkflowResult:
+    """Produce an event, pass on its session's new transitions, and return its result.
+
+    Raises:
+        TimeoutError: no result within `timeout_s`.
+    """
+    session_id = session_id_for(event)
+    after = await last_seq(settings, session_id)
+    await produce_event(settings, event)
+    return await follow_event(
+        settings,
+        session_id,
+        event.id,
+        after_seq=after,
+        timeout_s=timeout_s,
+        on_transition=on_transition,
+    )
+
+
+def resume_event(session_id: str, answer: str, *, source: str = "agentflow/client") -> CloudEvent:
+    """Build the `agentflow.resume` event that answers an interrupted session."""
+    return CloudEvent.wrap(
+        RESUME_EVENT_TYPE, {"answer": answer}, session_id=session_id, source=source
+    )
+
+
+async def waiting_session(settings: Settings, session_id: str) -> SessionRecord:
+    """Return the record of a session that waits for an answer.
+
+    Raises:
+        UnknownSessionError: the session has no record, or is not waiting for an answer.
+    """
+    redis = _redis(settings)
+    try:
+        record = await SessionStore(redis, ttl_s=settings.session_ttl_s).get(session_id)
+    finally:
+        await redis.aclose()
+    if record is None:
+        raise UnknownSessionError(f"session {session_id} does not exist in {settings.redis_url}")
+    if record.status != "interrupted":
+        raise UnknownSessionError(
+            f"session {session_id} is {record.status}, not waiting for an answer"
+        )
+    return record
+
+
+async def health_problems(settings: Settings) -> list[str]:
+    """Return what is wrong with Kafka and Redis: one line each that does not answer."""
+    problems = []
+    redis = redis_client(settings.redis_url or "", socket_connect_timeout=3)
+    try:
+        await redis.ping()
+    except Exception as exc:
+        problems.append(f"Redis at {settings.redis_url}: {exc}")
+    finally:
+        await redis.aclose()
+    admin = AIOKafkaAdminClient(bootstrap_servers=settings.kafka_bootstrap, request_timeout_ms=3000)
+    try:
+        await asyncio.wait_for(admin.start(), 5)
+        await admin.list_topics()
+    except Exception as exc:
+        problems.append(f"Kafka at {settings.kafka_bootstrap}: {exc!r}")
+    finally:
+        await admin.close()
+    return problems
+
+
+def _redis(settings: Settings) -> Redis:
+    if not settings.redis_url:
+        raise ValueError("AGENTFLOW_REDIS_URL is not set")
+    return redis_client(settings.redis_url)
+
+
+async def _newest_seq(redis: Redis, session_id: str) -> int:
+    newest = await redis.xrevrange(log_key(session_id), count=1)
+    return int(cast(str, newest[0][0]).split("-")[0]) if newest else 0
+
+
+async def _ended(redis: Redis, transition: Transition) -> bool:
+    """Whether a session has ended with this transition: an end with nothing logged after."""
+    if transition.type not in ENDED:
+        return False
+    return await _newest_seq(redis, transition.session_id) <= transition.seq
+
+
+def _ends_run_of(transition: Transition, event_id: str) -> bool:
+    """Whether a transition ends the run of this event (ended or waiting for an answer)."""
+    result = (transition.data or {}).get("result") or {}
+    return transition.terminal and result.get("event_id") == event_id

@@ -1,96 +1,187 @@
-"""Rendering transitions and results for a terminal."""
+"""The CLI's output: results and their exit codes, the library's workflows, histories.
+
+One line per transition and the result block are `service.observe.terminal`'s, shared
+with the demo and `agentflow run`.
+"""
 
 from __future__ import annotations
 
+import json
+from collections.abc import Sequence
+from datetime import datetime
+from typing import Any, NoReturn
+
+import typer
+from langchain_core.messages import BaseMessage, messages_to_dict
 from rich.console import Console
-from rich.markup import escape
+from rich.text import Text
 
-from nodes.models import WorkflowResult
-from service.storage.transitions import Transition
+from nodes.models import SimilarWorkflow, WorkflowResult
+from service.observe.terminal import print_result
+from service.storage.memory import RunConversation
 
-__all__ = ["print_result", "print_transition"]
+__all__ = [
+    "EXIT_BAD_INPUT",
+    "EXIT_CODES",
+    "EXIT_NO_RESULT",
+    "console",
+    "err_console",
+    "finish",
+    "print_history",
+    "print_workflow",
+    "print_workflows",
+]
 
-_STYLE = {
-    "session.started": "bold cyan",
-    "node.started": "dim",
-    "node.completed": "green",
-    "node.failed": "bold red",
-    "step.started": "dim",
-    "step.completed": "green",
-    "agent.message": "blue",
-    "session.interrupted": "bold yellow",
-    "session.completed": "bold green",
-    "session.failed": "bold red",
-}
+console = Console(highlight=False)
+err_console = Console(stderr=True, highlight=False)
 
-
-def _detail(t: Transition) -> str:
-    data = t.data or {}
-    if t.type == "agent.message":
-        calls = data.get("tool_calls") or []
-        text = f"calls {', '.join(calls)}" if calls else str(data.get("content", ""))
-        return text[:110]
-    if t.type == "node.completed" and t.node == "plan":
-        return f"{len(data.get('steps', []))} steps: {data.get('intent', '')}"[:110]
-    if t.type == "node.completed" and t.node == "assign":
-        return ", ".join(f"{k}→{'+'.join(v)}" for k, v in data.get("agents", {}).items())
-    if t.type == "node.completed" and t.node == "review":
-        return f"{data.get('verdict')}: {data.get('feedback', '')}"[:110]
-    if t.type == "node.completed" and t.node == "discover":
-        similar = data.get("similar", [])
-        return data.get("note") or f"{len(similar)} similar workflow(s)"
-    if t.type in ("node.failed", "session.failed"):
-        return str(data.get("error", ""))[:200]
-    if t.type == "session.interrupted":
-        return f"asks: {data.get('question', '')}"
-    if t.type == "step.completed":
-        return str(data.get("status", ""))
-    if t.type == "session.started":
-        return f"event {data.get('event_id')}" + (" (resumed)" if data.get("resumed") else "")
-    return ""
+EXIT_CODES = {"completed": 0, "failed": 1, "interrupted": 3}
+"""A result's status as the exit code of `run`, `send --wait`, `sessions answer --wait`, ..."""
+EXIT_BAD_INPUT = 2
+EXIT_NO_RESULT = 4
+"""`--wait` saw no result within `--timeout` (the event was sent; it may still run)."""
 
 
-def print_transition(console: Console, t: Transition) -> None:
-    """Print one transition as a single line."""
-    where = t.node or ""
-    if t.step_id:
-        where += f"[{t.step_id}]"
-    if t.agent:
-        where += f" {t.agent}"
-    took = f"{t.duration_ms:>6} ms" if t.duration_ms is not None else " " * 9
-    style = _STYLE.get(t.type, "")
-    console.print(
-        f"{t.seq:>4} {t.ts:%H:%M:%S.%f}"[:-3]
-        + f"  [{style}]{t.type:<20}[/] {escape(where):<40} {took}  {escape(_detail(t))}",
-        highlight=False,
-        soft_wrap=True,
-    )
+def finish(result: WorkflowResult, *, as_json: bool, service: bool) -> NoReturn:
+    """Print a result (or only its JSON) and exit with its status's code.
+
+    Args:
+        result: the run's result.
+        as_json: print only the result's JSON.
+        service: the session lives in the service (Redis), not in `agentflow run`'s
+            checkpoints: an interrupted one is answered with `agentflow sessions answer`.
+    """
+    if as_json:
+        typer.echo(result.model_dump_json(indent=2))
+    else:
+        print_result(console, result)
+        if result.status == "interrupted" and service:
+            console.print(
+                f'\nanswer with: agentflow sessions answer {result.session_id} "..."',
+                soft_wrap=True,
+            )
+        elif result.status == "interrupted":
+            console.print(
+                f'\nanswer with: agentflow run --resume {result.session_id} --answer "..."',
+                soft_wrap=True,
+            )
+    raise typer.Exit(EXIT_CODES[result.status])
 
 
-def print_result(console: Console, result: WorkflowResult) -> None:
-    """Print a result for a person: status, steps and summary."""
-    colour = {"completed": "green", "failed": "red", "interrupted": "yellow"}[result.status]
-    console.print(
-        f"\n[bold {colour}]{result.status.upper()}[/]  session {result.session_id}  "
-        f"event {result.event_id}  model {result.model or '-'}"
-    )
-    if result.workflow.intent:
-        console.print(f"[bold]intent[/]  {escape(result.workflow.intent)}")
-    for step in result.workflow.steps:
-        console.print(
-            f"  {step.id:<4} {step.status:<8} {'+'.join(step.agents):<30} {escape(step.title)}",
-            soft_wrap=True,
+def _when(moment: datetime | None) -> str:
+    return f"{moment:%Y-%m-%d %H:%M}" if moment is not None else "–"
+
+
+_WORKFLOW_COLUMNS = ("id", "event type", "source", "quality", "reused", "last used", "intent")
+
+
+def print_workflows(items: Sequence[SimilarWorkflow], total: int) -> None:
+    """Print the library's workflows, one line each, with their ids whole.
+
+    On a terminal, aligned columns (the intent last, wrapped by the terminal); piped,
+    tab-separated lines under a header line, so that `cut -f1` gives the ids that
+    `show` and `delete` take.
+    """
+    rows = [
+        (
+            w.id,
+            w.event_type,
+            w.source,
+            f"{w.quality:.2f}",
+            str(w.reuse_count),
+            _when(w.last_used),
+            " ".join(w.intent.split()),
         )
-    if result.review.verdict:
-        console.print(f"[bold]review[/]  {result.review.verdict}: {escape(result.review.feedback)}")
-    if result.summary:
-        console.print(f"[bold]summary[/] {escape(result.summary)}")
-    if result.question:
-        console.print(f"[bold yellow]question[/] {escape(result.question)}")
-    if result.error:
-        console.print(f"[bold red]error[/]   {escape(result.error)}")
-    u = result.usage
-    console.print(
-        f"[dim]usage   {u.llm_calls} model calls, {u.input_tokens} input + "
-        f"{u.output_tokens} output tokens[/]"
-    )
+        for w in items
+    ]
+    if not console.is_terminal:
+        for row in (_WORKFLOW_COLUMNS, *rows):
+            typer.echo("\t".join(row))
+        return
+    widths = [max(len(row[i]) for row in (_WORKFLOW_COLUMNS, *rows)) for i in range(6)]
+
+    def line(row: Sequence[str]) -> str:
+        cells = [cell.ljust(width) for cell, width in zip(row[:6], widths, strict=True)]
+        return "  ".join([*cells, row[6]])
+
+    console.print(Text(line(_WORKFLOW_COLUMNS), style="bold"), soft_wrap=True)
+    for row in rows:
+        console.print(Text(line(row)), soft_wrap=True)
+    console.print(f"{len(items)} of {total} workflow(s)")
+
+
+def print_workflow(item: SimilarWorkflow) -> None:
+    """Print one workflow: what it handled, its steps and agents, and how it did."""
+    lines = [
+        f"workflow   {item.id}",
+        f"event type {item.event_type}",
+        f"source     {item.source}    verdict {item.verdict}",
+        f"quality    {item.quality:.2f}    reused {item.reuse_count}×    "
+        f"last used {_when(item.last_used)}",
+        f"intent     {item.intent}",
+        *(f"goal       {goal}" for goal in item.goals),
+    ]
+    if item.data_summary:
+        lines.append(f"data       {item.data_summary}")
+    lines.append("steps")
+    for step in item.steps:
+        after = f"  (after {', '.join(step.depends_on)})" if step.depends_on else ""
+        lines.append(f"  {step.id:<4} {'+'.join(step.agents):<24} {step.title}{after}")
+    if item.summary:
+        lines.append(f"summary    {item.summary}")
+    for line in lines:
+        console.print(line, markup=False, soft_wrap=True)
+
+
+def print_history(runs: Sequence[RunConversation], *, full: bool, as_json: bool) -> None:
+    """Print a session's conversation: per event, per step, per agent.
+
+    Args:
+        runs: the session's runs, oldest first.
+        full: do not shorten messages.
+        as_json: print the runs as JSON, messages in LangChain's dict form.
+    """
+    if as_json:
+        typer.echo(json.dumps([_run_json(run) for run in runs], indent=2, default=str))
+        return
+    width = None if full else 160
+    for run in runs:
+        subject = f"  subject {run.event.subject}" if run.event.subject else ""
+        console.print(f"event {run.event.id}  {run.event.type}{subject}", markup=False)
+        for step in run.steps:
+            agents = "+".join(step.agents)
+            console.print(f"  {step.id} {step.title}  ({agents})  {step.status}", markup=False)
+            for message in run.conversations.get(step.id, []):
+                console.print("      " + _message_line(message, width), markup=False)
+
+
+def _run_json(run: RunConversation) -> dict[str, Any]:
+    return {
+        "event": run.event.model_dump(mode="json", exclude_none=True),
+        "steps": {
+            step.id: {
+                "title": step.title,
+                "agents": step.agents,
+                "status": step.status,
+                "messages": messages_to_dict(run.conversations.get(step.id, [])),
+            }
+            for step in run.steps
+        },
+    }
+
+
+def _message_line(message: BaseMessage, width: int | None) -> str:
+    """Render one message as `who: what`, shortened to `width` characters."""
+    if message.type == "ai":
+        who = message.name or "agent"
+        calls = [
+            f"{c['name']}({', '.join(f'{k}={v}' for k, v in c['args'].items())})"
+            for c in getattr(message, "tool_calls", [])
+        ]
+        what = "calls " + ", ".join(calls) if calls else message.text
+    elif message.type == "tool":
+        who, what = f"tool {message.name or ''}".strip(), message.text
+    else:
+        who, what = message.type, message.text
+    line = f"{who:<22} {' '.join(what.split())}"
+    return line if width is None or len(line) <= width else line[: width - 1] + "…"

@@ -1,51 +1,49 @@
 """`make demo`: the main job end to end on local servers.
 
-Starts the local Kafka-protocol broker and Redis, a worker, sends the example events,
-shows their live transitions and results, answers the escalated one, and stops.
+Starts the local Kafka-protocol broker and Redis, a worker and the gateway, sends the
+example events, shows their live transitions and results, and answers the escalated one.
+Then, on a terminal, the web page stays up until Ctrl-C; run non-interactively (no
+terminal on stdin, or `CI` set) or with `--exit`, the demo ends at once.
 """
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import logging
+import os
+import signal
 import sys
 from pathlib import Path
 
 from rich.console import Console
 
-from nodes.models import CloudEvent, WorkflowResult
+from nodes.models import CloudEvent
 from service.bootstrap import check_startup
-from service.cli.console import print_result, print_transition
-from service.client import last_seq, produce_event, session_id_for, wait_for_result, watch_session
-from service.config import Settings, load_settings
+from service.client import resume_event, send_and_follow, session_id_for
+from service.config import load_settings
 from service.devtools.servers import LocalServers
 from service.gateway.app import serve_gateway
+from service.observe.terminal import print_result, print_transition
+from service.storage.transitions import Transition
 from service.worker import Worker
 
 __all__ = ["main", "run_demo"]
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples" / "events"
 DEMO_EVENTS = ("claim_submitted", "document_uploaded", "status_requested", "claim_needs_review")
+RESULT_TIMEOUT_S = 120.0
+"""How long the demo waits for the result of one example event."""
 
 
-async def _send_and_follow(
-    settings: Settings, console: Console, event: CloudEvent
-) -> WorkflowResult:
-    after = await last_seq(settings, session_id_for(event))
-    session_id = await produce_event(settings, event)
-    result = asyncio.create_task(wait_for_result(settings, session_id, event.id, 120))
-    async for transition in watch_session(settings, session_id, after):
-        print_transition(console, transition)
-        if (
-            transition.terminal
-            and (transition.data or {}).get("result", {}).get("event_id") == event.id
-        ):
-            break
-    return await result
+async def run_demo(console: Console, *, keep_open: bool = False) -> int:
+    """Run the demo; return the number of example events that did not complete.
 
-
-async def run_demo(console: Console) -> int:
-    """Run the demo; return the number of example events that did not complete."""
+    Args:
+        console: where the transitions and results are printed.
+        keep_open: after the examples, keep the worker and the web page up until
+            Ctrl-C (SIGINT) or SIGTERM.
+    """
     servers = LocalServers.from_env()
     await servers.astart()
     try:
@@ -63,27 +61,33 @@ async def run_demo(console: Console) -> int:
             f"  model {settings.model}\n  gateway and web page: {url}\n",
             soft_wrap=True,
         )
+
+        def show(transition: Transition) -> None:
+            print_transition(console, transition)
+
         failures = 0
         for name in DEMO_EVENTS:
             event = CloudEvent.parse((EXAMPLES / f"{name}.json").read_bytes())
             console.rule(f"{name}: {event.type} ({event.subject})")
-            result = await _send_and_follow(settings, console, event)
+            result = await send_and_follow(
+                settings, event, timeout_s=RESULT_TIMEOUT_S, on_transition=show
+            )
             print_result(console, result)
             if result.status == "interrupted":
                 answer = "approve: discharge status confirmed with the veteran by phone"
                 console.print(f"\n[bold]answering the review[/]: {answer}\n")
-                resume = CloudEvent.wrap(
-                    "agentflow.resume",
-                    {"answer": answer},
-                    session_id=session_id_for(event),
-                    source="demo",
+                resume = resume_event(session_id_for(event), answer, source="demo")
+                result = await send_and_follow(
+                    settings, resume, timeout_s=RESULT_TIMEOUT_S, on_transition=show
                 )
-                result = await _send_and_follow(settings, console, resume)
                 print_result(console, result)
             failures += result.status != "completed"
         console.rule()
         console.print(repr(worker))
-        console.print(f"sessions stay browsable at {url} until the demo exits")
+        if keep_open:
+            stopped = _stop_on_signals()
+            console.print(f"sessions stay browsable at {url}; Ctrl-C ends the demo", soft_wrap=True)
+            await stopped.wait()
         server.should_exit = True
         await serving
         worker.stop()
@@ -93,11 +97,35 @@ async def run_demo(console: Console) -> int:
         await servers.astop()
 
 
-def main() -> None:
-    """Entry point of `python -m service.devtools.demo`."""
+def _stop_on_signals() -> asyncio.Event:
+    """Return an event that Ctrl-C (SIGINT) or SIGTERM sets from now on."""
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    return stop
+
+
+def interactive() -> bool:
+    """Whether a person runs the demo: a terminal on stdin and no `CI` variable."""
+    return sys.stdin.isatty() and not os.environ.get("CI")
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Entry point of `python -m service.devtools.demo [--exit]`."""
+    parser = argparse.ArgumentParser(
+        prog="python -m service.devtools.demo", description="The main job end to end."
+    )
+    parser.add_argument(
+        "--exit",
+        action="store_true",
+        help="end after the examples, even on a terminal (without it the web page stays up "
+        "until Ctrl-C when stdin is a terminal and CI is unset)",
+    )
+    args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     console = Console(highlight=False)
-    failures = asyncio.run(run_demo(console))
+    failures = asyncio.run(run_demo(console, keep_open=interactive() and not args.exit))
     sys.exit(1 if failures else 0)
 
 

@@ -1,4 +1,4 @@
-"""`agentflow dev`: local servers plus a worker, in one process."""
+"""`agentflow dev`: local servers, a worker and the gateway, in one process."""
 
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ __all__ = ["run_dev"]
 
 
 async def run_dev(settings: Settings, console: Console) -> None:
-    """Start the local servers (unless URLs are set) and a worker; stop on Ctrl-C."""
+    """Start the local servers (unless URLs are set), a worker and the gateway; stop on Ctrl-C."""
     servers = LocalServers(kafka_bootstrap=settings.kafka_bootstrap, redis_url=settings.redis_url)
     await servers.astart()
     try:

@@ -22,14 +22,12 @@ from sse_starlette import EventSourceResponse, ServerSentEvent
 from service.gateway.backends import REDIS_ERRORS
 from service.storage.keys import log_key
 from service.storage.publisher import follow
-from service.storage.transitions import Transition
+from service.storage.transitions import ENDED, Transition
 
-__all__ = ["ENDED", "last_seq", "session_stream"]
+__all__ = ["last_seq", "session_stream"]
 
 logger = logging.getLogger(__name__)
 
-ENDED = frozenset({"session.completed", "session.failed"})
-"""Transitions after which a session's stream ends (an interrupted one waits for a resume)."""
 RETRY_MS = 2000
 """How long `EventSource` waits before it reconnects a broken stream."""
 SEP = "\n"

@@ -32,7 +32,7 @@ async def run_embedded(
     The workflow library is the process's in-memory one; `AGENTFLOW_LIBRARY_SEED` (a
     template file or folder, like `examples/workflows`) seeds it before the run.
     """
-    from service.cli.console import print_transition
+    from service.observe.terminal import print_transition
 
     async def sink(transition: Transition) -> None:
         if console is not None:

@@ -13,7 +13,7 @@ import json
 import logging
 import typing
 from collections.abc import AsyncIterator, Iterable
-from contextlib import AsyncExitStack, asynccontextmanager
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
@@ -28,6 +28,7 @@ from redis.asyncio import Redis
 from graphs.workflow import build_graph
 from nodes.models import CloudEvent, WorkflowResult
 from nodes.state import WorkflowState
+from service.bootstrap import open_session_checkpointer
 from service.config import Settings
 from service.errors import ReplayError
 from service.observe.path import SessionPath, session_path
@@ -74,29 +75,15 @@ async def open_session_graph(settings: Settings) -> AsyncIterator[SessionGraph]:
     Raises:
         ReplayError: no Redis is configured and `agentflow run` has no checkpoint file.
     """
-    async with AsyncExitStack() as stack:
-        if settings.redis_url:
-            from service.storage.checkpoints import open_checkpointer
-
-            redis = Redis.from_url(settings.redis_url, decode_responses=True)
-            stack.push_async_callback(redis.aclose)
-            saver = await open_checkpointer(redis)
-            yield SessionGraph(build_graph(saver), redis, f"Redis at {settings.redis_url}")
-            return
-        from langgraph.checkpoint.sqlite.aio import AsyncSqliteSaver
-
-        from service.storage.checkpoints import checkpoint_serde
-
-        path = settings.data_dir / "checkpoints.sqlite"
-        if not path.exists():
-            raise ReplayError(
-                f"no sessions here: {path} does not exist and AGENTFLOW_REDIS_URL is not set "
-                "(run an event with `agentflow run`, or point AGENTFLOW_REDIS_URL at the "
-                "worker's Redis)"
-            )
-        saver = await stack.enter_async_context(AsyncSqliteSaver.from_conn_string(str(path)))
-        saver.serde = checkpoint_serde()
-        yield SessionGraph(build_graph(saver), None, str(path))
+    try:
+        async with open_session_checkpointer(settings) as sessions:
+            yield SessionGraph(build_graph(sessions.saver), sessions.redis, sessions.where)
+    except FileNotFoundError as exc:
+        raise ReplayError(
+            f"no sessions here: {exc.args[0]} does not exist and AGENTFLOW_REDIS_URL is not "
+            "set (run an event with `agentflow run`, or point AGENTFLOW_REDIS_URL at the "
+            "worker's Redis)"
+        ) from None
 
 
 def _thread(session_id: str, checkpoint_id: str | None = None) -> RunnableConfig:

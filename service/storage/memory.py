@@ -11,8 +11,6 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -34,7 +32,6 @@ if TYPE_CHECKING:
 __all__ = [
     "RunConversation",
     "install_llm_cache",
-    "open_history_checkpointer",
     "open_subject_store",
     "session_history",
     "subject_notes",
@@ -128,36 +125,3 @@ async def session_history(graph: CompiledStateGraph, session_id: str) -> list[Ru
             conversations=dict(values.get("conversations") or {}),
         )
     return list(reversed(runs.values()))
-
-
-@asynccontextmanager
-async def open_history_checkpointer(settings: Settings) -> AsyncIterator[tuple[Any, str]]:
-    """Open the checkpointer sessions live in: Redis when configured, else `agentflow run`'s.
-
-    Yields:
-        The checkpointer and a phrase saying where it reads from.
-
-    Raises:
-        FileNotFoundError: no Redis is configured and `agentflow run` kept no checkpoints.
-    """
-    if settings.redis_url:
-        from redis.asyncio import Redis
-
-        from service.storage.checkpoints import open_checkpointer
-
-        client = Redis.from_url(settings.redis_url, socket_connect_timeout=5, decode_responses=True)
-        try:
-            yield await open_checkpointer(client), f"Redis at {settings.redis_url}"
-        finally:
-            await client.aclose()
-        return
-    from langgraph.checkpoint.sqlite.aio import AsyncSqliteSaver
-
-    from service.storage.checkpoints import checkpoint_serde
-
-    path = settings.data_dir / "checkpoints.sqlite"
-    if not path.exists():
-        raise FileNotFoundError(path)
-    async with AsyncSqliteSaver.from_conn_string(str(path)) as saver:
-        saver.serde = checkpoint_serde()
-        yield saver, str(path)

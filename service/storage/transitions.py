@@ -9,7 +9,7 @@ from pydantic import BaseModel, Field
 
 from nodes.models import utcnow
 
-__all__ = ["TERMINAL", "Transition", "TransitionType"]
+__all__ = ["ENDED", "TERMINAL", "Transition", "TransitionType"]
 
 TransitionType = Literal[
     "session.started",
@@ -24,6 +24,9 @@ TransitionType = Literal[
     "session.failed",
 ]
 TERMINAL: frozenset[str] = frozenset({"session.interrupted", "session.completed", "session.failed"})
+"""Transitions after which a run stops (an interrupted session goes on when answered)."""
+ENDED: frozenset[str] = frozenset({"session.completed", "session.failed"})
+"""Transitions that end a session's run for good."""
 
 
 class Transition(BaseModel):

@@ -1,41 +1,89 @@
-"""`agentflow run` and `agentflow graph` as a user runs them: a real subprocess."""
+"""The `agentflow` commands that need no server, run in this process as a user types them.
+
+The commands that talk to Kafka and Redis are tested in
+`tests/integration_tests/test_cli_service.py`.
+"""
 
 from __future__ import annotations
 
+import io
 import json
+import logging
 import os
-import subprocess
-import sys
+import socket
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+from rich.console import Console
+
+from nodes.models import SimilarWorkflow, Step
+from service.cli import console as cli_console
+from service.cli.app import main
+from service.cli.inputs import AGENTFLOW_LOGGERS, QUIET_LOGGERS
+from service.devtools import demo
 
 ROOT = Path(__file__).resolve().parents[2]
-AGENTFLOW = [sys.executable, "-m", "service.cli"]
+EVENT = ROOT / "examples" / "events" / "claim_submitted.json"
+
+Agentflow = Callable[..., tuple[int, str, str]]
 
 
-def agentflow(*args: str, tmp_path: Path, **env: str) -> subprocess.CompletedProcess[str]:
-    full_env = {k: v for k, v in os.environ.items() if not k.startswith(("AGENTFLOW_", "OPENAI_"))}
-    full_env.update({"AGENTFLOW_DATA_DIR": str(tmp_path / "data"), "COLUMNS": "200", **env})
-    return subprocess.run(
-        [*AGENTFLOW, *args], cwd=ROOT, env=full_env, capture_output=True, text=True, timeout=120
-    )
+@pytest.fixture
+def agentflow(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> Agentflow:
+    """Run the CLI in this process with a clean environment; return exit code, out, err."""
+    for name in list(os.environ):
+        if name.startswith("AGENTFLOW_"):
+            monkeypatch.delenv(name)
+    monkeypatch.setenv("AGENTFLOW_DATA_DIR", str(tmp_path / "data"))
+    monkeypatch.setenv("COLUMNS", "200")
+
+    def run(*args: str) -> tuple[int, str, str]:
+        with pytest.raises(SystemExit) as exited:
+            main(list(args))
+        out, err = capsys.readouterr()
+        return int(exited.value.code or 0), out, err
+
+    return run
 
 
-def test_run_prints_transitions_then_result(tmp_path: Path) -> None:
-    out = agentflow("run", "examples/events/claim_submitted.json", tmp_path=tmp_path)
-    assert out.returncode == 0, out.stderr
-    lines = out.stdout.splitlines()
+@pytest.fixture
+def _restore_log_levels() -> Iterator[None]:
+    names = (*AGENTFLOW_LOGGERS, *QUIET_LOGGERS)
+    before = {name: logging.getLogger(name).level for name in names}
+    yield
+    for name, level in before.items():
+        logging.getLogger(name).setLevel(level)
+
+
+def closed_port() -> int:
+    """A loopback port nothing listens on."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def one_paragraph(err: str) -> bool:
+    """Whether an error output is one paragraph with no traceback."""
+    return "Traceback" not in err and len(err.strip().splitlines()) == 1
+
+
+def test_run_prints_transitions_then_result(agentflow: Agentflow) -> None:
+    code, out, err = agentflow("run", "examples/events/claim_submitted.json")
+    assert code == 0, err
+    lines = out.splitlines()
     assert "session.started" in lines[0]
     assert any("node.completed" in line and "plan" in line for line in lines)
     assert any("agent.message" in line and "eligibility_analyst" in line for line in lines)
-    assert "COMPLETED" in out.stdout and "model offline" in out.stdout
+    assert "COMPLETED" in out and "model offline" in out
 
 
-def test_run_json_prints_only_the_result(tmp_path: Path) -> None:
-    out = agentflow("run", "examples/events/claim_submitted.json", "--json", tmp_path=tmp_path)
-    assert out.returncode == 0, out.stderr
-    result = json.loads(out.stdout)
+def test_run_json_prints_only_the_result(agentflow: Agentflow) -> None:
+    code, out, err = agentflow("run", "examples/events/claim_submitted.json", "--json")
+    assert code == 0, err
+    result = json.loads(out)
     assert result["status"] == "completed" and result["event_id"] == "evt-claim-2001"
     assert set(result) >= {
         "session_id",
@@ -50,22 +98,26 @@ def test_run_json_prints_only_the_result(tmp_path: Path) -> None:
     assert result["usage"]["llm_calls"] > 0
 
 
-def test_interrupted_run_exits_3_and_resumes_from_disk(tmp_path: Path) -> None:
-    first = agentflow(
-        "run",
-        "examples/events/claim_needs_review.json",
-        "--json",
-        "--session",
-        "cli-esc",
-        tmp_path=tmp_path,
+def test_interrupted_run_exits_3_and_resumes_from_disk_once(agentflow: Agentflow) -> None:
+    code, out, err = agentflow(
+        "run", "examples/events/claim_needs_review.json", "--session", "cli-esc"
     )
-    assert first.returncode == 3, first.stderr
-    assert json.loads(first.stdout)["question"]
-    second = agentflow(
-        "run", "--resume", "cli-esc", "--answer", "approve", "--json", tmp_path=tmp_path
-    )
-    assert second.returncode == 0, second.stderr
-    assert json.loads(second.stdout)["review"]["verdict"] == "approve"
+    assert code == 3, err
+    assert 'answer with: agentflow run --resume cli-esc --answer "..."' in out
+    code, out, err = agentflow("run", "--resume", "cli-esc", "--answer", "approve", "--json")
+    assert code == 0, err
+    assert json.loads(out)["review"]["verdict"] == "approve"
+    # A finished session has nothing to answer: bad input, one paragraph.
+    code, _, err = agentflow("run", "--resume", "cli-esc", "--answer", "approve")
+    assert code == 2 and "session cli-esc is not waiting for an answer" in err
+    assert one_paragraph(err), err
+
+
+def test_resume_of_an_unknown_session_is_bad_input(agentflow: Agentflow) -> None:
+    code, out, err = agentflow("run", "--resume", "nosuch", "--answer", "x")
+    assert code == 2 and out == ""
+    assert "session nosuch does not exist" in err and "agentflow sessions answer" in err
+    assert one_paragraph(err), err
 
 
 @pytest.mark.parametrize(
@@ -76,35 +128,154 @@ def test_interrupted_run_exits_3_and_resumes_from_disk(tmp_path: Path) -> None:
     ],
 )
 def test_bad_event_file_exits_2_without_traceback(
-    tmp_path: Path, content: str, message: str
+    agentflow: Agentflow, tmp_path: Path, content: str, message: str
 ) -> None:
     path = tmp_path / "event.json"
     path.write_text(content)
-    out = agentflow("run", str(path), tmp_path=tmp_path)
-    assert out.returncode == 2
-    assert message in out.stderr and "Traceback" not in out.stderr
+    code, _, err = agentflow("run", str(path))
+    assert code == 2
+    assert message in err and "Traceback" not in err
 
 
-def test_missing_file_and_bad_agents_file_exit_2(tmp_path: Path) -> None:
-    out = agentflow("run", "nope.json", tmp_path=tmp_path)
-    assert out.returncode == 2 and "cannot read event file" in out.stderr
+def test_missing_file_and_bad_agents_file_exit_2(
+    agentflow: Agentflow, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    code, _, err = agentflow("run", "nope.json")
+    assert code == 2 and "cannot read event file" in err
     agents = tmp_path / "agents.yaml"
     agents.write_text(
         "agents:\n  - {name: a, description: d, system_prompt: p, tools: [math.nope]}\n"
     )
-    out = agentflow(
-        "run",
-        "examples/events/claim_submitted.json",
-        tmp_path=tmp_path,
-        AGENTFLOW_AGENTS_FILE=str(agents),
+    monkeypatch.setenv("AGENTFLOW_AGENTS_FILE", str(agents))
+    code, _, err = agentflow("run", "examples/events/claim_submitted.json")
+    assert code == 2
+    assert "tool 'math.nope' cannot be imported" in err and "Traceback" not in err
+
+
+def test_graph_prints_mermaid_and_ascii(agentflow: Agentflow) -> None:
+    code, out, _ = agentflow("graph", "--format", "mermaid")
+    assert code == 0
+    assert "execute_step" in out and "graph TD" in out
+    code, out, _ = agentflow("graph", "--format", "ascii")
+    assert code == 0 and "| review |" in out
+
+
+def test_client_commands_need_no_agents_file(
+    agentflow: Agentflow, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Outside the repository (no examples/agents.yaml), only `run` asks for agents."""
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    code, _, err = agentflow("run", str(EVENT))
+    assert code == 2 and "agents" in err  # running the graph here does need them
+
+    port = closed_port()
+    monkeypatch.setenv("AGENTFLOW_KAFKA_BOOTSTRAP", f"127.0.0.1:{port}")
+    monkeypatch.setenv("AGENTFLOW_REDIS_URL", f"redis://127.0.0.1:{port}")
+    # Each gets as far as the server it needs: none stops at the agents file.
+    code, _, err = agentflow("health")
+    assert code == 1 and "unhealthy Redis" in err and "unhealthy Kafka" in err
+    code, _, err = agentflow("send", str(EVENT))
+    assert code == 1 and "cannot reach Kafka" in err
+    assert one_paragraph(err), err
+    for args in (
+        ("send", str(EVENT), "--wait"),
+        ("watch", "some-session"),
+        ("library", "list"),
+        ("sessions", "history", "some-session"),
+        ("sessions", "answer", "some-session", "approve"),
+    ):
+        code, _, err = agentflow(*args)
+        assert code == 1 and "cannot reach" in err, (args, err)
+        assert "agents" not in err and one_paragraph(err), (args, err)
+
+
+def test_health_exits_2_without_urls_as_its_help_says(agentflow: Agentflow) -> None:
+    code, _, err = agentflow("health")
+    assert code == 2 and "AGENTFLOW_KAFKA_BOOTSTRAP" in err
+    code, out, _ = agentflow("health", "--help")
+    assert code == 0
+    assert "2 AGENTFLOW_KAFKA_BOOTSTRAP or AGENTFLOW_REDIS_URL is not set" in " ".join(out.split())
+
+
+def test_help_of_dev_send_and_answer(agentflow: Agentflow) -> None:
+    code, out, _ = agentflow("dev", "--help")
+    assert code == 0 and "gateway" in out
+    code, out, _ = agentflow("send", "--help")
+    assert "4 no result within --timeout" in " ".join(out.split())
+    code, out, _ = agentflow("sessions", "--help")
+    assert code == 0 and "answer" in out
+
+
+@pytest.mark.usefixtures("_restore_log_levels")
+def test_worker_verbose_turns_agentflow_loggers_to_debug(agentflow: Agentflow) -> None:
+    # No Kafka or Redis set: the command stops at its settings, after configuring logging.
+    code, _, err = agentflow("worker")
+    assert code == 2 and "AGENTFLOW_KAFKA_BOOTSTRAP" in err
+    assert logging.getLogger("service.worker").getEffectiveLevel() > logging.DEBUG
+    assert logging.getLogger("aiokafka.consumer").getEffectiveLevel() == logging.WARNING
+    code, _, _ = agentflow("worker", "--verbose")
+    assert code == 2
+    for name in ("service.worker.worker", "nodes.execution", "graphs.workflow"):
+        assert logging.getLogger(name).getEffectiveLevel() == logging.DEBUG, name
+    assert logging.getLogger("aiokafka.consumer").getEffectiveLevel() == logging.WARNING
+
+
+def workflow(workflow_id: str, **fields: object) -> SimilarWorkflow:
+    """A one-step library workflow."""
+    return SimilarWorkflow.model_validate(
+        {
+            "id": workflow_id,
+            "event_type": "claim.submitted",
+            "intent": "Handle the claim",
+            "steps": [Step(id="s1", title="Take in the claim", agents=["intake"])],
+            **fields,
+        }
     )
-    assert out.returncode == 2
-    assert "tool 'math.nope' cannot be imported" in out.stderr and "Traceback" not in out.stderr
 
 
-def test_graph_prints_mermaid_and_ascii(tmp_path: Path) -> None:
-    mermaid = agentflow("graph", "--format", "mermaid", tmp_path=tmp_path)
-    assert mermaid.returncode == 0
-    assert "execute_step" in mermaid.stdout and "graph TD" in mermaid.stdout
-    ascii_out = agentflow("graph", "--format", "ascii", tmp_path=tmp_path)
-    assert ascii_out.returncode == 0 and "| review |" in ascii_out.stdout
+def test_workflow_list_piped_prints_ids_whole(capsys: pytest.CaptureFixture[str]) -> None:
+    long_id = "wf-" + "a-rather-long-workflow-identifier-" * 3 + "end"
+    items = [workflow(long_id, intent="x " * 60), workflow("tpl-short", source="template")]
+    cli_console.print_workflows(items, total=2)  # captured: not a terminal
+    header, *rows = capsys.readouterr().out.splitlines()
+    assert header.split("\t")[:3] == ["id", "event type", "source"]
+    assert [row.split("\t")[0] for row in rows] == [long_id, "tpl-short"]
+    assert rows[1].split("\t")[2] == "template"
+
+
+def test_workflow_list_on_a_narrow_terminal_keeps_ids_whole(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    long_id = "wf-" + "a-rather-long-workflow-identifier-" * 2 + "end"
+    screen = io.StringIO()
+    terminal = Console(file=screen, force_terminal=True, width=60, color_system=None)
+    monkeypatch.setattr(cli_console, "console", terminal)
+    cli_console.print_workflows([workflow(long_id), workflow("tpl-short")], total=2)
+    lines = screen.getvalue().splitlines()
+    assert lines[0].split()[:3] == ["id", "event", "type"]
+    assert [line.split()[0] for line in lines[1:3]] == [long_id, "tpl-short"]
+    assert lines[-1] == "2 of 2 workflow(s)"
+
+
+def test_workflow_show_labels_its_fields(capsys: pytest.CaptureFixture[str]) -> None:
+    cli_console.print_workflow(workflow("tpl-x", source="template", verdict="template"))
+    out = capsys.readouterr().out
+    assert "source     template    verdict template" in out
+    assert "workflow   tpl-x" in out and "event type claim.submitted" in out
+
+
+def test_demo_keeps_the_page_up_only_for_a_person(monkeypatch: pytest.MonkeyPatch) -> None:
+    class Terminal:
+        def isatty(self) -> bool:
+            return True
+
+    monkeypatch.delenv("CI", raising=False)
+    monkeypatch.setattr("sys.stdin", Terminal())
+    assert demo.interactive()
+    monkeypatch.setenv("CI", "true")
+    assert not demo.interactive()
+    monkeypatch.delenv("CI")
+    monkeypatch.setattr("sys.stdin", io.StringIO())
+    assert not demo.interactive()

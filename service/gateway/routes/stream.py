@@ -11,7 +11,8 @@ from sse_starlette import EventSourceResponse
 from service.gateway.auth import AUTH_ERRORS, require_token_or_query
 from service.gateway.backends import BackendsDep
 from service.gateway.schemas import FieldProblem, Problem, unprocessable
-from service.gateway.sse import ENDED, last_seq, session_stream
+from service.gateway.sse import last_seq, session_stream
+from service.storage.transitions import ENDED
 
 __all__ = ["router"]
 

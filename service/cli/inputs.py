@@ -1,0 +1,108 @@
+"""What commands do before they call the library: logging, settings, event files."""
+
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+
+from nodes.errors import EventValidationError
+from nodes.models import CloudEvent
+from service.bootstrap import check_startup
+from service.config import Settings, load_settings
+from service.errors import ConfigError
+
+__all__ = [
+    "BadInput",
+    "configure_logging",
+    "read_event",
+    "read_settings",
+    "require_redis",
+    "require_services",
+]
+
+AGENTFLOW_LOGGERS = ("service", "nodes", "graphs")
+"""The loggers of agentflow's own packages: DEBUG with `agentflow worker --verbose`."""
+QUIET_LOGGERS = ("aiokafka", "langgraph.checkpoint.redis", "langgraph.store.redis")
+"""Libraries whose INFO lines are start-up noise: aiokafka's group joins and partition
+assignments, langgraph-redis's "Redis client is a standalone client"."""
+
+
+class BadInput(Exception):
+    """A user-facing problem: printed as one paragraph, exit code 2."""
+
+
+def configure_logging(level: int = logging.WARNING, *, debug: bool = False) -> None:
+    """Log to stderr at `level`; `debug` turns agentflow's own loggers to DEBUG."""
+    logging.basicConfig(
+        level=level,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    for name in QUIET_LOGGERS:
+        logging.getLogger(name).setLevel(max(level, logging.WARNING))
+    if debug:
+        for name in AGENTFLOW_LOGGERS:
+            logging.getLogger(name).setLevel(logging.DEBUG)
+
+
+def read_settings(*, check: bool = False) -> Settings:
+    """Read the settings; with `check`, also what running the graph here needs.
+
+    Commands that only talk to a running service (send, watch, health, library,
+    sessions history) do not check: they never read the agents file.
+
+    Raises:
+        BadInput: a setting cannot be used.
+    """
+    try:
+        settings = load_settings()
+        if check:
+            check_startup(settings)
+    except ConfigError as exc:
+        raise BadInput(str(exc)) from None
+    return settings
+
+
+def require_services(settings: Settings) -> Settings:
+    """Return the settings if they name Kafka and Redis.
+
+    Raises:
+        BadInput: AGENTFLOW_KAFKA_BOOTSTRAP or AGENTFLOW_REDIS_URL is not set.
+    """
+    if not settings.kafka_bootstrap or not settings.redis_url:
+        raise BadInput(
+            "set AGENTFLOW_KAFKA_BOOTSTRAP and AGENTFLOW_REDIS_URL to reach Kafka and Redis "
+            "(`agentflow dev` starts local ones and prints both)"
+        )
+    return settings
+
+
+def require_redis(settings: Settings, what: str) -> Settings:
+    """Return the settings if they name Redis, where `what` lives.
+
+    Raises:
+        BadInput: AGENTFLOW_REDIS_URL is not set.
+    """
+    if not settings.redis_url:
+        raise BadInput(
+            f"{what} lives in Redis: set AGENTFLOW_REDIS_URL "
+            "(`agentflow dev` starts a local Redis and prints it)"
+        )
+    return settings
+
+
+def read_event(path: Path) -> CloudEvent:
+    """Read and validate an event file.
+
+    Raises:
+        BadInput: the file is missing or the event is invalid.
+    """
+    try:
+        raw = path.read_bytes()
+    except OSError as exc:
+        raise BadInput(f"cannot read event file {path}: {exc.strerror}") from None
+    try:
+        return CloudEvent.parse(raw)
+    except EventValidationError as exc:
+        raise BadInput(f"{path}: {exc}") from None

@@ -1,0 +1,105 @@
+"""`agentflow run` and `agentflow graph`: the graph in this process, no broker."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import sys
+import uuid
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from service.cli.console import console, err_console, finish
+from service.cli.inputs import BadInput, configure_logging, read_event, read_settings
+from service.errors import ReplayError, UnknownSessionError
+from service.observe.drawing import FORMATS, render_graph
+from service.runtime.embedded import run_embedded
+from service.runtime.replay import load_session_path
+
+__all__ = ["graph", "run"]
+
+
+def run(
+    event_file: Annotated[Path | None, typer.Argument(help="CloudEvent JSON file.")] = None,
+    memory: Annotated[bool, typer.Option("--memory", help="Keep checkpoints in memory.")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print only the result JSON.")] = False,
+    resume: Annotated[str | None, typer.Option(help="Continue this interrupted session.")] = None,
+    answer: Annotated[str | None, typer.Option(help="The answer that resumes a session.")] = None,
+    session: Annotated[str | None, typer.Option(help="Session id for a new run.")] = None,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log at INFO.")] = False,
+) -> None:
+    """Run one event in this process, printing each transition, then the result.
+
+    Exit codes: 0 completed, 1 failed, 2 bad input, 3 interrupted.
+    """
+    configure_logging(logging.INFO if verbose else logging.WARNING)
+    if resume is None and event_file is None:
+        raise BadInput("give an EVENT_FILE to run, or --resume SESSION_ID --answer TEXT")
+    if resume is not None and answer is None:
+        raise BadInput("--resume needs --answer TEXT: the answer to the session's question")
+    if resume is not None and memory:
+        raise BadInput("--resume needs the on-disk checkpoints; drop --memory")
+    settings = read_settings(check=True)
+    event = read_event(event_file) if event_file is not None and resume is None else None
+    session_id = resume or session or (event.sessionid if event else None) or str(uuid.uuid4())
+    try:
+        result = asyncio.run(
+            run_embedded(
+                settings,
+                event=event,
+                session_id=session_id,
+                answer=answer,
+                memory=memory,
+                console=None if as_json else console,
+            )
+        )
+    except UnknownSessionError as exc:
+        raise BadInput(
+            f"cannot resume: {exc} (looked in `agentflow run`'s checkpoints under "
+            f"{settings.data_dir}; a session of the service is answered with "
+            "`agentflow sessions answer`)"
+        ) from None
+    finish(result, as_json=as_json, service=False)
+
+
+def graph(
+    fmt: Annotated[str, typer.Option("--format", help="mermaid | ascii | svg | png")] = "mermaid",
+    session: Annotated[
+        str | None, typer.Option("--session", help="Highlight the path this session took.")
+    ] = None,
+    output: Annotated[
+        Path | None, typer.Option("--output", "-o", help="Write to this file (png needs one).")
+    ] = None,
+) -> None:
+    """Print the workflow graph, offline; with --session, the path a session took.
+
+    Sessions are read from AGENTFLOW_REDIS_URL when set, else from `agentflow run`'s
+    checkpoints.
+    """
+    if fmt not in FORMATS:
+        raise BadInput(f"unknown format {fmt!r}; use {', '.join(FORMATS)}")
+    if fmt == "png" and output is None and sys.stdout.isatty():
+        raise BadInput("png is binary: give --output FILE (or pipe stdout to a file)")
+    path = None
+    if session is not None:
+        try:
+            path = asyncio.run(load_session_path(read_settings(), session))
+        except ReplayError as exc:
+            raise BadInput(str(exc)) from None
+    drawing = render_graph(fmt, path)
+    if output is not None:
+        try:
+            if isinstance(drawing, bytes):
+                output.write_bytes(drawing)
+            else:
+                output.write_text(drawing, encoding="utf-8")
+        except OSError as exc:
+            raise BadInput(f"cannot write {output}: {exc.strerror}") from None
+        err_console.print(f"wrote {fmt} to {output}")
+    elif isinstance(drawing, bytes):
+        sys.stdout.buffer.write(drawing)
+        sys.stdout.buffer.flush()
+    else:
+        typer.echo(drawing, nl=not drawing.endswith("\n"))

@@ -1,0 +1,95 @@
+"""`agentflow worker`, `dev`, `gateway` and `health`: running the service and checking it."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+from typing import Annotated
+
+import typer
+
+from service.cli.console import console, err_console
+from service.cli.inputs import BadInput, configure_logging, read_settings, require_services
+from service.client import health_problems
+from service.config import Settings
+from service.devtools.dev import run_dev
+from service.gateway.app import serve_gateway
+from service.worker import Worker
+
+__all__ = ["dev", "gateway", "health", "worker"]
+
+
+def worker(
+    verbose: Annotated[
+        bool, typer.Option("--verbose", "-v", help="Log agentflow's own loggers at DEBUG.")
+    ] = False,
+) -> None:
+    """Consume events from Kafka and run their workflows until SIGTERM."""
+    configure_logging(logging.INFO, debug=verbose)
+    settings = require_services(read_settings(check=True))
+    asyncio.run(_serve_worker(settings))
+
+
+async def _serve_worker(settings: Settings) -> None:
+    running = Worker(settings)
+    await running.start()
+    running.install_signal_handlers()
+    await running.run()
+
+
+def dev(
+    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log at INFO.")] = False,
+) -> None:
+    """Start local Kafka and Redis, a worker and the gateway (HTTP API and web page).
+
+    Kafka and Redis are started here unless AGENTFLOW_KAFKA_BOOTSTRAP and
+    AGENTFLOW_REDIS_URL name running ones. Prints the gateway's URL and the two exports
+    that point other commands at them; runs until Ctrl-C, then cleans up.
+    """
+    configure_logging(logging.INFO if verbose else logging.WARNING)
+    asyncio.run(run_dev(read_settings(check=True), console))
+
+
+def gateway(
+    host: Annotated[str | None, typer.Option(help="Address (AGENTFLOW_GATEWAY_HOST).")] = None,
+    port: Annotated[int | None, typer.Option(help="Port (AGENTFLOW_GATEWAY_PORT).")] = None,
+) -> None:
+    """Serve the HTTP API and the live web page until Ctrl-C or SIGTERM."""
+    configure_logging(logging.INFO)
+    settings = require_services(read_settings(check=True))
+    asyncio.run(
+        _serve_gateway(
+            settings,
+            host=host or settings.gateway_host,
+            port=settings.gateway_port if port is None else port,
+        )
+    )
+
+
+async def _serve_gateway(settings: Settings, *, host: str, port: int) -> None:
+    try:
+        server, task, url = await serve_gateway(settings, host=host, port=port)
+    except OSError as exc:
+        raise BadInput(f"{exc.strerror or exc}; set AGENTFLOW_GATEWAY_PORT") from None
+    console.print(f"agentflow gateway on {url}  (API docs: {url}/docs)", soft_wrap=True)
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, setattr, server, "should_exit", True)
+    await task
+
+
+def health() -> None:
+    """Check that Kafka and Redis answer.
+
+    Exit codes: 0 both answer, 1 one of them does not, 2 AGENTFLOW_KAFKA_BOOTSTRAP or
+    AGENTFLOW_REDIS_URL is not set.
+    """
+    configure_logging()
+    settings = require_services(read_settings())
+    problems = asyncio.run(health_problems(settings))
+    for problem in problems:
+        err_console.print(f"[red]unhealthy[/] {problem}", soft_wrap=True)
+    if not problems:
+        console.print("healthy: Kafka and Redis answer")
+    raise typer.Exit(1 if problems else 0)

@@ -1,0 +1,131 @@
+"""`agentflow sessions ...`: replay, read and answer sessions."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Annotated
+
+import typer
+
+from graphs.workflow import build_graph
+from service.bootstrap import open_session_checkpointer
+from service.cli.console import console, finish, print_history
+from service.cli.follow import send_and_finish
+from service.cli.inputs import BadInput, configure_logging, read_settings, require_services
+from service.client import produce_event, resume_event, waiting_session
+from service.config import Settings
+from service.errors import ReplayError, UnknownSessionError
+from service.observe.terminal import print_transition
+from service.runtime.replay import parse_edits, replay_session
+from service.storage.memory import RunConversation, session_history
+from service.storage.transitions import Transition
+
+__all__ = ["answer", "app", "history", "replay"]
+
+app = typer.Typer(help="Inspect, replay and answer sessions.", no_args_is_help=True)
+
+
+@app.command()
+def replay(
+    session_id: Annotated[str, typer.Argument(help="The session to fork.")],
+    from_checkpoint: Annotated[
+        str, typer.Option("--from", help="The checkpoint to fork from.", show_default=False)
+    ],
+    edits: Annotated[
+        list[str] | None,
+        typer.Option("--set", help="Edit the state first: KEY=JSON (repeatable)."),
+    ] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print only the result JSON.")] = False,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log at INFO.")] = False,
+) -> None:
+    """Fork a session from one of its checkpoints and run it on as a new branch.
+
+    The original checkpoints stay as they were; the session's head moves to the branch.
+    Sessions are read from AGENTFLOW_REDIS_URL when set, else from `agentflow run`'s
+    checkpoints. Exit codes as for `run`.
+    """
+    configure_logging(logging.INFO if verbose else logging.WARNING)
+    settings = read_settings(check=True)
+
+    async def show(transition: Transition) -> None:
+        if not as_json:
+            print_transition(console, transition)
+
+    try:
+        changes = parse_edits(edits or [])
+        outcome = asyncio.run(
+            replay_session(settings, session_id, from_checkpoint, changes, on_transition=show)
+        )
+    except ReplayError as exc:
+        raise BadInput(str(exc)) from None
+    if not as_json:
+        edited = f" with {', '.join(changes)} edited" if changes else ""
+        console.print(
+            f"\nbranch of session {session_id} forked at {outcome.from_checkpoint}{edited}; "
+            f"head {outcome.head_checkpoint} (the original checkpoints are kept)"
+        )
+    # On Redis the branch is a service session: the worker takes its answer.
+    finish(outcome.result, as_json=as_json, service=settings.redis_url is not None)
+
+
+@app.command()
+def history(
+    session_id: Annotated[str, typer.Argument(help="The session to show.")],
+    full: Annotated[bool, typer.Option("--full", help="Do not shorten messages.")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the messages as JSON.")] = False,
+) -> None:
+    """Print a session's conversation, per event, per step, per agent, from its checkpoints.
+
+    Sessions are read from AGENTFLOW_REDIS_URL when set, else from `agentflow run`'s
+    checkpoints under AGENTFLOW_DATA_DIR.
+    """
+    configure_logging()
+    settings = read_settings()
+    try:
+        runs, where = asyncio.run(_read_history(settings, session_id))
+    except FileNotFoundError as exc:
+        raise BadInput(
+            f"no checkpoints at {exc.args[0]}: run an event with `agentflow run` first, "
+            "or set AGENTFLOW_REDIS_URL to read the worker's sessions"
+        ) from None
+    if not runs:
+        raise BadInput(f"session {session_id!r} has no checkpoints in {where}")
+    print_history(runs, full=full, as_json=as_json)
+
+
+async def _read_history(settings: Settings, session_id: str) -> tuple[list[RunConversation], str]:
+    async with open_session_checkpointer(settings) as sessions:
+        return await session_history(build_graph(sessions.saver), session_id), sessions.where
+
+
+@app.command()
+def answer(
+    session_id: Annotated[str, typer.Argument(help="The session waiting for an answer.")],
+    text: Annotated[str, typer.Argument(help="The answer to the session's question.")],
+    wait: Annotated[
+        bool, typer.Option("--wait", help="Follow the resumed run and print the result.")
+    ] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="With --wait: only the result.")] = False,
+    timeout: Annotated[
+        float, typer.Option(min=0, help="With --wait: seconds to wait for the result.")
+    ] = 300.0,
+) -> None:
+    """Answer a service session that waits for a human: an `agentflow.resume` event to Kafka.
+
+    The same as the gateway's POST /sessions/{id}/resume. Exit codes: 2 the session is
+    unknown or not waiting for an answer; with --wait, as for `run` (0 completed, 1 failed,
+    3 interrupted again) and 4 no result within --timeout.
+    """
+    configure_logging()
+    settings = require_services(read_settings())
+    event = resume_event(session_id, text, source="agentflow/cli")
+    try:
+        asyncio.run(waiting_session(settings, session_id))
+    except UnknownSessionError as exc:
+        raise BadInput(str(exc)) from None
+    if not wait:
+        asyncio.run(produce_event(settings, event))
+        console.print(f"sent the answer to session {session_id} (event {event.id})")
+        return
+    send_and_finish(settings, event, as_json=as_json, timeout_s=timeout)

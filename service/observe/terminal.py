@@ -1,0 +1,96 @@
+"""How transitions and results read in a terminal: one line per transition, then the result."""
+
+from __future__ import annotations
+
+from rich.console import Console
+from rich.markup import escape
+
+from nodes.models import WorkflowResult
+from service.storage.transitions import Transition
+
+__all__ = ["print_result", "print_transition"]
+
+_STYLE = {
+    "session.started": "bold cyan",
+    "node.started": "dim",
+    "node.completed": "green",
+    "node.failed": "bold red",
+    "step.started": "dim",
+    "step.completed": "green",
+    "agent.message": "blue",
+    "session.interrupted": "bold yellow",
+    "session.completed": "bold green",
+    "session.failed": "bold red",
+}
+
+
+def _detail(t: Transition) -> str:
+    data = t.data or {}
+    if t.type == "agent.message":
+        calls = data.get("tool_calls") or []
+        text = f"calls {', '.join(calls)}" if calls else str(data.get("content", ""))
+        return text[:110]
+    if t.type == "node.completed" and t.node == "plan":
+        return f"{len(data.get('steps', []))} steps: {data.get('intent', '')}"[:110]
+    if t.type == "node.completed" and t.node == "assign":
+        return ", ".join(f"{k}→{'+'.join(v)}" for k, v in data.get("agents", {}).items())
+    if t.type == "node.completed" and t.node == "review":
+        return f"{data.get('verdict')}: {data.get('feedback', '')}"[:110]
+    if t.type == "node.completed" and t.node == "discover":
+        similar = data.get("similar", [])
+        return data.get("note") or f"{len(similar)} similar workflow(s)"
+    if t.type in ("node.failed", "session.failed"):
+        return str(data.get("error", ""))[:200]
+    if t.type == "session.interrupted":
+        return f"asks: {data.get('question', '')}"
+    if t.type == "step.completed":
+        return str(data.get("status", ""))
+    if t.type == "session.started":
+        return f"event {data.get('event_id')}" + (" (resumed)" if data.get("resumed") else "")
+    return ""
+
+
+def print_transition(console: Console, t: Transition) -> None:
+    """Print one transition as a single line."""
+    where = t.node or ""
+    if t.step_id:
+        where += f"[{t.step_id}]"
+    if t.agent:
+        where += f" {t.agent}"
+    took = f"{t.duration_ms:>6} ms" if t.duration_ms is not None else " " * 9
+    style = _STYLE.get(t.type, "")
+    console.print(
+        f"{t.seq:>4} {t.ts:%H:%M:%S.%f}"[:-3]
+        + f"  [{style}]{t.type:<20}[/] {escape(where):<40} {took}  {escape(_detail(t))}",
+        highlight=False,
+        soft_wrap=True,
+    )
+
+
+def print_result(console: Console, result: WorkflowResult) -> None:
+    """Print a result for a person: status, steps and summary."""
+    colour = {"completed": "green", "failed": "red", "interrupted": "yellow"}[result.status]
+    console.print(
+        f"\n[bold {colour}]{result.status.upper()}[/]  session {result.session_id}  "
+        f"event {result.event_id}  model {result.model or '-'}"
+    )
+    if result.workflow.intent:
+        console.print(f"[bold]intent[/]  {escape(result.workflow.intent)}")
+    for step in result.workflow.steps:
+        console.print(
+            f"  {step.id:<4} {step.status:<8} {'+'.join(step.agents):<30} {escape(step.title)}",
+            soft_wrap=True,
+        )
+    if result.review.verdict:
+        console.print(f"[bold]review[/]  {result.review.verdict}: {escape(result.review.feedback)}")
+    if result.summary:
+        console.print(f"[bold]summary[/] {escape(result.summary)}")
+    if result.question:
+        console.print(f"[bold yellow]question[/] {escape(result.question)}")
+    if result.error:
+        console.print(f"[bold red]error[/]   {escape(result.error)}")
+    u = result.usage
+    console.print(
+        f"[dim]usage   {u.llm_calls} model calls, {u.input_tokens} input + "
+        f"{u.output_tokens} output tokens[/]"
+    )

@@ -1,0 +1,284 @@
+"""The `agentflow` commands against a real broker, Redis and worker, run as a user runs them.
+
+Each command is a subprocess started outside the repository (a temporary directory), so
+the client commands prove they need no agents file. Commands that run the graph here
+(`sessions replay`, `worker`) get `AGENTFLOW_AGENTS_FILE`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import pty
+import re
+import signal
+import sys
+import uuid
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from service.config import Settings
+from service.runtime.replay import branch_history, checkpoint_id, open_session_graph
+from tests.integration_tests.conftest import example
+
+pytestmark = pytest.mark.integration
+
+ROOT = Path(__file__).resolve().parents[2]
+AGENTS_FILE = ROOT / "examples" / "agents.yaml"
+
+
+def cli_env(settings: Settings | None, **extra: str) -> dict[str, str]:
+    """The environment of a user who exported the service's settings (nothing else)."""
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith(("AGENTFLOW_", "OPENAI_")) and k != "CI"
+    }
+    env.update({"COLUMNS": "200", "PYTHONUNBUFFERED": "1"})
+    if settings is not None:
+        env.update(
+            {
+                "AGENTFLOW_KAFKA_BOOTSTRAP": settings.kafka_bootstrap or "",
+                "AGENTFLOW_REDIS_URL": settings.redis_url or "",
+                "AGENTFLOW_CONSUMER_GROUP": settings.consumer_group,
+                "AGENTFLOW_TOPIC_EVENTS": settings.topic_events,
+                "AGENTFLOW_TOPIC_RESULTS": settings.topic_results,
+                "AGENTFLOW_TOPIC_SESSIONS": settings.topic_sessions,
+                "AGENTFLOW_TOPIC_DLQ": settings.topic_dlq,
+                "AGENTFLOW_TOPIC_PARTITIONS": str(settings.topic_partitions),
+            }
+        )
+    env.update(extra)
+    return env
+
+
+async def start(
+    *args: str, env: dict[str, str], cwd: Path, module: str = "service.cli", **kw: Any
+) -> asyncio.subprocess.Process:
+    """Start `python -m MODULE ARGS` with its output piped."""
+    return await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        module,
+        *args,
+        cwd=cwd,
+        env=env,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+        **kw,
+    )
+
+
+async def finished(
+    proc: asyncio.subprocess.Process, timeout_s: float = 120.0
+) -> tuple[int, str, str]:
+    """Wait for a process to end (the bound only catches a hang); return code, out, err."""
+    try:
+        async with asyncio.timeout(timeout_s):
+            out, err = await proc.communicate()
+    except TimeoutError:
+        proc.kill()
+        out, err = await proc.communicate()
+        raise AssertionError(f"still running after {timeout_s} s: {out!r} {err!r}") from None
+    assert proc.returncode is not None
+    return proc.returncode, out.decode(), err.decode()
+
+
+@pytest.fixture
+def agentflow(settings: Settings, tmp_path: Path) -> Callable[..., Any]:
+    """Run `python -m service.cli ARGS` outside the repository with the service's settings."""
+
+    async def run(*args: str, timeout_s: float = 120.0, **extra: str) -> tuple[int, str, str]:
+        proc = await start(*args, env=cli_env(settings, **extra), cwd=tmp_path)
+        return await finished(proc, timeout_s)
+
+    return run
+
+
+def event_file(tmp_path: Path, name: str, **overrides: Any) -> tuple[Path, dict[str, Any]]:
+    """Write an example event with a fresh id to a file; return the file and the event."""
+    raw = example(name, **overrides)
+    path = tmp_path / f"{raw['id']}.json"
+    path.write_text(json.dumps(raw))
+    return path, raw
+
+
+def transition_types(out: str) -> list[str]:
+    """The transition types of `print_transition` lines, in order."""
+    return [m.group(1) for m in re.finditer(r"^\s*\d+ \S+\s+(\S+)", out, re.MULTILINE)]
+
+
+async def test_send_wait_of_a_handled_event_returns_its_result(
+    settings: Settings, start_worker: Any, agentflow: Any, tmp_path: Path
+) -> None:
+    await start_worker(settings)
+    path, raw = event_file(tmp_path, "claim_submitted")
+    code, out, err = await agentflow("send", str(path), "--wait", "--json", "--timeout", "120")
+    assert code == 0, err
+    first = json.loads(out)
+    assert first["event_id"] == raw["id"] and first["status"] == "completed"
+
+    # Sent again, the worker skips it as handled: no new transition comes, and the
+    # command ends with the result it already has, well within --timeout.
+    code, out, err = await agentflow("send", str(path), "--wait", "--timeout", "30")
+    assert code == 0, err
+    assert transition_types(out) == []
+    assert "COMPLETED" in out and f"event {raw['id']}" in out
+
+    # A result that never comes: the wait ends at --timeout with exit code 4.
+    other, raw = event_file(tmp_path, "status_requested")
+    code, out, err = await agentflow(
+        "send", str(other), "--wait", "--timeout", "2", AGENTFLOW_TOPIC_RESULTS=settings.topic_dlq
+    )
+    assert code == 4, (out, err)
+    assert f"no result for event {raw['id']}" in err and "within 2 s" in err
+    assert "agentflow watch" in err
+
+
+async def test_watch_and_answer_a_session_that_waits_for_a_human(
+    settings: Settings, start_worker: Any, agentflow: Any, tmp_path: Path
+) -> None:
+    await start_worker(settings)
+    path, raw = event_file(tmp_path, "claim_needs_review")
+    session_id = raw.get("sessionid") or f"session-{raw['id']}"
+    # Started before the event is sent: the session does not exist yet.
+    watcher = await start("watch", session_id, env=cli_env(settings), cwd=tmp_path)
+
+    code, out, err = await agentflow("send", str(path), "--wait")
+    assert code == 3, err
+    assert f'answer with: agentflow sessions answer {session_id} "..."' in out
+
+    code, out, err = await agentflow(
+        "sessions", "answer", session_id, "approve: discharge confirmed", "--wait", "--json"
+    )
+    assert code == 0, err
+    result = json.loads(out)
+    assert result["status"] == "completed" and result["review"]["verdict"] == "approve"
+
+    # The watcher followed the session through the question and the answered run.
+    code, out, err = await finished(watcher)
+    assert code == 0, err
+    seen = transition_types(out)
+    assert seen.count("session.started") == 2
+    assert seen.index("session.interrupted") < seen.index("session.completed") == len(seen) - 1
+
+    code, _, err = await agentflow("sessions", "answer", session_id, "again")
+    assert code == 2 and f"session {session_id} is completed, not waiting" in err
+    code, _, err = await agentflow("sessions", "answer", "no-such-session", "x")
+    assert code == 2 and "session no-such-session does not exist" in err
+
+    # Replayed on Redis up to the question again, the session is the service's to answer.
+    async with open_session_graph(settings) as opened:
+        history = await branch_history(opened.graph, session_id)
+    base = next(s for s in history if s.next == ("plan",))
+    code, out, err = await agentflow(
+        "sessions",
+        "replay",
+        session_id,
+        "--from",
+        checkpoint_id(base),
+        AGENTFLOW_AGENTS_FILE=str(AGENTS_FILE),
+    )
+    assert code == 3, err
+    assert f"answer with: agentflow sessions answer {session_id}" in out
+    assert "agentflow run --resume" not in out
+    code, out, err = await agentflow("sessions", "answer", session_id, "approve", "--wait")
+    assert code == 0, err
+    assert transition_types(out)[-1] == "session.completed" and "COMPLETED" in out
+
+
+async def test_watch_of_an_unknown_session_gives_up_after_its_timeout(agentflow: Any) -> None:
+    code, out, err = await agentflow("watch", f"no-such-{uuid.uuid4().hex[:6]}", "--timeout", "1")
+    assert code == 2 and out == ""
+    assert "is unknown" in err and "within 1 s" in err and "Traceback" not in err
+
+
+async def test_library_list_piped_prints_ids_whole_and_show_labels_fields(
+    agentflow: Any, tmp_path: Path
+) -> None:
+    workflow_id = f"tpl-{'a-long-template-identifier-' * 3}{uuid.uuid4().hex[:6]}"
+    template = tmp_path / "template.yaml"
+    template.write_text(
+        f"id: {workflow_id}\nevent_type: claim.submitted\nintent: Handle a claim\n"
+        "steps: [{id: s1, title: Take in the claim, agents: [intake]}]\n"
+    )
+    agents = {"AGENTFLOW_AGENTS_FILE": str(AGENTS_FILE)}
+    code, _, err = await agentflow("library", "load", str(template), **agents)
+    assert code == 0, err
+    try:
+        code, out, err = await agentflow("library", "list", "--limit", "1000", COLUMNS="80")
+        assert code == 0, err
+        ids = [line.split("\t")[0] for line in out.splitlines()]
+        assert ids[0] == "id" and workflow_id in ids
+        code, out, err = await agentflow("library", "show", workflow_id)
+        assert code == 0, err
+        assert f"workflow   {workflow_id}" in out and "source     template" in out
+    finally:
+        await agentflow("library", "delete", workflow_id)
+
+
+async def test_worker_start_up_is_quiet(settings: Settings, tmp_path: Path) -> None:
+    worker = await start(
+        "worker", env=cli_env(settings, AGENTFLOW_AGENTS_FILE=str(AGENTS_FILE)), cwd=tmp_path
+    )
+    assert worker.stderr is not None
+    lines: list[str] = []
+    try:
+        async with asyncio.timeout(90):
+            while not any("assigned partitions" in line for line in lines):
+                line = await worker.stderr.readline()
+                assert line, f"worker ended before its partitions were assigned: {lines}"
+                lines.append(line.decode())
+    finally:
+        worker.send_signal(signal.SIGTERM)
+        code, _, err = await finished(worker, 60)
+    lines += err.splitlines()
+    assert code == 0, lines
+    assert any("started: group" in line for line in lines)
+    assert not [line for line in lines if re.search(r" INFO (aiokafka|langgraph)", line)]
+
+
+async def test_demo_ends_by_itself_when_run_non_interactively(tmp_path: Path) -> None:
+    demo = await start(
+        module="service.devtools.demo",
+        env=cli_env(None),
+        cwd=ROOT,
+        stdin=asyncio.subprocess.DEVNULL,
+    )
+    code, out, err = await finished(demo, 240)
+    assert code == 0, err
+    assert "Worker(demo-worker" in out and "stay browsable" not in out
+
+
+async def test_demo_keeps_the_page_up_on_a_terminal_until_ctrl_c(tmp_path: Path) -> None:
+    terminal, tty = pty.openpty()
+    try:
+        demo = await start(module="service.devtools.demo", env=cli_env(None), cwd=ROOT, stdin=tty)
+    finally:
+        os.close(tty)
+    assert demo.stdout is not None
+    try:
+        url = None
+        async with asyncio.timeout(240):
+            while url is None:
+                line = (await demo.stdout.readline()).decode()
+                assert line, "the demo ended without keeping the page up"
+                if "Ctrl-C ends the demo" in line:
+                    url = re.search(r"(http://\S+);", line)
+        assert url is not None
+        async with httpx.AsyncClient() as client:
+            page = await client.get(url.group(1))
+        assert page.status_code == 200 and "<html" in page.text.lower()
+        demo.send_signal(signal.SIGINT)
+        code, _, err = await finished(demo, 60)
+        assert code == 0, err
+    finally:
+        os.close(terminal)
+        if demo.returncode is None:
+            demo.kill()
+            await demo.wait()
