@@ -28,12 +28,18 @@ lint: $(STAMP)
 typecheck: $(STAMP)
 	$(BIN)/mypy graphs nodes service
 
+# The layering contracts in pyproject.toml: graphs/nodes never import service/, and the
+# rooms of service/ import only downwards (cli > devtools > gateway|worker > client >
+# runtime > bootstrap > observe > storage > config > errors).
+layers: $(STAMP)
+	$(BIN)/lint-imports
+
 # The web-page tests drive Debian's Chromium: installed here when missing (as root), or
 # `make test` stops before pytest with the command to run.
 browser:
 	@sh tests/ensure_chromium.sh
 
-test: browser lint typecheck $(STAMP)
+test: browser lint typecheck layers $(STAMP)
 	$(BIN)/pytest -q
 
 # JupyterLab on notebooks/, at 127.0.0.1 only: open the URL it prints (token included). The
