@@ -33,8 +33,9 @@ def worker(
 
 async def _serve_worker(settings: Settings) -> None:
     running = Worker(settings)
-    await running.start()
+    # Before start: a SIGTERM while connecting then stops the worker cleanly in `run()`.
     running.install_signal_handlers()
+    await running.start()
     await running.run()
 
 
