@@ -26,8 +26,6 @@ from service.config import Settings
 from service.runtime.replay import branch_history, checkpoint_id, open_session_graph
 from tests.integration_tests.conftest import example
 
-pytestmark = pytest.mark.integration
-
 ROOT = Path(__file__).resolve().parents[2]
 AGENTS_FILE = ROOT / "examples" / "agents.yaml"
 

@@ -32,8 +32,6 @@ from service.storage.transitions import Transition
 from service.worker import Worker
 from tests.integration_tests.conftest import read_topic, results_by_event
 
-pytestmark = pytest.mark.integration
-
 ROOT = Path(__file__).resolve().parents[2]
 EVENTS = ROOT / "examples" / "events"
 TOOLS_MODULE = "gateway_test_tools"

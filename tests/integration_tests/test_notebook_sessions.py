@@ -13,8 +13,6 @@ from service.config import Settings
 from tests.integration_tests.conftest import example, read_topic, results_by_event, send
 from tests.integration_tests.notebook_helpers import outputs, run_notebook, text
 
-pytestmark = pytest.mark.integration
-
 
 def visited_nodes(svg: str) -> set[str]:
     """The nodes a drawn session path marks as visited."""

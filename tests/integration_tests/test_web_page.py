@@ -23,8 +23,6 @@ from tests.integration_tests.test_gateway import (
     short,
 )
 
-pytestmark = pytest.mark.integration
-
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMIUM_ARGS = [
     "--headless",
