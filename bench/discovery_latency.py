@@ -52,14 +52,14 @@ AGENTS = "intake document_reviewer eligibility_analyst customer_communicator".sp
 class HashingEmbeddings(Embeddings):
     """Words hashed into 64 dimensions, normalised: deterministic and free."""
 
-    def embed_query(self, text: str) -> list[float]:
+    def embed_query(self, text: str) -> list[float]:  # noqa: D102
         vector = [0.0] * 64
         for word in re.findall(r"[a-z]+", text.lower()):
             vector[int(hashlib.md5(word.encode()).hexdigest(), 16) % 64] += 1.0
         norm = math.sqrt(sum(x * x for x in vector)) or 1.0
         return [x / norm for x in vector]
 
-    def embed_documents(self, texts: list[str]) -> list[list[float]]:
+    def embed_documents(self, texts: list[str]) -> list[list[float]]:  # noqa: D102
         return [self.embed_query(t) for t in texts]
 
 

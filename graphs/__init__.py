@@ -1,0 +1,1 @@
+"""The LangGraph graphs: `graphs.workflow.graph` is the agentflow workflow."""

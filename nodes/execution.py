@@ -84,7 +84,8 @@ def dispatch_ready_steps(state: WorkflowState) -> list[Send] | Literal["review"]
     ]
 
 
-async def recall_subject(
+# The injected arguments stay out of the docstring: it is the tool description the model reads.
+async def recall_subject(  # noqa: D417
     query: str = "",
     *,
     subject: Annotated[str, InjectedToolArg] = "",

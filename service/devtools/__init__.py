@@ -1,0 +1,1 @@
+"""Local development: Tansu and Redis servers from wheels, `agentflow dev`, the demo."""

@@ -1,0 +1,1 @@
+"""The HTTP gateway: the API, the live session stream (SSE) and the web page."""

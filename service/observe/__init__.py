@@ -1,0 +1,1 @@
+"""Seeing what sessions do: metrics, the path a session took, graph drawings, terminal output."""

@@ -1,0 +1,1 @@
+"""Running sessions: the runner, graph stream to transitions, embedded runs, replay."""

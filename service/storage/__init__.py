@@ -1,0 +1,1 @@
+"""Redis storage: key names, checkpoints, session records, the transition log, memory, library."""

@@ -21,8 +21,10 @@ logger = logging.getLogger(__name__)
 
 
 class Outbox:
-    """Send results to the results topic, lifecycle messages to the sessions topic, and
-    events that cannot be processed to the dead-letter topic.
+    """Send results, session lifecycle messages and dead letters to Kafka.
+
+    Results go to the results topic, lifecycle messages to the sessions topic, and events
+    that cannot be processed to the dead-letter topic.
     """
 
     def __init__(self, producer: AIOKafkaProducer, store: SessionStore, settings: Settings) -> None:

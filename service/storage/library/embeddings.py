@@ -30,12 +30,14 @@ def make_embeddings(spec: str) -> Embeddings:
 
 
 def cosine(a: Sequence[float], b: Sequence[float]) -> float:
+    """Return the cosine similarity of two vectors (0 when either is all zeros)."""
     dot = sum(x * y for x, y in zip(a, b, strict=False))
     norm = math.sqrt(sum(x * x for x in a)) * math.sqrt(sum(y * y for y in b))
     return dot / norm if norm else 0.0
 
 
 def vector_bytes(vector: Sequence[float]) -> bytes:
+    """Pack a vector as float32 bytes, as the search index stores it."""
     import numpy as np
 
     return np.asarray(vector, dtype=np.float32).tobytes()
