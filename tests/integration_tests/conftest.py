@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import inspect
 import json
+import os
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
@@ -173,3 +174,28 @@ def results_by_event(records: list[ConsumerRecord]) -> dict[str, list[dict[str, 
         event_id = dict(record.headers)["event_id"].decode()
         grouped.setdefault(event_id, []).append(json.loads(record.value))
     return grouped
+
+
+def cli_env(settings: Settings | None, **extra: str) -> dict[str, str]:
+    """The environment of a user who exported the service's settings (nothing else)."""
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith(("AGENTFLOW_", "OPENAI_")) and k != "CI"
+    }
+    env.update({"COLUMNS": "200", "PYTHONUNBUFFERED": "1"})
+    if settings is not None:
+        env.update(
+            {
+                "AGENTFLOW_KAFKA_BOOTSTRAP": settings.kafka_bootstrap or "",
+                "AGENTFLOW_REDIS_URL": settings.redis_url or "",
+                "AGENTFLOW_CONSUMER_GROUP": settings.consumer_group,
+                "AGENTFLOW_TOPIC_EVENTS": settings.topic_events,
+                "AGENTFLOW_TOPIC_RESULTS": settings.topic_results,
+                "AGENTFLOW_TOPIC_SESSIONS": settings.topic_sessions,
+                "AGENTFLOW_TOPIC_DLQ": settings.topic_dlq,
+                "AGENTFLOW_TOPIC_PARTITIONS": str(settings.topic_partitions),
+            }
+        )
+    env.update(extra)
+    return env

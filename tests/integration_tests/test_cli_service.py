@@ -24,35 +24,10 @@ import pytest
 
 from service.config import Settings
 from service.runtime.replay import branch_history, checkpoint_id, open_session_graph
-from tests.integration_tests.conftest import example
+from tests.integration_tests.conftest import cli_env, example
 
 ROOT = Path(__file__).resolve().parents[2]
 AGENTS_FILE = ROOT / "examples" / "agents.yaml"
-
-
-def cli_env(settings: Settings | None, **extra: str) -> dict[str, str]:
-    """The environment of a user who exported the service's settings (nothing else)."""
-    env = {
-        k: v
-        for k, v in os.environ.items()
-        if not k.startswith(("AGENTFLOW_", "OPENAI_")) and k != "CI"
-    }
-    env.update({"COLUMNS": "200", "PYTHONUNBUFFERED": "1"})
-    if settings is not None:
-        env.update(
-            {
-                "AGENTFLOW_KAFKA_BOOTSTRAP": settings.kafka_bootstrap or "",
-                "AGENTFLOW_REDIS_URL": settings.redis_url or "",
-                "AGENTFLOW_CONSUMER_GROUP": settings.consumer_group,
-                "AGENTFLOW_TOPIC_EVENTS": settings.topic_events,
-                "AGENTFLOW_TOPIC_RESULTS": settings.topic_results,
-                "AGENTFLOW_TOPIC_SESSIONS": settings.topic_sessions,
-                "AGENTFLOW_TOPIC_DLQ": settings.topic_dlq,
-                "AGENTFLOW_TOPIC_PARTITIONS": str(settings.topic_partitions),
-            }
-        )
-    env.update(extra)
-    return env
 
 
 async def start(

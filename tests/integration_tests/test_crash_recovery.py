@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -17,7 +16,7 @@ from graphs.workflow import build_graph
 from service.config import Settings
 from service.storage.checkpoints import open_checkpointer
 from service.storage.publisher import read_log
-from tests.integration_tests.conftest import read_topic, results_by_event, wait_until
+from tests.integration_tests.conftest import cli_env, read_topic, results_by_event, wait_until
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -47,20 +46,7 @@ agents:
 def start_worker_process(
     settings: Settings, agents_file: Path, log: Path
 ) -> subprocess.Popen[bytes]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("AGENTFLOW_", "OPENAI_"))}
-    env.update(
-        {
-            "AGENTFLOW_KAFKA_BOOTSTRAP": settings.kafka_bootstrap or "",
-            "AGENTFLOW_REDIS_URL": settings.redis_url or "",
-            "AGENTFLOW_CONSUMER_GROUP": settings.consumer_group,
-            "AGENTFLOW_TOPIC_EVENTS": settings.topic_events,
-            "AGENTFLOW_TOPIC_RESULTS": settings.topic_results,
-            "AGENTFLOW_TOPIC_SESSIONS": settings.topic_sessions,
-            "AGENTFLOW_TOPIC_DLQ": settings.topic_dlq,
-            "AGENTFLOW_TOPIC_PARTITIONS": str(settings.topic_partitions),
-            "AGENTFLOW_AGENTS_FILE": str(agents_file),
-        }
-    )
+    env = cli_env(settings, AGENTFLOW_AGENTS_FILE=str(agents_file))
     return subprocess.Popen(
         [sys.executable, "-m", "service.cli", "worker"],
         cwd=ROOT,
