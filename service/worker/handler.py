@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import weakref
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -61,6 +62,20 @@ class EventHandler:
         self.settings = settings
         self.on_degraded = on_degraded
         self.completed = self.failed = self.duplicates = 0
+        self._started: weakref.WeakSet[asyncio.Task[Any]] = weakref.WeakSet()
+        self._stopped: weakref.WeakSet[asyncio.Task[Any]] = weakref.WeakSet()
+
+    def stop_for_cancel(self, task: asyncio.Task[Any]) -> None:
+        """Stop an event's task for an `agentflow.cancel` event of its session.
+
+        A task that has not run its first step yet (taken in the same poll as the cancel)
+        is only marked: cancelled before that step it would never enter `handle`, so its
+        event would get no result and its offset would never be committed.
+        """
+        if task in self._started:
+            task.cancel(msg=CANCEL_EVENT_TYPE)
+        else:
+            self._stopped.add(task)
 
     def __repr__(self) -> str:
         return (
@@ -110,7 +125,10 @@ class EventHandler:
         """
         me = asyncio.current_task()
         assert me is not None
-        cancelled = False
+        self._started.add(me)
+        cancelled = me in self._stopped
+        if cancelled and previous is not None and not previous.done():
+            self.stop_for_cancel(previous)
         while True:
             try:
                 if previous is not None:
@@ -131,7 +149,7 @@ class EventHandler:
                 me.uncancel()
                 cancelled = True
                 if previous is not None and not previous.done():
-                    previous.cancel(msg=CANCEL_EVENT_TYPE)
+                    self.stop_for_cancel(previous)
 
     async def _retrying(self, func: Callable[..., Awaitable[None]], *args: Any) -> None:
         """Run `func` until it gets through Redis and Kafka outages."""

@@ -14,7 +14,7 @@ from aiokafka.errors import KafkaError
 from aiokafka.structs import ConsumerRecord
 from redis.asyncio import Redis
 
-from nodes.models import CANCEL_EVENT_TYPE, CloudEvent
+from nodes.models import CloudEvent
 from service.bootstrap import (
     ensure_topics,
     is_infra_error,
@@ -187,7 +187,7 @@ class Worker:
         session_id, event, problem = self.handler.parse(record)
         previous = self._tails.get(session_id)
         if event is not None and event.is_cancel and previous is not None:
-            previous.cancel(msg=CANCEL_EVENT_TYPE)  # stop the session's run now
+            self.handler.stop_for_cancel(previous)  # stop the session's run now
         task = asyncio.create_task(
             self._run_event(tp, record, session_id, event, problem, previous),
             name=f"event {tp.partition}:{record.offset}",

@@ -16,7 +16,7 @@ from typing import Any
 
 import pytest
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
-from aiokafka.structs import ConsumerRecord
+from aiokafka.structs import ConsumerRecord, TopicPartition
 from redis.asyncio import Redis
 
 from service.config import Settings, load_settings
@@ -199,3 +199,20 @@ def cli_env(settings: Settings | None, **extra: str) -> dict[str, str]:
         )
     env.update(extra)
     return env
+
+
+async def offsets(settings: Settings) -> tuple[int, int]:
+    """Return the worker group's committed offsets and the end offsets, summed."""
+    consumer = AIOKafkaConsumer(
+        bootstrap_servers=settings.kafka_bootstrap,
+        group_id=settings.consumer_group,
+        enable_auto_commit=False,
+    )
+    await consumer.start()
+    try:
+        tps = [TopicPartition(settings.topic_events, p) for p in range(settings.topic_partitions)]
+        committed = [await consumer.committed(tp) or 0 for tp in tps]
+        ends = await consumer.end_offsets(tps)
+        return sum(committed), sum(ends.values())
+    finally:
+        await consumer.stop()

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import inspect
 import json
 import re
 import socket
@@ -16,7 +15,6 @@ from typing import Any
 
 import httpx
 import pytest
-from aiokafka import AIOKafkaConsumer, TopicPartition
 from redis.asyncio import Redis
 
 from nodes.models import WorkflowResult
@@ -30,7 +28,7 @@ from service.storage.publisher import TransitionPublisher, read_log
 from service.storage.sessions import SessionStore
 from service.storage.transitions import Transition
 from service.worker import Worker
-from tests.integration_tests.conftest import read_topic, results_by_event
+from tests.integration_tests.conftest import offsets, read_topic, results_by_event, wait_until
 
 ROOT = Path(__file__).resolve().parents[2]
 EVENTS = ROOT / "examples" / "events"
@@ -113,21 +111,6 @@ def held_tools() -> Iterator[Any]:
     finally:
         tools.HOLD = None
         hold.released.set()
-
-
-async def wait_until(
-    condition: Callable[[], bool | Awaitable[bool]], what: str, timeout_s: float = 60
-) -> None:
-    """Wait until `condition()` is true; the bound only catches a hang."""
-    try:
-        async with asyncio.timeout(timeout_s):
-            while True:
-                result = condition()
-                if await result if inspect.isawaitable(result) else result:
-                    return
-                await asyncio.sleep(0.05)
-    except TimeoutError:
-        raise AssertionError(f"still waiting after {timeout_s} s for {what}") from None
 
 
 def free_port() -> int:
@@ -550,23 +533,6 @@ async def test_resume_an_escalated_session_over_http(client: httpx.AsyncClient) 
     assert again.status_code == 409 and "completed" in again.json()["detail"]
     unknown = await client.post("/sessions/no-such-session/resume", json={"answer": "yes"})
     assert unknown.status_code == 404
-
-
-async def offsets(settings: Settings) -> tuple[int, int]:
-    """Return the worker group's committed offsets and the end offsets, summed."""
-    consumer = AIOKafkaConsumer(
-        bootstrap_servers=settings.kafka_bootstrap,
-        group_id=settings.consumer_group,
-        enable_auto_commit=False,
-    )
-    await consumer.start()
-    try:
-        tps = [TopicPartition(settings.topic_events, p) for p in range(settings.topic_partitions)]
-        committed = [await consumer.committed(tp) or 0 for tp in tps]
-        ends = await consumer.end_offsets(tps)
-        return sum(committed), sum(ends.values())
-    finally:
-        await consumer.stop()
 
 
 async def test_cancel_stops_a_running_session(

@@ -12,7 +12,14 @@ from redis.asyncio import Redis
 from service.config import Settings
 from service.storage.publisher import read_log
 from service.storage.sessions import SessionStore
-from tests.integration_tests.conftest import example, read_topic, results_by_event, send
+from tests.integration_tests.conftest import (
+    example,
+    offsets,
+    read_topic,
+    results_by_event,
+    send,
+    wait_until,
+)
 
 
 async def test_example_events_end_to_end(
@@ -207,3 +214,37 @@ async def test_two_workers_many_sessions_keep_order_and_one_result_each(
         ends = [i for i, t in enumerate(log) if t.type == "session.completed"]
         second_start = [i for i, t in enumerate(log) if t.type == "session.started"][1]
         assert ends[0] < second_start  # the second event waited for the first
+
+
+async def test_a_cancel_in_the_same_batch_as_its_event_cancels_it(
+    settings: Settings, start_worker: Any, producer: AIOKafkaProducer
+) -> None:
+    # One record batch, so one poll takes both and the cancel meets an event task that has
+    # not run its first step yet.
+    session_id = f"s-cancel-{uuid.uuid4().hex[:6]}"
+    event = example("claim_submitted")
+    cancel = example("claim_submitted", type="agentflow.cancel", sessionid=session_id, data=None)
+    batch = producer.create_batch()
+    for body in (event, cancel):
+        batch.append(key=session_id.encode(), value=json.dumps(body).encode(), timestamp=None)
+    batch.close()
+    await (await producer.send_batch(batch, settings.topic_events, partition=0))
+    worker = await start_worker(settings)
+
+    records = await read_topic(
+        settings.kafka_bootstrap or "",
+        settings.topic_results,
+        until=lambda rs: {event["id"], cancel["id"]} <= set(results_by_event(rs)),
+    )
+    results = results_by_event(records)
+    assert [r["status"] for r in results[event["id"]]] == ["failed"]
+    assert results[event["id"]][0]["error"] == "cancelled"
+    assert len(results[cancel["id"]]) == 1
+
+    # Tansu reports the end of a many-record batch as one past its first record, so the
+    # committed offsets are compared with the two records sent.
+    async def settled() -> bool:
+        committed, _end = await offsets(settings)
+        return committed == 2 and worker.in_flight == 0
+
+    await wait_until(settled, "both offsets committed and nothing in flight")
