@@ -26,7 +26,7 @@ from graphs.workflow import build_graph
 from nodes.agents import AgentRegistry, load_agents
 from nodes.chat_models import OFFLINE, make_chat_model
 from nodes.errors import AgentConfigError, ModelConfigError
-from service.config import Settings
+from service.config import Settings, redact_url
 from service.errors import ConfigError, TemplateError
 from service.storage.checkpoints import checkpoint_serde, open_checkpointer
 from service.storage.library import load_templates, open_library
@@ -322,7 +322,7 @@ async def open_session_checkpointer(settings: Settings) -> AsyncIterator[Session
         client = redis_client(settings.redis_url, socket_connect_timeout=5)
         try:
             saver = await open_checkpointer(client)
-            yield SessionCheckpoints(saver, client, f"Redis at {settings.redis_url}")
+            yield SessionCheckpoints(saver, client, f"Redis at {redact_url(settings.redis_url)}")
         finally:
             await client.aclose()
         return

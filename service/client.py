@@ -13,7 +13,7 @@ from redis.asyncio import Redis
 
 from nodes.models import RESUME_EVENT_TYPE, CloudEvent, WorkflowResult
 from service.bootstrap import kafka_consumer, kafka_producer, redis_client
-from service.config import Settings
+from service.config import Settings, redact_url
 from service.errors import UnknownSessionError
 from service.storage.keys import log_key, session_key
 from service.storage.publisher import follow, read_log
@@ -242,7 +242,9 @@ async def waiting_session(settings: Settings, session_id: str) -> SessionRecord:
     finally:
         await redis.aclose()
     if record is None:
-        raise UnknownSessionError(f"session {session_id} does not exist in {settings.redis_url}")
+        raise UnknownSessionError(
+            f"session {session_id} does not exist in {redact_url(settings.redis_url)}"
+        )
     if record.status != "interrupted":
         raise UnknownSessionError(
             f"session {session_id} is {record.status}, not waiting for an answer"
@@ -257,7 +259,7 @@ async def health_problems(settings: Settings) -> list[str]:
     try:
         await redis.ping()
     except Exception as exc:
-        problems.append(f"Redis at {settings.redis_url}: {exc}")
+        problems.append(f"Redis at {redact_url(settings.redis_url)}: {exc}")
     finally:
         await redis.aclose()
     admin = AIOKafkaAdminClient(bootstrap_servers=settings.kafka_bootstrap, request_timeout_ms=3000)

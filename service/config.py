@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from pathlib import Path
 from typing import Annotated, Literal
+from urllib.parse import urlsplit, urlunsplit
 
 from pydantic import Field, ValidationError, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
@@ -16,7 +17,7 @@ from nodes.chat_models import default_model_spec
 from nodes.context import WorkflowContext
 from service.errors import ConfigError
 
-__all__ = ["Settings", "load_settings"]
+__all__ = ["Settings", "load_settings", "redact_url"]
 
 
 class Settings(BaseSettings):
@@ -47,7 +48,7 @@ class Settings(BaseSettings):
     data_dir: Path = Path(".agentflow")
 
     kafka_bootstrap: str | None = None
-    redis_url: str | None = None
+    redis_url: str | None = Field(default=None, repr=False)
     consumer_group: str = "agentflow-workers"
     topic_events: str = "agentflow.events"
     topic_results: str = "agentflow.results"
@@ -131,3 +132,17 @@ def load_settings(**overrides: object) -> Settings:
             name = "AGENTFLOW_" + "_".join(str(p) for p in err["loc"]).upper()
             problems.append(f"{name}: {err['msg']}")
         raise ConfigError("invalid configuration: " + "; ".join(problems)) from None
+
+
+def redact_url(url: str | None) -> str:
+    """Return a URL fit for logs and messages: its password replaced by `***`."""
+    if not url:
+        return ""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    user = parts.username or ""
+    host = parts.hostname or ""
+    if parts.port is not None:
+        host = f"{host}:{parts.port}"
+    return urlunsplit(parts._replace(netloc=f"{user}:***@{host}"))

@@ -21,7 +21,7 @@ from rich.console import Console
 from nodes.models import CloudEvent
 from service.bootstrap import check_startup
 from service.client import resume_event, send_and_follow, session_id_for
-from service.config import load_settings
+from service.config import load_settings, redact_url
 from service.devtools.servers import LocalServers
 from service.gateway.app import serve_gateway
 from service.observe.terminal import print_result, print_transition
@@ -57,7 +57,8 @@ async def run_demo(console: Console, *, keep_open: bool = False) -> int:
         # Port 0: a free port, so the demo never collides with a running `agentflow dev`.
         server, serving, url = await serve_gateway(settings, host="127.0.0.1", port=0)
         console.print(
-            f"[bold]agentflow demo[/]  Kafka {servers.kafka_bootstrap}  Redis {servers.redis_url}"
+            f"[bold]agentflow demo[/]  Kafka {servers.kafka_bootstrap}  "
+            f"Redis {redact_url(servers.redis_url)}"
             f"  model {settings.model}\n  gateway and web page: {url}\n",
             soft_wrap=True,
         )

@@ -8,7 +8,7 @@ import signal
 from rich.console import Console
 
 from service.bootstrap import startup_summary
-from service.config import Settings
+from service.config import Settings, redact_url
 from service.devtools.servers import LocalServers
 from service.gateway.app import serve_gateway
 from service.worker import Worker
@@ -34,7 +34,7 @@ async def run_dev(settings: Settings, console: Console) -> None:
             f"  {startup_summary(settings)}\n"
             f"  gateway and web page: {url}\n"
             f"  export AGENTFLOW_KAFKA_BOOTSTRAP={servers.kafka_bootstrap}\n"
-            f"  export AGENTFLOW_REDIS_URL={servers.redis_url}",
+            f"  export AGENTFLOW_REDIS_URL={redact_url(servers.redis_url)}",
             soft_wrap=True,
         )
         loop = asyncio.get_running_loop()

@@ -36,7 +36,7 @@ from fastapi_offline import FastAPIOffline
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from service.bootstrap import log_startup
-from service.config import Settings
+from service.config import Settings, redact_url
 from service.errors import KafkaUnavailable
 from service.gateway.backends import REDIS_ERRORS, Backends
 from service.gateway.routes import events, ops, sessions, stream
@@ -128,7 +128,7 @@ def _answer_errors_as_problems(app: FastAPI, settings: Settings) -> None:
         return _problem(503, str(exc), {"Retry-After": "5"})
 
     async def redis_down(request: Request, exc: Exception) -> JSONResponse:
-        return _problem(503, f"Redis at {settings.redis_url} is unreachable: {exc}")
+        return _problem(503, f"Redis at {redact_url(settings.redis_url)} is unreachable: {exc}")
 
     for error in REDIS_ERRORS:
         app.add_exception_handler(error, redis_down)

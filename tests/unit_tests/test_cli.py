@@ -279,3 +279,14 @@ def test_demo_keeps_the_page_up_only_for_a_person(monkeypatch: pytest.MonkeyPatc
     monkeypatch.delenv("CI")
     monkeypatch.setattr("sys.stdin", io.StringIO())
     assert not demo.interactive()
+
+
+def test_health_shows_no_redis_password(
+    agentflow: Agentflow, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    port = closed_port()
+    monkeypatch.setenv("AGENTFLOW_KAFKA_BOOTSTRAP", f"127.0.0.1:{port}")
+    monkeypatch.setenv("AGENTFLOW_REDIS_URL", f"redis://:s3cret@127.0.0.1:{port}/0")
+    code, out, err = agentflow("health")
+    assert code == 1 and "unhealthy Redis at redis://:***@127.0.0.1" in err
+    assert "s3cret" not in out + err + caplog.text
