@@ -43,6 +43,7 @@ __all__ = [
     "check_startup",
     "ensure_topics",
     "is_infra_error",
+    "infra_cause",
     "kafka_consumer",
     "kafka_producer",
     "log_startup",
@@ -64,8 +65,8 @@ INFRA_ERRORS: tuple[type[BaseException], ...] = (
 """Errors that mean Redis or Kafka is away: retried with backoff, never a failed run."""
 
 
-def is_infra_error(exc: BaseException) -> bool:
-    """Whether an error, or one it was raised from, means Redis or Kafka is away.
+def infra_cause(exc: BaseException) -> BaseException | None:
+    """Return the error behind `exc` that means Redis or Kafka is away, if there is one.
 
     Libraries wrap connection errors (redisvl raises `RedisVLError` from them), so the
     whole cause chain counts.
@@ -74,10 +75,15 @@ def is_infra_error(exc: BaseException) -> bool:
     current: BaseException | None = exc
     while current is not None and id(current) not in seen:
         if isinstance(current, INFRA_ERRORS):
-            return True
+            return current
         seen.add(id(current))
         current = current.__cause__ or current.__context__
-    return False
+    return None
+
+
+def is_infra_error(exc: BaseException) -> bool:
+    """Whether an error, or one it was raised from, means Redis or Kafka is away."""
+    return infra_cause(exc) is not None
 
 
 # --- clients ---------------------------------------------------------------------------

@@ -5,11 +5,12 @@ from __future__ import annotations
 import sys
 
 import typer
-from aiokafka.errors import KafkaConnectionError
-from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import TimeoutError as RedisTimeoutError
+from aiokafka.errors import KafkaError
+from redis.exceptions import RedisError
 from rich.markup import escape
 
+from nodes.errors import AgentConfigError, EventValidationError, ModelConfigError
+from service.bootstrap import infra_cause
 from service.cli import library, sessions
 from service.cli.console import EXIT_BAD_INPUT, err_console
 from service.cli.follow import send, watch
@@ -34,7 +35,8 @@ for command in (run, graph, worker, dev, send, watch, health, gateway):
 app.add_typer(sessions.app, name="sessions")
 app.add_typer(library.app, name="library")
 
-_UNREACHABLE = (RedisConnectionError, RedisTimeoutError, KafkaConnectionError)
+_BAD_INPUT = (BadInput, AgentflowError, AgentConfigError, ModelConfigError, EventValidationError)
+"""What the user typed or configured cannot work: one paragraph, exit code 2."""
 _NOT_INPUT = (KafkaUnavailable, ServerStartError)
 """Errors of the service's surroundings, not of what the user typed: exit code 1."""
 
@@ -48,7 +50,7 @@ def main(argv: list[str] | None = None) -> None:
     try:
         code = app(args=argv, standalone_mode=False)
         sys.exit(code if isinstance(code, int) else 0)
-    except (BadInput, AgentflowError) as exc:
+    except _BAD_INPUT as exc:
         err_console.print(f"[bold red]error:[/] {escape(str(exc))}", soft_wrap=True)
         sys.exit(1 if isinstance(exc, _NOT_INPUT) else EXIT_BAD_INPUT)
     except typer.Exit as exc:
@@ -63,30 +65,18 @@ def main(argv: list[str] | None = None) -> None:
     except KeyboardInterrupt:  # Ctrl-C ends `watch` and the waits: no traceback
         sys.exit(130)
     except Exception as exc:
-        unreachable = _unreachable(exc)
+        unreachable = infra_cause(exc)
         if unreachable is None:
             raise
-        where = "Kafka" if isinstance(unreachable, KafkaConnectionError) else "Redis"
+        if isinstance(unreachable, KafkaError):
+            where = "Kafka"
+        elif isinstance(unreachable, RedisError):
+            where = "Redis"
+        else:
+            where = "Kafka or Redis"
         err_console.print(
             f"[bold red]error:[/] cannot reach {where}: {escape(str(unreachable))} "
             "(is it running? `agentflow health` checks both)",
             soft_wrap=True,
         )
         sys.exit(1)
-
-
-def _unreachable(exc: BaseException | None) -> BaseException | None:
-    """The connection error behind an error, if Kafka or Redis could not be reached.
-
-    Libraries wrap them (redisvl's RedisSearchError), so the causes are followed.
-    """
-    seen = 0
-    while exc is not None and seen < 10:
-        if isinstance(exc, _UNREACHABLE):
-            return exc
-        exc, seen = exc.__cause__ or exc.__context__, seen + 1
-    return None
-
-
-if __name__ == "__main__":
-    main()

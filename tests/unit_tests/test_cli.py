@@ -290,3 +290,13 @@ def test_health_shows_no_redis_password(
     code, out, err = agentflow("health")
     assert code == 1 and "unhealthy Redis at redis://:***@127.0.0.1" in err
     assert "s3cret" not in out + err + caplog.text
+
+
+def test_library_load_with_a_missing_agents_file_is_bad_input(
+    agentflow: Agentflow, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    monkeypatch.setenv("AGENTFLOW_REDIS_URL", f"redis://127.0.0.1:{closed_port()}/0")
+    monkeypatch.setenv("AGENTFLOW_AGENTS_FILE", str(tmp_path / "missing.yaml"))
+    code, _, err = agentflow("library", "load", str(ROOT / "examples" / "workflows"))
+    assert code == 2 and "missing.yaml" in err
+    assert one_paragraph(err), err
