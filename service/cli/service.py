@@ -32,11 +32,7 @@ def worker(
 
 
 async def _serve_worker(settings: Settings) -> None:
-    running = Worker(settings)
-    # Before start: a SIGTERM while connecting then stops the worker cleanly in `run()`.
-    running.install_signal_handlers()
-    await running.start()
-    await running.run()
+    await Worker(settings).serve()
 
 
 def dev(

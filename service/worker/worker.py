@@ -151,11 +151,31 @@ class Worker:
         """Ask the run loop to stop fetching; `close()` drains and disconnects."""
         self._stopping.set()
 
-    def install_signal_handlers(self) -> None:
-        """Stop gracefully on SIGTERM and SIGINT."""
+    async def serve(self) -> None:
+        """Start, run until SIGTERM or SIGINT, then drain and close: the worker's whole life.
+
+        A signal while connecting stops the start-up (which may wait on an unreachable
+        server) and closes what it opened; a signal later stops the run loop gracefully.
+        """
+        starting = asyncio.ensure_future(self.start())
+
+        def on_signal() -> None:
+            if not starting.done():
+                starting.cancel()
+            self.stop()
+
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, self.stop)
+            loop.add_signal_handler(sig, on_signal)
+        try:
+            await starting
+        except asyncio.CancelledError:
+            if not self._stopping.is_set():
+                raise  # cancelled from outside, not by a signal
+            logger.info("%s stopped while starting", self.name)
+            await self.close()
+            return
+        await self.run()
 
     async def run(self) -> None:
         """Fetch and dispatch events until `stop()`; then drain and close."""

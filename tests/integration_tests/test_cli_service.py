@@ -13,6 +13,7 @@ import os
 import pty
 import re
 import signal
+import socket
 import sys
 import uuid
 from collections.abc import Callable
@@ -214,6 +215,29 @@ async def test_worker_start_up_is_quiet(settings: Settings, tmp_path: Path) -> N
     assert code == 0, lines
     assert any("started: group" in line for line in lines)
     assert not [line for line in lines if re.search(r" INFO (aiokafka|langgraph)", line)]
+
+
+async def test_worker_stops_on_sigterm_while_redis_does_not_answer(
+    settings: Settings, tmp_path: Path
+) -> None:
+    # A socket that listens but never accepts: the worker's first PING waits for ever.
+    with socket.socket() as silent:
+        silent.bind(("127.0.0.1", 0))
+        silent.listen()
+        url = f"redis://127.0.0.1:{silent.getsockname()[1]}/0"
+        env = cli_env(settings, AGENTFLOW_REDIS_URL=url, AGENTFLOW_AGENTS_FILE=str(AGENTS_FILE))
+        worker = await start("worker", env=env, cwd=tmp_path)
+        assert worker.stderr is not None
+        lines: list[str] = []
+        async with asyncio.timeout(90):
+            while not any("reuse" in line for line in lines):  # the start-up line, then PING
+                line = (await worker.stderr.readline()).decode()
+                assert line, f"worker ended before connecting: {lines}"
+                lines.append(line)
+        worker.send_signal(signal.SIGTERM)
+        code, _, err = await finished(worker, 60)
+    assert code == 0, lines + err.splitlines()
+    assert "stopped while starting" in err
 
 
 async def test_demo_ends_by_itself_when_run_non_interactively(tmp_path: Path) -> None:
