@@ -13,7 +13,7 @@ import json
 import logging
 import typing
 from collections.abc import AsyncIterator, Iterable
-from contextlib import asynccontextmanager
+from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
@@ -75,15 +75,16 @@ async def open_session_graph(settings: Settings) -> AsyncIterator[SessionGraph]:
     Raises:
         ReplayError: no Redis is configured and `agentflow run` has no checkpoint file.
     """
-    try:
-        async with open_session_checkpointer(settings) as sessions:
-            yield SessionGraph(build_graph(sessions.saver), sessions.redis, sessions.where)
-    except FileNotFoundError as exc:
-        raise ReplayError(
-            f"no sessions here: {exc.args[0]} does not exist and AGENTFLOW_REDIS_URL is not "
-            "set (run an event with `agentflow run`, or point AGENTFLOW_REDIS_URL at the "
-            "worker's Redis)"
-        ) from None
+    async with AsyncExitStack() as stack:
+        try:
+            sessions = await stack.enter_async_context(open_session_checkpointer(settings))
+        except FileNotFoundError as exc:
+            raise ReplayError(
+                f"no sessions here: {exc.args[0]} does not exist and AGENTFLOW_REDIS_URL is "
+                "not set (run an event with `agentflow run`, or point AGENTFLOW_REDIS_URL at "
+                "the worker's Redis)"
+            ) from None
+        yield SessionGraph(build_graph(sessions.saver), sessions.redis, sessions.where)
 
 
 def _thread(session_id: str, checkpoint_id: str | None = None) -> RunnableConfig:
