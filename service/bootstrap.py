@@ -50,6 +50,7 @@ __all__ = [
     "open_graph",
     "open_session_checkpointer",
     "redis_client",
+    "require_services",
     "startup_summary",
 ]
 
@@ -120,12 +121,31 @@ def redis_client(
     return Redis(connection_pool=pool)
 
 
-def _bootstrap_servers(settings: Settings) -> str:
-    if not settings.kafka_bootstrap:
-        raise ConfigError(
-            "set AGENTFLOW_KAFKA_BOOTSTRAP to reach Kafka "
-            "(`agentflow dev` starts a local broker and prints it)"
+def require_services(settings: Settings, *, kafka: bool = True, redis: bool = True) -> None:
+    """Check that the settings name the Kafka and Redis a component needs.
+
+    Raises:
+        ConfigError: naming the variables to set.
+    """
+    missing = [
+        name
+        for name, needed, value in (
+            ("AGENTFLOW_KAFKA_BOOTSTRAP", kafka, settings.kafka_bootstrap),
+            ("AGENTFLOW_REDIS_URL", redis, settings.redis_url),
         )
+        if needed and not value
+    ]
+    if missing:
+        raise ConfigError(
+            f"set {' and '.join(missing)} to reach "
+            f"{' and '.join(n.split('_')[1].title() for n in missing)} "
+            "(`agentflow dev` starts local servers and prints their addresses)"
+        )
+
+
+def _bootstrap_servers(settings: Settings) -> str:
+    require_services(settings, redis=False)
+    assert settings.kafka_bootstrap is not None
     return settings.kafka_bootstrap
 
 

@@ -12,7 +12,7 @@ from aiokafka.admin import AIOKafkaAdminClient
 from redis.asyncio import Redis
 
 from nodes.models import RESUME_EVENT_TYPE, CloudEvent, WorkflowResult
-from service.bootstrap import kafka_consumer, kafka_producer, redis_client
+from service.bootstrap import kafka_consumer, kafka_producer, redis_client, require_services
 from service.config import Settings, redact_url
 from service.errors import UnknownSessionError
 from service.storage.keys import log_key, session_key
@@ -274,8 +274,8 @@ async def health_problems(settings: Settings) -> list[str]:
 
 
 def _redis(settings: Settings) -> Redis:
-    if not settings.redis_url:
-        raise ValueError("AGENTFLOW_REDIS_URL is not set")
+    require_services(settings, kafka=False)
+    assert settings.redis_url is not None
     return redis_client(settings.redis_url)
 
 

@@ -9,13 +9,13 @@ from typing import Annotated, NoReturn
 import typer
 
 from nodes.models import CloudEvent
+from service.bootstrap import require_services
 from service.cli.console import EXIT_NO_RESULT, console, err_console, finish
 from service.cli.inputs import (
     BadInput,
     configure_logging,
     read_event,
     read_settings,
-    require_services,
 )
 from service.client import produce_event, send_and_follow, session_id_for, watch_session
 from service.config import Settings
@@ -39,7 +39,8 @@ def send(
     within --timeout (the event was sent and may still run: `agentflow watch` follows it).
     """
     configure_logging()
-    settings = require_services(read_settings())
+    settings = read_settings()
+    require_services(settings)
     event = read_event(event_file)
     if not wait:
         session_id = asyncio.run(produce_event(settings, event))
@@ -84,7 +85,8 @@ def watch(
     --timeout seconds. Exit codes: 0 the session ended, 2 it is unknown.
     """
     configure_logging()
-    settings = require_services(read_settings())
+    settings = read_settings()
+    require_services(settings)
     try:
         asyncio.run(_watch(settings, session_id, after, timeout))
     except UnknownSessionError as exc:

@@ -17,8 +17,6 @@ __all__ = [
     "configure_logging",
     "read_event",
     "read_settings",
-    "require_redis",
-    "require_services",
 ]
 
 AGENTFLOW_LOGGERS = ("service", "nodes", "graphs")
@@ -61,34 +59,6 @@ def read_settings(*, check: bool = False) -> Settings:
             check_startup(settings)
     except ConfigError as exc:
         raise BadInput(str(exc)) from None
-    return settings
-
-
-def require_services(settings: Settings) -> Settings:
-    """Return the settings if they name Kafka and Redis.
-
-    Raises:
-        BadInput: AGENTFLOW_KAFKA_BOOTSTRAP or AGENTFLOW_REDIS_URL is not set.
-    """
-    if not settings.kafka_bootstrap or not settings.redis_url:
-        raise BadInput(
-            "set AGENTFLOW_KAFKA_BOOTSTRAP and AGENTFLOW_REDIS_URL to reach Kafka and Redis "
-            "(`agentflow dev` starts local ones and prints both)"
-        )
-    return settings
-
-
-def require_redis(settings: Settings, what: str) -> Settings:
-    """Return the settings if they name Redis, where `what` lives.
-
-    Raises:
-        BadInput: AGENTFLOW_REDIS_URL is not set.
-    """
-    if not settings.redis_url:
-        raise BadInput(
-            f"{what} lives in Redis: set AGENTFLOW_REDIS_URL "
-            "(`agentflow dev` starts a local Redis and prints it)"
-        )
     return settings
 
 

@@ -10,9 +10,9 @@ from typing import Annotated, TypeVar
 import typer
 
 from nodes.agents import load_agents
-from service.bootstrap import redis_client
+from service.bootstrap import redis_client, require_services
 from service.cli.console import console, print_workflow, print_workflows
-from service.cli.inputs import BadInput, configure_logging, read_settings, require_redis
+from service.cli.inputs import BadInput, configure_logging, read_settings
 from service.config import Settings
 from service.errors import CorruptWorkflowError, TemplateError
 from service.storage.library import RedisWorkflowLibrary, load_templates, open_library
@@ -25,7 +25,9 @@ T = TypeVar("T")
 
 
 def _settings() -> Settings:
-    return require_redis(read_settings(), "the workflow library")
+    settings = read_settings()
+    require_services(settings, kafka=False)
+    return settings
 
 
 def _with_library(settings: Settings, use: Callable[[RedisWorkflowLibrary], Awaitable[T]]) -> T:

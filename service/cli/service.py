@@ -9,8 +9,9 @@ from typing import Annotated
 
 import typer
 
+from service.bootstrap import require_services
 from service.cli.console import console, err_console
-from service.cli.inputs import BadInput, configure_logging, read_settings, require_services
+from service.cli.inputs import BadInput, configure_logging, read_settings
 from service.client import health_problems
 from service.config import Settings
 from service.devtools.dev import run_dev
@@ -27,7 +28,8 @@ def worker(
 ) -> None:
     """Consume events from Kafka and run their workflows until SIGTERM."""
     configure_logging(logging.INFO, debug=verbose)
-    settings = require_services(read_settings(check=True))
+    settings = read_settings(check=True)
+    require_services(settings)
     asyncio.run(_serve_worker(settings))
 
 
@@ -54,7 +56,8 @@ def gateway(
 ) -> None:
     """Serve the HTTP API and the live web page until Ctrl-C or SIGTERM."""
     configure_logging(logging.INFO)
-    settings = require_services(read_settings(check=True))
+    settings = read_settings(check=True)
+    require_services(settings)
     asyncio.run(
         _serve_gateway(
             settings,
@@ -83,7 +86,8 @@ def health() -> None:
     AGENTFLOW_REDIS_URL is not set.
     """
     configure_logging()
-    settings = require_services(read_settings())
+    settings = read_settings()
+    require_services(settings)
     problems = asyncio.run(health_problems(settings))
     for problem in problems:
         err_console.print(f"[red]unhealthy[/] {problem}", soft_wrap=True)

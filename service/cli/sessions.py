@@ -9,10 +9,10 @@ from typing import Annotated
 import typer
 
 from graphs.workflow import build_graph
-from service.bootstrap import open_session_checkpointer
+from service.bootstrap import open_session_checkpointer, require_services
 from service.cli.console import console, finish, print_history
 from service.cli.follow import send_and_finish
-from service.cli.inputs import BadInput, configure_logging, read_settings, require_services
+from service.cli.inputs import BadInput, configure_logging, read_settings
 from service.client import produce_event, resume_event, waiting_session
 from service.config import Settings
 from service.errors import ReplayError, UnknownSessionError
@@ -118,7 +118,8 @@ def answer(
     3 interrupted again) and 4 no result within --timeout.
     """
     configure_logging()
-    settings = require_services(read_settings())
+    settings = read_settings()
+    require_services(settings)
     event = resume_event(session_id, text, source="agentflow/cli")
     try:
         asyncio.run(waiting_session(settings, session_id))

@@ -55,7 +55,7 @@ def create_app(settings: Settings, *, keepalive_s: float = 15.0) -> FastAPI:
         keepalive_s: seconds between keep-alive comments on streams.
 
     Raises:
-        ValueError: Kafka or Redis is not configured.
+        ConfigError: Kafka or Redis is not configured.
     """
     backends = Backends(settings, keepalive_s=keepalive_s)
 

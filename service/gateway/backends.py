@@ -19,7 +19,7 @@ from fastapi.exceptions import HTTPException
 
 from graphs.workflow import build_graph
 from nodes.models import CloudEvent
-from service.bootstrap import kafka_producer, redis_client
+from service.bootstrap import kafka_producer, redis_client, require_services
 from service.config import Settings
 from service.errors import KafkaUnavailable
 from service.gateway.schemas import Reachability
@@ -55,13 +55,10 @@ class Backends:
         """Build the clients; nothing connects until the first use.
 
         Raises:
-            ValueError: Kafka or Redis is not configured.
+            ConfigError: Kafka or Redis is not configured.
         """
-        if not settings.kafka_bootstrap or not settings.redis_url:
-            raise ValueError(
-                "the gateway needs AGENTFLOW_KAFKA_BOOTSTRAP and AGENTFLOW_REDIS_URL "
-                "(or run `agentflow dev`, which starts local servers)"
-            )
+        require_services(settings)
+        assert settings.redis_url is not None
         self.settings = settings
         self.keepalive_s = keepalive_s
         # Set when the server stops: open streams end rather than hold the shutdown up.

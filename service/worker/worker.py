@@ -23,6 +23,7 @@ from service.bootstrap import (
     log_startup,
     open_graph,
     redis_client,
+    require_services,
 )
 from service.config import Settings
 from service.observe import metrics
@@ -106,11 +107,8 @@ class Worker:
     async def start(self) -> None:
         """Connect to Redis and Kafka, set up the checkpointer and the topics."""
         s = self.settings
-        if not s.kafka_bootstrap or not s.redis_url:
-            raise RuntimeError(
-                "the worker needs AGENTFLOW_KAFKA_BOOTSTRAP and AGENTFLOW_REDIS_URL "
-                "(or run `agentflow dev`, which starts local servers)"
-            )
+        require_services(s)
+        assert s.redis_url is not None
         log_startup(s, self.name)
         if self._redis is None:
             self._redis = redis_client(s.redis_url, max_connections=s.max_in_flight + 32)
