@@ -44,6 +44,7 @@ __all__ = [
     "ensure_topics",
     "is_infra_error",
     "infra_cause",
+    "kafka_admin",
     "kafka_consumer",
     "kafka_producer",
     "log_startup",
@@ -198,13 +199,22 @@ def kafka_consumer(
     )
 
 
+def kafka_admin(settings: Settings, **options: Any) -> AIOKafkaAdminClient:
+    """Make (not start) an admin client for the settings' Kafka.
+
+    Raises:
+        ConfigError: `AGENTFLOW_KAFKA_BOOTSTRAP` is not set.
+    """
+    return AIOKafkaAdminClient(bootstrap_servers=_bootstrap_servers(settings), **options)
+
+
 async def ensure_topics(settings: Settings) -> None:
     """Create the events, results, sessions and dead-letter topics that do not exist yet.
 
     Raises:
         ConfigError: `AGENTFLOW_KAFKA_BOOTSTRAP` is not set.
     """
-    admin = AIOKafkaAdminClient(bootstrap_servers=_bootstrap_servers(settings))
+    admin = kafka_admin(settings)
     await admin.start()
     try:
         existing = set(await admin.list_topics())

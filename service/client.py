@@ -8,11 +8,16 @@ import json
 from collections.abc import AsyncIterator, Callable
 from typing import cast
 
-from aiokafka.admin import AIOKafkaAdminClient
 from redis.asyncio import Redis
 
 from nodes.models import RESUME_EVENT_TYPE, CloudEvent, WorkflowResult
-from service.bootstrap import kafka_consumer, kafka_producer, redis_client, require_services
+from service.bootstrap import (
+    kafka_admin,
+    kafka_consumer,
+    kafka_producer,
+    redis_client,
+    require_services,
+)
 from service.config import Settings, redact_url
 from service.errors import UnknownSessionError
 from service.storage.keys import log_key, session_key
@@ -262,7 +267,7 @@ async def health_problems(settings: Settings) -> list[str]:
         problems.append(f"Redis at {redact_url(settings.redis_url)}: {exc}")
     finally:
         await redis.aclose()
-    admin = AIOKafkaAdminClient(bootstrap_servers=settings.kafka_bootstrap, request_timeout_ms=3000)
+    admin = kafka_admin(settings, request_timeout_ms=3000)
     try:
         await asyncio.wait_for(admin.start(), 5)
         await admin.list_topics()
