@@ -30,7 +30,8 @@ typecheck: $(STAMP)
 
 # The layering contracts in pyproject.toml: graphs/nodes never import service/, and the
 # rooms of service/ import only downwards (cli > devtools > gateway|worker > client >
-# runtime > bootstrap > observe > storage > config > errors).
+# runtime > bootstrap > observe > storage > config > errors), every room is in a layer, and
+# no package of service/ has a cycle between its modules.
 layers: $(STAMP)
 	$(BIN)/lint-imports
 

@@ -11,8 +11,8 @@ from typing import Any
 from langgraph.graph import END, START, StateGraph
 from langgraph.graph.state import CompiledStateGraph
 
-from nodes._llm import MODEL_RETRY
 from nodes.assignment import assign
+from nodes.chat_models import MODEL_RETRY
 from nodes.context import WorkflowContext
 from nodes.discovery import discover
 from nodes.execution import dispatch_ready_steps, execute, execute_step

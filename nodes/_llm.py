@@ -5,56 +5,26 @@ from __future__ import annotations
 import asyncio
 from typing import Any, TypeVar
 
-from langchain_core.exceptions import ModelError
 from langchain_core.language_models import BaseChatModel
 from langchain_core.messages import AIMessage, BaseMessage
 from langchain_core.runnables import Runnable
-from langgraph.types import RetryPolicy, default_retry_on
 from pydantic import BaseModel, ValidationError
 
 from nodes.chat_models import make_chat_model
 from nodes.context import WorkflowContext
-from nodes.errors import (
-    AgentConfigError,
-    ModelConfigError,
-    PlanError,
-    StructuredOutputError,
-)
+from nodes.errors import StructuredOutputError
 from nodes.models import Usage
 
 __all__ = [
-    "MODEL_RETRY",
     "bind_tools",
     "chat_model",
     "invoke",
     "invoke_structured",
     "is_cache_hit",
-    "is_retryable",
     "model_name",
 ]
 
 SchemaT = TypeVar("SchemaT", bound=BaseModel)
-
-
-def is_retryable(exc: Exception) -> bool:
-    """Whether a node that failed with `exc` may succeed if it runs again.
-
-    Configuration and plan errors never do; timeouts and unparseable answers may; a
-    provider's `ModelError` says so itself; anything else is LangGraph's call.
-    """
-    if isinstance(exc, AgentConfigError | ModelConfigError | PlanError):
-        return False
-    if isinstance(exc, StructuredOutputError | TimeoutError):
-        return True
-    if isinstance(exc, ModelError):  # providers say whether a retry can help (401 cannot)
-        return bool(exc.is_retryable)
-    return default_retry_on(exc)
-
-
-MODEL_RETRY = RetryPolicy(
-    max_attempts=3, initial_interval=0.2, max_interval=5.0, retry_on=is_retryable
-)
-"""Retry policy for nodes that call models: transient errors and unparseable answers."""
 
 
 def chat_model(context: WorkflowContext, node: str, spec: str | None = None) -> BaseChatModel:

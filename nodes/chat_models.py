@@ -1,4 +1,4 @@
-"""The chat-model factory and the deterministic offline model."""
+"""The chat-model factory, the deterministic offline model, and the retry policy of model calls."""
 
 from __future__ import annotations
 
@@ -13,23 +13,53 @@ from functools import lru_cache
 from typing import Any
 
 from langchain_core.callbacks import CallbackManagerForLLMRun
+from langchain_core.exceptions import ModelError
 from langchain_core.language_models import BaseChatModel, LanguageModelInput
 from langchain_core.messages import AIMessage, BaseMessage, ToolMessage
 from langchain_core.outputs import ChatGeneration, ChatResult
 from langchain_core.runnables import Runnable
 from langchain_core.tools import BaseTool
 from langchain_core.utils.function_calling import convert_to_openai_tool
+from langgraph.types import RetryPolicy, default_retry_on
 
-from nodes.errors import ModelConfigError
+from nodes.errors import (
+    AgentConfigError,
+    ModelConfigError,
+    PlanError,
+    StructuredOutputError,
+)
 
 __all__ = [
+    "MODEL_RETRY",
     "OFFLINE",
     "OfflineChatModel",
     "default_model_spec",
+    "is_retryable",
     "make_chat_model",
 ]
 
 logger = logging.getLogger(__name__)
+
+
+def is_retryable(exc: Exception) -> bool:
+    """Whether a node that failed with `exc` may succeed if it runs again.
+
+    Configuration and plan errors never do; timeouts and unparseable answers may; a
+    provider's `ModelError` says so itself; anything else is LangGraph's call.
+    """
+    if isinstance(exc, AgentConfigError | ModelConfigError | PlanError):
+        return False
+    if isinstance(exc, StructuredOutputError | TimeoutError):
+        return True
+    if isinstance(exc, ModelError):  # providers say whether a retry can help (401 cannot)
+        return bool(exc.is_retryable)
+    return default_retry_on(exc)
+
+
+MODEL_RETRY = RetryPolicy(
+    max_attempts=3, initial_interval=0.2, max_interval=5.0, retry_on=is_retryable
+)
+"""Retry policy for nodes that call models: transient errors and unparseable answers."""
 
 OFFLINE = "offline"
 _TAG = re.compile(r"<(?P<tag>[a-z_-]+)>(?P<body>.*?)</(?P=tag)>", re.S)

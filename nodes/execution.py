@@ -14,9 +14,10 @@ from langchain_core.tools import BaseTool, InjectedToolArg, StructuredTool
 from langgraph.runtime import Runtime
 from langgraph.types import Send
 
-from nodes._llm import MODEL_RETRY, bind_tools, chat_model, invoke, is_retryable, model_name
+from nodes._llm import bind_tools, chat_model, invoke, model_name
 from nodes._runtime import context_of, dumps, write
 from nodes.agents import AgentRegistry, load_agents
+from nodes.chat_models import MODEL_RETRY, is_retryable
 from nodes.context import WorkflowContext
 from nodes.models import SessionNote, Step, Usage, subject_namespace
 from nodes.prompts import STEP_AGENT_PROMPT, STEP_TASK_PROMPT

@@ -6,7 +6,6 @@ import asyncio
 import contextlib
 import json
 from collections.abc import AsyncIterator, Callable
-from typing import cast
 
 from redis.asyncio import Redis
 
@@ -21,9 +20,9 @@ from service.bootstrap import (
 from service.config import Settings, redact_url
 from service.errors import UnknownSessionError
 from service.storage.keys import log_key, session_key
-from service.storage.publisher import follow, read_log
+from service.storage.publisher import ended_at, ended_by, follow, newest_seq, read_log
 from service.storage.sessions import SessionRecord, SessionStore
-from service.storage.transitions import ENDED, Transition
+from service.storage.transitions import Transition
 
 __all__ = [
     "follow_event",
@@ -51,8 +50,8 @@ async def produce_event(settings: Settings, event: CloudEvent) -> str:
     """Produce an event to the events topic, keyed by its session id; return the id."""
     session_id = session_id_for(event)
     producer = kafka_producer(settings)
-    await producer.start()
-    try:
+    try:  # stopped even when it could not start: it holds a client all the same
+        await producer.start()
         await producer.send_and_wait(
             settings.topic_events,
             event.model_dump_json(exclude_none=True).encode(),
@@ -67,7 +66,8 @@ async def last_seq(settings: Settings, session_id: str) -> int:
     """Return the `seq` of a session's newest logged transition (0 if none)."""
     redis = _redis(settings)
     try:
-        return await _newest_seq(redis, session_id)
+        seq, _ = await newest_seq(redis, session_id)
+        return seq
     finally:
         await redis.aclose()
 
@@ -80,7 +80,8 @@ async def watch_session(
     An interrupted session is followed on through its answer: the session has ended at a
     completed or failed transition with nothing logged after it. A session with neither
     a record nor a logged transition may be about to start (its event was just sent), so
-    its first transition is waited for.
+    its first transition is waited for. A session that has ended at or before `after_seq`
+    yields nothing.
 
     Args:
         settings: where Redis is.
@@ -93,6 +94,8 @@ async def watch_session(
     """
     redis = _redis(settings)
     try:
+        if await ended_by(redis, session_id, after_seq):
+            return  # nothing follows: the gateway answers 204 here
         known = await redis.exists(log_key(session_id), session_key(session_id)) > 0
         async with contextlib.aclosing(follow(redis, session_id, after_seq)) as transitions:
             if not known:
@@ -105,11 +108,11 @@ async def watch_session(
                         f"and none came within {wait_s:g} s"
                     ) from None
                 yield first
-                if await _ended(redis, first):
+                if await ended_at(redis, first):
                     return
             async for transition in transitions:
                 yield transition
-                if await _ended(redis, transition):
+                if await ended_at(redis, transition):
                     return
     finally:
         await redis.aclose()
@@ -124,8 +127,8 @@ async def wait_for_result(
         TimeoutError: no result arrived in time.
     """
     consumer = kafka_consumer(settings, settings.topic_results)
-    await consumer.start()
-    try:
+    try:  # stopped even when it could not start: it holds a client all the same
+        await consumer.start()
         async with asyncio.timeout(timeout_s):
             async for record in consumer:
                 headers = dict(record.headers or [])
@@ -282,18 +285,6 @@ def _redis(settings: Settings) -> Redis:
     require_services(settings, kafka=False)
     assert settings.redis_url is not None
     return redis_client(settings.redis_url)
-
-
-async def _newest_seq(redis: Redis, session_id: str) -> int:
-    newest = await redis.xrevrange(log_key(session_id), count=1)
-    return int(cast(str, newest[0][0]).split("-")[0]) if newest else 0
-
-
-async def _ended(redis: Redis, transition: Transition) -> bool:
-    """Whether a session has ended with this transition: an end with nothing logged after."""
-    if transition.type not in ENDED:
-        return False
-    return await _newest_seq(redis, transition.session_id) <= transition.seq
 
 
 def _ends_run_of(transition: Transition, event_id: str) -> bool:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from typing import Annotated, Any
+from typing import Annotated, Any, get_args
 
 import redis.exceptions
 from aiokafka import AIOKafkaProducer
@@ -26,7 +26,7 @@ from service.gateway.schemas import Reachability
 from service.observe import metrics
 from service.storage.checkpoints import open_checkpointer
 from service.storage.keys import INDEX_KEY, session_key
-from service.storage.sessions import SessionRecord, SessionStore
+from service.storage.sessions import SessionRecord, SessionStatus, SessionStore
 
 __all__ = [
     "REDIS_ERRORS",
@@ -41,7 +41,8 @@ SEND_TIMEOUT_S = 5.0
 """How long a request waits for Kafka to acknowledge an event before answering 503."""
 REDIS_ERRORS = (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError)
 """The errors that mean Redis is unreachable (answered 503)."""
-STATUSES: tuple[str, ...] = ("running", "interrupted", "completed", "failed", "cancelled")
+STATUSES: tuple[SessionStatus, ...] = get_args(SessionStatus)
+"""Every status a session can be in, in `SessionStatus` order."""
 
 
 # Every open stream holds a pub/sub connection of the pool: room for many.
@@ -171,7 +172,7 @@ class Backends:
             for raw_id in ids:
                 pipe.hget(session_key(raw_id), "status")
             statuses = await pipe.execute() if ids else []
-        counts = dict.fromkeys(STATUSES, 0)
+        counts: dict[str, int] = dict.fromkeys(STATUSES, 0)
         for status in statuses:
             if status is not None:
                 counts[status] = counts.get(status, 0) + 1

@@ -13,18 +13,16 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import AsyncIterator
-from typing import Any
 
 import anyio
 from redis.asyncio import Redis
 from sse_starlette import EventSourceResponse, ServerSentEvent
 
 from service.gateway.backends import REDIS_ERRORS
-from service.storage.keys import log_key
-from service.storage.publisher import follow
-from service.storage.transitions import ENDED, Transition
+from service.storage.publisher import ended_at, follow
+from service.storage.transitions import Transition
 
-__all__ = ["last_seq", "session_stream"]
+__all__ = ["session_stream"]
 
 logger = logging.getLogger(__name__)
 
@@ -32,15 +30,6 @@ RETRY_MS = 2000
 """How long `EventSource` waits before it reconnects a broken stream."""
 SEP = "\n"
 """Line separator of the events (the spec allows \\r\\n too; plain \\n is what curl users read)."""
-
-
-async def last_seq(redis: Redis, session_id: str) -> tuple[int, str | None]:
-    """Return the seq and type of a session's last logged transition (0 if none)."""
-    entries: Any = await redis.xrevrange(log_key(session_id), count=1)
-    if not entries:
-        return 0, None
-    last = Transition.model_validate_json(entries[0][1]["transition"])
-    return last.seq, last.type
 
 
 def session_stream(
@@ -106,14 +95,12 @@ async def _transition_events(
                 logger.warning("stream of session %s broke: %s", session_id, item)
                 return  # the client reconnects with Last-Event-ID
             yield _event(item)
-            if item.type in ENDED:
-                try:
-                    last, _ = await last_seq(redis, session_id)
-                except REDIS_ERRORS as exc:
-                    logger.warning("stream of session %s broke: %s", session_id, exc)
+            try:
+                if await ended_at(redis, item):
                     return
-                if last <= item.seq:  # nothing newer: a later run would have logged more
-                    return
+            except REDIS_ERRORS as exc:
+                logger.warning("stream of session %s broke: %s", session_id, exc)
+                return
     finally:
         for pending in (get, stop, task):
             if pending is not None:

@@ -6,13 +6,18 @@ from contextlib import AsyncExitStack
 from typing import Any
 
 from langgraph.checkpoint.memory import InMemorySaver
+from langgraph.checkpoint.sqlite.aio import AsyncSqliteSaver
 from rich.console import Console
 
 from graphs.workflow import build_graph
+from nodes.agents import load_agents
+from nodes.library import default_library
 from nodes.models import CloudEvent, WorkflowResult
 from service.config import Settings
+from service.observe.terminal import print_transition
 from service.runtime.runner import SessionRunner
 from service.storage.checkpoints import checkpoint_serde
+from service.storage.library import seed_library
 from service.storage.transitions import Transition
 
 __all__ = ["run_embedded"]
@@ -32,7 +37,6 @@ async def run_embedded(
     The workflow library is the process's in-memory one; `AGENTFLOW_LIBRARY_SEED` (a
     template file or folder, like `examples/workflows`) seeds it before the run.
     """
-    from service.observe.terminal import print_transition
 
     async def sink(transition: Transition) -> None:
         if console is not None:
@@ -43,8 +47,6 @@ async def run_embedded(
         if memory:
             checkpointer = InMemorySaver(serde=checkpoint_serde())
         else:
-            from langgraph.checkpoint.sqlite.aio import AsyncSqliteSaver
-
             settings.data_dir.mkdir(parents=True, exist_ok=True)
             path = settings.data_dir / "checkpoints.sqlite"
             checkpointer = await stack.enter_async_context(
@@ -52,10 +54,6 @@ async def run_embedded(
             )
             checkpointer.serde = checkpoint_serde()
         if settings.library_seed is not None:  # templates keep their ids: seeding twice is fine
-            from nodes.agents import load_agents
-            from nodes.library import default_library
-            from service.storage.library import seed_library
-
             await seed_library(
                 default_library(), settings.library_seed, load_agents(settings.agents_file)
             )

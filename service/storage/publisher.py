@@ -19,9 +19,17 @@ from service.storage.keys import (
     session_channel,
     session_key,
 )
-from service.storage.transitions import Transition
+from service.storage.transitions import ENDED, Transition, TransitionType
 
-__all__ = ["BackgroundPublisher", "TransitionPublisher", "follow", "read_log"]
+__all__ = [
+    "BackgroundPublisher",
+    "TransitionPublisher",
+    "ended_at",
+    "ended_by",
+    "follow",
+    "newest_seq",
+    "read_log",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -199,6 +207,40 @@ async def read_log(redis: Redis, session_id: str, after_seq: int = 0) -> list[Tr
     entries = await redis.xrange(log_key(session_id), min=f"({after_seq}-1", max="+")
     rows = cast(list[tuple[str, dict[str, str]]], entries)
     return [Transition.model_validate_json(fields["transition"]) for _, fields in rows]
+
+
+async def newest_seq(redis: Redis, session_id: str) -> tuple[int, TransitionType | None]:
+    """Return the seq and type of a session's newest logged transition ((0, None) if none).
+
+    Raises:
+        TypeError: the client answers bytes.
+    """
+    require_text_client(redis, "newest_seq")
+    entries = await redis.xrevrange(log_key(session_id), count=1)
+    rows = cast(list[tuple[str, dict[str, str]]], entries)
+    if not rows:
+        return 0, None
+    newest = Transition.model_validate_json(rows[0][1]["transition"])
+    return newest.seq, newest.type
+
+
+async def ended_by(redis: Redis, session_id: str, seq: int) -> bool:
+    """Whether a session has ended at its transition `seq` or before.
+
+    It has when its newest logged transition completed or failed it and is not newer than
+    `seq`: a session that goes on (answered, or sent another event) logs more.
+    """
+    newest, kind = await newest_seq(redis, session_id)
+    return kind in ENDED and newest <= seq
+
+
+async def ended_at(redis: Redis, transition: Transition) -> bool:
+    """Whether a session has ended at this transition: it completed or failed, nothing after.
+
+    Redis is asked only about a transition that completes or fails the session; a later
+    run of the session (an answer, another event) would have logged more after it.
+    """
+    return transition.type in ENDED and await ended_by(redis, transition.session_id, transition.seq)
 
 
 async def follow(

@@ -23,6 +23,7 @@ from typing import Any
 import httpx
 import pytest
 
+from service.client import last_seq
 from service.config import Settings
 from service.runtime.replay import branch_history, checkpoint_id, open_session_graph
 from tests.integration_tests.conftest import cli_env, example
@@ -140,6 +141,17 @@ async def test_watch_and_answer_a_session_that_waits_for_a_human(
     seen = transition_types(out)
     assert seen.count("session.started") == 2
     assert seen.index("session.interrupted") < seen.index("session.completed") == len(seen) - 1
+
+    # Watched again after it ended: from just before the end, the end alone; from the
+    # end or past it, nothing, and the command ends at once (the bound only catches a
+    # watcher that waits for a transition that will never come).
+    end = await last_seq(settings, session_id)
+    code, out, err = await agentflow("watch", session_id, "--after", str(end - 1), timeout_s=30)
+    assert code == 0, err
+    assert transition_types(out) == ["session.completed"]
+    for after in (end, end + 5):
+        code, out, err = await agentflow("watch", session_id, "--after", str(after), timeout_s=30)
+        assert (code, out) == (0, ""), err
 
     code, _, err = await agentflow("sessions", "answer", session_id, "again")
     assert code == 2 and f"session {session_id} is completed, not waiting" in err

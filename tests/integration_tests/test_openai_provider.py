@@ -13,8 +13,7 @@ from langgraph.checkpoint.memory import InMemorySaver
 from langgraph.graph.state import CompiledStateGraph
 
 from graphs.workflow import build_graph
-from nodes._llm import MODEL_RETRY
-from nodes.chat_models import make_chat_model
+from nodes.chat_models import MODEL_RETRY, make_chat_model
 from nodes.context import WorkflowContext
 from nodes.library import InMemoryWorkflowLibrary
 from nodes.models import WorkflowResult

@@ -10,7 +10,7 @@ import pytest
 from langgraph.checkpoint.memory import InMemorySaver
 
 from graphs.workflow import build_graph
-from nodes._llm import MODEL_RETRY
+from nodes.chat_models import MODEL_RETRY
 from nodes.context import WorkflowContext
 from nodes.library import InMemoryWorkflowLibrary
 from service.errors import UnknownSessionError

@@ -2,18 +2,13 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Any
+from typing import Annotated
 
 from fastapi import APIRouter, Depends, Query
 from fastapi.exceptions import HTTPException
 
-from nodes.models import (
-    CANCEL_EVENT_TYPE,
-    RESUME_EVENT_TYPE,
-    CloudEvent,
-    ResultWorkflow,
-    WorkflowResult,
-)
+from nodes.models import CANCEL_EVENT_TYPE, CloudEvent, ResultWorkflow, WorkflowResult
+from service.client import resume_event, session_id_for
 from service.gateway.auth import AUTH_ERRORS, require_token
 from service.gateway.backends import Backends, BackendsDep, known_session
 from service.gateway.schemas import (
@@ -32,6 +27,9 @@ from service.gateway.schemas import (
 from service.storage.sessions import SessionStatus
 
 __all__ = ["router"]
+
+SOURCE = "agentflow/gateway"
+"""The `source` of the command events the gateway sends."""
 
 router = APIRouter(dependencies=[Depends(require_token)], responses=AUTH_ERRORS)
 
@@ -171,7 +169,7 @@ async def resume_session(
         raise HTTPException(
             409, f"session {session_id} is {record.status}, not waiting for an answer"
         )
-    return await _command(backends, session_id, RESUME_EVENT_TYPE, {"answer": body.answer})
+    return await _command(backends, resume_event(session_id, body.answer, source=SOURCE))
 
 
 @router.post(
@@ -189,13 +187,12 @@ async def cancel_session(session_id: str, backends: BackendsDep) -> EventAccepte
     record = await known_session(backends, session_id)
     if record.status not in ("running", "interrupted"):
         raise HTTPException(409, f"session {session_id} has already ended ({record.status})")
-    return await _command(backends, session_id, CANCEL_EVENT_TYPE, None)
+    cancel = CloudEvent.wrap(CANCEL_EVENT_TYPE, None, session_id=session_id, source=SOURCE)
+    return await _command(backends, cancel)
 
 
-async def _command(
-    backends: Backends, session_id: str, kind: str, data: dict[str, Any] | None
-) -> EventAccepted:
-    """Send a command event (resume, cancel) to the session's run, through Kafka."""
-    event = CloudEvent.wrap(kind, data, session_id=session_id, source="agentflow/gateway")
+async def _command(backends: Backends, event: CloudEvent) -> EventAccepted:
+    """Send a command event (resume, cancel) to its session's run, through Kafka."""
+    session_id = session_id_for(event)
     await backends.send(event, session_id)
     return EventAccepted.of(session_id, event.id)

@@ -11,8 +11,8 @@ from sse_starlette import EventSourceResponse
 from service.gateway.auth import AUTH_ERRORS, require_token_or_query
 from service.gateway.backends import BackendsDep
 from service.gateway.schemas import FieldProblem, Problem, unprocessable
-from service.gateway.sse import last_seq, session_stream
-from service.storage.transitions import ENDED
+from service.gateway.sse import session_stream
+from service.storage.publisher import ended_by
 
 __all__ = ["router"]
 
@@ -53,8 +53,7 @@ async def stream_session(
                 [FieldProblem(field="Last-Event-ID", reason="must be a transition seq")],
             )
         after = int(last_event_id)
-    last, kind = await last_seq(backends.redis, session_id)
-    if kind in ENDED and after >= last:
+    if await ended_by(backends.redis, session_id, after):
         return Response(status_code=204)  # EventSource stops reconnecting on 204
     return session_stream(
         backends.redis,

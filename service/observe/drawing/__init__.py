@@ -13,6 +13,7 @@ from typing import Any, Literal, overload
 
 from langchain_core.runnables.graph import Graph
 
+from graphs.workflow import graph as workflow_graph
 from service.observe.drawing.layout import Layout
 from service.observe.drawing.png import png
 from service.observe.drawing.svg import svg
@@ -56,11 +57,7 @@ def render_graph(fmt: str, path: SessionPath | None = None, *, graph: Any = None
     """
     if fmt not in FORMATS:
         raise ValueError(f"unknown format {fmt!r}; use one of {', '.join(FORMATS)}")
-    if graph is None:
-        from graphs.workflow import graph as workflow_graph
-
-        graph = workflow_graph
-    drawable: Graph = graph.get_graph()
+    drawable: Graph = (workflow_graph if graph is None else graph).get_graph()
     if fmt == "mermaid":
         return mermaid(drawable, path)
     if fmt == "ascii":

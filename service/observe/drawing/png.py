@@ -12,6 +12,8 @@ __all__ = ["png"]
 def png(layout: Layout) -> bytes:
     """Draw a layout as a PNG image."""
     # The object-oriented API with the Agg canvas: no pyplot state, no GUI backend.
+    # Imported here, not at the top: matplotlib takes about 0.3 s to import, and only a
+    # PNG needs it (the CLI, the gateway and the notebooks import this package).
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
     from matplotlib.patches import FancyArrowPatch, FancyBboxPatch

@@ -65,6 +65,8 @@ def ascii_drawing(drawable: Graph, path: SessionPath | None) -> str:
         key: f"*{node.name}*" if drawable.nodes[key].name in path.nodes else node.name
         for key, node in labelled.nodes.items()
     }
+    # Imported here, not at the top: it loads grandalf and numpy (about 40 ms), which
+    # only ASCII drawings need.
     from langchain_core.runnables.graph_ascii import draw_ascii
 
     text = draw_ascii(labels, labelled.edges)
