@@ -20,6 +20,7 @@ import redis.exceptions
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.errors import KafkaConnectionError, KafkaTimeoutError, TopicAlreadyExistsError
+from langgraph.checkpoint.sqlite.aio import AsyncSqliteSaver
 from redis.asyncio import BlockingConnectionPool, Redis
 
 from graphs.workflow import build_graph
@@ -362,8 +363,6 @@ async def open_session_checkpointer(settings: Settings) -> AsyncIterator[Session
         finally:
             await client.aclose()
         return
-    from langgraph.checkpoint.sqlite.aio import AsyncSqliteSaver
-
     path = settings.data_dir / "checkpoints.sqlite"
     if not path.exists():
         raise FileNotFoundError(path)

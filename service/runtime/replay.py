@@ -34,6 +34,7 @@ from service.errors import ReplayError
 from service.observe.path import SessionPath, session_path
 from service.runtime.runner import InMemorySequence, SessionRunner
 from service.runtime.stream import TransitionSink
+from service.storage.checkpoints import expire_session
 from service.storage.publisher import TransitionPublisher, read_log
 from service.storage.sessions import SessionStore
 from service.storage.transitions import Transition
@@ -406,8 +407,6 @@ async def replay_session(
             sequence=sequence,
         )
         if opened.redis is not None and outcome.result.status != "interrupted":
-            from service.storage.checkpoints import expire_session
-
             await expire_session(opened.graph.checkpointer, session_id, settings.session_ttl_s)
         if store is not None:
             await store.close(outcome.result)
