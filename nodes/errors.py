@@ -6,6 +6,8 @@ worker and the gateway can show it as it is.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 __all__ = [
     "AgentConfigError",
     "EventValidationError",
@@ -22,6 +24,16 @@ class WorkflowError(Exception):
 
 class EventValidationError(WorkflowError, ValueError):
     """An event is not a valid CloudEvents 1.0 structured-mode JSON object."""
+
+    def __init__(self, message: str, problems: Sequence[tuple[str, str]] = ()) -> None:
+        """Say what is wrong.
+
+        Args:
+            message: the whole story, naming each field.
+            problems: `(field, reason)` pairs, the field a dotted path or `(body)`.
+        """
+        super().__init__(message)
+        self.problems = list(problems)
 
 
 class AgentConfigError(WorkflowError, ValueError):

@@ -2,12 +2,22 @@
 
 from __future__ import annotations
 
+import hashlib
+import re
 import uuid
 from collections.abc import Sequence
+from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any, Literal, Protocol
+from typing import Annotated, Any, Literal, Protocol
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+)
 from typing_extensions import TypedDict  # pydantic needs it on Python < 3.12
 
 from nodes.errors import EventValidationError
@@ -17,9 +27,11 @@ __all__ = [
     "AssignmentDraft",
     "BasedOn",
     "CloudEvent",
+    "EventLimits",
     "PlanDraft",
     "ReuseMode",
     "ReviewDecision",
+    "SessionId",
     "SessionNote",
     "SimilarWorkflow",
     "Step",
@@ -29,7 +41,11 @@ __all__ = [
     "Workflow",
     "WorkflowResult",
     "based_on",
+    "check_session_id",
+    "derived_session_id",
+    "exceeds_json_depth",
     "format_validation_error",
+    "session_id_problem",
     "subject_namespace",
     "utcnow",
 ]
@@ -54,6 +70,103 @@ def format_validation_error(exc: ValidationError, what: str = "event") -> str:
     return f"invalid {what}: " + "; ".join(problems)
 
 
+SESSION_ID_RULE = "1 to 200 characters of A-Z a-z 0-9 . _ : @ -"
+"""The one rule for session ids, wherever they come from: safe in Redis keys, URLs, topic keys."""
+_SESSION_ID = re.compile(r"[A-Za-z0-9._:@-]{1,200}")
+_NOT_SESSION_ID_CHAR = re.compile(r"[^A-Za-z0-9._:@-]")
+_CONTROL_CHAR = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+
+
+def session_id_problem(value: str) -> str | None:
+    """Return why `value` breaks the session-id rule, or None when it keeps it."""
+    if _SESSION_ID.fullmatch(value):
+        return None
+    if not value or len(value) > 200:
+        return f"must be {SESSION_ID_RULE}, not {len(value)} characters"
+    bad = _NOT_SESSION_ID_CHAR.search(value)
+    assert bad is not None
+    return f"must be {SESSION_ID_RULE}; {bad.group()!r} (at {bad.start()}) is not one of them"
+
+
+def check_session_id(value: str) -> str:
+    """Return `value` if it keeps the session-id rule.
+
+    Raises:
+        ValueError: it does not; the message says what the rule is.
+    """
+    if (problem := session_id_problem(value)) is not None:
+        raise ValueError(problem)
+    return value
+
+
+SessionId = Annotated[
+    str,
+    AfterValidator(check_session_id),
+    Field(json_schema_extra={"pattern": "^[A-Za-z0-9._:@-]{1,200}$"}),
+]
+"""A session id: 1 to 200 characters of `A-Z a-z 0-9 . _ : @ -`."""
+
+
+def derived_session_id(event_id: str) -> str:
+    """Return the session of an event without a session: `session-{id}`.
+
+    When that would break the session-id rule (an id with other characters, or a long
+    one), the session is `session-` and the first 32 hex digits of the id's SHA-256.
+    """
+    candidate = f"session-{event_id}"
+    if session_id_problem(candidate) is None:
+        return candidate
+    return "session-" + hashlib.sha256(event_id.encode()).hexdigest()[:32]
+
+
+@dataclass(frozen=True, kw_only=True)
+class EventLimits:
+    """How deep and how long what an incoming event holds may be (`CloudEvent.parse`)."""
+
+    max_json_depth: int = 64
+    """JSON nesting; the event object itself is level 1."""
+    max_id_bytes: int = 256
+    """Length of the event id, in bytes of UTF-8."""
+
+
+_JSON_STRING = re.compile(rb'"[^"\\]*+(?:\\.[^"\\]*+)*+"', re.DOTALL)  # possessive: linear
+_NOT_BRACKET = bytes(b for b in range(256) if b not in b"[]{}")
+_OPENING = frozenset(b"[{")
+
+
+def exceeds_json_depth(document: bytes | str | Any, limit: int) -> bool:
+    """Whether JSON text, or a value parsed from JSON, nests deeper than `limit` levels.
+
+    The outermost object or array is level 1. Neither form recurses, so no depth is too
+    deep to measure: text is scanned (before any parser sees it), values are walked.
+    """
+    if isinstance(document, str):
+        document = document.encode(errors="surrogatepass")
+    if isinstance(document, bytes | bytearray):
+        brackets = _JSON_STRING.sub(b"", document).translate(None, _NOT_BRACKET)
+        if brackets.count(b"[") + brackets.count(b"{") <= limit:
+            return False
+        depth = 0
+        for byte in brackets:
+            depth += 1 if byte in _OPENING else -1
+            if depth > limit:
+                return True
+        return False
+    stack: list[tuple[Any, int]] = [(document, 1)]
+    while stack:
+        value, level = stack.pop()
+        if isinstance(value, dict):
+            children: Any = value.values()
+        elif isinstance(value, list | tuple):
+            children = value
+        else:
+            continue
+        if level > limit:
+            return True
+        stack.extend((child, level + 1) for child in children)
+    return False
+
+
 class CloudEvent(BaseModel):
     """A CloudEvents 1.0 event in structured-mode JSON, with the `sessionid` extension."""
 
@@ -67,36 +180,59 @@ class CloudEvent(BaseModel):
     time: datetime | None = Field(default=None, description="When the event happened.")
     datacontenttype: str | None = Field(default="application/json")
     data: Any = Field(default=None, description="The event payload.")
-    sessionid: str | None = Field(
+    sessionid: SessionId | None = Field(
         default=None, description="Extension: continue this session instead of opening one."
     )
 
-    @field_validator("sessionid")
+    @field_validator("id")
     @classmethod
-    def _session_id_is_safe(cls, value: str | None) -> str | None:
-        if value is not None and (not value or len(value) > 200 or any(c.isspace() for c in value)):
-            raise ValueError("must be 1-200 characters without whitespace")
+    def _id_has_no_control_characters(cls, value: str) -> str:
+        if bad := _CONTROL_CHAR.search(value):
+            raise ValueError(
+                f"must not contain control characters ({bad.group()!r} at {bad.start()})"
+            )
         return value
 
     @classmethod
-    def parse(cls, raw: bytes | str | dict[str, Any]) -> CloudEvent:
+    def parse(
+        cls, raw: bytes | str | dict[str, Any], limits: EventLimits | None = None
+    ) -> CloudEvent:
         """Parse and validate an event from JSON bytes, text or a dict.
+
+        Args:
+            raw: the event.
+            limits: how deep its JSON and how long its id may be; the defaults without.
 
         Raises:
             EventValidationError: the input is not JSON or not a valid CloudEvent;
-                the message names the field and the problem.
+                the message names the field and the problem, `problems` lists them.
         """
+        limits = limits or EventLimits()
+        if exceeds_json_depth(raw, limits.max_json_depth):
+            reason = f"nests deeper than AGENTFLOW_MAX_JSON_DEPTH ({limits.max_json_depth} levels)"
+            raise EventValidationError(f"event {reason}", [("(body)", reason)])
         try:
             if isinstance(raw, dict):
-                return cls.model_validate(raw)
-            return cls.model_validate_json(raw)
+                event = cls.model_validate(raw)
+            else:
+                event = cls.model_validate_json(raw)
         except ValidationError as exc:
-            if any(e["type"] == "json_invalid" for e in exc.errors()):
-                msg = exc.errors()[0]["msg"]
-                raise EventValidationError(f"event is not valid JSON: {msg}") from None
-            if any(e["type"] == "model_type" for e in exc.errors()):
-                raise EventValidationError("event must be a JSON object") from None
-            raise EventValidationError(format_validation_error(exc)) from None
+            errors = exc.errors()
+            if any(e["type"] == "json_invalid" for e in errors):
+                reason = f"not valid JSON: {errors[0]['msg']}"
+                raise EventValidationError(f"event is {reason}", [("(body)", reason)]) from None
+            if any(e["type"] == "model_type" for e in errors):
+                reason = "must be a JSON object"
+                raise EventValidationError(f"event {reason}", [("(body)", reason)]) from None
+            problems = [(".".join(str(p) for p in e["loc"]) or "(body)", e["msg"]) for e in errors]
+            raise EventValidationError(format_validation_error(exc), problems) from None
+        size = len(event.id.encode(errors="surrogatepass"))
+        if size > limits.max_id_bytes:
+            reason = (
+                f"is {size} bytes of UTF-8, over AGENTFLOW_MAX_ID_BYTES ({limits.max_id_bytes})"
+            )
+            raise EventValidationError(f"invalid event: field 'id': {reason}", [("id", reason)])
+        return event
 
     @classmethod
     def wrap(

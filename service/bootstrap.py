@@ -49,6 +49,7 @@ __all__ = [
     "kafka_consumer",
     "kafka_producer",
     "log_startup",
+    "max_request_bytes",
     "open_graph",
     "open_session_checkpointer",
     "redis_client",
@@ -151,6 +152,14 @@ def _bootstrap_servers(settings: Settings) -> str:
     return settings.kafka_bootstrap
 
 
+def max_request_bytes(settings: Settings) -> int:
+    """Return the largest record a producer of `kafka_producer` sends.
+
+    Results carry the whole workflow: room for twice the largest event.
+    """
+    return max(settings.max_event_bytes * 2, 1024 * 1024)
+
+
 def kafka_producer(settings: Settings, **options: Any) -> AIOKafkaProducer:
     """Make (not start) a producer as the settings ask: acks, idempotence, request size.
 
@@ -166,8 +175,7 @@ def kafka_producer(settings: Settings, **options: Any) -> AIOKafkaProducer:
         bootstrap_servers=_bootstrap_servers(settings),
         acks="all" if settings.producer_acks == "all" else int(settings.producer_acks),
         enable_idempotence=settings.producer_idempotence,
-        # Results carry the whole workflow: room for twice the largest event.
-        max_request_size=max(settings.max_event_bytes * 2, 1024 * 1024),
+        max_request_size=max_request_bytes(settings),
         **options,
     )
 

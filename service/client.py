@@ -9,7 +9,7 @@ from collections.abc import AsyncIterator, Callable
 
 from redis.asyncio import Redis
 
-from nodes.models import RESUME_EVENT_TYPE, CloudEvent, WorkflowResult
+from nodes.models import RESUME_EVENT_TYPE, CloudEvent, WorkflowResult, derived_session_id
 from service.bootstrap import (
     kafka_admin,
     kafka_consumer,
@@ -42,8 +42,11 @@ OnTransition = Callable[[Transition], object]
 
 
 def session_id_for(event: CloudEvent) -> str:
-    """The session an event belongs to: its `sessionid`, else one derived from its id."""
-    return event.sessionid or f"session-{event.id}"
+    """The session an event belongs to: its `sessionid`, else one derived from its id.
+
+    See `nodes.models.derived_session_id`: `session-{id}`, or a digest of a long id.
+    """
+    return event.sessionid or derived_session_id(event.id)
 
 
 async def produce_event(settings: Settings, event: CloudEvent) -> str:

@@ -15,6 +15,7 @@ from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from nodes.chat_models import default_model_spec
 from nodes.context import WorkflowContext
+from nodes.models import EventLimits
 from service.errors import ConfigError
 
 __all__ = ["Settings", "load_settings", "redact_url"]
@@ -61,6 +62,15 @@ class Settings(BaseSettings):
     session_ttl_s: int = Field(default=7 * 24 * 3600, ge=60)
     transition_log_maxlen: int = Field(default=10_000, ge=100)
     max_event_bytes: int = Field(default=1024 * 1024, ge=1024)
+    max_json_depth: int = Field(
+        default=64,
+        ge=2,
+        le=100,
+        description="JSON nesting of an event (the event is level 1); deeper is refused.",
+    )
+    max_id_bytes: int = Field(
+        default=256, ge=36, description="Longest event id, in bytes of UTF-8 (a UUID is 36)."
+    )
     producer_acks: Literal["0", "1", "all"] = "all"
     producer_idempotence: bool = Field(
         default=False, description="Enable on real Kafka; Tansu's memory storage lacks it."
@@ -100,6 +110,10 @@ class Settings(BaseSettings):
         """Return the per-node model overrides that are set."""
         nodes = ("plan", "assign", "execute", "review", "finalize")
         return {n: m for n in nodes if (m := getattr(self, f"model_{n}"))}
+
+    def event_limits(self) -> EventLimits:
+        """Return what `CloudEvent.parse` allows of an incoming event."""
+        return EventLimits(max_json_depth=self.max_json_depth, max_id_bytes=self.max_id_bytes)
 
     def context(self, **overrides: object) -> WorkflowContext:
         """Build the per-run options the graph reads."""

@@ -41,7 +41,7 @@ def send(
     configure_logging()
     settings = read_settings()
     require_services(settings)
-    event = read_event(event_file)
+    event = read_event(event_file, settings.event_limits())
     if not wait:
         session_id = asyncio.run(produce_event(settings, event))
         console.print(f"sent event {event.id} to session {session_id}")

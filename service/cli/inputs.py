@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 
 from nodes.errors import EventValidationError
-from nodes.models import CloudEvent
+from nodes.models import CloudEvent, EventLimits
 from service.bootstrap import check_startup
 from service.config import Settings, load_settings
 from service.errors import ConfigError
@@ -62,8 +62,8 @@ def read_settings(*, check: bool = False) -> Settings:
     return settings
 
 
-def read_event(path: Path) -> CloudEvent:
-    """Read and validate an event file.
+def read_event(path: Path, limits: EventLimits | None = None) -> CloudEvent:
+    """Read and validate an event file, within the limits (`Settings.event_limits`).
 
     Raises:
         BadInput: the file is missing or the event is invalid.
@@ -73,6 +73,6 @@ def read_event(path: Path) -> CloudEvent:
     except OSError as exc:
         raise BadInput(f"cannot read event file {path}: {exc.strerror}") from None
     try:
-        return CloudEvent.parse(raw)
+        return CloudEvent.parse(raw, limits)
     except EventValidationError as exc:
         raise BadInput(f"{path}: {exc}") from None

@@ -11,6 +11,7 @@ from typing import Annotated
 
 import typer
 
+from nodes.models import session_id_problem
 from service.cli.console import console, err_console, finish
 from service.cli.inputs import BadInput, configure_logging, read_event, read_settings
 from service.errors import ReplayError, UnknownSessionError
@@ -42,7 +43,10 @@ def run(
     if resume is not None and memory:
         raise BadInput("--resume needs the on-disk checkpoints; drop --memory")
     settings = read_settings(check=True)
-    event = read_event(event_file) if event_file is not None and resume is None else None
+    limits = settings.event_limits()
+    event = read_event(event_file, limits) if event_file is not None and resume is None else None
+    if session is not None and (problem := session_id_problem(session)) is not None:
+        raise BadInput(f"--session {session!r}: {problem}")
     session_id = resume or session or (event.sessionid if event else None) or str(uuid.uuid4())
     try:
         result = asyncio.run(

@@ -9,7 +9,7 @@ from urllib.parse import quote
 from fastapi.exceptions import HTTPException
 from pydantic import BaseModel, ConfigDict, Field
 
-from nodes.models import ResultWorkflow, WorkflowResult
+from nodes.models import ResultWorkflow, SessionId, WorkflowResult
 from service.storage.sessions import SessionRecord, SessionStatus
 
 __all__ = [
@@ -69,8 +69,9 @@ class EventRequest(BaseModel):
     type: str = Field(min_length=1, description="Event type, e.g. `claim.submitted`.")
     data: Any = Field(default=None, description="The event payload.")
     subject: str | None = Field(default=None, description="What the event is about.")
-    session_id: str | None = Field(
-        default=None, description="Continue this session instead of opening one."
+    session_id: SessionId | None = Field(
+        default=None,
+        description="Continue this session instead of opening one: 1-200 of `A-Za-z0-9._:@-`.",
     )
 
 

@@ -194,6 +194,9 @@ class SessionRunner:
             result = build_result(
                 snapshot.values, session_id=session_id, status="failed", error=error
             )
+            # The state may not hold this event (its first checkpoint was not written),
+            # or hold the session's previous one: the result names the event it answers.
+            result.event_id = event_id or result.event_id
             await self._end(result, "session.failed", reply_to)
             return result
         if isinstance(result, WorkflowResult) and result.event_id == event_id:
@@ -215,6 +218,7 @@ class SessionRunner:
                 status="failed",
                 error="the graph stopped without a result",
             )
+            result.event_id = event_id or result.event_id
         kind = "session.completed" if result.status == "completed" else "session.failed"
         await self._end(result, kind, reply_to)
         return result

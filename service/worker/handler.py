@@ -12,7 +12,13 @@ from aiokafka.structs import ConsumerRecord
 
 from nodes.errors import EventValidationError
 from nodes.finalize import build_result
-from nodes.models import CANCEL_EVENT_TYPE, CloudEvent, WorkflowResult
+from nodes.models import (
+    CANCEL_EVENT_TYPE,
+    CloudEvent,
+    WorkflowResult,
+    derived_session_id,
+    session_id_problem,
+)
 from service.bootstrap import is_infra_error
 from service.config import Settings
 from service.errors import UnknownSessionError
@@ -53,7 +59,8 @@ class EventHandler:
             runner: runs the graph for a session.
             store: session records and which events were seen.
             outbox: sends results, lifecycle messages and dead letters.
-            settings: `AGENTFLOW_MAX_EVENT_BYTES` and `AGENTFLOW_SESSION_TTL_S` are read.
+            settings: `AGENTFLOW_MAX_EVENT_BYTES`, `_MAX_JSON_DEPTH`, `_MAX_ID_BYTES` and
+                `_SESSION_TTL_S` are read.
             on_degraded: told why Redis or Kafka is away, and None once they answer again.
         """
         self.runner = runner
@@ -84,9 +91,21 @@ class EventHandler:
         )
 
     def parse(self, record: ConsumerRecord) -> tuple[str, CloudEvent | None, str | None]:
-        """Read a record: its session id, and the event or why it cannot be processed."""
-        key = record.key.decode(errors="replace") if record.key else None
+        """Read a record: its session id, and the event or why it cannot be processed.
+
+        The session is the event's `sessionid`, else the record's key, else one derived
+        from the event id. Key and attribute keep the one session-id rule; a key that is
+        not UTF-8 is not a session id (it is not patched into one).
+        """
+        key: str | None = None
         value: bytes = record.value or b""
+        if record.key:  # an empty key is no key
+            try:
+                key = record.key.decode()
+            except UnicodeDecodeError:
+                return "", None, "the record's key (its session id) is not valid UTF-8"
+            if (problem := session_id_problem(key)) is not None:
+                return "", None, f"the record's key is not a session id: {problem}"
         if len(value) > self.settings.max_event_bytes:
             return (
                 key or "",
@@ -97,10 +116,10 @@ class EventHandler:
                 ),
             )
         try:
-            event = CloudEvent.parse(value)
+            event = CloudEvent.parse(value, self.settings.event_limits())
         except EventValidationError as exc:
             return key or "", None, str(exc)
-        session_id = event.sessionid or key or f"session-{event.id}"
+        session_id = event.sessionid or key or derived_session_id(event.id)
         if event.is_resume and not (event.sessionid or key):
             return session_id, None, "resume event without a sessionid attribute"
         return session_id, event, None

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
 import re
 import socket
@@ -718,6 +719,55 @@ async def test_validation_errors(
         body = await problem(await http.get("/graph", params={"format": "png"}), 422)
         assert body["errors"][0]["field"] == "format"
         await problem(await http.get("/sessions/no-such-session"), 404)
+
+
+async def test_deep_json_bad_session_ids_and_long_event_ids_answer_422(
+    client: httpx.AsyncClient,
+) -> None:
+    async def problem(body: bytes) -> list[dict[str, str]]:
+        response = await client.post(
+            "/events", content=body, headers={"Content-Type": "application/json"}
+        )
+        assert response.status_code == 422, (response.status_code, response.text[:300])
+        answer: dict[str, Any] = response.json()
+        assert set(answer) == {"detail", "errors"} and answer["detail"].startswith("invalid")
+        return answer["errors"]  # type: ignore[no-any-return]
+
+    too_deep = [
+        {"field": "(body)", "reason": "nests deeper than AGENTFLOW_MAX_JSON_DEPTH (64 levels)"}
+    ]
+    for levels in (64, 150, 900, 1_000, 100_000):  # under the body (level 1) and `data`
+        nested = "[" * levels + "1" + "]" * levels
+        short_form = f'{{"type": "claim.submitted", "data": {nested}}}'.encode()
+        assert await problem(short_form) == too_deep, levels
+        event = json.dumps(example("claim_submitted") | {"data": "NESTED"})
+        assert await problem(event.replace('"NESTED"', nested).encode()) == too_deep, levels
+    # at the limit: the body and 63 levels of data
+    at_limit = {"type": "claim.submitted", "data": json.loads("[" * 63 + "]" * 63)}
+    assert (await client.post("/events", json=at_limit)).status_code == 202
+
+    for session_id in ("a/b", "has space", "x" * 201, "caf\u00e9", ""):
+        body = json.dumps({"type": "claim.submitted", "session_id": session_id}).encode()
+        [error] = await problem(body)
+        assert error["field"] == "session_id" and "1 to 200 characters" in error["reason"]
+        event = example("claim_submitted") | {"sessionid": session_id}
+        [error] = await problem(json.dumps(event).encode())
+        assert error["field"] == "sessionid" and "A-Z a-z 0-9 . _ : @ -" in error["reason"]
+
+    [error] = await problem(json.dumps(example("claim_submitted") | {"id": "x" * 257}).encode())
+    assert error["field"] == "id" and "AGENTFLOW_MAX_ID_BYTES (256)" in error["reason"]
+    [error] = await problem(json.dumps(example("claim_submitted") | {"id": "a\x1bb"}).encode())
+    assert error["field"] == "id" and "control characters" in error["reason"]
+
+    # an id that is no session id gives a derived one that is: its links open
+    event_id = f"claim 7/{uuid.uuid4().hex[:8]}"
+    accepted = await post_event(client, example("status_requested") | {"id": event_id})
+    digest = hashlib.sha256(event_id.encode()).hexdigest()[:32]
+    assert accepted["session_id"] == f"session-{digest}"
+    messages, ended = await collect(client, accepted["session_id"])
+    assert ended and messages[-1]["transition"]["data"]["result"]["event_id"] == event_id
+    assert (await client.get(accepted["links"]["self"])).status_code == 200
+    assert (await client.get(accepted["links"]["result"])).json()["event_id"] == event_id
 
 
 async def test_kafka_down_answers_503_and_the_gateway_reconnects(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import uuid
 from typing import Any
@@ -9,6 +10,7 @@ from typing import Any
 from aiokafka import AIOKafkaProducer
 from redis.asyncio import Redis
 
+from service.bootstrap import max_request_bytes
 from service.config import Settings
 from service.storage.publisher import read_log
 from service.storage.sessions import SessionStore
@@ -248,3 +250,155 @@ async def test_a_cancel_in_the_same_batch_as_its_event_cancels_it(
         return committed == 2 and worker.in_flight == 0
 
     await wait_until(settled, "both offsets committed and nothing in flight")
+
+
+def _nested(levels: int) -> Any:
+    value: Any = "leaf"
+    for _ in range(levels):
+        value = [value]
+    return value
+
+
+async def test_an_event_too_large_to_dead_letter_whole_never_pins_its_partition(
+    settings: Settings, start_worker: Any
+) -> None:
+    settings = settings.model_copy(update={"max_event_bytes": 4096, "topic_partitions": 1})
+    limit = max_request_bytes(settings)  # the largest record the worker's producer sends
+    await start_worker(settings)
+    big = example("claim_submitted", data={"blob": "x" * (3 * limit)})
+    raw = json.dumps(big).encode()
+    producer = AIOKafkaProducer(
+        bootstrap_servers=settings.kafka_bootstrap, max_request_size=4 * limit + 65536
+    )
+    await producer.start()
+    try:
+        await producer.send_and_wait(settings.topic_events, raw, key=b"s-big")
+        after = example("status_requested")  # the same partition, right behind it
+        await send(producer, settings, after, "s-big")
+    finally:
+        await producer.stop()
+
+    dlq = await read_topic(
+        settings.kafka_bootstrap or "", settings.topic_dlq, until=lambda rs: len(rs) >= 1
+    )
+    headers = dict(dlq[0].headers)
+    assert b"exceeds AGENTFLOW_MAX_EVENT_BYTES" in headers["reason"]
+    assert headers["truncated"] == b"true" and int(headers["original_size"]) == len(raw)
+    assert headers["original_sha256"] == hashlib.sha256(raw).hexdigest().encode()
+    assert raw.startswith(dlq[0].value) and 0 < len(dlq[0].value) < limit
+    assert dlq[0].key == b"s-big"
+
+    results = await read_topic(
+        settings.kafka_bootstrap or "",
+        settings.topic_results,
+        until=lambda rs: after["id"] in results_by_event(rs),
+    )
+    assert results_by_event(results)[after["id"]][0]["status"] == "completed"
+
+    async def all_committed() -> bool:
+        committed, end = await offsets(settings)
+        return committed == end == 2
+
+    await wait_until(all_committed, "both offsets committed, the oversized one too")
+
+
+async def test_deep_json_is_dead_lettered_and_a_result_always_names_its_event(
+    settings: Settings, start_worker: Any, producer: AIOKafkaProducer, redis: Redis
+) -> None:
+    await start_worker(settings)
+    deep: dict[str, str] = {}  # key -> event id
+    for levels in (64, 150, 199, 1_000, 100_000):  # under the event (level 1) and `data`
+        event = example("status_requested", data={"nested": "NESTED"})
+        # by hand: json.dumps itself gives up at about 1,000 levels
+        raw = json.dumps(event).replace('"NESTED"', "[" * levels + "1" + "]" * levels)
+        key = f"s-deep-{levels}"
+        deep[key] = event["id"]
+        await producer.send_and_wait(settings.topic_events, raw.encode(), key=key.encode())
+    at_limit = example("status_requested", data=_nested(63))  # 64 levels in all: allowed
+    await send(producer, settings, at_limit, "s-at-limit")
+
+    dlq = await read_topic(
+        settings.kafka_bootstrap or "", settings.topic_dlq, until=lambda rs: len(rs) >= len(deep)
+    )
+    reasons = {r.key.decode(): dict(r.headers)["reason"] for r in dlq}
+    assert set(reasons) == set(deep)
+    for reason in reasons.values():
+        assert b"nests deeper than AGENTFLOW_MAX_JSON_DEPTH (64 levels)" in reason
+
+    records = await read_topic(
+        settings.kafka_bootstrap or "",
+        settings.topic_results,
+        until=lambda rs: at_limit["id"] in results_by_event(rs),
+    )
+    results = results_by_event(records)
+    assert results[at_limit["id"]][0]["status"] == "completed"
+    assert set(results) == {at_limit["id"]}  # none for a deep event, none without an id
+    assert all(json.loads(r.value)["event_id"] for r in records)
+    assert not await redis.exists("agentflow:event:")
+
+    async def all_committed() -> bool:
+        committed, end = await offsets(settings)
+        return committed == end == len(deep) + 1
+
+    await wait_until(all_committed, "every offset committed, the dead letters' too")
+
+
+async def test_one_session_id_rule_for_keys_and_attributes(
+    settings: Settings, start_worker: Any, producer: AIOKafkaProducer
+) -> None:
+    await start_worker(settings)
+    topic = settings.topic_events
+    bad: dict[str, tuple[bytes | None, bytes]] = {}  # event id -> key, expected reason
+
+    async def produce(event: dict[str, Any], key: bytes | None) -> None:
+        await producer.send_and_wait(topic, json.dumps(event).encode(), key=key)
+
+    for key, reason in [
+        (b"has space", b"key is not a session id"),
+        (b"a/b", b"key is not a session id"),
+        (b"k" * 100_000, b"not 100000 characters"),
+        (b"\xff\xfe", b"not valid UTF-8"),
+        (b"\xff\xfd", b"not valid UTF-8"),  # would have been the same session as the one above
+    ]:
+        event = example("status_requested")
+        bad[event["id"]] = (key, reason)
+        await produce(event, key)
+    for fields, reason in [
+        ({"sessionid": "a/b"}, b"field 'sessionid'"),
+        ({"sessionid": "x" * 201}, b"field 'sessionid'"),
+        ({"id": "x" * 257}, b"AGENTFLOW_MAX_ID_BYTES (256)"),
+        ({"id": "bell\x07"}, b"control characters"),
+    ]:
+        event = example("status_requested") | fields
+        bad[event["id"]] = (None, reason)
+        await produce(event, None)
+
+    odd_id = f"claim 7/{uuid.uuid4().hex[:6]}"  # allowed as an event id, not as a session id
+    odd = example("status_requested") | {"id": odd_id}
+    await produce(odd, None)
+    long_id = uuid.uuid4().hex.ljust(256, "e")  # the longest id: `session-{id}` would be 264
+    await produce(example("status_requested") | {"id": long_id}, None)
+    plain = example("status_requested")
+    await produce(plain, None)
+
+    dlq = await read_topic(
+        settings.kafka_bootstrap or "", settings.topic_dlq, until=lambda rs: len(rs) >= len(bad)
+    )
+    got = {json.loads(r.value)["id"]: (r.key, dict(r.headers)["reason"]) for r in dlq}
+    assert set(got) == set(bad)
+    for event_id, (key, reason) in bad.items():
+        assert got[event_id][0] == key  # the original key, bytes for bytes
+        assert reason in got[event_id][1], (event_id[:40], got[event_id][1])
+
+    wanted = {odd_id, long_id, plain["id"]}
+    records = await read_topic(
+        settings.kafka_bootstrap or "",
+        settings.topic_results,
+        until=lambda rs: wanted <= set(results_by_event(rs)),
+    )
+    sessions = {e: r[0]["session_id"] for e, r in results_by_event(records).items()}
+    for event_id in (odd_id, long_id):
+        digest = hashlib.sha256(event_id.encode()).hexdigest()[:32]
+        assert sessions[event_id] == f"session-{digest}"
+    assert sessions[plain["id"]] == f"session-{plain['id']}"
+    assert set(sessions) == wanted

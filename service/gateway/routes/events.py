@@ -8,7 +8,8 @@ from fastapi import APIRouter, Depends, Request
 from fastapi.exceptions import HTTPException
 from pydantic import ValidationError
 
-from nodes.models import CloudEvent
+from nodes.errors import EventValidationError
+from nodes.models import CloudEvent, EventLimits, exceeds_json_depth
 from service.client import session_id_for
 from service.gateway.auth import AUTH_ERRORS, require_token
 from service.gateway.backends import BackendsDep
@@ -47,7 +48,14 @@ _EVENT_BODY = {
     openapi_extra={"requestBody": _EVENT_BODY},
     responses={
         413: {"model": Problem, "description": "Larger than AGENTFLOW_MAX_EVENT_BYTES."},
-        422: {"model": Problem, "description": "Not a valid event; names the field."},
+        422: {
+            "model": Problem,
+            "description": (
+                "Not a valid event; names the field. Also: JSON deeper than "
+                "AGENTFLOW_MAX_JSON_DEPTH, an id over AGENTFLOW_MAX_ID_BYTES, a session id "
+                "that breaks the rule."
+            ),
+        },
         **KAFKA_DOWN,
     },
 )
@@ -58,7 +66,7 @@ async def post_event(request: Request, backends: BackendsDep) -> EventAccepted:
     session_id?}`, which is wrapped into one with a fresh id.
     """
     limit = backends.settings.max_event_bytes
-    event = _parse_event(await _read_body(request, limit))
+    event = _parse_event(await _read_body(request, limit), backends.settings.event_limits())
     size = len(event.model_dump_json(exclude_none=True).encode())
     if size > limit:  # wrapping adds a few fields
         raise HTTPException(
@@ -85,10 +93,18 @@ async def _read_body(request: Request, limit: int) -> bytes:
     return bytes(body)
 
 
-def _parse_event(raw: bytes) -> CloudEvent:
+def _parse_event(raw: bytes, limits: EventLimits) -> CloudEvent:
     """Return the CloudEvent of a body: taken as is, or wrapped from the short form."""
+    too_deep = FieldProblem(
+        field="(body)",
+        reason=f"nests deeper than AGENTFLOW_MAX_JSON_DEPTH ({limits.max_json_depth} levels)",
+    )
+    if exceeds_json_depth(raw, limits.max_json_depth):  # before a parser recurses into it
+        raise unprocessable("invalid event", [too_deep])
     try:
         body = json.loads(raw)
+    except RecursionError:
+        raise unprocessable("invalid event", [too_deep]) from None
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         reason = f"not valid JSON ({exc})"
         problem = FieldProblem(field="(body)", reason=reason)
@@ -98,9 +114,10 @@ def _parse_event(raw: bytes) -> CloudEvent:
         raise unprocessable("invalid event", [FieldProblem(field="(body)", reason=reason)])
     if "specversion" in body:
         try:
-            return CloudEvent.model_validate(body)
-        except ValidationError as exc:
-            raise unprocessable("invalid CloudEvent", _problems(exc)) from None
+            return CloudEvent.parse(body, limits)
+        except EventValidationError as exc:
+            problems = [FieldProblem(field=f, reason=r) for f, r in exc.problems]
+            raise unprocessable("invalid CloudEvent", problems) from None
     try:
         short = EventRequest.model_validate(body)
         return CloudEvent.wrap(
