@@ -62,6 +62,8 @@ class Settings(BaseSettings):
     session_ttl_s: int = Field(default=7 * 24 * 3600, ge=60)
     transition_log_maxlen: int = Field(default=10_000, ge=100)
     max_event_bytes: int = Field(default=1024 * 1024, ge=1024)
+    # At most 100: Redis JSON, which keeps the checkpoints, stops at 128 levels, and a
+    # checkpoint holds the event a few levels down.
     max_json_depth: int = Field(
         default=64,
         ge=2,
