@@ -125,6 +125,17 @@ def test_resume_of_an_unknown_session_is_bad_input(agentflow: Agentflow) -> None
     [
         ("{oops", "not valid JSON"),
         ('{"specversion": "1.0", "id": "x", "source": "s"}', "field 'type'"),
+        (
+            '{"specversion": "1.0", "id": "x", "source": "s", "type": "t", "data": '
+            + "[" * 2000
+            + "]" * 2000
+            + "}",
+            "nests deeper than AGENTFLOW_MAX_JSON_DEPTH (64 levels)",
+        ),
+        (
+            '{"specversion": "1.0", "id": "x", "source": "s", "type": "t", "sessionid": "a/b"}',
+            "field 'sessionid'",
+        ),
     ],
 )
 def test_bad_event_file_exits_2_without_traceback(
@@ -135,6 +146,18 @@ def test_bad_event_file_exits_2_without_traceback(
     code, _, err = agentflow("run", str(path))
     assert code == 2
     assert message in err and "Traceback" not in err
+
+
+def test_run_holds_session_and_event_ids_to_the_rules(
+    agentflow: Agentflow, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    code, _, err = agentflow("run", str(EVENT), "--session", "a/b")
+    assert code == 2 and "--session 'a/b': must be 1 to 200 characters" in err
+    monkeypatch.setenv("AGENTFLOW_MAX_ID_BYTES", "40")
+    path = tmp_path / "event.json"
+    path.write_text(EVENT.read_text().replace('"evt-claim-2001"', '"' + "x" * 41 + '"'))
+    code, _, err = agentflow("run", str(path))
+    assert code == 2 and "41 bytes of UTF-8, over AGENTFLOW_MAX_ID_BYTES (40)" in err
 
 
 def test_missing_file_and_bad_agents_file_exit_2(
