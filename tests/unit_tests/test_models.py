@@ -117,6 +117,9 @@ def test_a_session_is_derived_from_the_event_id_and_hashed_when_it_would_break_t
         assert derived_session_id(event_id) == f"session-{digest}", event_id
         assert session_id_problem(derived_session_id(event_id)) is None
     assert derived_session_id("a/b") != derived_session_id("a/c")
+    assert (
+        derived_session_id("claim 7/2026") == "session-8ee7a537540a48e47b3f067b724d3ba9"
+    )  # README
 
 
 def test_event_ids_are_bounded_in_utf8_bytes_and_free_of_control_characters() -> None:
