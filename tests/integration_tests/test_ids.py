@@ -20,7 +20,7 @@ from redis.asyncio import Redis
 from graphs.workflow import build_graph
 from nodes.context import WorkflowContext
 from nodes.library import InMemoryWorkflowLibrary
-from nodes.models import CloudEvent
+from nodes.models import CloudEvent, SimilarWorkflow
 from service.config import Settings
 from service.gateway.app import serve_gateway
 from service.runtime.runner import SessionRunner
@@ -337,8 +337,6 @@ async def test_library_lists_by_exact_event_type(redis: Redis) -> None:
     tag = uuid.uuid4().hex[:6]
     library = RedisWorkflowLibrary(redis, prefix=f"agentflow:test-ids-{tag}")
     await library.setup()
-    from nodes.models import SimilarWorkflow
-
     types = [f"Claim.Filed{tag}", f"claim.filed{tag}", f"x,claim.filed{tag}", f"c\x00\x1b|{tag}"]
     for n, kind in enumerate(types):
         await library.put(
