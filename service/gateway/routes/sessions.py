@@ -134,14 +134,13 @@ async def get_history(
         if before is not None and configurable["checkpoint_id"] >= before:
             continue
         parent = (snapshot.parent_config or {}).get("configurable", {})
+        created = snapshot.created_at
         metadata = snapshot.metadata or {}
         checkpoints.append(
             CheckpointSummary(
                 checkpoint_id=configurable["checkpoint_id"],
                 parent_checkpoint_id=parent.get("checkpoint_id"),
-                created_at=datetime.fromisoformat(created)
-                if (created := snapshot.created_at)
-                else None,
+                created_at=datetime.fromisoformat(created) if created else None,
                 step=metadata.get("step"),
                 source=metadata.get("source"),
                 next=list(snapshot.next),
