@@ -98,8 +98,10 @@ async def recall_subject(  # noqa: D417
     Args:
         query: optional words to put the most relevant sessions first.
     """
-    items = await store.asearch(subject_namespace(subject), limit=100)
-    notes = [SessionNote.model_validate(item.value) for item in items]
+    namespace = subject_namespace(subject)
+    items = await store.asearch(namespace, limit=100)
+    # The search is by namespace prefix: keep this subject's own notes only.
+    notes = [SessionNote.model_validate(i.value) for i in items if tuple(i.namespace) == namespace]
     wanted = set(query.lower().split())
 
     def rank(note: SessionNote) -> tuple[int, datetime]:

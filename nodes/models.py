@@ -417,9 +417,15 @@ class SessionNote(BaseModel):
 
 
 def subject_namespace(subject: str) -> tuple[str, ...]:
-    """Return the long-term store namespace of a subject's session notes."""
-    # store namespace labels may not contain dots
-    return ("agentflow", "subjects", subject.replace(".", "%2E") or "-")
+    """Return the long-term store namespace of a subject's session notes.
+
+    The label is the subject's SHA-256, not the subject: the Redis store finds a
+    namespace by a prefix search on a case-folded text field, where the subject itself
+    would also match other subjects (`Claim-1` finds `claim-1` and `claim-10`) and
+    control characters break the query. Any subject, byte for byte, gets its own label.
+    """
+    digest = hashlib.sha256(subject.encode("utf-8", "surrogatepass")).hexdigest()
+    return ("agentflow", "subjects", digest)
 
 
 class Usage(BaseModel):

@@ -34,7 +34,7 @@ from service.errors import ReplayError
 from service.observe.path import SessionPath, session_path
 from service.runtime.runner import InMemorySequence, SessionRunner
 from service.runtime.stream import TransitionSink
-from service.storage.checkpoints import expire_session
+from service.storage.checkpoints import expire_session, session_states
 from service.storage.publisher import TransitionPublisher, read_log
 from service.storage.sessions import SessionStore
 from service.storage.transitions import Transition
@@ -114,7 +114,7 @@ async def branch_history(
     Other branches of the same thread (earlier forks) are left out: this is the path
     that led to `head`, oldest first.
     """
-    snapshots = {checkpoint_id(s): s async for s in graph.aget_state_history(_thread(session_id))}
+    snapshots = {checkpoint_id(s): s async for s in session_states(graph, session_id)}
     if not snapshots:
         return []
     current: str | None = head or max(snapshots)

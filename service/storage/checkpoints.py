@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING, Any
 
 from langgraph.checkpoint.serde.jsonplus import JsonPlusSerializer
@@ -10,6 +11,9 @@ from nodes import models
 from service.storage._redis import quiet_index_setup
 
 if TYPE_CHECKING:
+    from langchain_core.runnables import RunnableConfig
+    from langgraph.graph.state import CompiledStateGraph
+    from langgraph.types import StateSnapshot
     from redis.asyncio import Redis
 
 __all__ = [
@@ -18,6 +22,7 @@ __all__ = [
     "expire_session",
     "open_checkpointer",
     "redis_checkpoint_serde",
+    "session_states",
 ]
 
 CHECKPOINT_TYPES: list[tuple[str, str]] = [
@@ -59,23 +64,31 @@ def redis_checkpoint_serde() -> JsonPlusSerializer:
 
 # Finds a session's checkpoint and write documents through the checkpointer's search
 # indexes and expires them, with the latest-checkpoint pointers and write registries that
-# go with them, in one round trip. Like the transition script it names keys it was not
+# go with them, in one round trip. The TAG search matches case-insensitively (and splits
+# stored ids at commas), so each hit's own thread id is compared byte for byte: finishing
+# `Case-T` must not expire `case-T`. Like the transition script it names keys it was not
 # given, so it runs on standalone Redis (as all of agentflow does), not on a cluster.
 _EXPIRE_SESSION = """
-local query, ttl = ARGV[3], ARGV[4]
+local query, ttl, thread = ARGV[3], ARGV[4], ARGV[8]
 local checkpoint, latest, registry = ARGV[5] .. ':', ARGV[6] .. ':', ARGV[7] .. ':'
 local count = 0
 for i = 1, 2 do
   local offset = 0
   repeat
-    local found = redis.call('FT.SEARCH', ARGV[i], query, 'NOCONTENT', 'LIMIT', offset, 500)
-    for j = 2, #found do
-      local key = found[j]
-      count = count + redis.call('EXPIRE', key, ttl)
-      if string.sub(key, 1, #checkpoint) == checkpoint then
-        local rest = string.sub(key, #checkpoint + 1)
-        redis.call('EXPIRE', registry .. rest, ttl)
-        redis.call('EXPIRE', latest .. string.match(rest, '^(.*):[^:]*$'), ttl)
+    local found = redis.call(
+      'FT.SEARCH', ARGV[i], query, 'RETURN', 1, 'thread_id', 'LIMIT', offset, 500)
+    for j = 2, #found, 2 do
+      local key, fields, mine = found[j], found[j + 1], false
+      for f = 1, #fields, 2 do
+        if fields[f] == 'thread_id' and fields[f + 1] == thread then mine = true end
+      end
+      if mine then
+        count = count + redis.call('EXPIRE', key, ttl)
+        if string.sub(key, 1, #checkpoint) == checkpoint then
+          local rest = string.sub(key, #checkpoint + 1)
+          redis.call('EXPIRE', registry .. rest, ttl)
+          redis.call('EXPIRE', latest .. string.match(rest, '^(.*):[^:]*$'), ttl)
+        end
       end
     end
     offset = offset + 500
@@ -95,7 +108,8 @@ async def expire_session(saver: Any, session_id: str, ttl_s: int) -> int:
     from langgraph.checkpoint.redis.util import to_storage_safe_id
     from redisvl.query.filter import Tag
 
-    query = str(Tag("thread_id") == to_storage_safe_id(session_id))
+    thread = to_storage_safe_id(session_id)
+    query = str(Tag("thread_id") == thread)
     prefix = saver._checkpoint_prefix
     args = [
         saver.checkpoints_index.name,
@@ -105,6 +119,7 @@ async def expire_session(saver: Any, session_id: str, ttl_s: int) -> int:
         prefix,
         f"{prefix}_latest",
         WRITE_KEYS_ZSET_PREFIX,
+        thread,
     ]
     return int(await saver._redis.eval(_EXPIRE_SESSION, 0, *args))
 
@@ -120,3 +135,41 @@ async def open_checkpointer(client: Redis) -> Any:
     with quiet_index_setup():
         await saver.asetup()
     return saver
+
+
+async def session_states(
+    graph: CompiledStateGraph, session_id: str, *, limit: int | None = None
+) -> AsyncIterator[StateSnapshot]:
+    """Yield a session's checkpoints, newest first: its own, byte for byte, and no other's.
+
+    langgraph-checkpoint-redis finds a thread's checkpoints with a search on a TAG field,
+    which matches case-insensitively and splits stored values at commas: `Case-T` finds the
+    checkpoints of `case-T` too. Each snapshot's thread id is compared here; when others
+    were mixed into a limited answer, the history is read again whole.
+
+    Args:
+        graph: a compiled graph with a checkpointer.
+        session_id: the session (thread) id.
+        limit: at most this many checkpoints.
+    """
+    config: RunnableConfig = {"configurable": {"thread_id": session_id}}
+    yielded, foreign = 0, False
+    async for snapshot in graph.aget_state_history(config, limit=limit):
+        if snapshot.config["configurable"].get("thread_id") != session_id:
+            foreign = True
+            continue
+        yield snapshot
+        yielded += 1
+    if not foreign or limit is None or yielded >= limit:
+        return
+    skip = yielded  # the newest ones, already yielded
+    async for snapshot in graph.aget_state_history(config):
+        if snapshot.config["configurable"].get("thread_id") != session_id:
+            continue
+        if skip:
+            skip -= 1
+            continue
+        yield snapshot
+        yielded += 1
+        if yielded >= limit:
+            return

@@ -18,11 +18,11 @@ from langchain_core.messages import AnyMessage
 
 from nodes.models import CloudEvent, SessionNote, Step, subject_namespace
 from service.storage._redis import quiet_index_setup
+from service.storage.checkpoints import session_states
 from service.storage.keys import LLM_CACHE_PREFIX
 
 if TYPE_CHECKING:
     from langchain_core.caches import BaseCache
-    from langchain_core.runnables import RunnableConfig
     from langgraph.graph.state import CompiledStateGraph
     from langgraph.store.redis.aio import AsyncRedisStore
     from redis.asyncio import Redis
@@ -66,8 +66,10 @@ async def open_subject_store(redis: Redis) -> AsyncRedisStore:
 
 async def subject_notes(store: Any, subject: str, limit: int = 50) -> list[SessionNote]:
     """Return the notes kept for a subject, latest first."""
-    items = await store.asearch(subject_namespace(subject), limit=limit)
-    notes = [SessionNote.model_validate(item.value) for item in items]
+    namespace = subject_namespace(subject)
+    items = await store.asearch(namespace, limit=limit)
+    # The search is by namespace prefix: keep this subject's own notes only.
+    notes = [SessionNote.model_validate(i.value) for i in items if tuple(i.namespace) == namespace]
     return sorted(notes, key=lambda n: n.finished_at, reverse=True)
 
 
@@ -110,9 +112,8 @@ async def session_history(graph: CompiledStateGraph, session_id: str) -> list[Ru
     A session may handle several events; each run starts from a clean slate, so the
     latest checkpoint of each event holds that run's conversations.
     """
-    config: RunnableConfig = {"configurable": {"thread_id": session_id}}
     runs: dict[str, RunConversation] = {}
-    async for snapshot in graph.aget_state_history(config):  # newest first
+    async for snapshot in session_states(graph, session_id):  # newest first
         values = snapshot.values or {}
         event = values.get("event")
         if isinstance(event, dict):

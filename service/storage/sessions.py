@@ -19,6 +19,15 @@ SessionStatus = Literal["running", "interrupted", "completed", "failed", "cancel
 EventClaim = Literal["new", "running", "finished", "published"]
 
 
+# Compare-and-delete: a claim is removed only while it is exactly the one its caller made.
+_RELEASE_CLAIM = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  return redis.call('DEL', KEYS[1])
+end
+return 0
+"""
+
+
 class SessionRecord(BaseModel):
     """What the service knows about a session."""
 
@@ -48,6 +57,7 @@ class SessionStore:
     def __init__(self, redis: Redis, *, ttl_s: int) -> None:
         self.redis = require_text_client(redis, "SessionStore")
         self.ttl_s = ttl_s
+        self._release = self.redis.register_script(_RELEASE_CLAIM)
 
     def __repr__(self) -> str:
         return f"SessionStore(ttl_s={self.ttl_s})"
@@ -153,23 +163,32 @@ class SessionStore:
             await pipe.execute()
 
     async def claim_event(self, event_id: str, session_id: str) -> tuple[EventClaim, str]:
-        """Remember an event id; say whether it is new or how far it got before.
+        """Take an event id for a session, or say how far it got before and whose it is.
+
+        The claim is one `SET NX GET`: of concurrent claims (other workers, other sessions)
+        exactly one finds the id new, and every other one sees the first claimant's
+        session, so a caller can tell a redelivery (same session) from a second delivery of
+        the id to another session.
 
         Returns:
-            The event's state before this call, and the session it belongs to.
+            The event's state before this call, and the session that took it (the given
+            one when it is new).
         """
-        key = event_key(event_id)
-        fresh = await self.redis.set(
-            key,
-            json.dumps({"session_id": session_id, "state": "running"}),
-            nx=True,
-            ex=self.ttl_s,
-        )
-        if fresh:
+        claim = json.dumps({"session_id": session_id, "state": "running"})
+        raw = await self.redis.set(event_key(event_id), claim, nx=True, get=True, ex=self.ttl_s)
+        if raw is None:
             return "new", session_id
-        raw = await self.redis.get(key)
-        known = json.loads(raw) if raw else {"session_id": session_id, "state": "running"}
+        known = json.loads(cast(str, raw))
         return cast(EventClaim, known["state"]), str(known["session_id"])
+
+    async def release_event(self, event_id: str, session_id: str) -> bool:
+        """Forget a claim that produced no result (its event was dead-lettered).
+
+        Only a `running` claim of this session goes: one that another session holds, or
+        that has a result, stays. Returns whether the claim was removed.
+        """
+        claim = json.dumps({"session_id": session_id, "state": "running"})
+        return bool(await self._release(keys=[event_key(event_id)], args=[claim]))
 
     async def mark_event(self, event_id: str, session_id: str, state: EventClaim) -> None:
         """Move an event to `finished` (result known) or `published` (result sent)."""

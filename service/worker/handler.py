@@ -156,7 +156,7 @@ class EventHandler:
                     reason = problem or "invalid event"
                     await self._retrying(self.outbox.dead_letter, record, reason)
                 elif cancelled and not event.is_cancel:
-                    await self._retrying(self.cancel, session_id, event)
+                    await self._retrying(self.cancel, record, session_id, event)
                 else:
                     await self._retrying(self.process, record, session_id, event)
                 return
@@ -186,8 +186,15 @@ class EventHandler:
                 delay = min(delay * 2, 5.0)
 
     async def process(self, record: ConsumerRecord, session_id: str, event: CloudEvent) -> None:
-        """Run an event, unless it already has its result; resume and cancel events too."""
-        claim, session_id = await self.store.claim_event(event.id, session_id)
+        """Run an event, unless it already has its result; resume and cancel events too.
+
+        An event id belongs to the first session that takes it: a redelivery to that
+        session is skipped (or continued), a delivery to another session is dead-lettered.
+        """
+        claim, owner = await self.store.claim_event(event.id, session_id)
+        if owner != session_id:
+            await self._duplicate(record, event, owner)
+            return
         if claim == "published":
             self.duplicates += 1
             logger.info("event %s already has its result; skipped", event.id)
@@ -201,7 +208,7 @@ class EventHandler:
             await self.resume(record, session_id, event, redelivered=claim != "new")
             return
         if event.is_cancel:
-            await self.cancel(session_id, event)
+            await self.cancel(record, session_id, event)
             return
         await self.store.open(
             session_id, event_id=event.id, event_type=event.type, subject=event.subject
@@ -219,7 +226,7 @@ class EventHandler:
         """Continue an interrupted session with the answer an `agentflow.resume` event holds."""
         answer = event.data.get("answer") if isinstance(event.data, dict) else event.data
         if answer is None:
-            await self.outbox.dead_letter(record, "resume event without data.answer")
+            await self._reject(record, session_id, event, "resume event without data.answer")
             return
         try:
             with metrics.timed_run() as run:
@@ -232,22 +239,41 @@ class EventHandler:
                     result = await self.runner.continue_run(session_id, event_id=event.id)
                 run.status = result.status
         except UnknownSessionError as exc:
-            await self.outbox.dead_letter(record, f"unknown session for resume: {exc}")
+            await self._reject(record, session_id, event, f"unknown session for resume: {exc}")
             return
         await self.finish(result)
 
-    async def cancel(self, session_id: str, event: CloudEvent) -> None:
-        """Cancel a session for an `agentflow.cancel` event, or for the run it stopped."""
+    async def cancel(self, record: ConsumerRecord, session_id: str, event: CloudEvent) -> None:
+        """Cancel a session for an `agentflow.cancel` event, or for the run it stopped.
+
+        A cancel (or a stopped resume) for a session that does not exist is dead-lettered.
+        A session's first event stopped before it ran opens the session, which ends
+        cancelled.
+        """
         if not event.is_cancel:  # a run stopped by a cancel: it may have finished already
-            state, _ = await self.store.claim_event(event.id, session_id)
+            state, owner = await self.store.claim_event(event.id, session_id)
+            if owner != session_id:
+                await self._duplicate(record, event, owner)
+                return
             if state == "published":
                 return
             if state == "finished" and (done := await self._stored_result(session_id, event.id)):
                 await self.outbox.publish_result(done)
                 return
         snapshot = await self.runner.graph.aget_state(self.runner.config(session_id))
-        record = await self.store.get(session_id)
-        status = record.status if record is not None else None
+        known = await self.store.get(session_id)
+        if known is None and not snapshot.values:
+            if event.is_cancel or event.is_resume:
+                kind = "cancel" if event.is_cancel else "resume"
+                reason = f"unknown session for {kind}: session {session_id} does not exist"
+                await self._reject(record, session_id, event, reason)
+                return
+            await self.store.open(
+                session_id, event_id=event.id, event_type=event.type, subject=event.subject
+            )
+            status: str | None = "running"
+        else:
+            status = known.status if known is not None else None
         live = status in ("running", "interrupted")
         ended = status in ("completed", "failed")
         error = f"nothing to cancel: session {status}" if ended else "cancelled"
@@ -272,6 +298,22 @@ class EventHandler:
             )
         await self.store.mark_event(event.id, session_id, "finished")
         await self.outbox.publish_result(result)
+
+    async def _duplicate(self, record: ConsumerRecord, event: CloudEvent, owner: str) -> None:
+        """Dead-letter a delivery of an event id that another session already took."""
+        reason = f"duplicate event id: {event.id!r} already belongs to session {owner}"
+        await self.outbox.dead_letter(record, reason)
+
+    async def _reject(
+        self, record: ConsumerRecord, session_id: str, event: CloudEvent, reason: str
+    ) -> None:
+        """Dead-letter a claimed event that gets no result, forgetting its claim first.
+
+        Forgotten first: a crash between the two redelivers the event, which is claimed
+        and dead-lettered again, rather than leaving a `running` claim behind for days.
+        """
+        await self.store.release_event(event.id, session_id)
+        await self.outbox.dead_letter(record, reason)
 
     async def finish(self, result: WorkflowResult) -> None:
         """Close a run: retention for an ended session, its record, its result out."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from datetime import datetime
 from typing import Annotated
 
 from fastapi import APIRouter, Depends, Query
@@ -24,6 +25,7 @@ from service.gateway.schemas import (
     SessionReview,
     SessionSummary,
 )
+from service.storage.checkpoints import session_states
 from service.storage.sessions import SessionStatus
 
 __all__ = ["router"]
@@ -119,23 +121,26 @@ async def get_history(
     ] = None,
 ) -> SessionHistory:
     """Return a session's checkpoints, newest first."""
+    # A session has a record from its first event on; asking for it first answers 404 for
+    # any other id without handing that id to the checkpointer's search.
+    await known_session(backends, session_id)
     graph = await backends.graph()
-    config = {"configurable": {"thread_id": session_id}}
     checkpoints: list[CheckpointSummary] = []
     # The Redis saver ignores `before`; checkpoint ids sort by time, so filter here.
-    async for snapshot in graph.aget_state_history(config, limit=None if before else limit):
+    async for snapshot in session_states(graph, session_id, limit=None if before else limit):
         if len(checkpoints) == limit:
             break
         configurable = snapshot.config["configurable"]
         if before is not None and configurable["checkpoint_id"] >= before:
             continue
         parent = (snapshot.parent_config or {}).get("configurable", {})
+        created = snapshot.created_at
         metadata = snapshot.metadata or {}
         checkpoints.append(
             CheckpointSummary(
                 checkpoint_id=configurable["checkpoint_id"],
                 parent_checkpoint_id=parent.get("checkpoint_id"),
-                created_at=snapshot.created_at,
+                created_at=datetime.fromisoformat(created) if created else None,
                 step=metadata.get("step"),
                 source=metadata.get("source"),
                 next=list(snapshot.next),
@@ -144,8 +149,6 @@ async def get_history(
                 steps={s.id: s.status for s in (snapshot.values or {}).get("steps", [])},
             )
         )
-    if not checkpoints and before is None:
-        await known_session(backends, session_id)  # 404 for an unknown session
     return SessionHistory(session_id=session_id, checkpoints=checkpoints)
 
 

@@ -61,6 +61,16 @@ def _type_token(event_type: str) -> str:
     return "et" + hashlib.sha1(event_type.encode()).hexdigest()[:16]
 
 
+def _exact_type(event_type: str) -> str:
+    """A query clause for one event type, byte for byte.
+
+    The `event_type` TAG field matches case-insensitively and splits stored types at
+    commas; the type's own term (a digest, see `_type_token`) matches that type only and
+    holds no character a query could misread. Run it `VERBATIM` (no stemming).
+    """
+    return f"@text:({_type_token(event_type)})"
+
+
 @dataclass
 class _Candidate:
     """A search hit: its returned fields and, in hybrid search, its vector similarity."""
@@ -222,10 +232,11 @@ class RedisWorkflowLibrary:
     async def recent(
         self, *, event_type: str | None = None, offset: int = 0, limit: int = 50
     ) -> tuple[int, list[SimilarWorkflow]]:
-        """Return the total and a page of workflows, last used first."""
-        query = str(Tag("event_type") == event_type) if event_type else "*"
+        """Return the total and a page of workflows (of exactly one event type), last used first."""
+        query = _exact_type(event_type) if event_type else "*"
         q = (
             Query(query)
+            .verbatim()
             .sort_by("last_used", asc=False)
             .return_field("$.workflow", as_field="workflow")
             .paging(offset, limit)
@@ -281,13 +292,13 @@ class RedisWorkflowLibrary:
             vector = list(await self.embeddings.aembed_query(text))
         # Same-type workflows score at least 0.5 and others at most 0.5: look among the
         # event's own type first (a small, fast query) and widen only if too few match.
-        stages = [str(Tag("event_type") == event_type), ""] if event_type else [""]
+        stages = [True, False] if event_type else [False]
         found: dict[str, _Candidate] = {}
         best: list[SimilarWorkflow] = []
-        for only in stages:
-            searches = [self._text_candidates(query_terms, event_type, only, k)]
+        for same_type in stages:
+            searches = [self._text_candidates(query_terms, event_type, same_type, k)]
             if vector is not None:
-                searches.append(self._vector_candidates(vector, only, k))
+                searches.append(self._vector_candidates(vector, event_type, same_type, k))
             for docs in await asyncio.gather(*searches):
                 for doc in docs:
                     distance = getattr(doc, "vector_distance", None)
@@ -339,18 +350,27 @@ class RedisWorkflowLibrary:
         return best
 
     async def _text_candidates(
-        self, query_terms: list[str], event_type: str | None, only: str, k: int
+        self, query_terms: list[str], event_type: str | None, same_type: bool, k: int
     ) -> list[Any]:
         clauses = query_terms[:_MAX_QUERY_TERMS]
-        if event_type and not only:
+        if event_type and not same_type:
             clauses.append(f"({_type_token(event_type)}) => {{$weight: {_TYPE_WEIGHT}}}")
+        only = _exact_type(event_type) if event_type and same_type else ""
         query = f"{only} {_OFFERED}"
         if clauses:
             query += f" @text:({' | '.join(clauses)})"
         q = Query(query.strip()).scorer("BM25STD").paging(0, k).dialect(2)
         return list((await self.index.search(_returning(q))).docs)
 
-    async def _vector_candidates(self, vector: list[float], only: str, k: int) -> list[Any]:
+    async def _vector_candidates(
+        self, vector: list[float], event_type: str | None, same_type: bool, k: int
+    ) -> list[Any]:
+        # The vector index has no type term: its TAG field narrows the candidates (case-
+        # insensitively, a superset that scoring sorts out), but a type a query cannot
+        # hold (control characters) searches them all.
+        only = ""
+        if event_type and same_type and event_type.isprintable():
+            only = str(Tag("event_type") == event_type)
         q = (
             Query(f"({only} {_OFFERED})=>[KNN {k} @embedding $vector AS vector_distance]")
             .sort_by("vector_distance")
