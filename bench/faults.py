@@ -14,11 +14,12 @@ failed sessions failed.
 
 Usage:
     .venv/bin/python bench/faults.py [--sessions 24] [--rate 0.3] [--seed 7]
-        [--attempts 5] [--kinds rate_limit,empty_choices,...]
+        [--attempts 5] [--backoff 0.05] [--max-backoff 1] [--kinds rate_limit,...]
 
 The nodes that call models retry under `model_retry(--attempts)` with a short backoff
-(--backoff seconds, doubling, at most 1 s, plus LangGraph's 0-1 s jitter) so the run
-takes a few minutes; the service's policy waits longer (0.5 s doubling to 8 s).
+(--backoff seconds, doubling, at most --max-backoff, plus LangGraph's 0-1 s jitter) so
+the run takes well under a minute; `--backoff 0.5 --max-backoff 8` is the service's
+policy.
 Checkpoints are in memory: this measures the model path, not Redis.
 """
 
@@ -137,7 +138,9 @@ async def run_batch(
             model_timeout_s=args.timeout,
             library=InMemoryWorkflowLibrary(),
         )
-        retry = model_retry(args.attempts, initial_interval=args.backoff, max_interval=1.0)
+        retry = model_retry(
+            args.attempts, initial_interval=args.backoff, max_interval=args.max_backoff
+        )
         graph = build_graph(InMemorySaver(serde=checkpoint_serde()), model_retry=retry)
         runner = SessionRunner(graph, context)
         before = len(counter.records)
@@ -206,6 +209,7 @@ async def main() -> None:
     parser.add_argument("--seed", type=int, default=7, help="seed of the fault draws")
     parser.add_argument("--attempts", type=int, default=5, help="AGENTFLOW_MODEL_MAX_ATTEMPTS")
     parser.add_argument("--backoff", type=float, default=0.05, help="first retry's wait, s")
+    parser.add_argument("--max-backoff", type=float, default=1.0, help="longest wait, s")
     parser.add_argument("--timeout", type=float, default=3.0, help="model call timeout, s")
     parser.add_argument("--bound", type=float, default=240.0, help="a session is hung after, s")
     parser.add_argument(
@@ -222,7 +226,7 @@ async def main() -> None:
     print(
         f"{args.sessions} sessions per run; {args.rate:.0%} of model calls faulted (seed "
         f"{args.seed}); {args.attempts} attempts per node, backoff {args.backoff:g} s doubling "
-        f"to 1 s + 0-1 s jitter; model timeout {args.timeout:g} s\n"
+        f"to {args.max_backoff:g} s + 0-1 s jitter; model timeout {args.timeout:g} s\n"
     )
     clean = await run_batch("fault-free", None, args, counter)
     faulted = await run_batch(f"{args.rate:.0%} faults", plan, args, counter)
