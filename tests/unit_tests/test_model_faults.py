@@ -121,3 +121,21 @@ def test_model_call_errors_say_node_reason_and_attempts_and_survive_pickling() -
 def test_bare_parse_errors_are_not_retried_unless_named_a_provider_fault(exc: Exception) -> None:
     # LangGraph's default refuses these; only the model call wraps them as transient
     assert not is_retryable(exc)
+
+
+async def test_a_step_is_marked_failed_after_the_graphs_own_attempts(make_event: Any) -> None:
+    def hook(text: str, kw: dict[str, Any]) -> Any:
+        if '"id": "s3"' in text and "<step>" in text:
+            return EMPTY
+        return None
+
+    runner, seen = runner_for(
+        WorkflowContext(chat_model=scripted(hook), max_revise_rounds=0),
+        retry=model_retry(2, initial_interval=0, jitter=False),
+    )
+    result = await runner.start(make_event(), "step-two-attempts")
+
+    assert [t.step_id for t in seen if t.type == "step.started"].count("s3") == 2
+    s3 = next(s for s in result.workflow.steps if s.id == "s3")
+    assert s3.status == "failed"
+    assert s3.error == "ModelCallError: execute: the provider returned an empty answer (2 attempts)"
