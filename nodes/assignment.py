@@ -8,7 +8,7 @@ from typing import Any
 from langchain_core.messages import BaseMessage, HumanMessage
 from langgraph.runtime import Runtime
 
-from nodes._llm import chat_model, invoke_structured, model_name
+from nodes._llm import chat_model, invoke_structured, model_name, node_attempt
 from nodes._runtime import context_of, dumps
 from nodes.agents import AgentRegistry, load_agents
 from nodes.context import WorkflowContext
@@ -90,7 +90,9 @@ async def assign(state: WorkflowState, runtime: Runtime[WorkflowContext]) -> dic
         usage = usage + more
         steps, problems = check_assignment(draft, state["steps"], registry)
         if problems:
-            raise StructuredOutputError("invalid agent assignment: " + "; ".join(problems))
+            raise StructuredOutputError(
+                "assign", "invalid agent assignment: " + "; ".join(problems), node_attempt()
+            )
     return {"steps": [*kept, *steps], "usage": usage, "models": [model_name(model, raw)]}
 
 

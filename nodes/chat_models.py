@@ -24,18 +24,20 @@ from langgraph.types import RetryPolicy, default_retry_on
 
 from nodes.errors import (
     AgentConfigError,
+    ModelCallError,
     ModelConfigError,
     PlanError,
-    StructuredOutputError,
 )
 
 __all__ = [
+    "MODEL_MAX_ATTEMPTS",
     "MODEL_RETRY",
     "OFFLINE",
     "OfflineChatModel",
     "default_model_spec",
     "is_retryable",
     "make_chat_model",
+    "model_retry",
 ]
 
 logger = logging.getLogger(__name__)
@@ -44,22 +46,58 @@ logger = logging.getLogger(__name__)
 def is_retryable(exc: Exception) -> bool:
     """Whether a node that failed with `exc` may succeed if it runs again.
 
-    Configuration and plan errors never do; timeouts and unparseable answers may; a
-    provider's `ModelError` says so itself; anything else is LangGraph's call.
+    Configuration and plan errors never do; a failed model call says so itself (an
+    empty, malformed or unparseable answer, a timeout, a rate limit or a 5xx may pass,
+    a rejected key does not); anything else is LangGraph's call.
     """
     if isinstance(exc, AgentConfigError | ModelConfigError | PlanError):
         return False
-    if isinstance(exc, StructuredOutputError | TimeoutError):
+    if isinstance(exc, ModelCallError):
+        return exc.retryable
+    if isinstance(exc, TimeoutError):
         return True
     if isinstance(exc, ModelError):  # providers say whether a retry can help (401 cannot)
         return bool(exc.is_retryable)
     return default_retry_on(exc)
 
 
-MODEL_RETRY = RetryPolicy(
-    max_attempts=3, initial_interval=0.2, max_interval=5.0, retry_on=is_retryable
-)
-"""Retry policy for nodes that call models: transient errors and unparseable answers."""
+MODEL_MAX_ATTEMPTS = 5
+"""Attempts of a model-calling node, the first included (`AGENTFLOW_MODEL_MAX_ATTEMPTS`)."""
+
+
+def model_retry(
+    max_attempts: int = MODEL_MAX_ATTEMPTS,
+    *,
+    initial_interval: float = 0.5,
+    max_interval: float = 8.0,
+    jitter: bool = True,
+) -> RetryPolicy:
+    """Return the retry policy of the nodes that call models.
+
+    Exponential backoff: the first retry waits `initial_interval` seconds, each next
+    one twice as long, at most `max_interval`; with `jitter` LangGraph adds a random
+    0-1 s to each wait, so sessions that failed together do not retry together.
+
+    Raises:
+        ModelConfigError: `max_attempts` is below 1.
+    """
+    if max_attempts < 1:
+        raise ModelConfigError(
+            f"model max attempts must be at least 1, not {max_attempts} "
+            "(AGENTFLOW_MODEL_MAX_ATTEMPTS)"
+        )
+    return RetryPolicy(
+        max_attempts=max_attempts,
+        initial_interval=initial_interval,
+        backoff_factor=2.0,
+        max_interval=max_interval,
+        jitter=jitter,
+        retry_on=is_retryable,
+    )
+
+
+MODEL_RETRY = model_retry()
+"""The default retry policy of model-calling nodes: transient faults and unusable answers."""
 
 OFFLINE = "offline"
 _TAG = re.compile(r"<(?P<tag>[a-z_-]+)>(?P<body>.*?)</(?P=tag)>", re.S)

@@ -11,6 +11,7 @@ from collections.abc import Sequence
 __all__ = [
     "AgentConfigError",
     "EventValidationError",
+    "ModelCallError",
     "ModelConfigError",
     "PlanError",
     "StructuredOutputError",
@@ -44,8 +45,30 @@ class ModelConfigError(WorkflowError, ValueError):
     """A model spec cannot be turned into a chat model."""
 
 
-class StructuredOutputError(WorkflowError, ValueError):
-    """A model answered, but not in the requested structure."""
+class ModelCallError(WorkflowError, RuntimeError):
+    """A model call gave no usable answer: the provider failed, or its answer cannot be read.
+
+    The message names the node, the reason and how many attempts the node made, e.g.
+    `plan: the provider returned an empty answer (5 attempts)`. `retryable` tells the
+    node's retry policy whether another attempt may succeed.
+    """
+
+    def __init__(self, node: str, reason: str, attempts: int = 1, retryable: bool = True) -> None:
+        """Describe a failed model call of `node` at its `attempts`-th attempt."""
+        self.node = node
+        self.reason = reason
+        self.attempts = attempts
+        self.retryable = retryable
+        tries = f"{attempts} attempt" + ("" if attempts == 1 else "s")
+        super().__init__(f"{node}: {reason} ({tries})")
+
+    def __reduce__(self) -> tuple[type[ModelCallError], tuple[str, str, int, bool]]:
+        # Pickled with its fields (the message alone would not rebuild it).
+        return type(self), (self.node, self.reason, self.attempts, self.retryable)
+
+
+class StructuredOutputError(ModelCallError, ValueError):
+    """A model answered, but not in the requested structure (worth another attempt)."""
 
 
 class PlanError(WorkflowError, ValueError):

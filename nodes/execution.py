@@ -9,15 +9,23 @@ from collections.abc import Sequence
 from datetime import datetime
 from typing import Annotated, Any, Literal
 
-from langchain_core.messages import AIMessage, BaseMessage, HumanMessage, SystemMessage, ToolMessage
+from langchain_core.messages import (
+    AIMessage,
+    BaseMessage,
+    HumanMessage,
+    SystemMessage,
+    ToolCall,
+    ToolMessage,
+)
 from langchain_core.tools import BaseTool, InjectedToolArg, StructuredTool
 from langgraph.runtime import Runtime
 from langgraph.types import Send
+from pydantic import ValidationError
 
 from nodes._llm import bind_tools, chat_model, invoke, model_name
 from nodes._runtime import context_of, dumps, write
 from nodes.agents import AgentRegistry, load_agents
-from nodes.chat_models import MODEL_RETRY, is_retryable
+from nodes.chat_models import MODEL_MAX_ATTEMPTS, is_retryable
 from nodes.context import WorkflowContext
 from nodes.models import SessionNote, Step, Usage, subject_namespace
 from nodes.prompts import STEP_AGENT_PROMPT, STEP_TASK_PROMPT
@@ -169,35 +177,68 @@ async def _run_agent(
                 "tool_calls": [c["name"] for c in ai.tool_calls],
             },
         )
-        if not ai.tool_calls:
+        if not ai.tool_calls and not ai.invalid_tool_calls:
             break
         for call in ai.tool_calls:
-            tool = by_name.get(call["name"])
-            if tool is None:
-                result: BaseMessage = ToolMessage(
-                    f"there is no tool named {call['name']}",
-                    tool_call_id=call["id"] or "",
+            turn.append(await _call_tool(call, by_name, injected))
+        for bad in ai.invalid_tool_calls:  # arguments that are not JSON: let the model retry
+            turn.append(
+                ToolMessage(
+                    f"the arguments of your {bad.get('name')} call are not valid JSON: "
+                    f"{bad.get('error') or bad.get('args')}",
+                    tool_call_id=bad.get("id") or "",
                     status="error",
                 )
-            else:
-                args = {**call["args"], **injected.get(tool.name, {})}
-                result = await tool.ainvoke({**call, "args": args})
-            turn.append(result)
+            )
     else:
         answer = answer or f"stopped after {context.max_tool_iterations} model turns"
     return answer, usage, model_name(model, ai)
 
 
-async def execute_step(task: StepTask, runtime: Runtime[WorkflowContext]) -> dict[str, Any]:
+async def _call_tool(
+    call: ToolCall, by_name: dict[str, BaseTool], injected: dict[str, dict[str, Any]]
+) -> BaseMessage:
+    """Run one tool call; a call the tools cannot take is answered with an error."""
+    tool = by_name.get(call["name"])
+    if tool is None:
+        return ToolMessage(
+            f"there is no tool named {call['name']}; use one of: {', '.join(by_name) or 'none'}",
+            tool_call_id=call["id"] or "",
+            status="error",
+        )
+    args = {**call["args"], **injected.get(tool.name, {})}
+    try:
+        result: BaseMessage = await tool.ainvoke({**call, "args": args})
+    except ValidationError as exc:  # arguments that do not fit the tool's schema
+        problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
+        return ToolMessage(
+            f"the arguments do not fit {tool.name}: {problems}",
+            tool_call_id=call["id"] or "",
+            status="error",
+        )
+    return result
+
+
+async def execute_step(
+    task: StepTask,
+    runtime: Runtime[WorkflowContext],
+    *,
+    max_attempts: int = MODEL_MAX_ATTEMPTS,
+) -> dict[str, Any]:
     """Run one step with its agent(s) taking turns; mark it failed if it keeps failing.
 
     Transient errors are raised while the node's retry policy has attempts left; after
     the last attempt the step is marked failed so the review sees it.
+
+    Args:
+        task: the step and what it needs, from `dispatch_ready_steps`.
+        runtime: the run's runtime.
+        max_attempts: the `max_attempts` of the node's retry policy (the graph binds it).
     """
     context = context_of(runtime)
     step = Step.model_validate(task["step"])
     info = runtime.execution_info
-    attempt = info.node_attempt if info is not None else MODEL_RETRY.max_attempts
+    attempt = info.node_attempt if info is not None else max_attempts
     started = time.monotonic()
     write(runtime, {"type": "step.started", "step_id": step.id, "agents": step.agents})
     feedback = "; ".join(task.get("feedback", [])[-3:]) or "none"
@@ -233,7 +274,7 @@ async def execute_step(task: StepTask, runtime: Runtime[WorkflowContext]) -> dic
         output = answers[-1][1] if len(answers) == 1 else "\n".join(f"{n}: {a}" for n, a in answers)
         update = {"status": "done", "output": output, "error": None}
     except Exception as exc:
-        if attempt < MODEL_RETRY.max_attempts and is_retryable(exc):
+        if attempt < max_attempts and is_retryable(exc):
             raise
         logger.warning("step %s failed after %d attempt(s): %s", step.id, attempt, exc)
         update = {"status": "failed", "output": "", "error": f"{type(exc).__name__}: {exc}"}

@@ -10,9 +10,11 @@ from langchain_core.messages import HumanMessage
 from langchain_core.runnables import RunnableConfig
 from langgraph.runtime import Runtime
 
-from nodes._llm import chat_model, invoke, model_name
+from nodes._llm import EMPTY_ANSWER, chat_model, invoke, model_name, node_attempt
 from nodes._runtime import context_of, dumps
+from nodes.chat_models import MODEL_MAX_ATTEMPTS, is_retryable
 from nodes.context import WorkflowContext
+from nodes.errors import ModelCallError
 from nodes.library import default_library
 from nodes.models import (
     ResultReview,
@@ -30,7 +32,7 @@ from nodes.models import (
 from nodes.prompts import SUMMARY_PROMPT
 from nodes.state import WorkflowState, workflow_of
 
-__all__ = ["build_result", "finalize", "quality"]
+__all__ = ["build_result", "finalize", "quality", "steps_summary"]
 
 logger = logging.getLogger(__name__)
 
@@ -128,35 +130,73 @@ async def _remember(
     )
 
 
+def steps_summary(state: WorkflowState | Mapping[str, Any], why: str) -> str:
+    """Summarise a run from its steps, saying that no model wrote it and why."""
+    steps: list[Step] = state.get("steps", [])
+    done = [s for s in steps if s.status == "done"]
+    lines = [f"{s.id} {s.title}: {' '.join(s.output.split())[:160]}" for s in done]
+    intent = state.get("intent", "") or "The workflow"
+    return (
+        f"Summary built from the steps (the model did not write one: {why}). "
+        f"{intent} — {len(done)} of {len(steps)} steps done."
+        + ("".join(f"\n- {line}" for line in lines))
+    )
+
+
+async def _summarise(
+    state: WorkflowState, context: WorkflowContext, model: Any, max_attempts: int
+) -> tuple[str, Usage, list[str]]:
+    """Ask the model for the summary; on its last attempt, fall back to the steps.
+
+    Returns:
+        The summary, the model's usage and the name of the model that wrote it (none
+        for the fallback).
+
+    Raises:
+        ModelCallError: the call failed and the node's retry policy has attempts left.
+    """
+    decision = state.get("review")
+    steps = [s.model_dump(include={"id", "title", "status", "output"}) for s in state["steps"]]
+    prompt = SUMMARY_PROMPT.format(
+        intent=state.get("intent", ""),
+        steps=dumps(steps),
+        review=decision.model_dump_json() if decision else "none",
+    )
+    try:
+        message, usage = await invoke(
+            model, [HumanMessage(prompt)], node="finalize", timeout_s=context.model_timeout_s
+        )
+        if not message.text.strip():
+            raise ModelCallError("finalize", EMPTY_ANSWER, node_attempt())
+    except Exception as exc:
+        if node_attempt() < max_attempts and is_retryable(exc):
+            raise
+        # The steps are done and reviewed: one bad summary call must not lose them.
+        logger.warning("finalize: the summary falls back to the steps: %s", exc)
+        return steps_summary(state, str(exc)), Usage(), []
+    return message.text, usage, [model_name(model, message)]
+
+
 async def finalize(
-    state: WorkflowState, runtime: Runtime[WorkflowContext], config: RunnableConfig
+    state: WorkflowState,
+    runtime: Runtime[WorkflowContext],
+    config: RunnableConfig,
+    *,
+    max_attempts: int = MODEL_MAX_ATTEMPTS,
 ) -> dict[str, Any]:
     """Write the summary and the result; keep the workflow and the subject's note.
 
     An approved workflow goes to the library (unless it only repeats its basis); the
     basis, if any, counts one more use. With a long-term store, the run's note is kept
-    under its subject for later sessions to recall.
+    under its subject for later sessions to recall. When the model gives no summary in
+    `max_attempts` (the node's retry policy, bound by the graph), the summary is built
+    from the steps and says so.
     """
     context = context_of(runtime)
     decision = state.get("review")
     approved = decision is not None and decision.verdict == "approve"
     model = chat_model(context, "finalize")
-    steps = [s.model_dump(include={"id", "title", "status", "output"}) for s in state["steps"]]
-    message, usage = await invoke(
-        model,
-        [
-            HumanMessage(
-                SUMMARY_PROMPT.format(
-                    intent=state.get("intent", ""),
-                    steps=dumps(steps),
-                    review=decision.model_dump_json() if decision else "none",
-                )
-            )
-        ],
-        node="finalize",
-        timeout_s=context.model_timeout_s,
-    )
-    summary = message.text
+    summary, usage, summarised_by = await _summarise(state, context, model, max_attempts)
     error = None
     if not approved:
         rounds = state.get("review_rounds", 0)
@@ -171,7 +211,7 @@ async def finalize(
     except Exception as exc:  # keeping the example must not fail the session
         logger.warning("could not update the workflow library: %s", exc)
     session_id = str(config.get("configurable", {}).get("thread_id", ""))
-    models = sorted({*state.get("models", []), model_name(model, message)})
+    models = sorted({*state.get("models", []), *summarised_by})
     result = build_result(
         {**state, "models": models},
         session_id=session_id,
@@ -184,4 +224,4 @@ async def finalize(
         await _remember(runtime.store, state, session_id, result)
     except Exception as exc:  # the note must not fail the session either
         logger.warning("could not keep the session note for %s: %s", state["event"].subject, exc)
-    return {"result": result, "usage": usage, "models": [model_name(model, message)]}
+    return {"result": result, "usage": usage, "models": summarised_by}

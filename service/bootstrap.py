@@ -262,7 +262,7 @@ async def open_graph(
     library = await open_library(redis, embeddings=settings.embeddings)
     subject_store = await open_subject_store(redis)
     install_llm_cache(settings)
-    graph = build_graph(checkpointer, store=subject_store)
+    graph = build_graph(checkpointer, store=subject_store, model_retry=settings.model_retry())
     return graph, settings.context(library=library)
 
 

@@ -10,10 +10,11 @@ from pathlib import Path
 from typing import Annotated, Literal
 from urllib.parse import urlsplit, urlunsplit
 
+from langgraph.types import RetryPolicy
 from pydantic import Field, ValidationError, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
-from nodes.chat_models import default_model_spec
+from nodes.chat_models import MODEL_MAX_ATTEMPTS, default_model_spec, model_retry
 from nodes.context import WorkflowContext
 from nodes.models import EventLimits
 from service.errors import ConfigError
@@ -36,6 +37,12 @@ class Settings(BaseSettings):
     max_revise_rounds: int = Field(default=2, ge=0)
     max_tool_iterations: int = Field(default=4, ge=1)
     model_timeout_s: float = Field(default=60.0, gt=0)
+    model_max_attempts: int = Field(
+        default=MODEL_MAX_ATTEMPTS,
+        ge=1,
+        le=20,
+        description="Attempts of a model-calling node on transient provider faults.",
+    )
     embeddings: str | None = Field(
         default=None, description="`provider:model` of the library's embeddings: hybrid search."
     )
@@ -116,6 +123,10 @@ class Settings(BaseSettings):
     def event_limits(self) -> EventLimits:
         """Return what `CloudEvent.parse` allows of an incoming event."""
         return EventLimits(max_json_depth=self.max_json_depth, max_id_bytes=self.max_id_bytes)
+
+    def model_retry(self) -> RetryPolicy:
+        """Return the retry policy of the nodes that call models (`build_graph` takes it)."""
+        return model_retry(self.model_max_attempts)
 
     def context(self, **overrides: object) -> WorkflowContext:
         """Build the per-run options the graph reads."""

@@ -1,17 +1,22 @@
 """An OpenAI-compatible chat-completions server on loopback, answered by the offline model.
 
 Tests point `OPENAI_BASE_URL` at it so the real provider path (langchain-openai, the
-`openai` client, HTTP) runs end to end without a network or a key.
+`openai` client, HTTP) runs end to end without a network or a key. With a `FaultPlan`
+it answers a seeded share of the requests with the faults real providers show: rate
+limits, 5xx, answers that never come, dropped connections, invalid structured output,
+calls of unknown tools, tool arguments that are not JSON, bodies that are not JSON, and
+answers with no `choices` (`bench/faults.py` measures the graph against them).
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import random
 import threading
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -22,7 +27,7 @@ from langchain_core.messages import AIMessage, convert_to_messages, convert_to_o
 
 from nodes.chat_models import OfflineChatModel
 
-__all__ = ["ChatRequest", "OpenAICompatibleServer"]
+__all__ = ["FAULT_KINDS", "ChatRequest", "FaultPlan", "OpenAICompatibleServer"]
 
 logger = logging.getLogger(__name__)
 
@@ -37,6 +42,45 @@ _ERROR_TYPES = {
 }
 
 
+FAULT_KINDS = (
+    "rate_limit",
+    "server_error",
+    "timeout",
+    "dropped_connection",
+    "invalid_structured_output",
+    "unknown_tool",
+    "bad_tool_arguments",
+    "malformed_json",
+    "empty_choices",
+)
+"""The faults a `FaultPlan` draws from; every one is transient (the next call may pass)."""
+
+_HTTP_FAULTS = frozenset({"rate_limit", "server_error", "timeout", "dropped_connection"})
+"""Faults that need no completion to spoil, so they apply to streamed requests too."""
+
+
+@dataclass(frozen=True)
+class FaultPlan:
+    """Which share of the requests get a fault, of which kinds, drawn from a seed.
+
+    Each valid request draws once from `random.Random(seed)`: with probability `rate`
+    it gets one of `kinds`, chosen uniformly among those that apply to it (invalid
+    structured output only to a forced function call; a streamed request only gets the
+    HTTP-level faults). The same seed gives the same sequence of draws.
+    """
+
+    rate: float
+    seed: int = 0
+    kinds: tuple[str, ...] = FAULT_KINDS
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.rate <= 1:
+            raise ValueError(f"fault rate must be within [0, 1], not {self.rate}")
+        unknown = set(self.kinds) - set(FAULT_KINDS)
+        if unknown or not self.kinds:
+            raise ValueError(f"fault kinds must be some of {FAULT_KINDS}, not {self.kinds}")
+
+
 @dataclass
 class ChatRequest:
     """One request the server received, and how it answered."""
@@ -47,6 +91,8 @@ class ChatRequest:
     status: int = 200
     usage: dict[str, int] | None = None
     """The usage the answer reported; None when the answer was an error."""
+    fault: str | None = None
+    """The fault the server answered with (one of `FAULT_KINDS`), if any."""
     received_at: float = field(default_factory=time.monotonic)
 
     @property
@@ -63,17 +109,36 @@ class ChatRequest:
 class OpenAICompatibleServer:
     """`POST /v1/chat/completions` on 127.0.0.1, answered by `OfflineChatModel`.
 
-    Every request is recorded in `requests`; `fail_next` makes the next answers errors.
-    Use it as a context manager: it listens on a free port while the block runs.
+    Every request is recorded in `requests`; `fail_next` makes the next answers errors,
+    `faults` (or `inject`) spoils a seeded share of them. Use it as a context manager: it
+    listens on a free port while the block runs.
     """
 
-    def __init__(self, *, api_key: str = "sk-test-agentflow") -> None:
-        """Make a server that accepts `api_key` as its bearer token."""
+    def __init__(
+        self,
+        *,
+        api_key: str = "sk-test-agentflow",
+        faults: FaultPlan | None = None,
+        hang_s: float = 5.0,
+    ) -> None:
+        """Make a server.
+
+        Args:
+            api_key: the bearer token it accepts.
+            faults: the share of requests to spoil, and how (none: answer all well).
+            hang_s: how long a `timeout` fault holds its answer back; make it longer
+                than the client waits.
+        """
         self.api_key = api_key
+        self.hang_s = hang_s
         self.requests: list[ChatRequest] = []
         self._lock = threading.Lock()
         self._failures: list[int] = []
         self._fail_always: int | None = None
+        self._faults: FaultPlan | None = None
+        self._targeted: list[tuple[str, Callable[[dict[str, Any]], bool], int | None]] = []
+        self._rng = random.Random()
+        self.inject(faults)
         self._httpd: _LoopbackHTTPServer | None = None
         self._thread: threading.Thread | None = None
 
@@ -133,6 +198,52 @@ class OpenAICompatibleServer:
             else:
                 self._failures.extend([status] * count)
 
+    def inject(self, faults: FaultPlan | None) -> None:
+        """Spoil a seeded share of the next requests (None: answer them all well)."""
+        with self._lock:
+            self._faults = faults
+            self._rng = random.Random(faults.seed if faults is not None else 0)
+
+    def fault_when(
+        self, kind: str, match: Callable[[dict[str, Any]], bool], count: int | None = 1
+    ) -> None:
+        """Answer the next `count` requests whose body `match`es with fault `kind`.
+
+        None for `count`: every such request. Targeted faults come before the plan's.
+        """
+        if kind not in FAULT_KINDS:
+            raise ValueError(f"fault kind must be one of {FAULT_KINDS}, not {kind!r}")
+        with self._lock:
+            self._targeted.append((kind, match, count))
+
+    def faulted(self) -> list[ChatRequest]:
+        """The requests that got a fault of the `FaultPlan`."""
+        with self._lock:
+            return [r for r in self.requests if r.fault is not None]
+
+    def _draw_fault(self, body: dict[str, Any]) -> str | None:
+        """Draw the fault this request gets, if any."""
+        with self._lock:
+            for index, (kind, match, count) in enumerate(self._targeted):
+                if match(body):
+                    if count is not None:
+                        remaining = count - 1
+                        if remaining:
+                            self._targeted[index] = (kind, match, remaining)
+                        else:
+                            del self._targeted[index]
+                    return kind
+            plan = self._faults
+            if plan is None or self._rng.random() >= plan.rate:
+                return None
+            kinds = [
+                k
+                for k in plan.kinds
+                if (k in _HTTP_FAULTS or not body.get("stream"))
+                and (k != "invalid_structured_output" or _forced_name(body))
+            ]
+            return self._rng.choice(kinds) if kinds else None
+
     def answered(self) -> list[ChatRequest]:
         """The requests that got a completion, not an error."""
         with self._lock:
@@ -154,6 +265,10 @@ class _LoopbackHTTPServer(ThreadingHTTPServer):
     def __init__(self, owner: OpenAICompatibleServer) -> None:
         super().__init__(("127.0.0.1", 0), _ChatCompletionsHandler)
         self.owner = owner
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        # A client that gave up (a `timeout` fault) leaves a broken pipe: not news.
+        logger.debug("openai server: request from %s failed", client_address, exc_info=True)
 
 
 class _ChatCompletionsHandler(BaseHTTPRequestHandler):
@@ -191,6 +306,9 @@ class _ChatCompletionsHandler(BaseHTTPRequestHandler):
         elif (failure := self.owner._next_failure()) is not None:
             request.status = failure
             self._error(failure, f"the test told the server to answer {failure}.")
+        elif (fault := self.owner._draw_fault(body)) is not None:
+            request.fault = fault
+            self._fault(request, fault)
         else:
             try:
                 completion = _complete(body)
@@ -205,10 +323,45 @@ class _ChatCompletionsHandler(BaseHTTPRequestHandler):
             else:
                 self._json(HTTPStatus.OK, completion)
 
-    def _json(
-        self, status: int, payload: dict[str, Any], headers: dict[str, str] | None = None
-    ) -> None:
-        data = json.dumps(payload).encode()
+    def _fault(self, request: ChatRequest, fault: str) -> None:
+        """Answer with one of `FAULT_KINDS`."""
+        body = request.body
+        if fault == "rate_limit":
+            request.status = 429
+            self._error(429, "Rate limit reached (fault injected by the test server).")
+        elif fault == "server_error":
+            request.status = 500
+            self._error(500, "The server had an error (fault injected by the test server).")
+        elif fault == "dropped_connection":
+            request.status = 0
+            self.close_connection = True  # closed with no answer at all
+        elif fault == "timeout":
+            request.status = 0
+            self.close_connection = True
+            deadline = time.monotonic() + self.owner.hang_s
+            while time.monotonic() < deadline and self.owner.port is not None:
+                time.sleep(0.05)  # the client has given up by then; nothing is sent
+        else:
+            completion = _complete(body)
+            choice = completion["choices"][0]
+            if fault == "empty_choices":
+                completion["choices"] = []
+            elif fault == "malformed_json":
+                data = json.dumps(completion).encode()[:37]  # cut in the middle of a value
+                self._raw(HTTPStatus.OK, data)
+                return
+            else:
+                choice["message"] = {
+                    "role": "assistant",
+                    "content": None,
+                    "refusal": None,
+                    "tool_calls": [_spoiled_call(body, fault)],
+                }
+                choice["finish_reason"] = "tool_calls"
+            request.usage = completion["usage"]
+            self._json(HTTPStatus.OK, completion)
+
+    def _raw(self, status: int, data: bytes, headers: dict[str, str] | None = None) -> None:
         self.send_response(status)
         self.send_header("content-type", "application/json")
         self.send_header("content-length", str(len(data)))
@@ -217,6 +370,11 @@ class _ChatCompletionsHandler(BaseHTTPRequestHandler):
             self.send_header(name, value)
         self.end_headers()
         self.wfile.write(data)
+
+    def _json(
+        self, status: int, payload: dict[str, Any], headers: dict[str, str] | None = None
+    ) -> None:
+        self._raw(status, json.dumps(payload).encode(), headers)
 
     def _error(self, status: int, message: str) -> None:
         kind, code = _ERROR_TYPES.get(HTTPStatus(status), ("server_error", None))
@@ -233,6 +391,49 @@ class _ChatCompletionsHandler(BaseHTTPRequestHandler):
             self.wfile.flush()
         self.wfile.write(b"data: [DONE]\n\n")
         self.wfile.flush()
+
+
+def _forced_name(body: dict[str, Any]) -> str | None:
+    """The function a request forces the model to call, if it forces one."""
+    choice = body.get("tool_choice")
+    if isinstance(choice, dict):
+        return str(choice.get("function", {}).get("name") or "") or None
+    return None
+
+
+def _spoiled_call(body: dict[str, Any], fault: str) -> dict[str, Any]:
+    """A tool call that is wrong in the way `fault` says."""
+    tools = [t.get("function", {}).get("name") for t in body.get("tools") or []]
+    name = _forced_name(body) or (tools[0] if tools else "answer")
+    if fault == "unknown_tool":
+        name, arguments = "no_such_tool", "{}"
+    elif fault == "bad_tool_arguments":
+        arguments = '{"intent": "cut off'  # not JSON: the string and the object never end
+    else:  # invalid_structured_output: JSON, but every field of the wrong type
+        arguments = json.dumps(
+            {"intent": 7, "goals": "none", "steps": "none", "assignments": "none", "verdict": 0}
+        )
+    call_id = f"call_{uuid.uuid4().hex[:12]}"
+    return {"id": call_id, "type": "function", "function": {"name": name, "arguments": arguments}}
+
+
+def _readable(message: dict[str, Any]) -> dict[str, Any]:
+    """A message the offline model can read: tool arguments that are not JSON become `{}`.
+
+    OpenAI takes such a call back in the history as it was sent (it sent it); LangChain
+    would parse the arguments, so they are replaced.
+    """
+    calls = message.get("tool_calls")
+    if not calls:
+        return message
+    fixed = []
+    for call in calls:
+        try:
+            json.loads(call.get("function", {}).get("arguments") or "{}")
+        except ValueError:
+            call = {**call, "function": {**call["function"], "arguments": "{}"}}
+        fixed.append(call)
+    return {**message, "tool_calls": fixed}
 
 
 def _include_usage(body: dict[str, Any]) -> bool:
@@ -256,7 +457,7 @@ def _bound_tools(body: dict[str, Any]) -> dict[str, Any]:
 
 def _complete(body: dict[str, Any]) -> dict[str, Any]:
     """Answer a chat-completions request body with a `chat.completion` object."""
-    messages = convert_to_messages(body["messages"])
+    messages = convert_to_messages([_readable(m) for m in body["messages"]])
     kwargs = _bound_tools(body)
     model = OfflineChatModel()
     answer = model.bind(**kwargs).invoke(messages) if kwargs else model.invoke(messages)

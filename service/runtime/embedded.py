@@ -57,7 +57,8 @@ async def run_embedded(
             await seed_library(
                 default_library(), settings.library_seed, load_agents(settings.agents_file)
             )
-        runner = SessionRunner(build_graph(checkpointer), settings.context(), sink=sink)
+        graph = build_graph(checkpointer, model_retry=settings.model_retry())
+        runner = SessionRunner(graph, settings.context(), sink=sink)
         if event is None:
             return await runner.resume(session_id, answer)
         return await runner.start(event, session_id)

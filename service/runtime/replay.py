@@ -85,7 +85,8 @@ async def open_session_graph(settings: Settings) -> AsyncIterator[SessionGraph]:
                 "not set (run an event with `agentflow run`, or point AGENTFLOW_REDIS_URL at "
                 "the worker's Redis)"
             ) from None
-        yield SessionGraph(build_graph(sessions.saver), sessions.redis, sessions.where)
+        graph = build_graph(sessions.saver, model_retry=settings.model_retry())
+        yield SessionGraph(graph, sessions.redis, sessions.where)
 
 
 def _thread(session_id: str, checkpoint_id: str | None = None) -> RunnableConfig:

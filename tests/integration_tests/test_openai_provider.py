@@ -3,23 +3,31 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import socket
 from collections.abc import Iterator
 from typing import Any, cast
 
+import httpx
 import pytest
 from langchain_core.runnables import RunnableConfig
 from langgraph.checkpoint.memory import InMemorySaver
 from langgraph.graph.state import CompiledStateGraph
 
 from graphs.workflow import build_graph
-from nodes.chat_models import MODEL_RETRY, make_chat_model
+from nodes.chat_models import MODEL_RETRY, make_chat_model, model_retry
 from nodes.context import WorkflowContext
 from nodes.library import InMemoryWorkflowLibrary
 from nodes.models import WorkflowResult
 from service.runtime.runner import SessionRunner
 from service.storage.checkpoints import checkpoint_serde
-from tests.openai_server import SNAPSHOT, ChatRequest, OpenAICompatibleServer
+from tests.openai_server import (
+    FAULT_KINDS,
+    SNAPSHOT,
+    ChatRequest,
+    FaultPlan,
+    OpenAICompatibleServer,
+)
 
 MODEL = "openai:test-model"
 SERVED = f"test-model-{SNAPSHOT}"
@@ -37,12 +45,17 @@ def openai_server(monkeypatch: pytest.MonkeyPatch) -> Iterator[OpenAICompatibleS
     make_chat_model.cache_clear()  # the cached clients point at a closed port now
 
 
-def _context() -> WorkflowContext:
-    return WorkflowContext(model=MODEL, library=InMemoryWorkflowLibrary())
+FAST_RETRY = model_retry(initial_interval=0.01, max_interval=0.01, jitter=False)
+"""The default attempts without the waits: for tests that fault many calls."""
 
 
-def _runner() -> SessionRunner:
-    return SessionRunner(build_graph(InMemorySaver(serde=checkpoint_serde())), _context())
+def _context(**options: Any) -> WorkflowContext:
+    return WorkflowContext(model=MODEL, library=InMemoryWorkflowLibrary(), **options)
+
+
+def _runner(retry: Any = None, **options: Any) -> SessionRunner:
+    graph = build_graph(InMemorySaver(serde=checkpoint_serde()), model_retry=retry)
+    return SessionRunner(graph, _context(**options))
 
 
 def _forced_tool(request: ChatRequest) -> str | None:
@@ -194,3 +207,118 @@ async def test_streamed_runs_count_the_served_tokens(
     assert result.status == "completed", result.error
     served = sum(r.usage["prompt_tokens"] for r in openai_server.answered() if r.usage)
     assert result.usage.input_tokens == served > 0
+
+
+def _is_plan(body: dict[str, Any]) -> bool:
+    return _forced_tool(ChatRequest("", {}, body)) == "PlanDraft"
+
+
+def _is_agent_turn(body: dict[str, Any]) -> bool:
+    """The first turn of an agent with tools (the offline model calls them then)."""
+    roles = [m.get("role") for m in body.get("messages", [])]
+    return bool(body.get("tools")) and body.get("tool_choice") is None and "tool" not in roles
+
+
+def _is_summary(body: dict[str, Any]) -> bool:
+    return "<summary-request>" in json.dumps(body.get("messages", []))
+
+
+@pytest.mark.parametrize("kind", FAULT_KINDS)
+async def test_each_fault_kind_is_retried_and_the_run_completes(
+    openai_server: OpenAICompatibleServer, make_event: Any, kind: str
+) -> None:
+    openai_server.hang_s = 2.0
+    openai_server.fault_when(kind, _is_plan)
+
+    async with asyncio.timeout(60):
+        result = await _runner(FAST_RETRY, model_timeout_s=1.0).start(make_event(), f"s-{kind}")
+
+    assert result.status == "completed", result.error
+    faulted, retried = [r for r in openai_server.requests if _is_plan(r.body)]
+    assert (faulted.fault, retried.fault) == (kind, None)
+    assert result.usage.by_node["plan"] == 1  # a failed attempt's writes are dropped
+
+
+@pytest.mark.parametrize("kind", ["unknown_tool", "bad_tool_arguments"])
+async def test_an_agents_bad_tool_call_is_answered_and_the_step_goes_on(
+    openai_server: OpenAICompatibleServer, make_event: Any, kind: str
+) -> None:
+    openai_server.fault_when(kind, _is_agent_turn, count=None)
+
+    result = await _runner(FAST_RETRY).start(make_event(), f"s-agent-{kind}")
+
+    assert result.status == "completed", result.error
+    assert all(s.status == "done" and s.output for s in result.workflow.steps)
+    faulted = [r for r in openai_server.requests if r.fault == kind]
+    assert faulted
+    # the model's next turn carries an error result for the bad call, not a 400 for
+    # a call left unanswered
+    answers = [
+        m
+        for r in openai_server.answered()
+        for m in r.body["messages"]
+        if m["role"] == "tool"
+        and ("no tool named" in m["content"] or "not valid JSON" in m["content"])
+    ]
+    assert answers
+    assert all(_answers_its_tool_calls(r) for r in openai_server.answered() if "tool" in r.roles)
+
+
+@pytest.mark.parametrize(
+    ("kind", "reason"),
+    [
+        ("empty_choices", "plan: the provider returned an empty answer (5 attempts)"),
+        ("malformed_json", "plan: the provider returned a malformed answer (JSONDecodeError"),
+        ("bad_tool_arguments", "plan: the model's PlanDraft arguments are not valid JSON"),
+        ("invalid_structured_output", "plan: the model's answer is not a valid PlanDraft"),
+        ("unknown_tool", "plan: the model did not answer with a PlanDraft"),
+    ],
+)
+async def test_a_fault_that_persists_fails_the_run_with_a_reason(
+    openai_server: OpenAICompatibleServer, make_event: Any, kind: str, reason: str
+) -> None:
+    openai_server.fault_when(kind, _is_plan, count=None)
+
+    result = await _runner(FAST_RETRY).start(make_event(), f"s-always-{kind}")
+
+    assert result.status == "failed"
+    assert result.error is not None
+    assert result.error.startswith(f"ModelCallError: {reason}") or result.error.startswith(
+        f"StructuredOutputError: {reason}"
+    ), result.error
+    assert result.error.endswith("(5 attempts)"), result.error
+    assert len([r for r in openai_server.requests if _is_plan(r.body)]) == 5
+
+
+async def test_finalize_keeps_an_approved_workflow_when_the_summary_fails(
+    openai_server: OpenAICompatibleServer, make_event: Any
+) -> None:
+    openai_server.fault_when("empty_choices", _is_summary, count=None)
+    library = InMemoryWorkflowLibrary()
+    graph = build_graph(InMemorySaver(serde=checkpoint_serde()), model_retry=FAST_RETRY)
+    runner = SessionRunner(graph, WorkflowContext(model=MODEL, library=library))
+
+    result = await runner.start(make_event(), "s-no-summary")
+
+    assert result.status == "completed", result.error
+    assert result.review.verdict == "approve"
+    assert result.summary.startswith("Summary built from the steps (the model did not write one: ")
+    assert "finalize: the provider returned an empty answer (5 attempts)" in result.summary
+    assert [r.fault for r in openai_server.requests if _is_summary(r.body)] == ["empty_choices"] * 5
+    assert len(library) == 1  # the approved workflow is kept for later sessions
+
+
+def test_the_fault_plan_is_drawn_from_its_seed() -> None:
+    plan = FaultPlan(rate=0.5, seed=11, kinds=("rate_limit", "server_error", "empty_choices"))
+    draws = []
+    for _ in range(2):
+        with OpenAICompatibleServer(faults=plan) as server, httpx.Client() as client:
+            for i in range(20):
+                client.post(
+                    f"{server.base_url}/chat/completions",
+                    headers={"authorization": f"Bearer {server.api_key}"},
+                    json={"model": "m", "messages": [{"role": "user", "content": f"hi {i}"}]},
+                )
+            draws.append([r.fault for r in server.requests])
+    assert draws[0] == draws[1]
+    assert {"rate_limit", "server_error", "empty_choices", None} == set(draws[0])

@@ -10,9 +10,10 @@ from typing import Any
 from langchain_core.messages import BaseMessage
 from langchain_core.outputs import ChatResult
 from langgraph.checkpoint.memory import InMemorySaver
+from langgraph.types import RetryPolicy
 
 from graphs.workflow import build_graph
-from nodes.chat_models import OfflineChatModel
+from nodes.chat_models import OfflineChatModel, model_retry
 from nodes.context import WorkflowContext
 from service.runtime.runner import SessionRunner
 from service.storage.checkpoints import checkpoint_serde
@@ -51,12 +52,18 @@ def write_agents(tmp_path: Path, tools_module: str, body: str, module: str = "te
     return path
 
 
-def runner_for(context: WorkflowContext) -> tuple[SessionRunner, list[Transition]]:
+FAST_RETRY = model_retry(initial_interval=0.001, max_interval=0.001, jitter=False)
+"""The model nodes' default attempts without the waits between them: tests do not sleep."""
+
+
+def runner_for(
+    context: WorkflowContext, *, retry: RetryPolicy = FAST_RETRY
+) -> tuple[SessionRunner, list[Transition]]:
     """A runner on an in-memory checkpointer, and the list its transitions go to."""
     seen: list[Transition] = []
 
     async def sink(t: Transition) -> None:
         seen.append(t)
 
-    graph = build_graph(InMemorySaver(serde=checkpoint_serde()))
+    graph = build_graph(InMemorySaver(serde=checkpoint_serde()), model_retry=retry)
     return SessionRunner(graph, context, sink=sink), seen

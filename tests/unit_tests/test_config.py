@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 
 from service.config import load_settings, redact_url
+from service.errors import ConfigError
 
 
 @pytest.mark.parametrize(
@@ -23,3 +24,19 @@ def test_redact_url_hides_only_the_password(url: str | None, shown: str) -> None
 def test_settings_repr_shows_no_redis_password() -> None:
     settings = load_settings(redis_url="redis://:s3cret@db.example:6379/0", api_tokens="tok1")
     assert "s3cret" not in repr(settings) and "tok1" not in repr(settings)
+
+
+def test_model_max_attempts_sets_the_retry_policy_of_model_nodes(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    assert load_settings().model_retry().max_attempts == 5  # the default
+    monkeypatch.setenv("AGENTFLOW_MODEL_MAX_ATTEMPTS", "7")
+    policy = load_settings().model_retry()
+    assert policy.max_attempts == 7
+    assert policy.jitter and policy.backoff_factor == 2  # exponential, with jitter
+
+
+def test_model_max_attempts_below_one_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("AGENTFLOW_MODEL_MAX_ATTEMPTS", "0")
+    with pytest.raises(ConfigError, match="AGENTFLOW_MODEL_MAX_ATTEMPTS"):
+        load_settings()

@@ -108,7 +108,8 @@ agents:
 
 
 async def test_failed_step_is_revised_then_completes(make_event: Any) -> None:
-    failures = {"left": 3}  # one attempt plus two node retries, then the step is failed
+    # every attempt of the node's retry policy fails, then the step is failed
+    failures = {"left": MODEL_RETRY.max_attempts}
 
     def hook(text: str, kw: dict[str, Any]) -> Any:
         if '"id": "s3"' in text and "<step>" in text and failures["left"] > 0:
