@@ -5,7 +5,8 @@ Redis (records from `SessionStore`, state and history from the checkpointer) and
 followed live over Server-Sent Events (the transition log, then pub/sub).
 
 This module only assembles the app: the routers of `service.gateway.routes`, the error
-answers, CORS, the page's files and the API docs (served from a wheel, not a CDN).
+answers, the middleware (security headers, CORS, the token and body-size gate), the page's
+files and the API docs' files (served from a wheel, not a CDN).
 
 Example:
     ```python
@@ -40,7 +41,9 @@ from service.config import Settings, redact_url
 from service.errors import KafkaUnavailable
 from service.gateway.backends import REDIS_ERRORS, Backends
 from service.gateway.routes import events, ops, sessions, stream
-from service.gateway.schemas import FieldProblem, Problem, unprocessable
+from service.gateway.auth import RequestGate
+from service.gateway.headers import SecurityHeaders
+from service.gateway.schemas import FieldProblem, problem_response, unprocessable
 
 __all__ = ["create_app", "serve_gateway"]
 
@@ -76,10 +79,13 @@ def create_app(settings: Settings, *, keepalive_s: float = 15.0) -> FastAPI:
         finally:
             await backends.close()
 
-    # FastAPIOffline: /docs loads Swagger UI from this server (the files ship in the
-    # fastapi-offline wheel), so it works offline; FastAPI's own loads it from a CDN.
-    # No /redoc: ReDoc fetches its logo from its CDN even so.
+    # FastAPIOffline serves Swagger UI's files from this server (they ship in the
+    # fastapi-offline wheel), so /docs works offline; FastAPI's own loads them from a CDN.
+    # Its /docs page starts Swagger UI with an inline script, which the CSP forbids: the
+    # page is ours (routes/ops.py), its script a file. No /redoc: ReDoc fetches its logo
+    # from its CDN even so.
     app = FastAPIOffline(
+        docs_url=None,
         redoc_url=None,
         title="agentflow gateway",
         version="0.1.0",
@@ -87,6 +93,9 @@ def create_app(settings: Settings, *, keepalive_s: float = 15.0) -> FastAPI:
         lifespan=lifespan,
     )
     app.state.backends = backends
+    # The last added runs first: the security headers go on every answer, CORS headers on
+    # the gate's 401s and 413s too, and the gate answers before a route reads the body.
+    app.add_middleware(RequestGate, routes=app.router.routes, settings=settings)
     if settings.cors_origins:
         app.add_middleware(
             CORSMiddleware,
@@ -94,6 +103,7 @@ def create_app(settings: Settings, *, keepalive_s: float = 15.0) -> FastAPI:
             allow_methods=["GET", "POST"],
             allow_headers=["Authorization", "Content-Type", "Last-Event-ID"],
         )
+    app.add_middleware(SecurityHeaders)
     _answer_errors_as_problems(app, settings)
     for module in (ops, events, sessions, stream):
         app.include_router(module.router)
@@ -101,17 +111,12 @@ def create_app(settings: Settings, *, keepalive_s: float = 15.0) -> FastAPI:
     return app
 
 
-def _problem(status: int, detail: Any, headers: dict[str, str] | None = None) -> JSONResponse:
-    body = detail if isinstance(detail, dict) else {"detail": detail}
-    return JSONResponse(Problem.model_validate(body).model_dump(), status, headers=headers)
-
-
 def _answer_errors_as_problems(app: FastAPI, settings: Settings) -> None:
     """Answer every error as a `Problem`: HTTP errors, invalid requests, Kafka or Redis down."""
 
     @app.exception_handler(StarletteHTTPException)
     async def http_problem(request: Request, exc: StarletteHTTPException) -> JSONResponse:
-        return _problem(exc.status_code, exc.detail, dict(exc.headers or {}))
+        return problem_response(exc.status_code, exc.detail, dict(exc.headers or {}))
 
     @app.exception_handler(RequestValidationError)
     async def invalid_request(request: Request, exc: RequestValidationError) -> JSONResponse:
@@ -121,14 +126,15 @@ def _answer_errors_as_problems(app: FastAPI, settings: Settings) -> None:
             if loc and loc[0] in ("body", "query", "path", "header"):
                 loc = loc[1:]
             errors.append(FieldProblem(field=".".join(loc) or "(body)", reason=err["msg"]))
-        return _problem(422, unprocessable("invalid request", errors).detail)
+        return problem_response(422, unprocessable("invalid request", errors).detail)
 
     @app.exception_handler(KafkaUnavailable)
     async def kafka_down(request: Request, exc: KafkaUnavailable) -> JSONResponse:
-        return _problem(503, str(exc), {"Retry-After": "5"})
+        return problem_response(503, str(exc), {"Retry-After": "5"})
 
     async def redis_down(request: Request, exc: Exception) -> JSONResponse:
-        return _problem(503, f"Redis at {redact_url(settings.redis_url)} is unreachable: {exc}")
+        where = redact_url(settings.redis_url)
+        return problem_response(503, f"Redis at {where} is unreachable: {exc}")
 
     for error in REDIS_ERRORS:
         app.add_exception_handler(error, redis_down)

@@ -1,4 +1,10 @@
-"""Bearer tokens: the dependencies that let a request through with one of AGENTFLOW_API_TOKENS.
+"""Bearer tokens: a request gets through with one of AGENTFLOW_API_TOKENS.
+
+Two parts check the same rule. `RequestGate`, an ASGI middleware, checks the token before
+anything of the request's body is read (FastAPI parses a route's body parameters before it
+runs the route's dependencies) and bounds the body. The dependencies, `require_token` and
+`require_token_or_query`, mark the routes that need a token, for the gate and for the
+OpenAPI document, and check it again inside the route.
 
 With no tokens configured every request passes (local development; the app warns at start).
 """
@@ -11,12 +17,16 @@ from typing import Annotated, Any
 from fastapi import Depends, Query
 from fastapi.exceptions import HTTPException
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from fastapi.security.utils import get_authorization_scheme_param
+from starlette.datastructures import Headers, QueryParams
+from starlette.routing import BaseRoute, Match
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from service.config import Settings
 from service.gateway.backends import BackendsDep
-from service.gateway.schemas import Problem
+from service.gateway.schemas import Problem, problem_response
 
-__all__ = ["AUTH_ERRORS", "require_token", "require_token_or_query"]
+__all__ = ["AUTH_ERRORS", "RequestGate", "require_token", "require_token_or_query"]
 
 AUTH_ERRORS: dict[int | str, dict[str, Any]] = {
     401: {"model": Problem, "description": "Missing or invalid bearer token."}
@@ -59,3 +69,80 @@ async def require_token_or_query(
     """Like `require_token`, also taking `?access_token=` (EventSource sets no headers)."""
     token = credentials.credentials if credentials else access_token
     _check_token(backends.settings, token)
+
+
+class RequestGate:
+    """ASGI middleware: check the token and bound the body before a route reads a byte of it.
+
+    A route that declares `require_token` (or `require_token_or_query`, itself or through
+    its router) is answered `401` here, before its body is read. Every body is bounded by
+    AGENTFLOW_MAX_EVENT_BYTES (whatever the API takes becomes an event): `413` up front
+    when `Content-Length` says more, or as soon as the bytes read pass it. Starlette's own
+    `max_body_size` bounds too, but answers a plain `Content Too Large` that names no
+    setting, and cannot authenticate first.
+    """
+
+    def __init__(self, app: ASGIApp, *, routes: list[BaseRoute], settings: Settings) -> None:
+        """Wrap `app`, whose `routes` (the app's list, read at each request) say who needs a token."""
+        self.app = app
+        self.routes = routes
+        self.settings = settings
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """Answer 401 or 413 at once, or pass the request on with its body bounded."""
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        limit = self.settings.max_event_bytes
+        try:
+            self._authenticate(scope)
+            declared = Headers(scope=scope).get("content-length")
+            if declared is not None and declared.isdigit() and int(declared) > limit:
+                raise _too_large(limit)
+        except HTTPException as exc:
+            await problem_response(exc.status_code, exc.detail, exc.headers)(scope, receive, send)
+            return
+        await self.app(scope, _bounded(receive, limit), send)
+
+    def _authenticate(self, scope: Scope) -> None:
+        """Check the token of a request whose route needs one (what its dependencies say)."""
+        route = next((r for r in self.routes if r.matches(scope)[0] is Match.FULL), None)
+        needs = {getattr(d, "dependency", None) for d in getattr(route, "dependencies", [])}
+        if require_token_or_query in needs:
+            _check_token(self.settings, _presented(scope, query=True))
+        elif require_token in needs:
+            _check_token(self.settings, _presented(scope, query=False))
+
+
+def _presented(scope: Scope, *, query: bool) -> str | None:
+    """Return the token a request carries, as `HTTPBearer` reads it (or `?access_token=`)."""
+    scheme, credentials = get_authorization_scheme_param(
+        Headers(scope=scope).get("authorization")
+    )
+    if scheme.lower() == "bearer" and credentials:
+        return credentials
+    if query:
+        return QueryParams(scope["query_string"]).get("access_token")
+    return None
+
+
+def _too_large(limit: int) -> HTTPException:
+    return HTTPException(
+        413, f"the request body is larger than AGENTFLOW_MAX_EVENT_BYTES ({limit} bytes)"
+    )
+
+
+def _bounded(receive: Receive, limit: int) -> Receive:
+    """Return `receive`, raising a 413 once the body read passes `limit` bytes."""
+    read = 0
+
+    async def bounded() -> Message:
+        nonlocal read
+        message = await receive()
+        if message["type"] == "http.request":
+            read += len(message.get("body", b""))
+            if read > limit:
+                raise _too_large(limit)
+        return message
+
+    return bounded
