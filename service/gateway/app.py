@@ -39,10 +39,10 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from service.bootstrap import log_startup
 from service.config import Settings, redact_url
 from service.errors import KafkaUnavailable
-from service.gateway.backends import REDIS_ERRORS, Backends
-from service.gateway.routes import events, ops, sessions, stream
 from service.gateway.auth import RequestGate
+from service.gateway.backends import REDIS_ERRORS, Backends
 from service.gateway.headers import SecurityHeaders
+from service.gateway.routes import events, ops, sessions, stream
 from service.gateway.schemas import FieldProblem, problem_response, unprocessable
 
 __all__ = ["create_app", "serve_gateway"]

@@ -83,7 +83,7 @@ class RequestGate:
     """
 
     def __init__(self, app: ASGIApp, *, routes: list[BaseRoute], settings: Settings) -> None:
-        """Wrap `app`, whose `routes` (the app's list, read at each request) say who needs a token."""
+        """Wrap `app`; its `routes` (read at each request) say which need a token."""
         self.app = app
         self.routes = routes
         self.settings = settings
@@ -116,9 +116,7 @@ class RequestGate:
 
 def _presented(scope: Scope, *, query: bool) -> str | None:
     """Return the token a request carries, as `HTTPBearer` reads it (or `?access_token=`)."""
-    scheme, credentials = get_authorization_scheme_param(
-        Headers(scope=scope).get("authorization")
-    )
+    scheme, credentials = get_authorization_scheme_param(Headers(scope=scope).get("authorization"))
     if scheme.lower() == "bearer" and credentials:
         return credentials
     if query:

@@ -91,8 +91,11 @@ document.addEventListener("securitypolicyviolation", (e) => {
 
 
 async def watched_context(browser: Any, url: str, problems: list[str]) -> Any:
-    """A browser context whose tabs report script errors, CSP violations, documents served
-    without the gateway's CSP, and requests leaving the gateway, into `problems`."""
+    """Open a browser context whose tabs report what goes wrong into `problems`.
+
+    That is: script errors, CSP violations, documents served without the gateway's CSP,
+    and requests that leave the gateway.
+    """
     context = await browser.new_context(viewport={"width": 1440, "height": 1000})
     await context.expose_binding(
         "__cspViolation", lambda _source, text: problems.append(f"CSP violation: {text}")
@@ -128,8 +131,7 @@ async def watched_context(browser: Any, url: str, problems: list[str]) -> Any:
 
 @pytest.fixture
 async def page(browser: Any, stack: tuple[Settings, str, Worker]) -> AsyncIterator[Any]:
-    """A page that fails the test on script errors, CSP violations, documents without the
-    CSP, or requests leaving the gateway (in any tab of its context)."""
+    """Open a page that fails the test on anything `watched_context` reports, in any tab."""
     problems: list[str] = []
     context = await watched_context(browser, stack[1], problems)
     tab = await context.new_page()
