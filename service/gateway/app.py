@@ -43,7 +43,7 @@ from service.gateway.auth import RequestGate
 from service.gateway.backends import REDIS_ERRORS, Backends
 from service.gateway.headers import SecurityHeaders
 from service.gateway.routes import events, ops, sessions, stream
-from service.gateway.schemas import FieldProblem, problem_response, unprocessable
+from service.gateway.schemas import FieldProblem, Problem, unprocessable
 
 __all__ = ["create_app", "serve_gateway"]
 
@@ -93,9 +93,9 @@ def create_app(settings: Settings, *, keepalive_s: float = 15.0) -> FastAPI:
         lifespan=lifespan,
     )
     app.state.backends = backends
-    # The last added runs first: the security headers go on every answer, CORS headers on
-    # the gate's 401s and 413s too, and the gate answers before a route reads the body.
-    app.add_middleware(RequestGate, routes=app.router.routes, settings=settings)
+    # The last added runs first: the security headers go on every answer, and the gate
+    # checks the token and the size before a route reads a body.
+    app.add_middleware(RequestGate, settings=settings)
     if settings.cors_origins:
         app.add_middleware(
             CORSMiddleware,
@@ -111,12 +111,17 @@ def create_app(settings: Settings, *, keepalive_s: float = 15.0) -> FastAPI:
     return app
 
 
+def _problem(status: int, detail: Any, headers: dict[str, str] | None = None) -> JSONResponse:
+    body = detail if isinstance(detail, dict) else {"detail": detail}
+    return JSONResponse(Problem.model_validate(body).model_dump(), status, headers=headers)
+
+
 def _answer_errors_as_problems(app: FastAPI, settings: Settings) -> None:
     """Answer every error as a `Problem`: HTTP errors, invalid requests, Kafka or Redis down."""
 
     @app.exception_handler(StarletteHTTPException)
     async def http_problem(request: Request, exc: StarletteHTTPException) -> JSONResponse:
-        return problem_response(exc.status_code, exc.detail, dict(exc.headers or {}))
+        return _problem(exc.status_code, exc.detail, dict(exc.headers or {}))
 
     @app.exception_handler(RequestValidationError)
     async def invalid_request(request: Request, exc: RequestValidationError) -> JSONResponse:
@@ -126,15 +131,15 @@ def _answer_errors_as_problems(app: FastAPI, settings: Settings) -> None:
             if loc and loc[0] in ("body", "query", "path", "header"):
                 loc = loc[1:]
             errors.append(FieldProblem(field=".".join(loc) or "(body)", reason=err["msg"]))
-        return problem_response(422, unprocessable("invalid request", errors).detail)
+        return _problem(422, unprocessable("invalid request", errors).detail)
 
     @app.exception_handler(KafkaUnavailable)
     async def kafka_down(request: Request, exc: KafkaUnavailable) -> JSONResponse:
-        return problem_response(503, str(exc), {"Retry-After": "5"})
+        return _problem(503, str(exc), {"Retry-After": "5"})
 
     async def redis_down(request: Request, exc: Exception) -> JSONResponse:
         where = redact_url(settings.redis_url)
-        return problem_response(503, f"Redis at {where} is unreachable: {exc}")
+        return _problem(503, f"Redis at {where} is unreachable: {exc}")
 
     for error in REDIS_ERRORS:
         app.add_exception_handler(error, redis_down)

@@ -19,12 +19,11 @@ from fastapi.exceptions import HTTPException
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from fastapi.security.utils import get_authorization_scheme_param
 from starlette.datastructures import Headers, QueryParams
-from starlette.routing import BaseRoute, Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from service.config import Settings
 from service.gateway.backends import BackendsDep
-from service.gateway.schemas import Problem, problem_response
+from service.gateway.schemas import Problem
 
 __all__ = ["AUTH_ERRORS", "RequestGate", "require_token", "require_token_or_query"]
 
@@ -72,41 +71,59 @@ async def require_token_or_query(
 
 
 class RequestGate:
-    """ASGI middleware: check the token and bound the body before a route reads a byte of it.
+    """ASGI middleware: check the token and the body's size before a byte of the body is read.
 
-    A route that declares `require_token` (or `require_token_or_query`, itself or through
-    its router) is answered `401` here, before its body is read. Every body is bounded by
-    AGENTFLOW_MAX_EVENT_BYTES (whatever the API takes becomes an event): `413` up front
-    when `Content-Length` says more, or as soon as the bytes read pass it. Starlette's own
-    `max_body_size` bounds too, but answers a plain `Content Too Large` that names no
-    setting, and cannot authenticate first.
+    FastAPI reads a route's body parameters before it runs the route's dependencies, so
+    `require_token` alone would let anyone make the gateway read, and hold, a body of any
+    size. The gate guards the request's `receive`: when the route (chosen by then) first
+    asks for the body, a route that declares `require_token` (or `require_token_or_query`,
+    itself or through its router) gets a 401 unless the token is valid, and every body
+    gets a 413 when its `Content-Length` says more than AGENTFLOW_MAX_EVENT_BYTES (whatever
+    the API takes becomes an event), or as soon as the bytes read pass it. A route that
+    never reads its body never holds it. Starlette's own `max_body_size` bounds too, but
+    answers a plain `Content Too Large` that names no setting, and cannot authenticate.
     """
 
-    def __init__(self, app: ASGIApp, *, routes: list[BaseRoute], settings: Settings) -> None:
-        """Wrap `app`; its `routes` (read at each request) say which need a token."""
+    def __init__(self, app: ASGIApp, *, settings: Settings) -> None:
+        """Wrap `app`."""
         self.app = app
-        self.routes = routes
         self.settings = settings
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        """Answer 401 or 413 at once, or pass the request on with its body bounded."""
+        """Pass the request on with its `receive` guarded."""
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
+        await self.app(scope, self._guarded(scope, receive), send)
+
+    def _guarded(self, scope: Scope, receive: Receive) -> Receive:
         limit = self.settings.max_event_bytes
-        try:
-            self._authenticate(scope)
-            declared = Headers(scope=scope).get("content-length")
-            if declared is not None and declared.isdigit() and int(declared) > limit:
-                raise _too_large(limit)
-        except HTTPException as exc:
-            await problem_response(exc.status_code, exc.detail, exc.headers)(scope, receive, send)
-            return
-        await self.app(scope, _bounded(receive, limit), send)
+        read: int | None = None  # None: the body was not asked for yet
+
+        async def guarded() -> Message:
+            nonlocal read
+            if read is None:
+                self._authenticate(scope)
+                declared = Headers(scope=scope).get("content-length")
+                if declared is not None and declared.isdigit() and int(declared) > limit:
+                    raise _too_large(limit)
+                read = 0
+            message = await receive()
+            if message["type"] == "http.request":
+                read += len(message.get("body", b""))
+                if read > limit:
+                    raise _too_large(limit)
+            return message
+
+        return guarded
 
     def _authenticate(self, scope: Scope) -> None:
-        """Check the token of a request whose route needs one (what its dependencies say)."""
-        route = next((r for r in self.routes if r.matches(scope)[0] is Match.FULL), None)
+        """Check the token when the request's route needs one (what its dependencies say).
+
+        Raises:
+            HTTPException: 401, as the dependencies answer it.
+        """
+        route = scope.get("route")  # set by the router once it has chosen the route
         needs = {getattr(d, "dependency", None) for d in getattr(route, "dependencies", [])}
         if require_token_or_query in needs:
             _check_token(self.settings, _presented(scope, query=True))
@@ -128,19 +145,3 @@ def _too_large(limit: int) -> HTTPException:
     return HTTPException(
         413, f"the request body is larger than AGENTFLOW_MAX_EVENT_BYTES ({limit} bytes)"
     )
-
-
-def _bounded(receive: Receive, limit: int) -> Receive:
-    """Return `receive`, raising a 413 once the body read passes `limit` bytes."""
-    read = 0
-
-    async def bounded() -> Message:
-        nonlocal read
-        message = await receive()
-        if message["type"] == "http.request":
-            read += len(message.get("body", b""))
-            if read > limit:
-                raise _too_large(limit)
-        return message
-
-    return bounded

@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from datetime import datetime
 from typing import Any, Literal
 from urllib.parse import quote
 
 from fastapi.exceptions import HTTPException
-from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field
 
 from nodes.models import ResultWorkflow, WorkflowResult
@@ -31,7 +29,6 @@ __all__ = [
     "SessionPage",
     "SessionReview",
     "SessionSummary",
-    "problem_response",
     "unprocessable",
 ]
 
@@ -54,14 +51,6 @@ def unprocessable(detail: str, errors: list[FieldProblem]) -> HTTPException:
     """Return a 422 whose detail names each field and what is wrong with it."""
     text = "; ".join(f"field '{e.field}': {e.reason}" for e in errors)
     return HTTPException(422, {"detail": f"{detail}: {text}" if text else detail, "errors": errors})
-
-
-def problem_response(
-    status: int, detail: Any, headers: Mapping[str, str] | None = None
-) -> JSONResponse:
-    """Return an error answer: a `Problem` from a detail string or `{detail, errors}`."""
-    body = detail if isinstance(detail, dict) else {"detail": detail}
-    return JSONResponse(Problem.model_validate(body).model_dump(), status, headers=headers)
 
 
 REDIS_DOWN: dict[int | str, dict[str, Any]] = {

@@ -805,21 +805,24 @@ async def test_the_token_is_checked_and_the_body_bounded_before_the_body_is_read
     chunk = b"x" * 5000
     chunked = b"%x\r\n%s\r\n" % (len(chunk), chunk)
     good = json_body | {"Authorization": "Bearer token-one"}
-    for path in ("/events", f"/sessions/{session_id}/resume", f"/sessions/{session_id}/cancel"):
+    cancel = f"/sessions/{session_id}/cancel"
+    for path in ("/events", f"/sessions/{session_id}/resume", cancel):
         status, body = await first_answer(url, path, json_body | huge, start)
         assert (status, body["detail"]) == (401, "a bearer token is required"), path
         wrong = json_body | huge | {"Authorization": "Bearer nope"}
         status, body = await first_answer(url, path, wrong, start)
         assert (status, body["detail"]) == (401, "the bearer token is not valid"), path
+    for path in ("/events", f"/sessions/{session_id}/resume"):
         # With the token, over AGENTFLOW_MAX_EVENT_BYTES by its length: 413 before reading.
         status, body = await first_answer(url, path, good | huge, start)
         assert status == 413 and "AGENTFLOW_MAX_EVENT_BYTES (4096 bytes)" in body["detail"], path
-    # A body of no announced length: 413 once what is read passes the bound. (Cancel takes
-    # no body and reads none.)
-    for path in ("/events", f"/sessions/{session_id}/resume"):
+        # Of no announced length: 413 once what is read passes the bound.
         chunked_head = good | {"Transfer-Encoding": "chunked"}
         status, body = await first_answer(url, path, chunked_head, chunked)
         assert status == 413 and "AGENTFLOW_MAX_EVENT_BYTES" in body["detail"], path
+    # Cancel takes no body: it answers without reading (or holding) what is sent.
+    status, body = await first_answer(url, cancel, good | huge, start)
+    assert status == 409 and "already ended" in body["detail"]
 
     async with httpx.AsyncClient(base_url=url, timeout=30, headers=good) as http:
         # Within the bound, the body reaches the route (which says the session has ended).
