@@ -85,6 +85,10 @@ class Settings(BaseSettings):
         default=False, description="Enable on real Kafka; Tansu's memory storage lacks it."
     )
     metrics_port: int | None = None
+    metrics_host: str = Field(
+        default="127.0.0.1",
+        description="Address the worker's metrics listen on; `0.0.0.0` for remote scrapers.",
+    )
     gateway_host: str = "127.0.0.1"
     gateway_port: int = Field(default=8080, ge=0, le=65535)
     api_tokens: Annotated[list[str], NoDecode] = Field(

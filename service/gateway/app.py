@@ -5,7 +5,8 @@ Redis (records from `SessionStore`, state and history from the checkpointer) and
 followed live over Server-Sent Events (the transition log, then pub/sub).
 
 This module only assembles the app: the routers of `service.gateway.routes`, the error
-answers, CORS, the page's files and the API docs (served from a wheel, not a CDN).
+answers, the middleware (security headers, CORS, the token and body-size gate), the page's
+files and the API docs' files (served from a wheel, not a CDN).
 
 Example:
     ```python
@@ -38,7 +39,9 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from service.bootstrap import log_startup
 from service.config import Settings, redact_url
 from service.errors import KafkaUnavailable
+from service.gateway.auth import RequestGate
 from service.gateway.backends import REDIS_ERRORS, Backends
+from service.gateway.headers import SecurityHeaders
 from service.gateway.routes import events, ops, sessions, stream
 from service.gateway.schemas import FieldProblem, Problem, unprocessable
 
@@ -76,10 +79,13 @@ def create_app(settings: Settings, *, keepalive_s: float = 15.0) -> FastAPI:
         finally:
             await backends.close()
 
-    # FastAPIOffline: /docs loads Swagger UI from this server (the files ship in the
-    # fastapi-offline wheel), so it works offline; FastAPI's own loads it from a CDN.
-    # No /redoc: ReDoc fetches its logo from its CDN even so.
+    # FastAPIOffline serves Swagger UI's files from this server (they ship in the
+    # fastapi-offline wheel), so /docs works offline; FastAPI's own loads them from a CDN.
+    # Its /docs page starts Swagger UI with an inline script, which the CSP forbids: the
+    # page is ours (routes/ops.py), its script a file. No /redoc: ReDoc fetches its logo
+    # from its CDN even so.
     app = FastAPIOffline(
+        docs_url=None,
         redoc_url=None,
         title="agentflow gateway",
         version="0.1.0",
@@ -87,6 +93,9 @@ def create_app(settings: Settings, *, keepalive_s: float = 15.0) -> FastAPI:
         lifespan=lifespan,
     )
     app.state.backends = backends
+    # The last added runs first: the security headers go on every answer, and the gate
+    # checks the token and the size before a route reads a body.
+    app.add_middleware(RequestGate, settings=settings)
     if settings.cors_origins:
         app.add_middleware(
             CORSMiddleware,
@@ -94,6 +103,7 @@ def create_app(settings: Settings, *, keepalive_s: float = 15.0) -> FastAPI:
             allow_methods=["GET", "POST"],
             allow_headers=["Authorization", "Content-Type", "Last-Event-ID"],
         )
+    app.add_middleware(SecurityHeaders)
     _answer_errors_as_problems(app, settings)
     for module in (ops, events, sessions, stream):
         app.include_router(module.router)
@@ -128,7 +138,8 @@ def _answer_errors_as_problems(app: FastAPI, settings: Settings) -> None:
         return _problem(503, str(exc), {"Retry-After": "5"})
 
     async def redis_down(request: Request, exc: Exception) -> JSONResponse:
-        return _problem(503, f"Redis at {redact_url(settings.redis_url)} is unreachable: {exc}")
+        where = redact_url(settings.redis_url)
+        return _problem(503, f"Redis at {where} is unreachable: {exc}")
 
     for error in REDIS_ERRORS:
         app.add_exception_handler(error, redis_down)

@@ -143,6 +143,9 @@ class Backends:
         """Return the workflow graph on the Redis checkpointer (for state and history)."""
         async with self._graph_lock:
             if self._graph is None:
+                # The saver's set-up wraps an unreachable Redis in redisvl's own error (a
+                # 500): a ping first makes it the ConnectionError that is answered 503.
+                await self.redis.ping()
                 self._graph = build_graph(await open_checkpointer(self.redis))
             return self._graph
 

@@ -1,7 +1,8 @@
 """Prometheus metrics of the gateway and the worker.
 
 Both record into the default registry, so a process that runs both (`agentflow dev`)
-shows one set; a worker on its own serves them on `AGENTFLOW_METRICS_PORT`.
+shows one set; a worker on its own serves them on `AGENTFLOW_METRICS_PORT`, on
+`AGENTFLOW_METRICS_HOST` (127.0.0.1 unless set).
 """
 
 from __future__ import annotations
@@ -104,8 +105,14 @@ def latest() -> bytes:
     return generate_latest(REGISTRY)
 
 
-def serve_metrics(port: int, host: str = "0.0.0.0") -> Callable[[], None]:
-    """Serve `/metrics` on a port from a background thread; return its stop function."""
+def serve_metrics(port: int, host: str = "127.0.0.1") -> Callable[[], None]:
+    """Serve `/metrics` on a port from a background thread; return its stop function.
+
+    Args:
+        port: The port; 0 picks a free one.
+        host: The address to listen on: this machine only unless told otherwise (the
+            listener has no auth); `AGENTFLOW_METRICS_HOST` sets it for the worker.
+    """
     server, thread = start_http_server(port, addr=host)
     logger.info("metrics on http://%s:%d/metrics", host, port)
 

@@ -142,7 +142,7 @@ class Worker:
         )
         await self.consumer.start(s.topic_events)
         if s.metrics_port is not None and self._stop_metrics is None:
-            self._stop_metrics = metrics.serve_metrics(s.metrics_port)
+            self._stop_metrics = metrics.serve_metrics(s.metrics_port, s.metrics_host)
         logger.info("%s started: group %s on %s", self.name, s.consumer_group, s.topic_events)
 
     def stop(self) -> None:

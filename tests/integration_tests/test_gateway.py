@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
+import logging
 import re
 import socket
 import sys
@@ -13,6 +14,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import asynccontextmanager, contextmanager
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import httpx
 import pytest
@@ -24,6 +26,7 @@ from service.config import Settings, load_settings
 from service.devtools.servers import KafkaBroker, LocalServers
 from service.gateway.app import serve_gateway
 from service.gateway.backends import SEND_TIMEOUT_S
+from service.observe import metrics as service_metrics
 from service.storage.keys import session_channel
 from service.storage.publisher import TransitionPublisher, read_log
 from service.storage.sessions import SessionStore
@@ -812,6 +815,96 @@ async def test_kafka_down_answers_503_and_the_gateway_reconnects(
         await broker.astop()
 
 
+async def first_answer(
+    url: str, path: str, headers: dict[str, str], start: bytes
+) -> tuple[int, dict[str, Any]]:
+    """POST a head and the start of a body; return the answer that comes before the rest.
+
+    A gateway that waits for the whole body never answers: the bound catches that.
+    """
+    parts = urlsplit(url)
+    reader, writer = await asyncio.open_connection(parts.hostname, parts.port)
+    head = "".join(f"{name}: {value}\r\n" for name, value in headers.items())
+    writer.write(f"POST {path} HTTP/1.1\r\nHost: gateway\r\n{head}\r\n".encode() + start)
+    await writer.drain()
+    try:
+        async with asyncio.timeout(10):
+            status = int((await reader.readline()).split()[1])
+            answer = {}
+            while (line := await reader.readline()) not in (b"\r\n", b""):
+                name, _, value = line.decode().partition(":")
+                answer[name.strip().lower()] = value.strip()
+            body = await reader.readexactly(int(answer["content-length"]))
+    finally:
+        writer.close()
+    return status, json.loads(body)
+
+
+async def test_the_token_is_checked_and_the_body_bounded_before_the_body_is_read(
+    stack: tuple[Settings, str, Worker], start_gateway: StartGateway, redis: Redis
+) -> None:
+    settings = stack[0].model_copy(update={"api_tokens": ["token-one"], "max_event_bytes": 4096})
+    url = await start_gateway(settings)
+    store = SessionStore(redis, ttl_s=600)
+    session_id = f"ended-{uuid.uuid4().hex[:8]}"
+    await store.open(session_id, event_id="e-1", event_type="claim.submitted", subject=None)
+    await store.close(WorkflowResult(session_id=session_id, event_id="e-1", status="completed"))
+    json_body = {"Content-Type": "application/json"}
+    huge = {"Content-Length": str(200 * 1024 * 1024)}  # announced, never sent
+    start = b'{"answer": "' + b"x" * 1000
+    chunk = b"x" * 5000
+    chunked = b"%x\r\n%s\r\n" % (len(chunk), chunk)
+    good = json_body | {"Authorization": "Bearer token-one"}
+    cancel = f"/sessions/{session_id}/cancel"
+    for path in ("/events", f"/sessions/{session_id}/resume", cancel):
+        status, body = await first_answer(url, path, json_body | huge, start)
+        assert (status, body["detail"]) == (401, "a bearer token is required"), path
+        wrong = json_body | huge | {"Authorization": "Bearer nope"}
+        status, body = await first_answer(url, path, wrong, start)
+        assert (status, body["detail"]) == (401, "the bearer token is not valid"), path
+    for path in ("/events", f"/sessions/{session_id}/resume"):
+        # With the token, over AGENTFLOW_MAX_EVENT_BYTES by its length: 413 before reading.
+        status, body = await first_answer(url, path, good | huge, start)
+        assert status == 413 and "AGENTFLOW_MAX_EVENT_BYTES (4096 bytes)" in body["detail"], path
+        # Of no announced length: 413 once what is read passes the bound.
+        chunked_head = good | {"Transfer-Encoding": "chunked"}
+        status, body = await first_answer(url, path, chunked_head, chunked)
+        assert status == 413 and "AGENTFLOW_MAX_EVENT_BYTES" in body["detail"], path
+    # Cancel takes no body: it answers without reading (or holding) what is sent.
+    status, body = await first_answer(url, cancel, good | huge, start)
+    assert status == 409 and "already ended" in body["detail"]
+
+    async with httpx.AsyncClient(base_url=url, timeout=30, headers=good) as http:
+        # Within the bound, the body reaches the route (which says the session has ended).
+        resume = await http.post(f"/sessions/{session_id}/resume", json={"answer": "approve"})
+        assert resume.status_code == 409, resume.text
+
+
+async def test_a_redis_password_never_shows_in_answers_or_logs(
+    stack: tuple[Settings, str, Worker],
+    start_gateway: StartGateway,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    password = f"pw-{uuid.uuid4().hex}"
+    nowhere = f"redis://default:{password}@127.0.0.1:{free_port()}/0"
+    settings = stack[0].model_copy(update={"redis_url": nowhere})
+    caplog.set_level(logging.DEBUG)
+    url = await start_gateway(settings)
+    async with httpx.AsyncClient(base_url=url, timeout=30) as http:
+        for path in ("/sessions", "/sessions/some-session", "/sessions/some-session/history"):
+            response = await http.get(path)
+            assert response.status_code == 503, (path, response.text)
+            assert "redis://default:***@127.0.0.1" in response.json()["detail"], path
+            assert password not in response.text, path
+        health = await http.get("/healthz")
+        assert health.status_code == 503 and health.json()["redis"]["ok"] is False
+        assert password not in health.text
+        for path in ("/metrics", "/sessions/some-session/stream"):
+            assert password not in (await http.get(path)).text
+    assert caplog.records  # the gateway did log
+    assert password not in caplog.text
+
+
 # --- graph, metrics, OpenAPI ------------------------------------------------------------------
 
 
@@ -889,3 +982,91 @@ async def test_api_docs_load_nothing_from_another_host(client: httpx.AsyncClient
         served = await client.get(asset)
         assert served.status_code == 200 and served.content, asset
     assert (await client.get("/redoc")).status_code == 404  # ReDoc would fetch from its CDN
+
+
+def svg_style_hash(svg: str) -> str:
+    """The CSP hash source of the `<style>` of a drawn graph."""
+    import base64
+    import hashlib
+
+    found = re.search(r"<style>(.*?)</style>", svg, re.DOTALL)
+    assert found
+    return f"'sha256-{base64.b64encode(hashlib.sha256(found[1].encode()).digest()).decode()}'"
+
+
+async def test_security_headers_on_every_answer(
+    stack: tuple[Settings, str, Worker], start_gateway: StartGateway
+) -> None:
+    settings = stack[0].model_copy(update={"api_tokens": ["token-one"], "max_event_bytes": 2048})
+    url = await start_gateway(settings)
+    token = {"Authorization": "Bearer token-one"}
+    async with httpx.AsyncClient(base_url=url, timeout=30) as http:
+        svg = (await http.get("/graph", headers=token)).text
+        answers = {
+            "page": await http.get("/"),
+            "page script": await http.get("/static/app.js"),
+            "docs": await http.get("/docs"),
+            "docs script": await http.get("/static/docs.js"),
+            "docs asset": await http.get("/static-offline-docs/swagger-ui.css"),
+            "openapi": await http.get("/openapi.json"),
+            "health": await http.get("/healthz"),
+            "api": await http.get("/sessions", headers=token),
+            "graph": await http.get("/graph", headers=token),
+            "401": await http.get("/sessions"),
+            "404": await http.get("/no-such-page"),
+            "413": await http.post("/events", headers=token, content=b"x" * 3000),
+            "422": await http.get("/sessions", headers=token, params={"limit": 0}),
+        }
+    for name, answer in answers.items():
+        expected = int(name) if name.isdigit() else 200
+        assert answer.status_code == expected, (name, answer.text)
+        assert answer.headers["x-content-type-options"] == "nosniff", name
+        assert answer.headers["x-frame-options"] == "DENY", name
+        assert answer.headers["referrer-policy"] == "no-referrer", name
+        policy = dict(
+            (part.split(" ", 1) + [""])[:2]
+            for part in (p.strip() for p in answer.headers["content-security-policy"].split(";"))
+        )
+        assert policy["default-src"] == "'self'", name
+        assert policy["script-src"] == "'self'", name
+        assert policy["frame-ancestors"] == "'none'", name
+        # Inline styles: only the drawn graph's <style>, by its hash.
+        assert policy["style-src"] == f"'self' {svg_style_hash(svg)}", name
+        assert "unsafe" not in answer.headers["content-security-policy"], name
+
+    # No inline script in the pages: every <script> is a file of this gateway.
+    for name in ("page", "docs"):
+        scripts = re.findall(r"<script([^>]*)>(.*?)</script>", answers[name].text, re.DOTALL)
+        assert scripts, name
+        for attributes, inline in scripts:
+            assert re.search(r'src="/static', attributes) and not inline.strip(), name
+        assert not re.search(r"\son\w+=", answers[name].text), name  # no onclick= and such
+
+
+async def test_worker_metrics_listen_on_this_machine_unless_told(
+    stack: tuple[Settings, str, Worker], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    async def answers(host: str, port: int) -> bool:
+        try:
+            async with httpx.AsyncClient(timeout=10) as http:
+                return (await http.get(f"http://{host}:{port}/metrics")).status_code == 200
+        except httpx.ConnectError:
+            return False
+
+    settings, _, worker = stack
+    port = worker.settings.metrics_port
+    assert port and settings.metrics_host == "127.0.0.1"
+    assert await answers("127.0.0.1", port)
+    # 127.0.0.2 is this machine too (all of 127/8 is loopback on Linux): a listener on
+    # 0.0.0.0 would take it, one on 127.0.0.1 does not.
+    assert not await answers("127.0.0.2", port)
+
+    monkeypatch.setenv("AGENTFLOW_METRICS_HOST", "0.0.0.0")
+    everywhere = load_settings()
+    assert everywhere.metrics_host == "0.0.0.0"
+    other = free_port()
+    stop = service_metrics.serve_metrics(other, everywhere.metrics_host)
+    try:
+        assert await answers("127.0.0.2", other)
+    finally:
+        stop()

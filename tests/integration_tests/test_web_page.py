@@ -15,6 +15,7 @@ from service.config import Settings
 from service.devtools.servers import LocalServers
 from service.storage.publisher import read_log
 from service.worker import Worker
+from tests.integration_tests.conftest import wait_until
 from tests.integration_tests.test_gateway import (
     collect,
     held_tools,
@@ -80,26 +81,60 @@ async def browser() -> AsyncIterator[Any]:
         await chromium.close()
 
 
+# Reports every Content-Security-Policy violation of every document to the test.
+REPORT_CSP_VIOLATIONS = """
+document.addEventListener("securitypolicyviolation", (e) => {
+  window.__cspViolation(`${e.effectiveDirective} blocked ${e.blockedURI || "inline"}`
+    + ` in ${e.documentURI} (${e.sourceFile || ""}:${e.lineNumber})`);
+});
+"""
+
+
+async def watched_context(browser: Any, url: str, problems: list[str]) -> Any:
+    """Open a browser context whose tabs report what goes wrong into `problems`.
+
+    That is: script errors, CSP violations, documents served without the gateway's CSP,
+    and requests that leave the gateway.
+    """
+    context = await browser.new_context(viewport={"width": 1440, "height": 1000})
+    await context.expose_binding(
+        "__cspViolation", lambda _source, text: problems.append(f"CSP violation: {text}")
+    )
+    await context.add_init_script(REPORT_CSP_VIOLATIONS)
+
+    def watch(tab: Any) -> None:
+        tab.on("pageerror", lambda exc: problems.append(f"page error: {exc}"))
+        tab.on(
+            "console",
+            lambda msg: problems.append(f"console: {msg.text}") if msg.type == "error" else None,
+        )
+        tab.on(
+            "request",
+            lambda req: (
+                None
+                if req.url.startswith((url, "data:"))
+                else problems.append(f"request off the gateway: {req.url}")
+            ),
+        )
+
+        def document_policy(response: Any) -> None:
+            if response.request.resource_type == "document" and response.url.startswith(url):
+                policy = response.headers.get("content-security-policy", "")
+                if "script-src 'self'" not in policy or "frame-ancestors 'none'" not in policy:
+                    problems.append(f"served without the CSP: {response.url}")
+
+        tab.on("response", document_policy)
+
+    context.on("page", watch)
+    return context
+
+
 @pytest.fixture
 async def page(browser: Any, stack: tuple[Settings, str, Worker]) -> AsyncIterator[Any]:
-    """A page that fails the test on script errors or on requests leaving the gateway."""
-    url = stack[1]
-    context = await browser.new_context(viewport={"width": 1440, "height": 1000})
-    tab = await context.new_page()
+    """Open a page that fails the test on anything `watched_context` reports, in any tab."""
     problems: list[str] = []
-    tab.on("pageerror", lambda exc: problems.append(f"page error: {exc}"))
-    tab.on(
-        "console",
-        lambda msg: problems.append(f"console: {msg.text}") if msg.type == "error" else None,
-    )
-    tab.on(
-        "request",
-        lambda req: (
-            None
-            if req.url.startswith((url, "data:"))
-            else problems.append(f"request off the gateway: {req.url}")
-        ),
-    )
+    context = await watched_context(browser, stack[1], problems)
+    tab = await context.new_page()
     await tab.add_init_script(RECORD_CURRENT)
     yield tab
     await context.close()
@@ -166,7 +201,7 @@ async def test_answer_an_escalation_from_the_page(
 ) -> None:
     from playwright.async_api import expect
 
-    await page.add_init_script(f"localStorage.setItem('agentflow.token', {TOKEN!r})")
+    await page.add_init_script(f"sessionStorage.setItem('agentflow.token', {TOKEN!r})")
     await page.goto(stack[1])
     await page.select_option("#example", "claim needs review (escalates)")
     await page.click("#send")
@@ -204,7 +239,7 @@ async def test_a_session_has_an_address_and_its_panels_show_only_when_open(
         for session_id in (first, second):
             await collect(http, session_id)  # until it ends
 
-    await page.add_init_script(f"localStorage.setItem('agentflow.token', {TOKEN!r})")
+    await page.add_init_script(f"sessionStorage.setItem('agentflow.token', {TOKEN!r})")
     await page.goto(url)
     await expect(page.locator(f'#session-list li[data-session="{second}"]')).to_be_visible()
     # No session picked: none of its panels.
@@ -241,10 +276,15 @@ async def test_a_session_has_an_address_and_its_panels_show_only_when_open(
     await page.go_forward()
     await shows(first)
 
-    # The address opens the session in a fresh page.
+    # The address opens the session in a fresh tab, once the token is entered there (the
+    # token lives in the tab that was given it).
     fresh = await page.context.new_page()
     await fresh.goto(f"{url}/#/sessions/{second}")
+    await expect(fresh.locator("#notice")).to_contain_text("token")
+    await fresh.fill("#token", TOKEN)
+    await fresh.click("#token-form button")
     await expect(fresh.locator("#session-title")).to_have_text(second)
+    await expect(fresh.locator("#graph svg")).to_be_visible()
     await expect(fresh.locator("#session-status")).to_have_text("completed")
     await expect(fresh.locator("#log tbody tr")).to_have_count(len(await read_log(redis, second)))
     await fresh.close()
@@ -260,3 +300,58 @@ async def test_api_docs_render_offline(page: Any, stack: tuple[Settings, str, Wo
     await expect(page.locator(".opblock-summary-path", has_text="/stream").first).to_be_visible()
     ARTIFACTS.mkdir(exist_ok=True)
     await page.screenshot(path=str(ARTIFACTS / "docs.png"))
+
+
+async def test_the_page_keeps_its_token_in_the_tab_and_runs_under_its_policy(
+    browser: Any, page: Any, stack: tuple[Settings, str, Worker]
+) -> None:
+    from playwright.async_api import expect
+
+    url = stack[1]
+    await page.goto(url)
+    await page.fill("#token", TOKEN)
+    await page.click("#token-form button")
+    await expect(page.locator("#notice")).to_have_text("token saved")
+    assert await page.evaluate("sessionStorage.getItem('agentflow.token')") == TOKEN
+    assert await page.evaluate("localStorage.getItem('agentflow.token')") is None
+    other_tab = await page.context.new_page()
+    await other_tab.goto(url)
+    assert await other_tab.evaluate("sessionStorage.getItem('agentflow.token')") is None
+    await expect(other_tab.locator("#token")).to_have_value("")
+    await other_tab.close()
+
+    # The policy holds, and a violation reaches the test: an injected inline script is
+    # refused and reported (this context is not the fixture's, which would fail on it).
+    problems: list[str] = []
+    context = await watched_context(browser, url, problems)
+    try:
+        tab = await context.new_page()
+        await tab.goto(url)
+        await tab.evaluate(
+            "document.body.append(Object.assign(document.createElement('script'),"
+            " {textContent: 'window.injected = true'}))"
+        )
+        await wait_until(
+            lambda: any("CSP violation: script-src" in p for p in problems),
+            "the refused inline script reported",
+        )
+        assert await tab.evaluate("window.injected") is None
+
+        # Another origin cannot frame the page: Chromium shows its error page instead.
+        await tab.route(
+            "http://elsewhere.test/",
+            lambda route: route.fulfill(
+                content_type="text/html", body=f'<iframe id="framed" src="{url}/"></iframe>'
+            ),
+        )
+        await tab.goto("http://elsewhere.test/")
+
+        def framed_url() -> str | None:  # the frame's document, once it has one
+            urls = [f.url for f in tab.frames if f is not tab.main_frame]
+            return next((u for u in urls if u.startswith((url, "chrome-error:"))), None)
+
+        await wait_until(framed_url, "the frame's document committed")
+        assert framed_url() == "chrome-error://chromewebdata/"  # Chromium refused the page
+        assert await tab.frame_locator("#framed").locator("#token").count() == 0
+    finally:
+        await context.close()

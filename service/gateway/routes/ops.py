@@ -1,4 +1,4 @@
-"""Operations and the page: /graph, /metrics (token needed), /healthz and / (open)."""
+"""Operations and the pages: /graph, /metrics (token needed), /healthz, / and /docs (open)."""
 
 from __future__ import annotations
 
@@ -21,7 +21,7 @@ from service.storage.publisher import read_log
 __all__ = ["STATIC", "router"]
 
 STATIC = Path(__file__).parents[1] / "static"
-"""The page's files: index.html at `/`, the others under `/static/`."""
+"""The pages' files: index.html at `/`, docs.html at `/docs`, the others under `/static/`."""
 
 _TOKEN = [Depends(require_token)]
 
@@ -98,3 +98,9 @@ async def healthz(backends: BackendsDep) -> JSONResponse:
 async def index() -> FileResponse:
     """Serve the web page (no token needed: it asks for one)."""
     return FileResponse(STATIC / "index.html", headers={"Cache-Control": "no-cache"})
+
+
+@router.get("/docs", include_in_schema=False)
+async def api_docs() -> FileResponse:
+    """Serve Swagger UI on the OpenAPI document (its files come from this gateway)."""
+    return FileResponse(STATIC / "docs.html", headers={"Cache-Control": "no-cache"})

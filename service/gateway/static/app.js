@@ -30,7 +30,10 @@ const EXAMPLES = {
 };
 
 const $ = (id) => document.getElementById(id);
-let token = localStorage.getItem("agentflow.token") || "";
+// The token lives as long as the tab (sessionStorage), never on disk for the origin.
+// Pages before it kept it in localStorage: remove what they left there.
+localStorage.removeItem("agentflow.token");
+let token = sessionStorage.getItem("agentflow.token") || "";
 let graphSvg = null;
 let view = null; // the open session: {id, source, lastSeq, path, refresh}
 let opened = 0; // counts openings, so an opening that awaited can see it was overtaken
@@ -298,12 +301,12 @@ async function openSession(id) {
     try {
       graphSvg = await api("/graph?format=svg");
     } catch (err) {
-      graphSvg = "";
+      graphSvg = null; // asked again when the session opens again, e.g. once the token is in
       notice(`cannot draw the graph: ${err.message}`, true);
     }
     if (opening !== opened) return; // the back button (or a click) went elsewhere meanwhile
   }
-  $("graph").innerHTML = graphSvg; // our own SVG, from this gateway
+  $("graph").innerHTML = graphSvg || ""; // our own SVG, from this gateway
   const query = token ? `?access_token=${encodeURIComponent(token)}` : "";
   const source = new EventSource(`/sessions/${encodeURIComponent(id)}/stream${query}`);
   view = { id, source, lastSeq: 0, path: newPath(), refresh: null };
@@ -376,7 +379,7 @@ function init() {
   $("token-form").addEventListener("submit", (e) => {
     e.preventDefault();
     token = $("token").value.trim();
-    localStorage.setItem("agentflow.token", token);
+    sessionStorage.setItem("agentflow.token", token);
     notice(token ? "token saved" : "token cleared");
     loadSessions();
     if (view) openSession(view.id);
