@@ -14,6 +14,7 @@ from aiokafka.errors import KafkaError
 from aiokafka.structs import ConsumerRecord
 from redis.asyncio import Redis
 
+from nodes.finalize import build_result
 from nodes.models import CloudEvent
 from service.bootstrap import (
     ensure_topics,
@@ -24,6 +25,7 @@ from service.bootstrap import (
     open_graph,
     redis_client,
     require_services,
+    restore_setup,
 )
 from service.config import Settings
 from service.observe import metrics
@@ -81,6 +83,10 @@ class Worker:
         self._tails: dict[str, asyncio.Task[None]] = {}
         self._stopping = asyncio.Event()
         self._degraded: str | None = None
+        self._outages = 0  # outages seen: a recovery clears only the one it probed
+        self._poll_failed = False
+        self._recovery: asyncio.Task[None] | None = None
+        self._setup_lock = asyncio.Lock()
 
     def __repr__(self) -> str:
         handler, outbox = self.handler, self.outbox
@@ -133,7 +139,12 @@ class Worker:
         await self._producer.start()
         self.outbox = Outbox(self._producer, self.store, s)
         self.handler = EventHandler(
-            self.runner, self.store, self.outbox, s, on_degraded=self._set_degraded
+            self.runner,
+            self.store,
+            self.outbox,
+            s,
+            on_degraded=self._set_degraded,
+            restore_setup=self.restore_setup,
         )
         self.consumer = EventConsumer(
             kafka_consumer(s, group_id=s.consumer_group, client_id=self.name),
@@ -186,9 +197,13 @@ class Worker:
                 try:
                     batch = await consumer.poll(max_records=max(1, limit - self.in_flight))
                 except KafkaError as exc:
+                    self._poll_failed = True
                     self._set_degraded(f"Kafka unavailable ({exc})")
                     await asyncio.sleep(1)
                     continue
+                if self._poll_failed:
+                    self._poll_failed = False
+                    self._set_degraded(None)
                 for tp, records in batch.items():
                     for record in records:
                         self._take(tp, record)
@@ -232,6 +247,17 @@ class Worker:
         except asyncio.CancelledError:
             logger.info("event %s:%s left for redelivery", tp.partition, record.offset)
             raise
+        except Exception as exc:
+            # Never a task that dies unobserved with its offset pinned: the event ends
+            # failed with the reason, and its offset is committed like any other's.
+            logger.exception(
+                "event %s:%s of session %s failed unexpectedly",
+                tp.partition,
+                record.offset,
+                session_id,
+            )
+            await self._fail_event(session_id, event, exc)
+            done = True
         finally:
             if done:  # only a finished event lets its offset be committed
                 consumer.finish(tp, record.offset)
@@ -239,19 +265,75 @@ class Worker:
             if self._tails.get(session_id) is me:
                 del self._tails[session_id]
 
+    async def _fail_event(self, session_id: str, event: CloudEvent | None, exc: Exception) -> None:
+        """Give an event whose handling raised a failed result that says why.
+
+        Retried through Redis and Kafka outages; an event that was not even parsed, or a
+        failure that fails again, is only logged.
+        """
+        handler = self.handler
+        assert handler is not None
+        if event is None:
+            return  # no event id to answer to; the traceback is logged
+        error = f"internal error: {type(exc).__name__}: {exc}"
+        result = build_result({}, session_id=session_id, status="failed", error=error)
+        result.event_id = event.id
+        try:
+            await handler._retrying(handler.finish, result)
+        except Exception:
+            logger.exception("event %s: its failed result could not be sent either", event.id)
+
+    async def restore_setup(self) -> None:
+        """Run start-up's Redis setup again (search indexes): Redis may have come back empty."""
+        assert self.runner is not None
+        async with self._setup_lock:
+            await restore_setup(self.runner.graph, self.runner.context)
+
     def _runs_of(self, partitions: Collection[TopicPartition]) -> list[asyncio.Task[None]]:
         return [task for task, tp in self._tasks.items() if tp in partitions]
 
     def _set_degraded(self, reason: str | None) -> None:
-        if reason is None and self._degraded is not None:
-            logger.warning("%s: Redis and Kafka reachable again, taking new events", self.name)
-        elif reason is not None and self._degraded is None:
+        """Stop taking new events while Redis or Kafka is away; None: they answered again.
+
+        New events are taken again only after a recovery has set Redis up again (it may
+        have come back empty, without the search indexes).
+        """
+        if reason is None:
+            if self._degraded is not None and (self._recovery is None or self._recovery.done()):
+                self._recovery = asyncio.create_task(self._recover(), name="recover from outage")
+            return
+        if self._degraded is None:
             logger.warning("%s: stopped taking new events, retrying: %s", self.name, reason)
+        self._outages += 1
         self._degraded = reason
+
+    async def _recover(self) -> None:
+        """Set Redis up again and take new events, once Redis answers; retry until then."""
+        delay = 0.25
+        while self._degraded is not None and not self._stopping.is_set():
+            seen = self._outages
+            try:
+                await self.restore_setup()
+            except Exception as exc:
+                if not is_infra_error(exc):
+                    logger.exception("%s: setting Redis up again failed", self.name)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 5.0)
+                continue
+            if self._outages == seen:  # no new failure while setting up
+                logger.warning(
+                    "%s: Redis and Kafka reachable again, set up again, taking new events",
+                    self.name,
+                )
+                self._degraded = None
+                return
+            await asyncio.sleep(delay)  # it failed again meanwhile: not back yet
 
     async def close(self) -> None:
         """Drain in-flight runs within the grace period, commit, leave the group."""
         self._stopping.set()
+        if self._recovery is not None:
+            self._recovery.cancel()
         tasks = list(self._tasks)
         if tasks:
             logger.info("%s draining %d in-flight event(s)", self.name, len(tasks))

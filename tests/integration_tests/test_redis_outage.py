@@ -6,6 +6,7 @@ import asyncio
 import importlib
 import json
 import logging
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -104,6 +105,77 @@ async def test_redis_restart_under_load(
             for session_id in events:
                 log = await read_log(client, session_id)
                 assert [t.seq for t in log] == list(range(1, len(log) + 1)), session_id
+        finally:
+            await client.aclose()
+    finally:
+        await redis_server.astop()
+
+
+async def test_redis_back_empty_sets_up_again_and_takes_new_events(
+    settings: Settings,
+    start_worker: Any,
+    producer: AIOKafkaProducer,
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    (tmp_path / "outage_tools.py").write_text(GATED_TOOLS)
+    (tmp_path / "agents.yaml").write_text(AGENTS)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.delitem(sys.modules, "outage_tools", raising=False)  # a fresh gate
+    tools = importlib.import_module("outage_tools")
+    redis_server = RedisServer()  # no persistence, as `agentflow dev` runs it
+    await redis_server.astart()
+    try:
+        settings = settings.model_copy(
+            update={"redis_url": redis_server.url, "agents_file": tmp_path / "agents.yaml"}
+        )
+        caplog.set_level(logging.WARNING, logger="service.worker.worker")
+        await start_worker(settings)
+
+        async def send_claims(prefix: str, count: int) -> dict[str, str]:
+            sent = {}
+            for i in range(count):
+                event = json.loads((ROOT / "examples/events/claim_submitted.json").read_text())
+                event["id"] = f"{prefix}-{i}-{tmp_path.name}"
+                sent[f"{prefix}-{i}"] = event["id"]
+                await producer.send_and_wait(
+                    settings.topic_events, json.dumps(event).encode(), key=f"{prefix}-{i}".encode()
+                )
+            return sent
+
+        in_flight = await send_claims("empty-before", 3)
+        await wait_until(lambda: tools.held >= len(in_flight), "every run reached its tool call")
+
+        await asyncio.to_thread(redis_server.kill)
+        tools.GATE.set()
+
+        def outage_seen() -> bool:
+            return any("stopped taking new events" in r.getMessage() for r in caplog.records)
+
+        await wait_until(outage_seen, "the worker noticed Redis was gone")
+        await redis_server.astart()  # empty: no data, no search indexes
+        client = Redis.from_url(redis_server.url, decode_responses=True)
+        try:
+            assert await client.dbsize() == 0
+            later = await send_claims("empty-after", 3)
+
+            wanted = set(in_flight.values()) | set(later.values())
+            records = await read_topic(
+                settings.kafka_bootstrap or "",
+                settings.topic_results,
+                until=lambda rs: wanted <= set(results_by_event(rs)),
+                timeout_s=180,
+            )
+            results = results_by_event(records)
+            for event_id in wanted:
+                assert len(results[event_id]) == 1, event_id
+                assert results[event_id][0]["status"] == "completed", results[event_id][0]
+            messages = [r.getMessage() for r in caplog.records]
+            assert any("reachable again" in m for m in messages), messages
+            assert {"checkpoint", "checkpoint_write"} <= set(
+                await client.execute_command("FT._LIST")
+            )
         finally:
             await client.aclose()
     finally:
