@@ -301,10 +301,13 @@ async def restore_setup(graph: CompiledStateGraph[Any, Any, Any, Any], context: 
         graph: the graph `open_graph` returned (its checkpointer and subject store).
         context: the run options `open_graph` returned (its workflow library).
     """
+    # Typed as LangGraph's bases, which have no setup: these are the Redis saver and store.
+    checkpointer: Any = graph.checkpointer
+    store: Any = graph.store
     with quiet_index_setup():
-        await graph.checkpointer.asetup()
-        if graph.store is not None:
-            await graph.store.setup()
+        await checkpointer.asetup()
+        if store is not None:
+            await store.setup()
     library = getattr(context, "library", None)
     if isinstance(library, RedisWorkflowLibrary):
         await library.setup()
