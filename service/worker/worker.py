@@ -15,7 +15,7 @@ from aiokafka.structs import ConsumerRecord
 from redis.asyncio import Redis
 
 from nodes.finalize import build_result
-from nodes.models import CloudEvent
+from nodes.models import CloudEvent, utcnow
 from service.bootstrap import (
     ensure_topics,
     is_infra_error,
@@ -30,9 +30,11 @@ from service.bootstrap import (
 from service.config import Settings
 from service.observe import metrics
 from service.runtime.runner import SessionRunner
+from service.storage.keys import worker_key
 from service.storage.publisher import BackgroundPublisher, TransitionPublisher
 from service.storage.sessions import SessionStore
 from service.storage.transitions import Transition
+from service.storage.workers import WorkerState, write_worker_state
 from service.worker.consumer import EventConsumer
 from service.worker.handler import EventHandler
 from service.worker.outbox import Outbox
@@ -40,6 +42,11 @@ from service.worker.outbox import Outbox
 __all__ = ["Worker"]
 
 logger = logging.getLogger(__name__)
+
+STATE_EVERY_S = 2.0
+"""How often a worker records its state in Redis."""
+STATE_TTL_S = 10
+"""How long a recorded state lasts: a worker that stopped reporting is gone from health."""
 
 
 class Worker:
@@ -87,6 +94,8 @@ class Worker:
         self._poll_failed = False
         self._recovery: asyncio.Task[None] | None = None
         self._setup_lock = asyncio.Lock()
+        self._since = utcnow()  # when the worker entered its state (running or degraded)
+        self._reporter: asyncio.Task[None] | None = None
 
     def __repr__(self) -> str:
         handler, outbox = self.handler, self.outbox
@@ -152,6 +161,7 @@ class Worker:
             grace_s=s.shutdown_grace_s,
         )
         await self.consumer.start(s.topic_events)
+        self._reporter = asyncio.create_task(self._report_state(), name="worker state")
         if s.metrics_port is not None and self._stop_metrics is None:
             self._stop_metrics = metrics.serve_metrics(s.metrics_port)
         logger.info("%s started: group %s on %s", self.name, s.consumer_group, s.topic_events)
@@ -289,6 +299,25 @@ class Worker:
         async with self._setup_lock:
             await restore_setup(self.runner.graph, self.runner.context)
 
+    async def _report_state(self) -> None:
+        """Keep this worker's state in Redis for `agentflow health` and `/healthz`."""
+        assert self._redis is not None
+        while True:
+            state = WorkerState(
+                name=self.name,
+                state="running" if self._degraded is None else "degraded",
+                since=self._since,
+                reason=self._degraded,
+            )
+            try:
+                await asyncio.wait_for(
+                    write_worker_state(self._redis, state, ttl_s=STATE_TTL_S), STATE_EVERY_S
+                )
+            except Exception as exc:  # Redis away: the state says so once it is back
+                if not is_infra_error(exc) and not isinstance(exc, TimeoutError):
+                    logger.exception("%s: could not record its state", self.name)
+            await asyncio.sleep(STATE_EVERY_S)
+
     def _runs_of(self, partitions: Collection[TopicPartition]) -> list[asyncio.Task[None]]:
         return [task for task, tp in self._tasks.items() if tp in partitions]
 
@@ -304,6 +333,7 @@ class Worker:
             return
         if self._degraded is None:
             logger.warning("%s: stopped taking new events, retrying: %s", self.name, reason)
+            self._since = utcnow()
         self._outages += 1
         self._degraded = reason
 
@@ -326,14 +356,16 @@ class Worker:
                     self.name,
                 )
                 self._degraded = None
+                self._since = utcnow()
                 return
             await asyncio.sleep(delay)  # it failed again meanwhile: not back yet
 
     async def close(self) -> None:
         """Drain in-flight runs within the grace period, commit, leave the group."""
         self._stopping.set()
-        if self._recovery is not None:
-            self._recovery.cancel()
+        for background in (self._recovery, self._reporter):
+            if background is not None:
+                background.cancel()
         tasks = list(self._tasks)
         if tasks:
             logger.info("%s draining %d in-flight event(s)", self.name, len(tasks))
@@ -353,6 +385,9 @@ class Worker:
         if self._publisher is not None:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._publisher.close(), timeout=10)
+        if self._redis is not None:
+            with contextlib.suppress(Exception):  # best effort: its TTL ends it anyway
+                await asyncio.wait_for(self._redis.delete(worker_key(self.name)), 2)
         if self._redis is not None and self._owns_redis:
             await self._redis.aclose()
             self._redis = None
