@@ -13,7 +13,7 @@ from aiokafka.structs import ConsumerRecord
 from nodes.errors import EventValidationError
 from nodes.finalize import build_result
 from nodes.models import CANCEL_EVENT_TYPE, CloudEvent, WorkflowResult
-from service.bootstrap import is_infra_error, setup_lost
+from service.bootstrap import is_infra_error
 from service.config import Settings
 from service.errors import UnknownSessionError
 from service.observe import metrics
@@ -164,8 +164,9 @@ class EventHandler:
     async def _retrying(self, func: Callable[..., Awaitable[None]], *args: Any) -> None:
         """Run `func` until it gets through Redis and Kafka outages.
 
-        A Redis that lost its search indexes (restarted empty) gets them back through
-        `restore_setup` before `func` runs again.
+        After an outage Redis may have come back empty, without its search indexes, and
+        the graph's nodes would meet that as failed steps: `restore_setup` runs before
+        `func` runs again.
         """
         delay = 0.25
         lost = False
@@ -180,7 +181,7 @@ class EventHandler:
             except Exception as exc:
                 if not is_infra_error(exc):
                     raise
-                lost = lost or setup_lost(exc) is not None
+                lost = True  # a connection error, or "no such index" (`setup_lost`)
                 self.on_degraded(f"{type(exc).__name__}: {exc}")
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 5.0)
