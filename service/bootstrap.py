@@ -29,8 +29,9 @@ from nodes.chat_models import OFFLINE, make_chat_model
 from nodes.errors import AgentConfigError, ModelConfigError
 from service.config import Settings, redact_url
 from service.errors import ConfigError, TemplateError
+from service.storage._redis import quiet_index_setup
 from service.storage.checkpoints import checkpoint_serde, open_checkpointer
-from service.storage.library import load_templates, open_library
+from service.storage.library import RedisWorkflowLibrary, load_templates, open_library
 from service.storage.memory import install_llm_cache, open_subject_store
 
 if TYPE_CHECKING:
@@ -54,6 +55,8 @@ __all__ = [
     "open_session_checkpointer",
     "redis_client",
     "require_services",
+    "restore_setup",
+    "setup_lost",
     "startup_summary",
 ]
 
@@ -69,25 +72,53 @@ INFRA_ERRORS: tuple[type[BaseException], ...] = (
 """Errors that mean Redis or Kafka is away: retried with backoff, never a failed run."""
 
 
+# What RediSearch answers for an index that is not there: Redis 8 says "<name>: no such
+# index", older RediSearch "Unknown index name".
+_NO_INDEX = ("no such index", "unknown index name")
+
+
+def _causes(exc: BaseException) -> list[BaseException]:
+    """Return `exc` and the errors it was raised from (libraries wrap Redis errors)."""
+    chain: list[BaseException] = []
+    current: BaseException | None = exc
+    while current is not None and all(current is not seen for seen in chain):
+        chain.append(current)
+        current = current.__cause__ or current.__context__
+    return chain
+
+
 def infra_cause(exc: BaseException) -> BaseException | None:
     """Return the error behind `exc` that means Redis or Kafka is away, if there is one.
 
     Libraries wrap connection errors (redisvl raises `RedisVLError` from them), so the
     whole cause chain counts.
     """
-    seen: set[int] = set()
-    current: BaseException | None = exc
-    while current is not None and id(current) not in seen:
-        if isinstance(current, INFRA_ERRORS):
-            return current
-        seen.add(id(current))
-        current = current.__cause__ or current.__context__
+    return next((e for e in _causes(exc) if isinstance(e, INFRA_ERRORS)), None)
+
+
+def setup_lost(exc: BaseException) -> BaseException | None:
+    """Return the error behind `exc` that says Redis lost what start-up set up, if any.
+
+    A Redis that restarts without persistence comes back without the search indexes
+    `open_graph` made, and RediSearch answers "checkpoint: no such index". That is
+    cured by `restore_setup`, then the same work again; it is not a failed run.
+    """
+    for error in _causes(exc):
+        text = str(error).lower()
+        if isinstance(error, redis.exceptions.ResponseError) and any(
+            marker in text for marker in _NO_INDEX
+        ):
+            return error
     return None
 
 
 def is_infra_error(exc: BaseException) -> bool:
-    """Whether an error, or one it was raised from, means Redis or Kafka is away."""
-    return infra_cause(exc) is not None
+    """Whether an error means Redis or Kafka is away or lost its setup: retry, never fail.
+
+    True when the error, or one it was raised from, is a connection error
+    (`infra_cause`) or a missing search index (`setup_lost`).
+    """
+    return infra_cause(exc) is not None or setup_lost(exc) is not None
 
 
 # --- clients ---------------------------------------------------------------------------
@@ -264,6 +295,30 @@ async def open_graph(
     install_llm_cache(settings)
     graph = build_graph(checkpointer, store=subject_store, model_retry=settings.model_retry())
     return graph, settings.context(library=library)
+
+
+async def restore_setup(graph: CompiledStateGraph[Any, Any, Any, Any], context: Any) -> None:
+    """Set up again on Redis what `open_graph` set up: the indexes of its stores.
+
+    For a Redis that came back empty (restarted without persistence). Each setup
+    creates only what is missing, so running it on an intact Redis changes nothing. The
+    transition publisher needs nothing here: it loads its script again when Redis
+    answers NOSCRIPT.
+
+    Args:
+        graph: the graph `open_graph` returned (its checkpointer and subject store).
+        context: the run options `open_graph` returned (its workflow library).
+    """
+    # Typed as LangGraph's bases, which have no setup: these are the Redis saver and store.
+    checkpointer: Any = graph.checkpointer
+    store: Any = graph.store
+    with quiet_index_setup():
+        await checkpointer.asetup()
+        if store is not None:
+            await store.setup()
+    library = getattr(context, "library", None)
+    if isinstance(library, RedisWorkflowLibrary):
+        await library.setup()
 
 
 # --- start-up checks -------------------------------------------------------------------

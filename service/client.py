@@ -23,6 +23,7 @@ from service.storage.keys import log_key, session_key
 from service.storage.publisher import ended_at, ended_by, follow, newest_seq, read_log
 from service.storage.sessions import SessionRecord, SessionStore
 from service.storage.transitions import Transition
+from service.storage.workers import read_worker_states
 
 __all__ = [
     "follow_event",
@@ -264,11 +265,22 @@ async def waiting_session(settings: Settings, session_id: str) -> SessionRecord:
 
 
 async def health_problems(settings: Settings) -> list[str]:
-    """Return what is wrong with Kafka and Redis: one line each that does not answer."""
+    """Return what is wrong: Kafka or Redis that does not answer, workers that are degraded.
+
+    One line each. A worker is degraded when it takes no new events because Redis or
+    Kafka is away or Redis is being set up again (its own report, see
+    `service.storage.workers`).
+    """
     problems = []
     redis = redis_client(settings.redis_url or "", socket_connect_timeout=3)
     try:
         await redis.ping()
+        problems += [
+            f"worker {w.name} degraded since {w.since.isoformat(timespec='seconds')}, "
+            f"taking no new events: {w.reason}"
+            for w in await read_worker_states(redis)
+            if w.state != "running"
+        ]
     except Exception as exc:
         problems.append(f"Redis at {redact_url(settings.redis_url)}: {exc}")
     finally:

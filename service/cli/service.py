@@ -80,9 +80,10 @@ async def _serve_gateway(settings: Settings, *, host: str, port: int) -> None:
 
 
 def health() -> None:
-    """Check that Kafka and Redis answer.
+    """Check that Kafka and Redis answer and that no worker is degraded.
 
-    Exit codes: 0 both answer, 1 one of them does not, 2 AGENTFLOW_KAFKA_BOOTSTRAP or
+    Exit codes: 0 both answer and every worker takes events, 1 one of them does not or a
+    worker is degraded (why and since when is printed), 2 AGENTFLOW_KAFKA_BOOTSTRAP or
     AGENTFLOW_REDIS_URL is not set.
     """
     configure_logging()
@@ -92,5 +93,5 @@ def health() -> None:
     for problem in problems:
         err_console.print(f"[red]unhealthy[/] {problem}", soft_wrap=True)
     if not problems:
-        console.print("healthy: Kafka and Redis answer")
+        console.print("healthy: Kafka and Redis answer, no worker is degraded")
     raise typer.Exit(1 if problems else 0)

@@ -27,6 +27,7 @@ from service.observe import metrics
 from service.storage.checkpoints import open_checkpointer
 from service.storage.keys import INDEX_KEY, session_key
 from service.storage.sessions import SessionRecord, SessionStatus, SessionStore
+from service.storage.workers import WorkerState, read_worker_states
 
 __all__ = [
     "REDIS_ERRORS",
@@ -167,6 +168,13 @@ class Backends:
         except Exception as exc:
             return Reachability(ok=False, error=f"{type(exc).__name__}: {exc or 'timed out'}")
         return Reachability(ok=True)
+
+    async def worker_states(self) -> list[WorkerState]:
+        """Return the states the workers reported lately (none if Redis does not answer)."""
+        try:
+            return await asyncio.wait_for(read_worker_states(self.redis), SEND_TIMEOUT_S)
+        except Exception:
+            return []
 
     async def count_by_status(self) -> dict[str, int]:
         """Count the indexed sessions by status (one pipelined read of all statuses)."""

@@ -11,6 +11,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from nodes.models import ResultWorkflow, SessionId, WorkflowResult
 from service.storage.sessions import SessionRecord, SessionStatus
+from service.storage.workers import WorkerState
 
 __all__ = [
     "KAFKA_DOWN",
@@ -187,8 +188,15 @@ class Reachability(BaseModel):
 
 
 class Health(BaseModel):
-    """Whether the gateway can reach Kafka and Redis."""
+    """Whether the gateway can reach Kafka and Redis, and whether the workers take events."""
 
-    status: Literal["ok", "unavailable"]
+    status: Literal["ok", "unavailable", "degraded"]
     kafka: Reachability
     redis: Reachability
+    workers: list[WorkerState] = Field(
+        default_factory=list,
+        description=(
+            "The workers that reported lately; `degraded` ones take no new events "
+            "(Redis or Kafka away), since `since`."
+        ),
+    )

@@ -11,7 +11,9 @@ Users, scripts and tests read these names, so they do not change.
 - `agentflow:transitions` (channel): every session's transitions, live;
 - `agentflow:workflow:{id}` (JSON): a workflow of the library; its search index is
   `agentflow:workflows` (and `agentflow:workflows:vec{dims}` with embeddings);
-- `agentflow:llmcache:*` (strings): the exact LLM cache (langchain-redis `RedisCache`).
+- `agentflow:llmcache:*` (strings): the exact LLM cache (langchain-redis `RedisCache`);
+- `agentflow:worker:{name}` (string, short TTL): a running worker's state (taking events
+  or degraded, since when, why), for `agentflow health` and `/healthz`.
 
 Keys that agentflow does not name live beside these: langgraph-checkpoint-redis keeps
 checkpoints under `checkpoint:*`, `checkpoint_write:*`, `checkpoint_latest:*` and
@@ -26,12 +28,14 @@ __all__ = [
     "ALL_TRANSITIONS_CHANNEL",
     "INDEX_KEY",
     "LLM_CACHE_PREFIX",
+    "WORKER_PREFIX",
     "WORKFLOW_PREFIX",
     "event_key",
     "log_key",
     "seq_key",
     "session_channel",
     "session_key",
+    "worker_key",
     "workflow_index",
     "workflow_key",
 ]
@@ -47,6 +51,14 @@ WORKFLOW_PREFIX = "agentflow:workflow"
 
 LLM_CACHE_PREFIX = "agentflow:llmcache"
 """The exact LLM cache's keys start with this."""
+
+WORKER_PREFIX = "agentflow:worker"
+"""Each running worker keeps its state under `{prefix}:{name}`."""
+
+
+def worker_key(name: str) -> str:
+    """The key of a worker's state."""
+    return f"{WORKER_PREFIX}:{name}"
 
 
 def session_key(session_id: str) -> str:

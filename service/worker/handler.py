@@ -29,9 +29,16 @@ from service.storage.sessions import SessionStore
 from service.storage.transitions import Transition
 from service.worker.outbox import Outbox
 
-__all__ = ["EventHandler"]
+__all__ = ["STATE_LOST", "EventHandler"]
 
 logger = logging.getLogger(__name__)
+
+STATE_LOST = "session state lost"
+"""The reason a live session ends failed when its checkpoints are gone."""
+
+
+async def _nothing_to_restore() -> None:
+    return None
 
 
 class EventHandler:
@@ -52,6 +59,7 @@ class EventHandler:
         settings: Settings,
         *,
         on_degraded: Callable[[str | None], None] = lambda reason: None,
+        restore_setup: Callable[[], Awaitable[None]] | None = None,
     ) -> None:
         """Run events with these collaborators.
 
@@ -62,12 +70,14 @@ class EventHandler:
             settings: `AGENTFLOW_MAX_EVENT_BYTES`, `_MAX_JSON_DEPTH`, `_MAX_ID_BYTES` and
                 `_SESSION_TTL_S` are read.
             on_degraded: told why Redis or Kafka is away, and None once they answer again.
+            restore_setup: sets up Redis again (indexes) after it lost its setup.
         """
         self.runner = runner
         self.store = store
         self.outbox = outbox
         self.settings = settings
         self.on_degraded = on_degraded
+        self.restore_setup = restore_setup or _nothing_to_restore
         self.completed = self.failed = self.duplicates = 0
         self._started: weakref.WeakSet[asyncio.Task[Any]] = weakref.WeakSet()
         self._stopped: weakref.WeakSet[asyncio.Task[Any]] = weakref.WeakSet()
@@ -171,16 +181,26 @@ class EventHandler:
                     self.stop_for_cancel(previous)
 
     async def _retrying(self, func: Callable[..., Awaitable[None]], *args: Any) -> None:
-        """Run `func` until it gets through Redis and Kafka outages."""
+        """Run `func` until it gets through Redis and Kafka outages.
+
+        After an outage Redis may have come back empty, without its search indexes, and
+        the graph's nodes would meet that as failed steps: `restore_setup` runs before
+        `func` runs again.
+        """
         delay = 0.25
+        lost = False
         while True:
             try:
+                if lost:
+                    await self.restore_setup()
+                    lost = False
                 await func(*args)
                 self.on_degraded(None)
                 return
             except Exception as exc:
                 if not is_infra_error(exc):
                     raise
+                lost = True  # a connection error, or "no such index" (`setup_lost`)
                 self.on_degraded(f"{type(exc).__name__}: {exc}")
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 5.0)
@@ -239,9 +259,38 @@ class EventHandler:
                     result = await self.runner.continue_run(session_id, event_id=event.id)
                 run.status = result.status
         except UnknownSessionError as exc:
+            if await self._state_lost(session_id, event):
+                return
             await self._reject(record, session_id, event, f"unknown session for resume: {exc}")
             return
         await self.finish(result)
+
+    async def _state_lost(self, session_id: str, event: CloudEvent) -> bool:
+        """End a live session whose checkpoints are gone as failed: `session state lost`.
+
+        Its record says it runs or waits for an answer, but nothing is left to go on from
+        (Redis lost its data): the session ends with a reason instead of running on from
+        nothing. Returns whether it did; False for a session that is unknown or ended.
+        """
+        record = await self.store.get(session_id)
+        if record is None or record.status not in ("running", "interrupted"):
+            return False
+        snapshot = await self.runner.graph.aget_state(self.runner.config(session_id))
+        if snapshot.values:
+            return False
+        error = STATE_LOST
+        logger.warning("session %s: %s (no checkpoint left to resume)", session_id, error)
+        result = build_result({}, session_id=session_id, status="failed", error=error)
+        result.event_id = event.id
+        await self.runner.emit(
+            Transition(
+                session_id=session_id,
+                type="session.failed",
+                data={"status": "failed", "error": error, "result": result.model_dump(mode="json")},
+            )
+        )
+        await self.finish(result)
+        return True
 
     async def cancel(self, record: ConsumerRecord, session_id: str, event: CloudEvent) -> None:
         """Cancel a session for an `agentflow.cancel` event, or for the run it stopped.

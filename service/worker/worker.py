@@ -14,7 +14,8 @@ from aiokafka.errors import KafkaError
 from aiokafka.structs import ConsumerRecord
 from redis.asyncio import Redis
 
-from nodes.models import CloudEvent
+from nodes.finalize import build_result
+from nodes.models import CloudEvent, utcnow
 from service.bootstrap import (
     ensure_topics,
     is_infra_error,
@@ -24,13 +25,16 @@ from service.bootstrap import (
     open_graph,
     redis_client,
     require_services,
+    restore_setup,
 )
 from service.config import Settings
 from service.observe import metrics
 from service.runtime.runner import SessionRunner
+from service.storage.keys import worker_key
 from service.storage.publisher import BackgroundPublisher, TransitionPublisher
 from service.storage.sessions import SessionStore
 from service.storage.transitions import Transition
+from service.storage.workers import WorkerState, write_worker_state
 from service.worker.consumer import EventConsumer
 from service.worker.handler import EventHandler
 from service.worker.outbox import Outbox
@@ -38,6 +42,11 @@ from service.worker.outbox import Outbox
 __all__ = ["Worker"]
 
 logger = logging.getLogger(__name__)
+
+STATE_EVERY_S = 2.0
+"""How often a worker records its state in Redis."""
+STATE_TTL_S = 10
+"""How long a recorded state lasts: a worker that stopped reporting is gone from health."""
 
 
 class Worker:
@@ -81,6 +90,12 @@ class Worker:
         self._tails: dict[str, asyncio.Task[None]] = {}
         self._stopping = asyncio.Event()
         self._degraded: str | None = None
+        self._outages = 0  # outages seen: a recovery clears only the one it probed
+        self._poll_failed = False
+        self._recovery: asyncio.Task[None] | None = None
+        self._setup_lock = asyncio.Lock()
+        self._since = utcnow()  # when the worker entered its state (running or degraded)
+        self._reporter: asyncio.Task[None] | None = None
 
     def __repr__(self) -> str:
         handler, outbox = self.handler, self.outbox
@@ -133,7 +148,12 @@ class Worker:
         await self._producer.start()
         self.outbox = Outbox(self._producer, self.store, s)
         self.handler = EventHandler(
-            self.runner, self.store, self.outbox, s, on_degraded=self._set_degraded
+            self.runner,
+            self.store,
+            self.outbox,
+            s,
+            on_degraded=self._set_degraded,
+            restore_setup=self.restore_setup,
         )
         self.consumer = EventConsumer(
             kafka_consumer(s, group_id=s.consumer_group, client_id=self.name),
@@ -141,6 +161,7 @@ class Worker:
             grace_s=s.shutdown_grace_s,
         )
         await self.consumer.start(s.topic_events)
+        self._reporter = asyncio.create_task(self._report_state(), name="worker state")
         if s.metrics_port is not None and self._stop_metrics is None:
             self._stop_metrics = metrics.serve_metrics(s.metrics_port, s.metrics_host)
         logger.info("%s started: group %s on %s", self.name, s.consumer_group, s.topic_events)
@@ -186,9 +207,13 @@ class Worker:
                 try:
                     batch = await consumer.poll(max_records=max(1, limit - self.in_flight))
                 except KafkaError as exc:
+                    self._poll_failed = True
                     self._set_degraded(f"Kafka unavailable ({exc})")
                     await asyncio.sleep(1)
                     continue
+                if self._poll_failed:
+                    self._poll_failed = False
+                    self._set_degraded(None)
                 for tp, records in batch.items():
                     for record in records:
                         self._take(tp, record)
@@ -232,6 +257,17 @@ class Worker:
         except asyncio.CancelledError:
             logger.info("event %s:%s left for redelivery", tp.partition, record.offset)
             raise
+        except Exception as exc:
+            # Never a task that dies unobserved with its offset pinned: the event ends
+            # failed with the reason, and its offset is committed like any other's.
+            logger.exception(
+                "event %s:%s of session %s failed unexpectedly",
+                tp.partition,
+                record.offset,
+                session_id,
+            )
+            await self._fail_event(session_id, event, exc)
+            done = True
         finally:
             if done:  # only a finished event lets its offset be committed
                 consumer.finish(tp, record.offset)
@@ -239,19 +275,97 @@ class Worker:
             if self._tails.get(session_id) is me:
                 del self._tails[session_id]
 
+    async def _fail_event(self, session_id: str, event: CloudEvent | None, exc: Exception) -> None:
+        """Give an event whose handling raised a failed result that says why.
+
+        Retried through Redis and Kafka outages; an event that was not even parsed, or a
+        failure that fails again, is only logged.
+        """
+        handler = self.handler
+        assert handler is not None
+        if event is None:
+            return  # no event id to answer to; the traceback is logged
+        error = f"internal error: {type(exc).__name__}: {exc}"
+        result = build_result({}, session_id=session_id, status="failed", error=error)
+        result.event_id = event.id
+        try:
+            await handler._retrying(handler.finish, result)
+        except Exception:
+            logger.exception("event %s: its failed result could not be sent either", event.id)
+
+    async def restore_setup(self) -> None:
+        """Run start-up's Redis setup again (search indexes): Redis may have come back empty."""
+        assert self.runner is not None
+        async with self._setup_lock:
+            await restore_setup(self.runner.graph, self.runner.context)
+
+    async def _report_state(self) -> None:
+        """Keep this worker's state in Redis for `agentflow health` and `/healthz`."""
+        assert self._redis is not None
+        while True:
+            state = WorkerState(
+                name=self.name,
+                state="running" if self._degraded is None else "degraded",
+                since=self._since,
+                reason=self._degraded,
+            )
+            try:
+                await asyncio.wait_for(
+                    write_worker_state(self._redis, state, ttl_s=STATE_TTL_S), STATE_EVERY_S
+                )
+            except Exception as exc:  # Redis away: the state says so once it is back
+                if not is_infra_error(exc) and not isinstance(exc, TimeoutError):
+                    logger.exception("%s: could not record its state", self.name)
+            await asyncio.sleep(STATE_EVERY_S)
+
     def _runs_of(self, partitions: Collection[TopicPartition]) -> list[asyncio.Task[None]]:
         return [task for task, tp in self._tasks.items() if tp in partitions]
 
     def _set_degraded(self, reason: str | None) -> None:
-        if reason is None and self._degraded is not None:
-            logger.warning("%s: Redis and Kafka reachable again, taking new events", self.name)
-        elif reason is not None and self._degraded is None:
+        """Stop taking new events while Redis or Kafka is away; None: they answered again.
+
+        New events are taken again only after a recovery has set Redis up again (it may
+        have come back empty, without the search indexes).
+        """
+        if reason is None:
+            if self._degraded is not None and (self._recovery is None or self._recovery.done()):
+                self._recovery = asyncio.create_task(self._recover(), name="recover from outage")
+            return
+        if self._degraded is None:
             logger.warning("%s: stopped taking new events, retrying: %s", self.name, reason)
+            self._since = utcnow()
+        self._outages += 1
         self._degraded = reason
+
+    async def _recover(self) -> None:
+        """Set Redis up again and take new events, once Redis answers; retry until then."""
+        delay = 0.25
+        while self._degraded is not None and not self._stopping.is_set():
+            seen = self._outages
+            try:
+                await self.restore_setup()
+            except Exception as exc:
+                if not is_infra_error(exc):
+                    logger.exception("%s: setting Redis up again failed", self.name)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 5.0)
+                continue
+            if self._outages == seen:  # no new failure while setting up
+                logger.warning(
+                    "%s: Redis and Kafka reachable again, set up again, taking new events",
+                    self.name,
+                )
+                self._degraded = None
+                self._since = utcnow()
+                return
+            await asyncio.sleep(delay)  # it failed again meanwhile: not back yet
 
     async def close(self) -> None:
         """Drain in-flight runs within the grace period, commit, leave the group."""
         self._stopping.set()
+        for background in (self._recovery, self._reporter):
+            if background is not None:
+                background.cancel()
         tasks = list(self._tasks)
         if tasks:
             logger.info("%s draining %d in-flight event(s)", self.name, len(tasks))
@@ -271,6 +385,9 @@ class Worker:
         if self._publisher is not None:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._publisher.close(), timeout=10)
+        if self._redis is not None:
+            with contextlib.suppress(Exception):  # best effort: its TTL ends it anyway
+                await asyncio.wait_for(self._redis.delete(worker_key(self.name)), 2)
         if self._redis is not None and self._owns_redis:
             await self._redis.aclose()
             self._redis = None

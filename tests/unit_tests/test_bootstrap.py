@@ -9,8 +9,10 @@ import redis.exceptions
 
 from service.bootstrap import (
     check_startup,
+    infra_cause,
     is_infra_error,
     kafka_producer,
+    setup_lost,
     startup_summary,
 )
 from service.config import load_settings
@@ -97,3 +99,18 @@ def test_infra_errors_are_found_through_the_cause_chain() -> None:
     except RuntimeError as wrapped:
         assert is_infra_error(wrapped)
     assert not is_infra_error(ValueError("a bad plan"))
+
+
+def test_a_lost_search_index_is_setup_lost_not_a_failed_run() -> None:
+    try:
+        try:
+            raise redis.exceptions.ResponseError("checkpoint_write: no such index")
+        except redis.exceptions.ResponseError as exc:
+            raise RuntimeError("Error while searching") from exc  # as redisvl wraps it
+    except RuntimeError as wrapped:
+        assert setup_lost(wrapped) is not None
+        assert is_infra_error(wrapped)  # retried, not turned into a failed run
+        assert infra_cause(wrapped) is None  # but Redis is not "unreachable"
+    assert setup_lost(redis.exceptions.ResponseError("Unknown index name")) is not None
+    assert setup_lost(redis.exceptions.ResponseError("WRONGTYPE Operation")) is None
+    assert not is_infra_error(redis.exceptions.ResponseError("WRONGTYPE Operation"))

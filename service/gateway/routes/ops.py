@@ -84,14 +84,24 @@ async def get_metrics(backends: BackendsDep) -> Response:
 @router.get(
     "/healthz",
     response_model=Health,
-    responses={503: {"model": Health, "description": "Kafka or Redis is unreachable."}},
+    responses={
+        503: {
+            "model": Health,
+            "description": "Kafka or Redis is unreachable, or a worker is degraded.",
+        }
+    },
 )
 async def healthz(backends: BackendsDep) -> JSONResponse:
-    """Say whether Kafka and Redis answer (no token needed)."""
+    """Say whether Kafka and Redis answer and the workers take events (no token needed)."""
     kafka, redis_ = await asyncio.gather(backends.kafka_health(), backends.redis_health())
-    ok = kafka.ok and redis_.ok
-    health = Health(status="ok" if ok else "unavailable", kafka=kafka, redis=redis_)
-    return JSONResponse(health.model_dump(), status_code=200 if ok else 503)
+    workers = await backends.worker_states() if redis_.ok else []
+    status: Literal["ok", "unavailable", "degraded"] = "ok"
+    if not (kafka.ok and redis_.ok):
+        status = "unavailable"
+    elif any(w.state != "running" for w in workers):
+        status = "degraded"
+    health = Health(status=status, kafka=kafka, redis=redis_, workers=workers)
+    return JSONResponse(health.model_dump(mode="json"), status_code=200 if status == "ok" else 503)
 
 
 @router.get("/", include_in_schema=False)

@@ -1,0 +1,42 @@
+"""What each running worker says about itself in Redis: taking events or degraded, since when.
+
+A worker writes its state every few seconds with a short TTL, so a worker that is gone
+leaves nothing behind; `agentflow health` and the gateway's `/healthz` read them.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Literal, cast
+
+from pydantic import BaseModel
+from redis.asyncio import Redis
+
+from service.storage.keys import WORKER_PREFIX, worker_key
+
+__all__ = ["WorkerState", "read_worker_states", "write_worker_state"]
+
+
+class WorkerState(BaseModel):
+    """One worker's state as it last reported it."""
+
+    name: str
+    state: Literal["running", "degraded"]
+    """`degraded`: Redis or Kafka is away (or Redis is being set up again): no new events."""
+    since: datetime
+    """When the worker entered this state."""
+    reason: str | None = None
+    """Why it is degraded."""
+
+
+async def write_worker_state(redis: Redis, state: WorkerState, *, ttl_s: int) -> None:
+    """Record a worker's state for `ttl_s` seconds."""
+    await redis.set(worker_key(state.name), state.model_dump_json(), ex=ttl_s)
+
+
+async def read_worker_states(redis: Redis) -> list[WorkerState]:
+    """Return the states of the workers that reported lately, by name."""
+    keys = [key async for key in redis.scan_iter(match=f"{WORKER_PREFIX}:*", count=500)]
+    values = cast(list[str | bytes | None], await redis.mget(keys)) if keys else []
+    states = [WorkerState.model_validate_json(v) for v in values if v]
+    return sorted(states, key=lambda s: s.name)

@@ -1,0 +1,104 @@
+"""Faults inside the worker: an event whose handling raises, a session whose state is gone."""
+
+from __future__ import annotations
+
+import logging
+import uuid
+from typing import Any
+
+import pytest
+from aiokafka import AIOKafkaProducer
+
+from service.config import Settings
+from service.worker.handler import STATE_LOST, EventHandler
+from tests.integration_tests.conftest import (
+    example,
+    offsets,
+    read_topic,
+    results_by_event,
+    send,
+    wait_until,
+)
+
+
+async def test_an_event_whose_handling_raises_fails_with_its_reason_and_is_committed(
+    settings: Settings,
+    start_worker: Any,
+    producer: AIOKafkaProducer,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    bad, good = example("claim_submitted"), example("claim_submitted")
+    process = EventHandler.process
+
+    async def broken(self: EventHandler, record: Any, session_id: str, event: Any) -> None:
+        if event.id == bad["id"]:
+            raise RuntimeError("a bug in the handler")
+        await process(self, record, session_id, event)
+
+    monkeypatch.setattr(EventHandler, "process", broken)
+    caplog.set_level(logging.ERROR, logger="service.worker.worker")
+    settings = settings.model_copy(update={"topic_partitions": 1})
+    await start_worker(settings)
+    tag = uuid.uuid4().hex[:6]
+    await send(producer, settings, bad, f"raises-{tag}")
+    await send(producer, settings, good, f"after-{tag}")  # same partition, after it
+
+    records = await read_topic(
+        settings.kafka_bootstrap or "",
+        settings.topic_results,
+        until=lambda rs: {bad["id"], good["id"]} <= set(results_by_event(rs)),
+    )
+    results = results_by_event(records)
+    assert len(results[bad["id"]]) == 1
+    failed = results[bad["id"]][0]
+    assert failed["status"] == "failed"
+    assert failed["error"] == "internal error: RuntimeError: a bug in the handler"
+    assert results[good["id"]][0]["status"] == "completed"
+    logged = [r for r in caplog.records if "failed unexpectedly" in r.getMessage()]
+    assert logged and logged[0].exc_info is not None  # with its traceback
+
+    async def all_committed() -> bool:
+        committed, end = await offsets(settings)
+        return committed == end == 2
+
+    await wait_until(all_committed, "both offsets committed")
+
+
+async def test_a_resume_whose_checkpoints_are_gone_ends_failed_state_lost(
+    settings: Settings, start_worker: Any, producer: AIOKafkaProducer
+) -> None:
+    worker = await start_worker(settings)
+    session_id = f"lost-{uuid.uuid4().hex[:6]}"
+    event = example("claim_needs_review")
+    await send(producer, settings, event, session_id)
+    first = await read_topic(
+        settings.kafka_bootstrap or "",
+        settings.topic_results,
+        until=lambda rs: event["id"] in results_by_event(rs),
+    )
+    assert results_by_event(first)[event["id"]][0]["status"] == "interrupted"
+    # Redis lost the session's checkpoints; its record (waiting for an answer) is left.
+    await worker.runner.graph.checkpointer.adelete_thread(session_id)
+    assert (await worker.store.get(session_id)).status == "interrupted"
+
+    resume = {
+        "specversion": "1.0",
+        "id": f"resume-{uuid.uuid4().hex[:6]}",
+        "source": "test",
+        "type": "agentflow.resume",
+        "sessionid": session_id,
+        "data": {"answer": "approve"},
+    }
+    await send(producer, settings, resume, session_id)
+    records = await read_topic(
+        settings.kafka_bootstrap or "",
+        settings.topic_results,
+        until=lambda rs: resume["id"] in results_by_event(rs),
+    )
+    result = results_by_event(records)[resume["id"]][0]
+    assert result["status"] == "failed"
+    assert result["error"] == STATE_LOST
+    record = await worker.store.get(session_id)
+    assert record.status == "failed"
+    assert record.result.error == STATE_LOST
