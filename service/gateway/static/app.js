@@ -302,6 +302,8 @@ async function openSession(id) {
       graphSvg = await api("/graph?format=svg");
     } catch (err) {
       graphSvg = null; // asked again when the session opens again, e.g. once the token is in
+      // Without a valid token the stream would be refused too: keep the token notice up.
+      if (err instanceof ApiError && err.status === 401) return;
       notice(`cannot draw the graph: ${err.message}`, true);
     }
     if (opening !== opened) return; // the back button (or a click) went elsewhere meanwhile
@@ -382,7 +384,7 @@ function init() {
     sessionStorage.setItem("agentflow.token", token);
     notice(token ? "token saved" : "token cleared");
     loadSessions();
-    if (view) openSession(view.id);
+    route(); // the session in the address opens again, now with the token
   });
   const select = $("example");
   for (const name of Object.keys(EXAMPLES)) select.append(el("option", {}, name));
