@@ -49,6 +49,18 @@ agents:
 """
 
 
+def gated_tools(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Any:
+    """Write the gated tools and their agents file; return the tools module with a fresh gate.
+
+    The worker runs in this process: it imports the same module, so the test holds its gate.
+    """
+    (tmp_path / "outage_tools.py").write_text(GATED_TOOLS)
+    (tmp_path / "agents.yaml").write_text(AGENTS)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.delitem(sys.modules, "outage_tools", raising=False)
+    return importlib.import_module("outage_tools")
+
+
 async def test_redis_restart_under_load(
     settings: Settings,
     start_worker: Any,
@@ -57,11 +69,7 @@ async def test_redis_restart_under_load(
     caplog: pytest.LogCaptureFixture,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    (tmp_path / "outage_tools.py").write_text(GATED_TOOLS)
-    (tmp_path / "agents.yaml").write_text(AGENTS)
-    # The worker runs in this process: it imports the same module, so the test holds its gate.
-    monkeypatch.syspath_prepend(str(tmp_path))
-    tools = importlib.import_module("outage_tools")
+    tools = gated_tools(tmp_path, monkeypatch)
     redis_server = RedisServer(persistent=True)
     await redis_server.astart()
     try:
@@ -123,11 +131,7 @@ async def test_redis_back_empty_sets_up_again_and_takes_new_events(
     caplog: pytest.LogCaptureFixture,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    (tmp_path / "outage_tools.py").write_text(GATED_TOOLS)
-    (tmp_path / "agents.yaml").write_text(AGENTS)
-    monkeypatch.syspath_prepend(str(tmp_path))
-    monkeypatch.delitem(sys.modules, "outage_tools", raising=False)  # a fresh gate
-    tools = importlib.import_module("outage_tools")
+    tools = gated_tools(tmp_path, monkeypatch)
     redis_server = RedisServer()  # no persistence, as `agentflow dev` runs it
     await redis_server.astart()
     try:
@@ -193,11 +197,7 @@ async def test_health_says_a_worker_is_degraded_and_since_when(
     caplog: pytest.LogCaptureFixture,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    (tmp_path / "outage_tools.py").write_text(GATED_TOOLS)
-    (tmp_path / "agents.yaml").write_text(AGENTS)
-    monkeypatch.syspath_prepend(str(tmp_path))
-    monkeypatch.delitem(sys.modules, "outage_tools", raising=False)  # a fresh gate
-    tools = importlib.import_module("outage_tools")
+    tools = gated_tools(tmp_path, monkeypatch)
     # Setting Redis up again after the outage waits for the test: the worker stays degraded.
     setup_gate = asyncio.Event()
     restore = worker_module.restore_setup
