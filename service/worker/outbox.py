@@ -43,12 +43,26 @@ class Outbox:
         self.store = store
         self.settings = settings
         self.dead_lettered = 0
+        self._unmarked: set[str] = set()
+        """Events whose result Kafka has, not yet marked published (Redis was down)."""
 
     def __repr__(self) -> str:
         return f"Outbox(dead_lettered={self.dead_lettered})"
 
     async def publish_result(self, result: WorkflowResult) -> None:
-        """Send an event's result (and `session.ended` unless it waits); mark it published."""
+        """Send an event's result (and `session.ended` unless it waits); mark it published.
+
+        When marking fails (Redis went away after Kafka took the result), the caller
+        retries the event: this outbox remembers that Kafka has the result and only
+        marks it then, so the event still has one result.
+        """
+        if result.event_id not in self._unmarked:
+            await self._send_result(result)
+            self._unmarked.add(result.event_id)
+        await self.store.mark_event(result.event_id, result.session_id, "published")
+        self._unmarked.discard(result.event_id)
+
+    async def _send_result(self, result: WorkflowResult) -> None:
         sent = [
             await self.producer.send(
                 self.settings.topic_results,
@@ -64,7 +78,6 @@ class Outbox:
                 )
             )
         await asyncio.gather(*sent)  # both acknowledged before the event counts as published
-        await self.store.mark_event(result.event_id, result.session_id, "published")
 
     async def session_message(
         self, kind: str, session_id: str, event_id: str, **extra: Any

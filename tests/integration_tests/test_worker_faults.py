@@ -8,8 +8,10 @@ from typing import Any
 
 import pytest
 from aiokafka import AIOKafkaProducer
+from redis.exceptions import ConnectionError as RedisConnectionError
 
 from service.config import Settings
+from service.storage.sessions import SessionStore
 from service.worker.handler import STATE_LOST, EventHandler
 from tests.integration_tests.conftest import (
     example,
@@ -102,3 +104,48 @@ async def test_a_resume_whose_checkpoints_are_gone_ends_failed_state_lost(
     record = await worker.store.get(session_id)
     assert record.status == "failed"
     assert record.result.error == STATE_LOST
+
+
+async def test_redis_lost_after_kafka_took_the_result_still_one_result(
+    settings: Settings,
+    start_worker: Any,
+    producer: AIOKafkaProducer,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Kafka has the result, then Redis drops the connection before the event is marked.
+
+    The worker retries the event (it cannot tell the outage from one before the send);
+    the retry marks it published without sending its result again.
+    """
+    event, after = example("claim_submitted"), example("claim_submitted")
+    mark_event = SessionStore.mark_event
+    dropped: list[str] = []
+
+    async def drops_once(self: SessionStore, event_id: str, session_id: str, state: Any) -> None:
+        if event_id == event["id"] and state == "published" and not dropped:
+            dropped.append(event_id)
+            raise RedisConnectionError("Connection closed by server.")
+        await mark_event(self, event_id, session_id, state)
+
+    monkeypatch.setattr(SessionStore, "mark_event", drops_once)
+    settings = settings.model_copy(update={"topic_partitions": 1})
+    worker = await start_worker(settings)
+    tag = uuid.uuid4().hex[:6]
+    await send(producer, settings, event, f"dropped-{tag}")
+
+    async def published() -> bool:
+        claim, _ = await worker.store.claim_event(event["id"], f"dropped-{tag}")
+        return claim == "published"
+
+    await wait_until(published, "the event marked published after the retry")
+    assert dropped == [event["id"]]
+    # One partition: a later event's result comes after every copy of the first one.
+    await send(producer, settings, after, f"after-{tag}")
+    records = await read_topic(
+        settings.kafka_bootstrap or "",
+        settings.topic_results,
+        until=lambda rs: after["id"] in results_by_event(rs),
+    )
+    results = results_by_event(records)
+    assert len(results[event["id"]]) == 1
+    assert results[event["id"]][0]["status"] == "completed"
