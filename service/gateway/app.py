@@ -50,17 +50,20 @@ __all__ = ["create_app", "serve_gateway"]
 logger = logging.getLogger(__name__)
 
 
-def create_app(settings: Settings, *, keepalive_s: float = 15.0) -> FastAPI:
+def create_app(
+    settings: Settings, *, keepalive_s: float = 15.0, unknown_hold_s: float = 30.0
+) -> FastAPI:
     """Build the gateway app: the API under token auth, the page and `/healthz` open.
 
     Args:
         settings: Kafka, Redis, topics, tokens and CORS origins.
         keepalive_s: seconds between keep-alive comments on streams.
+        unknown_hold_s: how long a stream waits for a session that is not known yet.
 
     Raises:
         ConfigError: Kafka or Redis is not configured.
     """
-    backends = Backends(settings, keepalive_s=keepalive_s)
+    backends = Backends(settings, keepalive_s=keepalive_s, unknown_hold_s=unknown_hold_s)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -158,12 +161,17 @@ class _EmbeddedServer(uvicorn.Server):
 
     async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
         """End the open streams first: uvicorn waits for every response to finish."""
-        self.backends.stopping.set()
+        self.backends.stop_streams()
         await super().shutdown(sockets)
 
 
 async def serve_gateway(
-    settings: Settings, *, host: str, port: int, keepalive_s: float = 15.0
+    settings: Settings,
+    *,
+    host: str,
+    port: int,
+    keepalive_s: float = 15.0,
+    unknown_hold_s: float = 30.0,
 ) -> tuple[uvicorn.Server, asyncio.Task[None], str]:
     """Start the gateway in the running loop; return the server, its task and its URL.
 
@@ -182,10 +190,10 @@ async def serve_gateway(
     except OSError as exc:
         sock.close()
         raise OSError(exc.errno, f"cannot listen on {host}:{port}: {exc.strerror}") from None
-    sock.listen(128)
+    sock.listen(2048)  # uvicorn's default: a burst of streams opening at once
     sock.setblocking(False)
     bound = sock.getsockname()[1]
-    app = create_app(settings, keepalive_s=keepalive_s)
+    app = create_app(settings, keepalive_s=keepalive_s, unknown_hold_s=unknown_hold_s)
     config = uvicorn.Config(
         app, log_config=None, access_log=False, lifespan="on", timeout_graceful_shutdown=3
     )

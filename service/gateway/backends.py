@@ -25,6 +25,7 @@ from service.errors import KafkaUnavailable
 from service.gateway.schemas import Reachability
 from service.observe import metrics
 from service.storage.checkpoints import open_checkpointer
+from service.storage.fanout import TransitionHub
 from service.storage.keys import INDEX_KEY, session_key
 from service.storage.sessions import SessionRecord, SessionStatus, SessionStore
 from service.storage.workers import WorkerState, read_worker_states
@@ -46,14 +47,16 @@ STATUSES: tuple[SessionStatus, ...] = get_args(SessionStatus)
 """Every status a session can be in, in `SessionStatus` order."""
 
 
-# Every open stream holds a pub/sub connection of the pool: room for many.
-_MAX_REDIS_CONNECTIONS = 10_000
+_MAX_REDIS_CONNECTIONS = 100
+"""Connections for requests in flight (streams share one pub/sub connection)."""
 
 
 class Backends:
     """Kafka, Redis and the checkpointer, shared by all requests of one app."""
 
-    def __init__(self, settings: Settings, *, keepalive_s: float) -> None:
+    def __init__(
+        self, settings: Settings, *, keepalive_s: float, unknown_hold_s: float = 30.0
+    ) -> None:
         """Build the clients; nothing connects until the first use.
 
         Raises:
@@ -63,13 +66,13 @@ class Backends:
         assert settings.redis_url is not None
         self.settings = settings
         self.keepalive_s = keepalive_s
-        # Set when the server stops: open streams end rather than hold the shutdown up.
-        self.stopping = asyncio.Event()
+        self.unknown_hold_s = unknown_hold_s
         self.redis = redis_client(
             settings.redis_url,
             max_connections=_MAX_REDIS_CONNECTIONS,
             socket_connect_timeout=3,
         )
+        self.hub = TransitionHub(self.redis)
         self.store = SessionStore(self.redis, ttl_s=settings.session_ttl_s)
         self._producer: AIOKafkaProducer | None = None
         self._producer_lock = asyncio.Lock()
@@ -189,11 +192,16 @@ class Backends:
                 counts[status] = counts.get(status, 0) + 1
         return counts
 
+    def stop_streams(self) -> None:
+        """End the open streams (the server stops): they would hold the shutdown up."""
+        self.hub.stop()
+
     async def close(self) -> None:
-        """Stop the producer and close the Redis client."""
+        """Stop the producer, the streams' pub/sub connection and the Redis client."""
         await self._drop_producer(self._producer)
         if self._closing:
             await asyncio.wait(self._closing)
+        await self.hub.aclose()
         await self.redis.aclose()
 
 

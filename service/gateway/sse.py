@@ -1,7 +1,8 @@
 """A session's transitions as Server-Sent Events, through sse-starlette.
 
 The stream replays the session's Redis log after a given seq, then follows pub/sub, without
-gap or duplicate (`service.storage.publisher.follow`). Each transition is one event: `id`
+gap or duplicate; every stream of the gateway is served from one pub/sub connection
+(`service.storage.fanout.TransitionHub`). Each transition is one event: `id`
 its seq (what `EventSource` sends back as `Last-Event-ID` on reconnect), `event` its type,
 `data` its JSON. sse-starlette frames the events, sends keep-alive comments and stops the
 stream when the client goes; the stream ends after the session ends.
@@ -10,17 +11,14 @@ stream when the client goes; the stream ends after the session ends.
 from __future__ import annotations
 
 import asyncio
-import contextlib
+import json
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 
-import anyio
-from redis.asyncio import Redis
 from sse_starlette import EventSourceResponse, ServerSentEvent
 
 from service.gateway.backends import REDIS_ERRORS
-from service.storage.publisher import ended_at, follow
-from service.storage.transitions import Transition
+from service.storage.fanout import Frame, TransitionHub
 
 __all__ = ["session_stream"]
 
@@ -30,28 +28,34 @@ RETRY_MS = 2000
 """How long `EventSource` waits before it reconnects a broken stream."""
 SEP = "\n"
 """Line separator of the events (the spec allows \\r\\n too; plain \\n is what curl users read)."""
+UNKNOWN_HOLD_S = 30.0
+"""How long a stream waits for a session that has no record and no log yet."""
 
 
 def session_stream(
-    redis: Redis,
+    hub: TransitionHub,
     session_id: str,
     after: int,
     *,
     keepalive_s: float,
-    stopping: asyncio.Event,
+    known: Callable[[], Awaitable[bool]],
+    hold_s: float = UNKNOWN_HOLD_S,
 ) -> EventSourceResponse:
     """Return the response that streams a session's transitions after seq `after`.
 
     Args:
-        redis: Where the session's log and channel are.
+        hub: The gateway's one pub/sub connection, fanned out to every stream.
         session_id: The session to follow.
         after: Start after this seq (0: from the first transition).
         keepalive_s: Seconds between keep-alive comments, so proxies keep an idle stream.
-        stopping: Set when the gateway stops: the stream ends (the client reconnects with
-            `Last-Event-ID`) instead of holding the shutdown up.
+        known: Whether the session has a record or a log by now. A stream for a session
+            that has neither waits up to `hold_s` for its first transition (the page
+            opens it right after posting the event), then ends with an `error` event
+            `unknown session`.
+        hold_s: How long to wait for an unknown session.
     """
     return EventSourceResponse(
-        _transition_events(redis, session_id, after, stopping),
+        _transition_events(hub, session_id, after, known, hold_s),
         headers={"Cache-Control": "no-cache"},
         ping=keepalive_s,
         ping_message_factory=lambda: ServerSentEvent(comment="keep-alive", sep=SEP),
@@ -59,51 +63,42 @@ def session_stream(
     )
 
 
-def _event(transition: Transition) -> ServerSentEvent:
-    return ServerSentEvent(
-        transition.model_dump_json(), id=str(transition.seq), event=transition.type, sep=SEP
-    )
+def _event(frame: Frame) -> ServerSentEvent:
+    transition = frame.transition
+    return ServerSentEvent(frame.json, id=str(transition.seq), event=transition.type, sep=SEP)
 
 
 async def _transition_events(
-    redis: Redis, session_id: str, after: int, stopping: asyncio.Event
+    hub: TransitionHub,
+    session_id: str,
+    after: int,
+    known: Callable[[], Awaitable[bool]],
+    hold_s: float,
 ) -> AsyncIterator[ServerSentEvent]:
     """Yield a session's transitions after seq `after`, until the session ends."""
-    # `follow` runs in a task of its own: when the client goes, this generator is
-    # cancelled at every await, and `follow` must still get to unsubscribe.
-    queue: asyncio.Queue[Transition | BaseException] = asyncio.Queue(maxsize=1000)
-
-    async def pump() -> None:
-        try:
-            async for transition in follow(redis, session_id, after):
-                await queue.put(transition)
-        except Exception as exc:
-            await queue.put(exc)
-
-    task = asyncio.create_task(pump(), name=f"stream {session_id}")
-    stop = asyncio.create_task(stopping.wait())
-    get: asyncio.Task[Transition | BaseException] | None = None
-    try:
+    with hub.follow(session_id, after) as follower:
         yield ServerSentEvent(comment="following session", retry=RETRY_MS, sep=SEP)
-        while True:
-            get = asyncio.create_task(queue.get())
-            await asyncio.wait((get, stop), return_when=asyncio.FIRST_COMPLETED)
-            if not get.done():
-                return  # the gateway stops
-            item = get.result()
-            if isinstance(item, BaseException):
-                logger.warning("stream of session %s broke: %s", session_id, item)
-                return  # the client reconnects with Last-Event-ID
-            yield _event(item)
-            try:
-                if await ended_at(redis, item):
-                    return
-            except REDIS_ERRORS as exc:
-                logger.warning("stream of session %s broke: %s", session_id, exc)
-                return
-    finally:
-        for pending in (get, stop, task):
-            if pending is not None:
-                pending.cancel()
-        with anyio.move_on_after(5, shield=True), contextlib.suppress(asyncio.CancelledError):
-            await task
+        try:
+            frames = await follower.next()
+            if not frames and not follower.stopped and not await known():
+                try:
+                    async with asyncio.timeout(hold_s):
+                        frames = await follower.next()
+                except TimeoutError:
+                    if not await known():
+                        yield _unknown(session_id)
+                        return
+            while not follower.stopped:  # until the gateway stops
+                for frame in frames:
+                    yield _event(frame)
+                    if await follower.ended_at(frame):
+                        return
+                frames = await follower.next()
+        except REDIS_ERRORS as exc:
+            logger.warning("stream of session %s broke: %s", session_id, exc)
+            # the client reconnects with Last-Event-ID
+
+
+def _unknown(session_id: str) -> ServerSentEvent:
+    body = {"error": "unknown session", "session_id": session_id}
+    return ServerSentEvent(json.dumps(body), event="error", sep=SEP)

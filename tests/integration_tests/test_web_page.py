@@ -13,6 +13,7 @@ from redis.asyncio import Redis
 
 from service.config import Settings
 from service.devtools.servers import LocalServers
+from service.gateway.app import serve_gateway
 from service.storage.publisher import read_log
 from service.worker import Worker
 from tests.integration_tests.conftest import wait_until
@@ -355,3 +356,26 @@ async def test_the_page_keeps_its_token_in_the_tab_and_runs_under_its_policy(
         assert await tab.frame_locator("#framed").locator("#token").count() == 0
     finally:
         await context.close()
+
+
+async def test_a_session_that_never_starts_shows_unknown_session(
+    browser: Any, stack: tuple[Settings, str, Worker]
+) -> None:
+    from playwright.async_api import expect
+
+    server, serving, url = await serve_gateway(
+        stack[0], host="127.0.0.1", port=0, unknown_hold_s=0.5
+    )
+    problems: list[str] = []
+    context = await watched_context(browser, url, problems)
+    try:
+        page = await context.new_page()
+        await page.add_init_script(f"sessionStorage.setItem('agentflow.token', {TOKEN!r})")
+        await page.goto(f"{url}/#/sessions/never-started")
+        await expect(page.locator("#notice")).to_have_text("unknown session: never-started")
+        await expect(page.locator("#session-status")).to_have_text("unknown")
+    finally:
+        await context.close()
+        server.should_exit = True
+        await serving
+    assert problems == []

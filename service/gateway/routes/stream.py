@@ -12,7 +12,7 @@ from service.gateway.auth import AUTH_ERRORS, require_token_or_query
 from service.gateway.backends import BackendsDep
 from service.gateway.schemas import FieldProblem, Problem, unprocessable
 from service.gateway.sse import session_stream
-from service.storage.publisher import ended_by
+from service.storage.publisher import ended_by, newest_seq
 
 __all__ = ["router"]
 
@@ -44,7 +44,10 @@ async def stream_session(
     """Follow a session: its logged transitions first, then live ones, without a gap.
 
     A client that joins after the end still gets every transition (within retention);
-    the last one carries the result in `data.result`, then the stream ends.
+    the last one carries the result in `data.result`, then the stream ends. A session that
+    has no record and no transition yet may be about to start: the stream waits up to 30 s
+    for it, then ends with an `error` event whose data is
+    `{"error": "unknown session", "session_id": ...}`.
     """
     if last_event_id is not None:
         if not last_event_id.strip().isdigit():
@@ -55,10 +58,17 @@ async def stream_session(
         after = int(last_event_id)
     if await ended_by(backends.redis, session_id, after):
         return Response(status_code=204)  # EventSource stops reconnecting on 204
+
+    async def known() -> bool:
+        return await backends.store.get(session_id) is not None or bool(
+            (await newest_seq(backends.redis, session_id))[0]
+        )
+
     return session_stream(
-        backends.redis,
+        backends.hub,
         session_id,
         after,
         keepalive_s=backends.keepalive_s,
-        stopping=backends.stopping,
+        known=known,
+        hold_s=backends.unknown_hold_s,
     )

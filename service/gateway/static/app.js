@@ -315,8 +315,15 @@ async function openSession(id) {
   for (const type of TYPES) {
     source.addEventListener(type, (e) => onTransition(JSON.parse(e.data)));
   }
-  source.onerror = () => {
-    if (source.readyState === EventSource.CLOSED && !$("session").dataset.ended) {
+  source.onerror = (e) => {
+    if (e.data) {
+      // The gateway's own `error` event: no such session (none started within 30 s).
+      source.close();
+      $("session").dataset.ended = "true";
+      const problem = JSON.parse(e.data);
+      setStatus("unknown");
+      notice(`${problem.error}: ${problem.session_id}`, true);
+    } else if (source.readyState === EventSource.CLOSED && !$("session").dataset.ended) {
       notice("the stream closed; reload to retry", true);
     }
   };
