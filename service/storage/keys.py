@@ -1,6 +1,8 @@
 """Every Redis key and pub/sub channel agentflow names, in one place.
 
-Users, scripts and tests read these names, so they do not change.
+Users, scripts and tests read these names, so they do not change. The braces around a
+session id are literal: they are the key's Redis Cluster hash tag, so every key of one
+session lives in one slot and one script may touch them all.
 
 - `agentflow:sessions` (sorted set): session ids by the time of their last update;
 - `agentflow:session:{id}` (hash): a session's record;
@@ -61,9 +63,14 @@ def worker_key(name: str) -> str:
     return f"{WORKER_PREFIX}:{name}"
 
 
+def _session(session_id: str) -> str:
+    """The prefix of one session's keys, its id the hash tag."""
+    return f"agentflow:session:{{{session_id}}}"
+
+
 def session_key(session_id: str) -> str:
     """Return the hash that holds one session's record."""
-    return f"agentflow:session:{session_id}"
+    return _session(session_id)
 
 
 def event_key(event_id: str) -> str:
@@ -73,17 +80,17 @@ def event_key(event_id: str) -> str:
 
 def session_channel(session_id: str) -> str:
     """Return the pub/sub channel of one session's transitions."""
-    return f"agentflow:session:{session_id}:transitions"
+    return f"{_session(session_id)}:transitions"
 
 
 def log_key(session_id: str) -> str:
     """Return the stream that keeps one session's transitions for late clients."""
-    return f"agentflow:session:{session_id}:log"
+    return f"{_session(session_id)}:log"
 
 
 def seq_key(session_id: str) -> str:
     """Return the counter that numbers one session's transitions."""
-    return f"agentflow:session:{session_id}:seq"
+    return f"{_session(session_id)}:seq"
 
 
 def workflow_key(workflow_id: str, prefix: str = WORKFLOW_PREFIX) -> str:

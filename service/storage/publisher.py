@@ -36,18 +36,19 @@ logger = logging.getLogger(__name__)
 
 # Numbering, logging and publishing happen in one atomic step, so `seq` has no gaps
 # and a reader that replays the log then follows pub/sub never misses one. One call
-# takes a batch of transitions of one session: ARGV is maxlen, ttl, then body, node and
-# time of each transition.
+# takes a batch of transitions of one session. KEYS are the session's counter, log and
+# record (one hash tag: one cluster slot); ARGV is maxlen, ttl, the two channels, then
+# body, node and time of each transition.
 _PUBLISH = """
 local seqs = {}
-for i = 3, #ARGV, 3 do
+for i = 5, #ARGV, 3 do
   local seq = redis.call('INCR', KEYS[1])
   local body = string.gsub(ARGV[i], '"seq":0', '"seq":' .. seq, 1)
   redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[1], seq .. '-1', 'transition', body)
-  redis.call('PUBLISH', KEYS[3], body)
-  redis.call('PUBLISH', KEYS[4], body)
-  if ARGV[i + 1] ~= '' and redis.call('EXISTS', KEYS[5]) == 1 then
-    redis.call('HSET', KEYS[5], 'current_node', ARGV[i + 1], 'updated_at', ARGV[i + 2])
+  redis.call('PUBLISH', ARGV[3], body)
+  redis.call('PUBLISH', ARGV[4], body)
+  if ARGV[i + 1] ~= '' and redis.call('EXISTS', KEYS[3]) == 1 then
+    redis.call('HSET', KEYS[3], 'current_node', ARGV[i + 1], 'updated_at', ARGV[i + 2])
   end
   seqs[#seqs + 1] = seq
 end
@@ -87,19 +88,18 @@ class TransitionPublisher:
         """
         calls = []
         for sid, transitions in batch.items():
-            args: list[Any] = [self.maxlen, self.ttl_s]
+            args: list[Any] = [
+                self.maxlen,
+                self.ttl_s,
+                session_channel(sid),
+                ALL_TRANSITIONS_CHANNEL,
+            ]
             for transition in transitions:
                 transition.seq = 0
                 started = transition.type == "node.started" and transition.node
                 node = transition.node if started else ""
                 args += [transition.model_dump_json(), node, transition.ts.isoformat()]
-            keys = [
-                seq_key(sid),
-                log_key(sid),
-                session_channel(sid),
-                ALL_TRANSITIONS_CHANNEL,
-                session_key(sid),
-            ]
+            keys = [seq_key(sid), log_key(sid), session_key(sid)]
             calls.append((*keys, *args))
         try:
             numbered = await self._evalsha(calls)
@@ -115,7 +115,7 @@ class TransitionPublisher:
         # Not the pipeline's own script support: it asks SCRIPT EXISTS on every batch.
         pipe = self.redis.pipeline(transaction=False)
         for call in calls:
-            pipe.evalsha(self._sha, 5, *call)
+            pipe.evalsha(self._sha, 3, *call)
         return list(await pipe.execute())
 
 

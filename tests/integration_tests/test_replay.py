@@ -23,6 +23,7 @@ from service.observe.drawing import render_graph, session_path
 from service.runtime.replay import branch_history, checkpoint_id, replay_session
 from service.runtime.runner import SessionRunner
 from service.storage.checkpoints import open_checkpointer
+from service.storage.keys import session_key
 from service.storage.publisher import TransitionPublisher, read_log
 from service.storage.sessions import SessionStore
 
@@ -113,7 +114,7 @@ async def test_replay_refuses_unknown_checkpoints_and_running_sessions(
         await replay_session(settings, session_id, "nope")
     with pytest.raises(ReplayError, match="has no checkpoints"):
         await replay_session(settings, "no-such-session", "nope")
-    await redis.hset(f"agentflow:session:{session_id}", "status", "running")
+    await redis.hset(session_key(session_id), "status", "running")
     with pytest.raises(ReplayError, match="is running"):
         await replay_session(settings, session_id, "nope")
 

@@ -12,6 +12,7 @@ from redis.asyncio import Redis
 
 from service.bootstrap import max_request_bytes
 from service.config import Settings
+from service.storage.keys import session_key
 from service.storage.publisher import read_log
 from service.storage.sessions import SessionStore
 from tests.integration_tests.conftest import (
@@ -58,7 +59,7 @@ async def test_example_events_end_to_end(
     assert record is not None and record.status == "completed"
     assert record.current_node == "finalize" and record.result is not None
     assert record.event_ids == [events["s-submit"]["id"]]
-    assert 0 < await redis.ttl("agentflow:session:s-submit") <= settings.session_ttl_s
+    assert 0 < await redis.ttl(session_key("s-submit")) <= settings.session_ttl_s
     review = await store.get("s-review")
     assert review is not None and review.status == "interrupted" and review.question
 
