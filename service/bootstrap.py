@@ -37,7 +37,7 @@ from service.storage.library import (
     load_templates,
     open_library,
 )
-from service.storage.memory import install_llm_cache, open_subject_store
+from service.storage.memory import check_llm_cache, install_llm_cache, open_subject_store
 
 if TYPE_CHECKING:
     from langgraph.graph.state import CompiledStateGraph
@@ -307,6 +307,7 @@ async def open_graph(
     subject_store = await open_subject_store(
         redis, max_notes=settings.subject_notes_max, ttl_s=settings.subject_ttl_s
     )
+    await check_llm_cache(redis, settings)
     install_llm_cache(settings)
     graph = build_graph(checkpointer, store=subject_store, model_retry=settings.model_retry())
     return graph, settings.context(library=library)

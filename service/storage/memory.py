@@ -33,6 +33,8 @@ from langgraph.store.base import (
 )
 
 from nodes.models import CloudEvent, SessionNote, Step, subject_namespace
+from service.config import redact_url
+from service.errors import ConfigError
 from service.storage._redis import require_text_client
 from service.storage.checkpoints import session_states
 from service.storage.keys import LLM_CACHE_PREFIX, memory_keys
@@ -47,6 +49,7 @@ if TYPE_CHECKING:
 __all__ = [
     "RedisNoteStore",
     "RunConversation",
+    "check_llm_cache",
     "install_llm_cache",
     "open_subject_store",
     "session_history",
@@ -253,6 +256,30 @@ async def subject_notes(store: Any, subject: str, limit: int = 50) -> list[Sessi
     # A store may search by namespace prefix: keep this subject's own notes only.
     notes = [SessionNote.model_validate(i.value) for i in items if tuple(i.namespace) == namespace]
     return sorted(notes, key=lambda n: n.finished_at, reverse=True)
+
+
+async def check_llm_cache(redis: Redis, settings: Settings) -> None:
+    """Check that the Redis can hold the LLM cache `AGENTFLOW_LLM_CACHE` asks for.
+
+    The exact cache (langchain-redis `RedisCache`) keeps each answer as a JSON document.
+
+    Raises:
+        ConfigError: the cache is on and the Redis has no JSON module.
+    """
+    if settings.llm_cache != "exact":
+        return
+    from redis.exceptions import ResponseError
+
+    try:
+        await redis.execute_command("JSON.TYPE", f"{LLM_CACHE_PREFIX}:probe")
+    except ResponseError as exc:
+        if "unknown command" not in str(exc).lower():
+            raise
+        raise ConfigError(
+            "AGENTFLOW_LLM_CACHE=exact keeps model answers as JSON documents, and the Redis "
+            f"at {redact_url(settings.redis_url)} has no JSON module: set "
+            "AGENTFLOW_LLM_CACHE=off, or use a Redis with the JSON module"
+        ) from None
 
 
 def install_llm_cache(settings: Settings) -> BaseCache | None:

@@ -25,12 +25,17 @@ from nodes.models import WorkflowResult, subject_namespace
 from service.config import Settings
 from service.devtools.servers import LocalServers
 from service.devtools.servers.redis import RedisServer
-from service.errors import NoQueryEngineError
+from service.errors import ConfigError, NoQueryEngineError
 from service.runtime.runner import SessionRunner
 from service.storage.checkpoints import checkpoint_serde
 from service.storage.keys import WORKFLOW_PREFIX, memory_keys
 from service.storage.library import UnavailableLibrary, open_library
-from service.storage.memory import RedisNoteStore, open_subject_store, subject_notes
+from service.storage.memory import (
+    RedisNoteStore,
+    check_llm_cache,
+    open_subject_store,
+    subject_notes,
+)
 from service.storage.publisher import read_log
 from tests.integration_tests.conftest import example, read_topic, results_by_event, send
 
@@ -142,6 +147,17 @@ async def test_agents_recall_the_subject_from_plain_redis(plain: Redis, make_eve
     assert "claim.submitted (session plain-a, completed)" in outputs
     notes = await subject_notes(store, subject)
     assert [n.session_id for n in notes] == ["plain-b", "plain-a"]
+
+
+async def test_the_exact_llm_cache_needs_json(
+    settings: Settings, plain: Redis, plain_server: RedisServer, redis: Redis
+) -> None:
+    cached = settings.model_copy(update={"llm_cache": "exact"})
+    await check_llm_cache(redis, cached)  # the Redis with modules: fine
+    await check_llm_cache(plain, settings)  # off: nothing to check
+    with pytest.raises(ConfigError, match="AGENTFLOW_LLM_CACHE=exact") as raised:
+        await check_llm_cache(plain, cached.model_copy(update={"redis_url": plain_server.url}))
+    assert f"{plain_server.url} has no JSON module" in str(raised.value)
 
 
 # --- the workflow library on a Redis without the query engine ------------------------------
