@@ -419,10 +419,10 @@ class SessionNote(BaseModel):
 def subject_namespace(subject: str) -> tuple[str, ...]:
     """Return the long-term store namespace of a subject's session notes.
 
-    The label is the subject's SHA-256, not the subject: the Redis store finds a
-    namespace by a prefix search on a case-folded text field, where the subject itself
-    would also match other subjects (`Claim-1` finds `claim-1` and `claim-10`) and
-    control characters break the query. Any subject, byte for byte, gets its own label.
+    The label is the subject's SHA-256, not the subject: a namespace label may not hold
+    `.` or NUL, stores name keys and search queries after it, and some match it loosely
+    (a prefix search on a case-folded field finds `claim-1` and `claim-10` for `Claim-1`).
+    Any subject, byte for byte, gets its own label of 64 hex digits.
     """
     digest = hashlib.sha256(subject.encode("utf-8", "surrogatepass")).hexdigest()
     return ("agentflow", "subjects", digest)

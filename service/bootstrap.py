@@ -28,11 +28,16 @@ from nodes.agents import AgentRegistry, load_agents
 from nodes.chat_models import OFFLINE, make_chat_model
 from nodes.errors import AgentConfigError, ModelConfigError
 from service.config import Settings, redact_url
-from service.errors import ConfigError, TemplateError
+from service.errors import ConfigError, NoQueryEngineError, TemplateError
 from service.storage._redis import quiet_index_setup
 from service.storage.checkpoints import checkpoint_serde, open_checkpointer
-from service.storage.library import RedisWorkflowLibrary, load_templates, open_library
-from service.storage.memory import install_llm_cache, open_subject_store
+from service.storage.library import (
+    RedisWorkflowLibrary,
+    UnavailableLibrary,
+    load_templates,
+    open_library,
+)
+from service.storage.memory import check_llm_cache, install_llm_cache, open_subject_store
 
 if TYPE_CHECKING:
     from langgraph.graph.state import CompiledStateGraph
@@ -133,9 +138,9 @@ def redis_client(
 ) -> Redis:
     """Make a Redis client whose pool waits for a free connection instead of failing.
 
-    Replies come as text by default. The checkpointer, the long-term store and redisvl
-    read either: they keep JSON documents and base64 blobs, never raw bytes, and decode
-    what they get when it is bytes.
+    Replies come as text by default. The checkpointer and redisvl read either: they keep
+    JSON documents and base64 blobs, never raw bytes, and decode what they get when it is
+    bytes. The subject store needs text.
 
     Args:
         url: `redis://` or `rediss://` (TLS); credentials and database go in the URL.
@@ -278,26 +283,50 @@ async def ensure_topics(settings: Settings) -> None:
 
 
 async def open_graph(
-    redis: Redis, settings: Settings
+    redis: Redis, settings: Settings, *, library_redis: Redis | None = None
 ) -> tuple[CompiledStateGraph[Any, Any, Any, Any], WorkflowContext]:
     """Open what a graph run needs on Redis and return the graph and its run options.
 
     The graph gets the Redis checkpointer and the subject memory store; the options get
     the workflow library (with `AGENTFLOW_EMBEDDINGS`, if set). `AGENTFLOW_LLM_CACHE` is
-    installed as LangChain's process-wide cache.
+    installed as LangChain's process-wide cache. Everything but the library needs plain
+    Redis only; a library Redis without the query engine leaves the library off, with
+    one warning: discovery then goes without examples, as when the library is away.
+
+    Args:
+        redis: the client of `AGENTFLOW_REDIS_URL`.
+        settings: the service's settings.
+        library_redis: the client of `AGENTFLOW_LIBRARY_REDIS_URL` when the library lives
+            on a Redis of its own; None: on `redis`.
 
     Raises:
         ValueError: `AGENTFLOW_EMBEDDINGS` or `AGENTFLOW_LLM_CACHE` cannot be used.
     """
     checkpointer = await open_checkpointer(redis)
-    library = await open_library(redis, embeddings=settings.embeddings)
-    subject_store = await open_subject_store(redis)
+    library = await _open_library_or_off(library_redis or redis, settings)
+    subject_store = await open_subject_store(
+        redis, max_notes=settings.subject_notes_max, ttl_s=settings.subject_ttl_s
+    )
+    await check_llm_cache(redis, settings)
     install_llm_cache(settings)
     graph = build_graph(checkpointer, store=subject_store, model_retry=settings.model_retry())
     return graph, settings.context(library=library)
 
 
-async def restore_setup(graph: CompiledStateGraph[Any, Any, Any, Any], context: Any) -> None:
+async def _open_library_or_off(
+    redis: Redis, settings: Settings
+) -> RedisWorkflowLibrary | UnavailableLibrary:
+    """Open the workflow library; on a Redis without the query engine, warn and leave it off."""
+    try:
+        return await open_library(redis, embeddings=settings.embeddings)
+    except NoQueryEngineError as exc:
+        logger.warning("workflow library off, sessions plan without examples: %s", exc)
+        return UnavailableLibrary(f"the Redis at {exc.address} has no query engine")
+
+
+async def restore_setup(
+    graph: CompiledStateGraph[Any, Any, Any, Any], context: Any, *, with_library: bool = True
+) -> None:
     """Set up again on Redis what `open_graph` set up: the indexes of its stores.
 
     For a Redis that came back empty (restarted without persistence). Each setup
@@ -308,6 +337,8 @@ async def restore_setup(graph: CompiledStateGraph[Any, Any, Any, Any], context: 
     Args:
         graph: the graph `open_graph` returned (its checkpointer and subject store).
         context: the run options `open_graph` returned (its workflow library).
+        with_library: set the library up too; False when it lives on a Redis of its
+            own, whose outages only make discovery go without examples.
     """
     # Typed as LangGraph's bases, which have no setup: these are the Redis saver and store.
     checkpointer: Any = graph.checkpointer
@@ -317,7 +348,7 @@ async def restore_setup(graph: CompiledStateGraph[Any, Any, Any, Any], context: 
         if store is not None:
             await store.setup()
     library = getattr(context, "library", None)
-    if isinstance(library, RedisWorkflowLibrary):
+    if with_library and isinstance(library, RedisWorkflowLibrary):
         await library.setup()
 
 

@@ -57,6 +57,11 @@ class Settings(BaseSettings):
 
     kafka_bootstrap: str | None = None
     redis_url: str | None = Field(default=None, repr=False)
+    library_redis_url: str | None = Field(
+        default=None,
+        repr=False,
+        description="Redis of the workflow library (query engine needed); default: the main one.",
+    )
     consumer_group: str = "agentflow-workers"
     topic_events: str = "agentflow.events"
     topic_results: str = "agentflow.results"
@@ -68,6 +73,14 @@ class Settings(BaseSettings):
     shutdown_grace_s: float = Field(default=20.0, ge=0)
     session_ttl_s: int = Field(default=7 * 24 * 3600, ge=60)
     transition_log_maxlen: int = Field(default=10_000, ge=100)
+    subject_notes_max: int = Field(
+        default=100, ge=1, description="Notes kept per subject; the oldest go first."
+    )
+    subject_ttl_s: int = Field(
+        default=30 * 24 * 3600,
+        ge=60,
+        description="A subject's notes are dropped this long after its last note.",
+    )
     max_event_bytes: int = Field(default=1024 * 1024, ge=1024)
     # At most 100: Redis JSON, which keeps the checkpoints, stops at 128 levels, and a
     # checkpoint holds the event a few levels down.
@@ -123,6 +136,10 @@ class Settings(BaseSettings):
         """Return the per-node model overrides that are set."""
         nodes = ("plan", "assign", "execute", "review", "finalize")
         return {n: m for n in nodes if (m := getattr(self, f"model_{n}"))}
+
+    def library_url(self) -> str | None:
+        """Return the URL of the workflow library's Redis: its own, else the main one."""
+        return self.library_redis_url or self.redis_url
 
     def event_limits(self) -> EventLimits:
         """Return what `CloudEvent.parse` allows of an incoming event."""

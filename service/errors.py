@@ -11,6 +11,7 @@ __all__ = [
     "ConfigError",
     "CorruptWorkflowError",
     "KafkaUnavailable",
+    "NoQueryEngineError",
     "ReplayError",
     "ServerStartError",
     "TemplateError",
@@ -48,3 +49,18 @@ class KafkaUnavailable(AgentflowError, ConnectionError):
 
 class ServerStartError(AgentflowError, RuntimeError):
     """A local dev server cannot be found, started or reached."""
+
+
+class NoQueryEngineError(AgentflowError, RuntimeError):
+    """A Redis lacks the query engine (search and JSON) the workflow library needs."""
+
+    def __init__(self, address: str, answer: str) -> None:
+        self.address = address
+        """Where that Redis is (host:port/db, no credentials)."""
+        self.answer = answer
+        """What it answered to the first search command."""
+        super().__init__(
+            f"the Redis at {address} has no query engine ({answer}); the workflow library "
+            "needs one: set AGENTFLOW_LIBRARY_REDIS_URL to a Redis 8 with the search and "
+            "JSON modules loaded, or a Redis Stack"
+        )

@@ -31,10 +31,13 @@ def _settings() -> Settings:
 
 
 def _with_library(settings: Settings, use: Callable[[RedisWorkflowLibrary], Awaitable[T]]) -> T:
-    """Open the Redis workflow library, run `use(library)` and close the connection."""
+    """Open the Redis workflow library, run `use(library)` and close the connection.
+
+    The library is on `AGENTFLOW_LIBRARY_REDIS_URL`, else on `AGENTFLOW_REDIS_URL`.
+    """
 
     async def go() -> T:
-        client = redis_client(settings.redis_url or "", socket_connect_timeout=5)
+        client = redis_client(settings.library_url() or "", socket_connect_timeout=5)
         try:
             return await use(await open_library(client, embeddings=settings.embeddings))
         finally:

@@ -13,15 +13,18 @@ session lives in one slot and one script may touch them all.
 - `agentflow:transitions` (channel): every session's transitions, live;
 - `agentflow:workflow:{id}` (JSON): a workflow of the library; its search index is
   `agentflow:workflows` (and `agentflow:workflows:vec{dims}` with embeddings);
+- `agentflow:memory:{ns}:values` (hash), `agentflow:memory:{ns}:created` (hash) and
+  `agentflow:memory:{ns}:order` (sorted set): the long-term store's items of one namespace
+  `ns` (its labels joined by `.`; subject notes: `agentflow.subjects.<sha256 of subject>`),
+  by key, their creation times and their keys by update time; one hash tag per namespace;
 - `agentflow:llmcache:*` (strings): the exact LLM cache (langchain-redis `RedisCache`);
 - `agentflow:worker:{name}` (string, short TTL): a running worker's state (taking events
   or degraded, since when, why), for `agentflow health` and `/healthz`.
 
 Keys that agentflow does not name live beside these: langgraph-checkpoint-redis keeps
 checkpoints under `checkpoint:*`, `checkpoint_write:*`, `checkpoint_latest:*` and
-`write_keys_zset:*` (indexes `checkpoints`, `checkpoint_writes`), and its long-term store
-under `store:*` (index `store`). `service.storage.checkpoints.expire_session` reads those
-prefixes from the saver itself.
+`write_keys_zset:*` (indexes `checkpoints`, `checkpoint_writes`).
+`service.storage.checkpoints.expire_session` reads those prefixes from the saver itself.
 """
 
 from __future__ import annotations
@@ -30,10 +33,12 @@ __all__ = [
     "ALL_TRANSITIONS_CHANNEL",
     "INDEX_KEY",
     "LLM_CACHE_PREFIX",
+    "MEMORY_PREFIX",
     "WORKER_PREFIX",
     "WORKFLOW_PREFIX",
     "event_key",
     "log_key",
+    "memory_keys",
     "seq_key",
     "session_channel",
     "session_key",
@@ -53,6 +58,9 @@ WORKFLOW_PREFIX = "agentflow:workflow"
 
 LLM_CACHE_PREFIX = "agentflow:llmcache"
 """The exact LLM cache's keys start with this."""
+
+MEMORY_PREFIX = "agentflow:memory"
+"""The long-term store's keys start with this."""
 
 WORKER_PREFIX = "agentflow:worker"
 """Each running worker keeps its state under `{prefix}:{name}`."""
@@ -91,6 +99,17 @@ def log_key(session_id: str) -> str:
 def seq_key(session_id: str) -> str:
     """Return the counter that numbers one session's transitions."""
     return f"{_session(session_id)}:seq"
+
+
+def memory_keys(namespace: tuple[str, ...]) -> tuple[str, str, str]:
+    """Return the long-term store's keys of one namespace: values, created, order.
+
+    Labels hold no `.` (LangGraph refuses them), so the joined namespace names one
+    namespace only; it is the keys' hash tag, so all three live in one cluster slot.
+    """
+    tag = ".".join(namespace)
+    base = f"{MEMORY_PREFIX}:{{{tag}}}"
+    return f"{base}:values", f"{base}:created", f"{base}:order"
 
 
 def workflow_key(workflow_id: str, prefix: str = WORKFLOW_PREFIX) -> str:

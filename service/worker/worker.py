@@ -83,6 +83,7 @@ class Worker:
         self.store: SessionStore | None = None
         self._redis = redis
         self._owns_redis = redis is None
+        self._library_redis: Redis | None = None  # AGENTFLOW_LIBRARY_REDIS_URL's, if its own
         self._producer: AIOKafkaProducer | None = None
         self._publisher: BackgroundPublisher | None = None
         self._stop_metrics: Callable[[], None] | None = None
@@ -128,7 +129,11 @@ class Worker:
         if self._redis is None:
             self._redis = redis_client(s.redis_url, max_connections=s.max_in_flight + 32)
         await self._redis.ping()
-        graph, context = await open_graph(self._redis, s)
+        if s.library_url() != s.redis_url and self._library_redis is None:
+            self._library_redis = redis_client(
+                s.library_url() or "", max_connections=s.max_in_flight + 8
+            )
+        graph, context = await open_graph(self._redis, s, library_redis=self._library_redis)
         self.store = SessionStore(self._redis, ttl_s=s.session_ttl_s)
         self._publisher = BackgroundPublisher(
             TransitionPublisher(self._redis, ttl_s=s.session_ttl_s, maxlen=s.transition_log_maxlen)
@@ -297,7 +302,9 @@ class Worker:
         """Run start-up's Redis setup again (search indexes): Redis may have come back empty."""
         assert self.runner is not None
         async with self._setup_lock:
-            await restore_setup(self.runner.graph, self.runner.context)
+            await restore_setup(
+                self.runner.graph, self.runner.context, with_library=self._library_redis is None
+            )
 
     async def _report_state(self) -> None:
         """Keep this worker's state in Redis for `agentflow health` and `/healthz`."""
@@ -391,6 +398,9 @@ class Worker:
         if self._redis is not None and self._owns_redis:
             await self._redis.aclose()
             self._redis = None
+        if self._library_redis is not None:
+            await self._library_redis.aclose()
+            self._library_redis = None
         if self._stop_metrics is not None:
             await asyncio.to_thread(self._stop_metrics)
             self._stop_metrics = None

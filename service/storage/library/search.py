@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Any
 
 from pydantic import ValidationError
 from redis.commands.search.query import Query
+from redis.exceptions import ResponseError
 from redisvl.index import AsyncSearchIndex
 from redisvl.query.filter import Tag
 from redisvl.schema import IndexSchema
@@ -39,7 +40,7 @@ from nodes.library import (
     workflow_text,
 )
 from nodes.models import CloudEvent, SimilarWorkflow, Workflow, utcnow
-from service.errors import CorruptWorkflowError
+from service.errors import CorruptWorkflowError, NoQueryEngineError
 from service.storage.keys import WORKFLOW_PREFIX, workflow_index, workflow_key
 from service.storage.library.embeddings import cosine, make_embeddings, vector_bytes
 
@@ -47,13 +48,37 @@ if TYPE_CHECKING:
     from langchain_core.embeddings import Embeddings
     from redis.asyncio import Redis
 
-__all__ = ["RedisWorkflowLibrary", "open_library"]
+__all__ = ["RedisWorkflowLibrary", "UnavailableLibrary", "open_library"]
 
 logger = logging.getLogger(__name__)
 
 _TYPE_WEIGHT = 10.0
 _OFFERED = "@verdict:{" + " | ".join(sorted(OFFERED_VERDICTS)) + "}"
 _MAX_QUERY_TERMS = 40
+
+
+def _unknown_module_command(exc: BaseException) -> str | None:
+    """Return Redis's answer when `exc` comes from a search or JSON command it does not know."""
+    current: BaseException | None = exc
+    seen: list[BaseException] = []
+    while current is not None and all(current is not s for s in seen):
+        seen.append(current)
+        text = str(current)
+        if isinstance(current, ResponseError) and text.lower().startswith(
+            ("unknown command 'ft.", "unknown command 'json.")
+        ):
+            return text.split(", with args")[0]
+        current = current.__cause__ or current.__context__
+    return None
+
+
+def _address(redis: Redis) -> str:
+    """Where a client connects, without credentials: `host:port/db` or a socket path."""
+    pool = getattr(redis, "connection_pool", None)
+    kwargs: dict[str, Any] = getattr(pool, "connection_kwargs", {}) or {}
+    if "path" in kwargs:
+        return str(kwargs["path"])
+    return f"{kwargs.get('host', '?')}:{kwargs.get('port', '?')}/{kwargs.get('db', 0)}"
 
 
 def _type_token(event_type: str) -> str:
@@ -177,10 +202,20 @@ class RedisWorkflowLibrary:
         }
 
     async def setup(self) -> None:
-        """Create the search index (and the vector index with embeddings) if missing."""
-        # Asked first: redisvl's create() logs at INFO when the index exists.
-        if not await self.index.exists():
-            await self.index.create()
+        """Create the search index (and the vector index with embeddings) if missing.
+
+        Raises:
+            NoQueryEngineError: the Redis has no search module (plain Redis).
+        """
+        try:
+            # Asked first: redisvl's create() logs at INFO when the index exists.
+            if not await self.index.exists():
+                await self.index.create()
+        except Exception as exc:
+            answer = _unknown_module_command(exc)
+            if answer is None:
+                raise
+            raise NoQueryEngineError(_address(self.redis), answer) from exc
         if self.embeddings is not None:
             dims = len(await self.embeddings.aembed_query("dimension probe"))
             schema = IndexSchema.from_dict(self._schema_dict(dims))
@@ -411,6 +446,37 @@ class RedisWorkflowLibrary:
             return None
 
 
+class UnavailableLibrary:
+    """The workflow library when its Redis has no query engine: nothing found, nothing kept.
+
+    Implements `nodes.library.WorkflowLibrary`. Searching raises, so discovery goes on
+    without examples exactly as when the library is unreachable (its `discovery_note`
+    says why); keeping and counting do nothing, since start-up already warned once.
+    """
+
+    def __init__(self, reason: str) -> None:
+        """Make a library that is off for `reason` (a short clause, e.g. from the error)."""
+        self.reason = reason
+
+    def __repr__(self) -> str:
+        return f"UnavailableLibrary({self.reason!r})"
+
+    async def search(self, event: CloudEvent, *, limit: int = 3) -> list[SimilarWorkflow]:
+        """Raise: there is nothing to search.
+
+        Raises:
+            RuntimeError: saying why the library is off.
+        """
+        raise RuntimeError(self.reason)
+
+    async def add(self, workflow: Workflow, *, summary: str = "") -> str:
+        """Keep nothing; return the id the workflow would have had."""
+        return record_of(workflow, summary=summary).id
+
+    async def mark_used(self, workflow_id: str, *, quality: float | None = None) -> None:
+        """Count nothing."""
+
+
 async def open_library(redis: Redis, *, embeddings: str | None = None) -> RedisWorkflowLibrary:
     """Set up the Redis workflow library on an existing client.
 
@@ -420,6 +486,7 @@ async def open_library(redis: Redis, *, embeddings: str | None = None) -> RedisW
 
     Raises:
         ValueError: `AGENTFLOW_EMBEDDINGS` names embeddings that cannot be made.
+        NoQueryEngineError: the Redis has no search module (plain Redis).
     """
     model = make_embeddings(embeddings) if embeddings else None
     library = RedisWorkflowLibrary(redis, embeddings=model)
