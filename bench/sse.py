@@ -75,7 +75,8 @@ from service.storage.sessions import SessionStore  # noqa: E402
 from service.storage.transitions import Transition, TransitionType  # noqa: E402
 
 GATEWAY_LOG = Path("/tmp/agentflow-bench-gateway.log")
-AGENTFLOW = ROOT / ".venv" / "bin" / "agentflow"
+AGENTFLOW = Path(sys.executable).parent / "agentflow"
+"""The CLI of the venv this script runs in."""
 HOST = "127.0.0.1"
 CONNECTING_AT_ONCE = 50
 """Streams a client process sets up at a time: the gateway listens with a backlog of 128."""
@@ -91,6 +92,8 @@ DRAIN_BOUND_S = 120.0
 """How long streams may take to end after the last transition before they count as hung..."""
 DRAIN_PER_DELIVERY_S = 0.002
 """... or, when longer, this for each (client, transition): a slow gateway is not a hang."""
+REQUEST_TIMEOUT_S = 10.0
+"""An ordinary request not answered in this time counts as failed."""
 BUSY_MACHINE = 0.1
 """Share of the cores other processes may use during a run before the report warns."""
 
@@ -304,7 +307,8 @@ class Sample:
 
     started: float
     latency_ms: float
-    ok: bool
+    error: str | None
+    """Why it failed: `HTTP 503`, `ReadTimeout`, ... (None when it answered 2xx)."""
 
 
 @dataclass
@@ -322,7 +326,6 @@ class FanOut:
     connect_s: float = 0.0
     published_at: float = 0.0
     ended_at: float = 0.0
-    connect_started: float = 0.0
     cpu_s: dict[str, float] = field(default_factory=dict)
     read_delays_ms: list[float] = field(default_factory=list)
     untimed_reads: int = 0
@@ -352,12 +355,17 @@ def process_cpu_s(pid: int | None) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def machine_cpu_s() -> float:
-    """CPU seconds all processes of the machine have used so far (from /proc/stat)."""
+def machine_cpu_s() -> tuple[float, float]:
+    """CPU seconds the machine has used so far, and those the host took (from /proc/stat).
+
+    The first counts every process and the kernel; the second is "steal": time this
+    virtual machine wanted the cores and the host ran something else.
+    """
     user, nice, system, _idle, _iowait, irq, softirq, steal = map(
         int, Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:9]
     )
-    return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
+    tick = os.sysconf("SC_CLK_TCK")
+    return (user + nice + system + irq + softirq) / tick, steal / tick
 
 
 def peak_rss_mib(pid: int) -> float:
@@ -491,11 +499,18 @@ class StreamClients:
 
 
 class OrdinaryRequests:
-    """`GET /healthz` and `GET /sessions/{id}` alternately, `rate` a second, in a task."""
+    """`GET /healthz` and `GET /sessions/{id}` alternately, `rate` a second.
+
+    An open loop: each request starts at its planned time in a task of its own, so slow
+    answers do not thin out the samples taken while the gateway is slow.
+    """
 
     def __init__(self, http: httpx.AsyncClient, url: str, session_id: str, rate: float) -> None:
         self.http = http
-        self.paths = (f"{url}/healthz", f"{url}/sessions/{session_id}")
+        self.routes = (
+            ("GET /healthz", f"{url}/healthz"),
+            ("GET /sessions/{id}", f"{url}/sessions/{session_id}"),
+        )
         self.rate = rate
         self._stop = asyncio.Event()
         self._task: asyncio.Task[list[Sample]] | None = None
@@ -506,7 +521,7 @@ class OrdinaryRequests:
         self._task = asyncio.create_task(self._send())
 
     async def stop(self) -> list[Sample]:
-        """Stop after the request under way; return the samples since `start`."""
+        """Stop sending; wait for the requests under way; return the samples since `start`."""
         assert self._task is not None
         self._stop.set()
         return await self._task
@@ -519,19 +534,24 @@ class OrdinaryRequests:
 
     async def _send(self) -> list[Sample]:
         loop = asyncio.get_running_loop()
-        samples: list[Sample] = []
+        requests: list[asyncio.Task[Sample]] = []
         start = loop.time()
         while not self._stop.is_set():
-            started, t0 = time.time(), time.perf_counter()
-            try:
-                ok = (await self.http.get(self.paths[len(samples) % 2])).is_success
-            except httpx.HTTPError:
-                ok = False
-            samples.append(Sample(started, (time.perf_counter() - t0) * 1000, ok))
-            next_at = start + len(samples) / self.rate
+            route, address = self.routes[len(requests) % 2]
+            requests.append(asyncio.create_task(self._request(route, address)))
+            next_at = start + len(requests) / self.rate
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._stop.wait(), max(0.0, next_at - loop.time()))
-        return samples
+        return list(await asyncio.gather(*requests))
+
+    async def _request(self, route: str, address: str) -> Sample:
+        started, t0 = time.time(), time.perf_counter()
+        try:
+            answer = await self.http.get(address)
+            error = None if answer.is_success else f"{route}: HTTP {answer.status_code}"
+        except httpx.HTTPError as exc:
+            error = f"{route}: {type(exc).__name__}"
+        return Sample(started, (time.perf_counter() - t0) * 1000, error)
 
 
 @dataclass
@@ -578,8 +598,10 @@ class Bench:
     def cpu_now(self) -> dict[str, float]:
         """CPU seconds used so far by the machine, the gateway, the servers and this process."""
         servers = self.servers
+        machine, stolen = machine_cpu_s()
         return {
-            "machine": machine_cpu_s(),
+            "machine": machine,
+            "stolen": stolen,
             "gateway": process_cpu_s(self.gateway.pid),
             "redis": process_cpu_s(servers.redis.pid if servers.redis else None),
             "kafka": process_cpu_s(servers.kafka.pid if servers.kafka else None),
@@ -600,7 +622,6 @@ class Bench:
             await group.gather("started", STARTUP_BOUND_S)  # spawned, imported: not timed
             if during is not None:
                 during.start()
-            run.connect_started = time.time()
             group.tell("connect")
             ready = await group.gather("ready", CONNECT_BOUND_S)
             run.following = sum(n for n, _ in ready)
@@ -642,7 +663,10 @@ class Bench:
 
 async def main(args: argparse.Namespace) -> int:
     _raise_open_files(2 * args.clients + 1024)  # the gateway and Redis inherit it
-    async with LocalServers.from_env() as servers, httpx.AsyncClient(timeout=10) as http:
+    async with (
+        LocalServers.from_env() as servers,
+        httpx.AsyncClient(timeout=REQUEST_TIMEOUT_S) as http,
+    ):
         redis = redis_client(servers.redis_url, max_connections=8)
         gateway = Gateway(servers)
         bench = Bench(
@@ -714,17 +738,16 @@ def report(
             f"   CPU from first publish to last end ({wall:.2f} s, {os.cpu_count()} cores): "
             f"gateway {cpu['gateway']:.2f} s, Redis {cpu['redis']:.2f} s, "
             f"clients {cpu['clients']:.2f} s, this script {cpu['bench']:.2f} s, "
-            f"Kafka {cpu['kafka']:.2f} s, other processes {cpu['others']:.2f} s"
+            f"Kafka {cpu['kafka']:.2f} s, other processes and the kernel {cpu['others']:.2f} s"
+            f"; the host took {cpu['stolen']:.2f} s (steal)"
         )
         print(
             f"   clients read the events after their arrival (not counted above): "
             f"p99 {delay99:.1f} ms, max {delaymax:.1f} ms"
             + (f"; {r.untimed_reads} reads without a kernel time" if r.untimed_reads else "")
         )
-        if cpu["others"] > BUSY_MACHINE * wall * (os.cpu_count() or 1):
-            print(
-                "   (!) other processes used the cores during this run: its figures are not clean"
-            )
+        if cpu["others"] + cpu["stolen"] > BUSY_MACHINE * wall * (os.cpu_count() or 1):
+            print("   (!) others had the cores during this run: its figures are not clean")
         print(
             f"   Redis connections while following: {r.redis_clients['connected_clients']} "
             f"({r.redis_clients['pubsub_clients']} in pub/sub)"
@@ -734,11 +757,17 @@ def report(
     connecting = [s for s in busy if s.started < run.published_at]
     streaming = [s for s in busy if run.published_at <= s.started <= run.ended_at]
     during = connecting + streaming
-    failed = sum(not s.ok for s in idle + during)
-    print(f"\nordinary requests (GET /healthz, GET /sessions/{{id}}; {args.requests_per_s:g}/s):")
+    failures = [s.error for s in idle + during if s.error is not None]
+    failed = len(failures)
+    print(
+        f"\nordinary requests (GET /healthz, GET /sessions/{{id}}; {args.requests_per_s:g}/s, "
+        f"{REQUEST_TIMEOUT_S:g} s timeout):"
+    )
     print(f"   idle                         : {ms(idle)}")
     print(f"   {run.clients:>5} clients connecting     : {ms(connecting)}")
     print(f"   {run.clients:>5} clients streaming      : {ms(streaming)}")
+    for error in sorted(set(failures)):
+        print(f"   failed: {failures.count(error)} × {error}")
     print(f"\ngateway peak memory {gateway_mib:.0f} MiB; {len(warnings)} warnings in its log")
     if warnings:
         print(f"   first: {warnings[0][:200]}")
