@@ -35,7 +35,9 @@ Usage:
         [--client-processes 1] [--requests-per-s 10]
 
 Starts the local servers itself unless AGENTFLOW_KAFKA_BOOTSTRAP / AGENTFLOW_REDIS_URL
-are set. The gateway's log goes to /tmp/agentflow-bench-gateway.log. Exits 1 when a
+are set. The gateway runs as `agentflow gateway` does (`python -m service.cli gateway`);
+its log goes to /tmp/agentflow-bench-gateway.log, and BENCH_GATEWAY_PREFIX puts arguments
+before `-m service.cli` (e.g. "-m cProfile -o /tmp/gateway.prof"). Exits 1 when a
 client missed a transition, got one twice or out of order, or an ordinary request failed;
 a latency ratio over its target is a figure to report, not a failure.
 """
@@ -75,8 +77,6 @@ from service.storage.sessions import SessionStore  # noqa: E402
 from service.storage.transitions import Transition, TransitionType  # noqa: E402
 
 GATEWAY_LOG = Path("/tmp/agentflow-bench-gateway.log")
-AGENTFLOW = Path(sys.executable).parent / "agentflow"
-"""The CLI of the venv this script runs in."""
 HOST = "127.0.0.1"
 CONNECTING_AT_ONCE = 50
 """Streams a client process sets up at a time: the gateway listens with a backlog of 128."""
@@ -397,8 +397,10 @@ class Gateway:
         env["AGENTFLOW_KAFKA_BOOTSTRAP"] = self.servers.kafka_bootstrap
         env["AGENTFLOW_REDIS_URL"] = self.servers.redis_url
         self.log_start = GATEWAY_LOG.stat().st_size if GATEWAY_LOG.exists() else 0
+        prefix = os.environ.get("BENCH_GATEWAY_PREFIX", "").split()
         self.process = subprocess.Popen(
-            [str(AGENTFLOW), "gateway", "--host", HOST, "--port", str(self.port)],
+            [sys.executable, *prefix, "-m", "service.cli", "gateway", "--host", HOST]
+            + ["--port", str(self.port)],
             cwd=ROOT,
             env=env,
             stdout=GATEWAY_LOG.open("ab"),
@@ -706,6 +708,46 @@ def ms(samples: list[Sample]) -> str:
     return f"p50 {p50:6.1f} ms   p99 {p99:6.1f} ms   ({len(samples)} requests)"
 
 
+def print_run(r: FanOut, args: argparse.Namespace) -> None:
+    """Print what one run of K clients came to."""
+    p50, p99, top = percentiles(r.latencies_ms)
+    _, delay99, delaymax = percentiles(r.read_delays_ms)
+    print(
+        f"\n{r.clients} client{'s' if r.clients > 1 else ''}: publish-to-client "
+        f"p50 {p50:.1f} ms   p99 {p99:.1f} ms   max {top:.1f} ms"
+        f"   ({len(r.latencies_ms)} of {r.clients * r.transitions} deliveries)"
+    )
+    print(
+        f"   {r.following} following {r.connect_s:.2f} s after they started connecting; "
+        f"publishing took {(r.transitions - 1) * args.interval:.2f} s"
+    )
+    cpu, wall = r.cpu_s, r.ended_at - r.published_at
+    per_delivery = cpu["gateway"] / max(1, len(r.latencies_ms)) * 1e6
+    print(
+        f"   CPU over the {wall:.2f} s from the first publish to the last stream's end "
+        f"({os.cpu_count()} cores):\n"
+        f"     gateway {cpu['gateway']:.2f} s "
+        f"({per_delivery:.0f} µs a delivery, all its work counted), "
+        f"Redis {cpu['redis']:.2f} s, clients {cpu['clients']:.2f} s, "
+        f"this script {cpu['bench']:.2f} s, Kafka {cpu['kafka']:.2f} s\n"
+        f"     other processes and the kernel {cpu['others']:.2f} s, "
+        f"the host (steal) {cpu['stolen']:.2f} s"
+    )
+    if cpu["others"] + cpu["stolen"] > BUSY_MACHINE * wall * (os.cpu_count() or 1):
+        print("   (!) others had the cores during this run: its figures are not clean")
+    print(
+        f"   clients read the events after their arrival (not counted above): "
+        f"p99 {delay99:.1f} ms, max {delaymax:.1f} ms"
+        + (f"; {r.untimed_reads} reads without a kernel time" if r.untimed_reads else "")
+    )
+    print(
+        f"   Redis connections while following: {r.redis_clients['connected_clients']} "
+        f"({r.redis_clients['pubsub_clients']} in pub/sub)"
+    )
+    for error, count in sorted(r.errors.items()):
+        print(f"   {count} streams: {error}")
+
+
 def report(
     args: argparse.Namespace,
     base: FanOut,
@@ -722,38 +764,7 @@ def report(
         f"session; the N clients in {args.client_processes} processes"
     )
     for r in (base, run):
-        p50, p99, top = percentiles(r.latencies_ms)
-        _, delay99, delaymax = percentiles(r.read_delays_ms)
-        print(
-            f"\n{r.clients} client{'s' if r.clients > 1 else ''}: publish-to-client "
-            f"p50 {p50:.1f} ms   p99 {p99:.1f} ms   max {top:.1f} ms"
-            f"   ({len(r.latencies_ms)} of {r.clients * r.transitions} deliveries)"
-        )
-        print(
-            f"   {r.following} following {r.connect_s:.2f} s after they started connecting; "
-            f"publishing took {(r.transitions - 1) * args.interval:.2f} s"
-        )
-        cpu, wall = r.cpu_s, r.ended_at - r.published_at
-        print(
-            f"   CPU from first publish to last end ({wall:.2f} s, {os.cpu_count()} cores): "
-            f"gateway {cpu['gateway']:.2f} s, Redis {cpu['redis']:.2f} s, "
-            f"clients {cpu['clients']:.2f} s, this script {cpu['bench']:.2f} s, "
-            f"Kafka {cpu['kafka']:.2f} s, other processes and the kernel {cpu['others']:.2f} s"
-            f"; the host took {cpu['stolen']:.2f} s (steal)"
-        )
-        print(
-            f"   clients read the events after their arrival (not counted above): "
-            f"p99 {delay99:.1f} ms, max {delaymax:.1f} ms"
-            + (f"; {r.untimed_reads} reads without a kernel time" if r.untimed_reads else "")
-        )
-        if cpu["others"] + cpu["stolen"] > BUSY_MACHINE * wall * (os.cpu_count() or 1):
-            print("   (!) others had the cores during this run: its figures are not clean")
-        print(
-            f"   Redis connections while following: {r.redis_clients['connected_clients']} "
-            f"({r.redis_clients['pubsub_clients']} in pub/sub)"
-        )
-        for error, count in sorted(r.errors.items()):
-            print(f"   {count} streams: {error}")
+        print_run(r, args)
     connecting = [s for s in busy if s.started < run.published_at]
     streaming = [s for s in busy if run.published_at <= s.started <= run.ended_at]
     during = connecting + streaming
