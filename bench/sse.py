@@ -23,12 +23,13 @@ Clients: raw non-blocking sockets on an asyncio loop, a hand-written HTTP/1.1 GE
 chunked-body decoder and an SSE parser. Latency is taken from the kernel's receive time of
 the bytes that complete an event (`SO_TIMESTAMPNS`, wall clock like `sent_at`), not from
 when the client process got round to reading them: with 1,000 streams on one loop the
-last socket of a burst is read tens of ms after the first, and that would be counted as
-gateway latency. The report prints that read delay apart. Because the client's own delay
-is not measured, the clients run in one process by default (--client-processes): the
-gateway is one process on one core, and a second client process would only take the other
-core from Redis and the gateway on this 2-core machine. The report prints the CPU each
-process used over the run (and marks a run during which other processes took the cores).
+last socket of a burst is read tens to hundreds of ms after the first, and that would be
+counted as gateway latency. The report prints that read delay apart. Because the client's
+own delay is not measured, the clients run in one process by default (--client-processes):
+the gateway is one process on one core, and a second client process only takes the other
+core from Redis and the gateway on a 2-core machine (with 2, the 1,000-client figures were
+no better). The report prints the CPU each process used over the run (and marks a run
+during which other processes or the host took the cores).
 
 Usage:
     .venv/bin/python bench/sse.py [--clients 1000] [--transitions 100] [--interval 0.05]
@@ -722,12 +723,16 @@ def print_run(r: FanOut, args: argparse.Namespace) -> None:
         f"publishing took {(r.transitions - 1) * args.interval:.2f} s"
     )
     cpu, wall = r.cpu_s, r.ended_at - r.published_at
-    per_delivery = cpu["gateway"] / max(1, len(r.latencies_ms)) * 1e6
+    per_delivery = (
+        f" ({cpu['gateway'] / max(1, len(r.latencies_ms)) * 1e6:.0f} µs a delivery, "
+        "all its work counted)"
+        if r.clients > 1
+        else ""
+    )
     print(
         f"   CPU over the {wall:.2f} s from the first publish to the last stream's end "
         f"({os.cpu_count()} cores):\n"
-        f"     gateway {cpu['gateway']:.2f} s "
-        f"({per_delivery:.0f} µs a delivery, all its work counted), "
+        f"     gateway {cpu['gateway']:.2f} s{per_delivery}, "
         f"Redis {cpu['redis']:.2f} s, clients {cpu['clients']:.2f} s, "
         f"this script {cpu['bench']:.2f} s, Kafka {cpu['kafka']:.2f} s\n"
         f"     other processes and the kernel {cpu['others']:.2f} s, "
