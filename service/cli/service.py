@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
@@ -58,13 +58,22 @@ def gateway(
     configure_logging(logging.INFO)
     settings = read_settings(check=True)
     require_services(settings)
-    asyncio.run(
-        _serve_gateway(
-            settings,
-            host=host or settings.gateway_host,
-            port=settings.gateway_port if port is None else port,
-        )
+    serving = _serve_gateway(
+        settings,
+        host=host or settings.gateway_host,
+        port=settings.gateway_port if port is None else port,
     )
+    # uvloop where it is installed: every open stream's writes go through the loop.
+    uvloop = _uvloop()
+    uvloop.run(serving) if uvloop is not None else asyncio.run(serving)
+
+
+def _uvloop() -> Any:
+    try:
+        import uvloop
+    except ImportError:
+        return None
+    return uvloop
 
 
 async def _serve_gateway(settings: Settings, *, host: str, port: int) -> None:

@@ -11,6 +11,7 @@ stream when the client goes; the stream ends after the session ends.
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -63,9 +64,12 @@ def session_stream(
     )
 
 
-def _event(frame: Frame) -> ServerSentEvent:
+@functools.lru_cache(maxsize=256)
+def _event(frame: Frame) -> bytes:
+    """The event of a transition, encoded once for all the streams a live frame goes to."""
     transition = frame.transition
-    return ServerSentEvent(frame.json, id=str(transition.seq), event=transition.type, sep=SEP)
+    event = ServerSentEvent(frame.json, id=str(transition.seq), event=transition.type, sep=SEP)
+    return event.encode()
 
 
 async def _transition_events(
@@ -74,7 +78,7 @@ async def _transition_events(
     after: int,
     known: Callable[[], Awaitable[bool]],
     hold_s: float,
-) -> AsyncIterator[ServerSentEvent]:
+) -> AsyncIterator[ServerSentEvent | bytes]:
     """Yield a session's transitions after seq `after`, until the session ends."""
     with hub.follow(session_id, after) as follower:
         yield ServerSentEvent(comment="following session", retry=RETRY_MS, sep=SEP)
@@ -88,11 +92,16 @@ async def _transition_events(
                     if not await known():
                         yield _unknown(session_id)
                         return
-            while not follower.stopped:  # until the gateway stops
-                for frame in frames:
-                    yield _event(frame)
+            while True:
+                # What queued up goes in one write: a stream that fell behind catches up.
+                for end, frame in enumerate(frames, 1):
                     if await follower.ended_at(frame):
+                        yield b"".join(map(_event, frames[:end]))
                         return
+                if frames:
+                    yield b"".join(map(_event, frames))
+                if follower.stopped:  # the gateway stops
+                    return
                 frames = await follower.next()
         except REDIS_ERRORS as exc:
             logger.warning("stream of session %s broke: %s", session_id, exc)

@@ -43,9 +43,13 @@ _RETRY_S = (0.1, 5.0)
 """First and longest pause between attempts to reach Redis again."""
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class Frame:
-    """A transition and its JSON as published (encoded once for every follower)."""
+    """A transition and its JSON as published (encoded once for every follower).
+
+    Compared and hashed by identity: one live frame goes to every follower, so what a
+    follower makes of it can be cached by the frame.
+    """
 
     transition: Transition
     json: str
@@ -255,8 +259,9 @@ class Follower:
     async def next(self) -> list[Frame]:
         """Wait for the next transitions after the last one returned, in seq order.
 
-        The first call returns the logged ones (possibly none). Returns an empty list when
-        the hub stops (`stopped` is then set).
+        The first call returns the logged ones (possibly none). Later calls return all
+        that queued up meanwhile: a follower that falls behind catches up in one go. When
+        the hub stops, `stopped` is set and what is left is returned (possibly nothing).
 
         Raises:
             redis.exceptions.ConnectionError: Redis did not answer a read of the log.
@@ -264,27 +269,32 @@ class Follower:
         if not self._replayed:
             self._replayed = True
             return await self._from_log()
-        while True:
-            item = await self._queue.get()
-            if item == _STOP:
-                self.stopped = True
-                return []
-            if item == _RESYNC:
-                if frames := await self._from_log():
-                    return frames
-                continue
-            assert isinstance(item, Frame)
-            seq = item.transition.seq
-            if seq <= self.last:
-                continue
-            if seq > self.last + 1:  # missed some: the log has them, and this one
-                frames = await self._from_log()
-                if frames and frames[-1].transition.seq >= seq:
-                    return frames
-                self.last = seq  # the log was trimmed or is gone: go on from here
-                return [*frames, item]
-            self.last = seq
-            return [item]
+        frames: list[Frame] = []
+        while not frames and not self.stopped:
+            frames += await self._take(await self._queue.get())
+            while not self._queue.empty() and not self.stopped:
+                frames += await self._take(self._queue.get_nowait())
+        return frames
+
+    async def _take(self, item: _Item) -> list[Frame]:
+        """What one queued item adds after the last transition returned."""
+        if item == _STOP:
+            self.stopped = True
+            return []
+        if item == _RESYNC:
+            return await self._from_log()
+        assert isinstance(item, Frame)
+        seq = item.transition.seq
+        if seq <= self.last:
+            return []
+        if seq > self.last + 1:  # missed some: the log has them, and this one
+            frames = await self._from_log()
+            if frames and frames[-1].transition.seq >= seq:
+                return frames
+            self.last = seq  # the log was trimmed or is gone: go on from here
+            return [*frames, item]
+        self.last = seq
+        return [item]
 
     async def ended_at(self, frame: Frame) -> bool:
         """Whether the session ended at this transition (nothing was logged after it)."""
