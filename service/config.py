@@ -67,6 +67,11 @@ class Settings(BaseSettings):
     max_in_flight: int = Field(default=100, ge=1)
     shutdown_grace_s: float = Field(default=20.0, ge=0)
     session_ttl_s: int = Field(default=7 * 24 * 3600, ge=60)
+    checkpoint_retention: Literal["all", "latest"] = Field(
+        default="all",
+        description="What a finished session keeps until its TTL: every checkpoint, or the "
+        "latest only (its agent conversations stay whole).",
+    )
     transition_log_maxlen: int = Field(default=10_000, ge=100)
     max_event_bytes: int = Field(default=1024 * 1024, ge=1024)
     # At most 100: Redis JSON, which keeps the checkpoints, stops at 128 levels, and a
