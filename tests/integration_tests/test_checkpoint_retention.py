@@ -49,9 +49,7 @@ async def test_fifty_finished_sessions_leave_no_key_without_a_ttl(
     saver = await open_checkpointer(redis)
     runs: set[str] = set()
     for session_id in sent:
-        history = [
-            t async for t in saver.alist({"configurable": {"thread_id": session_id}})
-        ]
+        history = [t async for t in saver.alist({"configurable": {"thread_id": session_id}})]
         assert len(history) == 1, session_id  # pruned to its latest checkpoint
         runs |= {str(t.metadata["run_id"]) for t in history if t.metadata.get("run_id")}
     ours = (*sent, *event_ids, *runs)
@@ -63,7 +61,9 @@ async def test_fifty_finished_sessions_leave_no_key_without_a_ttl(
         kinds.add(key.split(":")[1])
         if await redis.ttl(key) < 0:
             without_ttl.append(key)
-    print(f"\n{len(sent)} finished sessions: key kinds {sorted(kinds)}, without a TTL {without_ttl}")
+    print(
+        f"\n{len(sent)} finished sessions: key kinds {sorted(kinds)}, without a TTL {without_ttl}"
+    )
     # The scan saw each kind of key a session has (so it looked in the right place) ...
     assert {"session", "event", "checkpoint"} <= kinds
     # ... and none of them is kept for ever.
@@ -114,7 +114,7 @@ async def test_a_session_pruned_to_its_latest_checkpoint_keeps_its_whole_convers
             before = await asyncio.to_thread(history)
             workflow_before, checkpoints_before = await gateway()
             graph = build_graph(await open_checkpointer(redis))
-            # What the worker does when a session finishes under AGENTFLOW_CHECKPOINT_RETENTION=latest.
+            # What the worker does at a session's end with AGENTFLOW_CHECKPOINT_RETENTION=latest.
             await expire_session(graph.checkpointer, session_id, 600, retention="latest")
             after = await asyncio.to_thread(history)
             workflow_after, checkpoints_after = await gateway()
