@@ -134,8 +134,8 @@ def redis_client(
     """Make a Redis client whose pool waits for a free connection instead of failing.
 
     Replies come as text by default. The checkpointer, the long-term store and redisvl
-    read either: they keep JSON documents and base64 blobs, never raw bytes, and decode
-    what they get when it is bytes.
+    work on either: the store and redisvl keep JSON documents and decode what they get
+    when it is bytes, and the checkpointer reads its binary records undecoded.
 
     Args:
         url: `redis://` or `rediss://` (TLS); credentials and database go in the URL.

@@ -49,7 +49,7 @@ from langgraph.checkpoint.base import (
     writes_sort_key,
 )
 from langgraph.checkpoint.serde.base import SerializerProtocol
-from redis.asyncio import Redis
+from redis.asyncio import Redis, RedisCluster
 from redis.exceptions import NoScriptError
 
 __all__ = ["THREAD_KEY_PREFIX", "RUN_KEY_PREFIX", "RedisSaver"]
@@ -298,6 +298,75 @@ class _Script:
             )
 
 
+class _ScriptBatcher:
+    """Sends the script calls of concurrent sessions together, one pipeline at a time.
+
+    The calls made while a pipeline is out wait for it and go in the next one: with many
+    sessions in flight, each call costs a share of one round trip and of one pooled
+    connection's handling instead of its own (most of a put's cost in the client). Every
+    script stays atomic on its own; calls were never ordered across connections anyway.
+    A call alone in its turn is sent as it is.
+    """
+
+    def __init__(self, redis: Redis) -> None:
+        self.redis = redis
+        self.pending: list[tuple[_Script, Sequence[str], Sequence[Any], asyncio.Future[Any]]] = []
+        self.sending: asyncio.Task[None] | None = None
+
+    async def call(self, script: _Script, keys: Sequence[str], args: Sequence[Any]) -> Any:
+        future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        self.pending.append((script, keys, args, future))
+        if self.sending is None:
+            self.sending = asyncio.create_task(self._send())
+        return await future
+
+    async def _send(self) -> None:
+        try:
+            while self.pending:
+                batch, self.pending = self.pending, []
+                try:
+                    replies = await self._send_batch(batch)
+                except Exception as exc:  # the connection failed: every call fails with it
+                    replies = [exc] * len(batch)
+                except BaseException:
+                    for *_, future in batch:
+                        future.cancel()
+                    raise
+                for (*_, future), reply in zip(batch, replies, strict=True):
+                    if future.done():  # its caller was cancelled
+                        continue
+                    if isinstance(reply, Exception):
+                        future.set_exception(reply)
+                    else:
+                        future.set_result(reply)
+        finally:
+            self.sending = None
+
+    async def _send_batch(
+        self, batch: list[tuple[_Script, Sequence[str], Sequence[Any], asyncio.Future[Any]]]
+    ) -> list[Any]:
+        """Run the calls; return each one's reply, or the error it got."""
+        if len(batch) == 1:
+            script, keys, args, _ = batch[0]
+            try:
+                return [await script(self.redis, keys, args)]
+            except Exception as exc:
+                return [exc]
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for script, keys, args, _ in batch:
+                pipe.execute_command(
+                    "EVALSHA", script.sha, len(keys), *keys, *args, NEVER_DECODE=[]
+                )
+            replies = list(await pipe.execute(raise_on_error=False))
+        for i, (script, keys, args, _) in enumerate(batch):
+            if isinstance(replies[i], NoScriptError):  # Redis lost its scripts (a restart)
+                try:
+                    replies[i] = await script(self.redis, keys, args)
+                except Exception as exc:
+                    replies[i] = exc
+        return replies
+
+
 _SCRIPTS = {
     name: _Script(body)
     for name, body in {
@@ -472,6 +541,10 @@ class RedisSaver(BaseCheckpointSaver[str]):
         self._ttl = "" if minutes is None else str(max(1, round(float(minutes) * 60)))
         self._refresh_on_read = bool((ttl or {}).get("refresh_on_read")) and minutes is not None
         self.loop: asyncio.AbstractEventLoop | None = None
+        # A cluster client's pipelines split by node: its calls go one by one.
+        self._batcher = (
+            None if isinstance(redis_client, RedisCluster) else _ScriptBatcher(redis_client)
+        )
         # (thread, run) pairs whose run key names the thread already: one SADD per pair.
         self._indexed_runs: dict[tuple[str, str], None] = {}
 
@@ -527,7 +600,9 @@ class RedisSaver(BaseCheckpointSaver[str]):
         if self.loop is None:
             self.loop = asyncio.get_running_loop()
         keys = _thread_keys(self.key_prefix, thread_id)
-        return await _SCRIPTS[name](self._redis, keys, args)
+        if self._batcher is None:
+            return await _SCRIPTS[name](self._redis, keys, args)
+        return await self._batcher.call(_SCRIPTS[name], keys, args)
 
     async def _load(self, thread_id: str, ns: str, checkpoint_id: str | None) -> _Loaded | None:
         if checkpoint_id:
