@@ -74,8 +74,8 @@ class Settings(BaseSettings):
     )
     transition_log_maxlen: int = Field(default=10_000, ge=100)
     max_event_bytes: int = Field(default=1024 * 1024, ge=1024)
-    # At most 100: Redis JSON, which keeps the checkpoints, stops at 128 levels, and a
-    # checkpoint holds the event a few levels down.
+    # At most 100: a checkpoint holds the event a few levels down, and msgpack (ormsgpack,
+    # which writes the checkpoints) stops at 255 levels, Redis JSON (the stores) at 128.
     max_json_depth: int = Field(
         default=64,
         ge=2,

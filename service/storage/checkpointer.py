@@ -52,14 +52,16 @@ from langgraph.checkpoint.serde.base import SerializerProtocol
 from redis.asyncio import Redis, RedisCluster
 from redis.exceptions import NoScriptError
 
+from service.storage.keys import CHECKPOINT_PREFIX
+
 __all__ = ["THREAD_KEY_PREFIX", "RUN_KEY_PREFIX", "RedisSaver"]
 
 logger = logging.getLogger(__name__)
 
-THREAD_KEY_PREFIX = "agentflow:checkpoint"
+THREAD_KEY_PREFIX = CHECKPOINT_PREFIX
 """A thread's keys are `{prefix}:{thread}:i` (index) and `{prefix}:{thread}:d` (data)."""
 
-RUN_KEY_PREFIX = "agentflow:checkpoint_run"
+RUN_KEY_PREFIX = f"{CHECKPOINT_PREFIX}_run"
 """`{prefix}:{run id}` is the set of threads a run wrote."""
 
 _PAGE = 64  # checkpoints read per round trip when listing

@@ -15,17 +15,20 @@ Users, scripts and tests read these names, so they do not change.
 - `agentflow:worker:{name}` (string, short TTL): a running worker's state (taking events
   or degraded, since when, why), for `agentflow health` and `/healthz`.
 
-Keys that agentflow does not name live beside these: langgraph-checkpoint-redis keeps
-checkpoints under `checkpoint:*`, `checkpoint_write:*`, `checkpoint_latest:*` and
-`write_keys_zset:*` (indexes `checkpoints`, `checkpoint_writes`), and its long-term store
-under `store:*` (index `store`). `service.storage.checkpoints.expire_session` reads those
-prefixes from the saver itself.
+- `agentflow:checkpoint:{thread}:i` (sorted set) and `agentflow:checkpoint:{thread}:d`
+  (hash): a session's checkpoints, writes and channel values (`RedisSaver`, whose module
+  `service.storage.checkpointer` describes them); `agentflow:checkpoint_run:{run id}` (set):
+  the threads a LangGraph run id wrote.
+
+Keys that agentflow does not name live beside these: langgraph-checkpoint-redis's
+long-term store keeps `store:*` (index `store`).
 """
 
 from __future__ import annotations
 
 __all__ = [
     "ALL_TRANSITIONS_CHANNEL",
+    "CHECKPOINT_PREFIX",
     "INDEX_KEY",
     "LLM_CACHE_PREFIX",
     "WORKER_PREFIX",
@@ -45,6 +48,9 @@ INDEX_KEY = "agentflow:sessions"
 
 ALL_TRANSITIONS_CHANNEL = "agentflow:transitions"
 """The pub/sub channel every session's transitions are published on too."""
+
+CHECKPOINT_PREFIX = "agentflow:checkpoint"
+"""A session's checkpoints are `{prefix}:{<session id>}:i` and `:d`; runs `{prefix}_run:{<id>}`."""
 
 WORKFLOW_PREFIX = "agentflow:workflow"
 """The workflow library's documents live under `{prefix}:{id}`, its index is `{prefix}s`."""
