@@ -138,9 +138,9 @@ def redis_client(
 ) -> Redis:
     """Make a Redis client whose pool waits for a free connection instead of failing.
 
-    Replies come as text by default. The checkpointer and redisvl read either: they keep
-    JSON documents and base64 blobs, never raw bytes, and decode what they get when it is
-    bytes. The subject store needs text.
+    Replies come as text by default. The checkpointer reads its binary records undecoded,
+    so it works on either; redisvl keeps JSON documents and decodes what it gets when it
+    is bytes; the subject store needs text.
 
     Args:
         url: `redis://` or `rediss://` (TLS); credentials and database go in the URL.

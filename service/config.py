@@ -72,6 +72,11 @@ class Settings(BaseSettings):
     max_in_flight: int = Field(default=100, ge=1)
     shutdown_grace_s: float = Field(default=20.0, ge=0)
     session_ttl_s: int = Field(default=7 * 24 * 3600, ge=60)
+    checkpoint_retention: Literal["all", "latest"] = Field(
+        default="all",
+        description="What a finished session keeps until its TTL: every checkpoint, or the "
+        "latest only (its agent conversations stay whole).",
+    )
     transition_log_maxlen: int = Field(default=10_000, ge=100)
     subject_notes_max: int = Field(
         default=100, ge=1, description="Notes kept per subject; the oldest go first."
@@ -82,8 +87,8 @@ class Settings(BaseSettings):
         description="A subject's notes are dropped this long after its last note.",
     )
     max_event_bytes: int = Field(default=1024 * 1024, ge=1024)
-    # At most 100: Redis JSON, which keeps the checkpoints, stops at 128 levels, and a
-    # checkpoint holds the event a few levels down.
+    # At most 100: a checkpoint holds the event a few levels down, and msgpack (ormsgpack,
+    # which writes the checkpoints) stops at 255 levels, Redis JSON (the stores) at 128.
     max_json_depth: int = Field(
         default=64,
         ge=2,

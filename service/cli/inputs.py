@@ -21,9 +21,9 @@ __all__ = [
 
 AGENTFLOW_LOGGERS = ("service", "nodes", "graphs")
 """The loggers of agentflow's own packages: DEBUG with `agentflow worker --verbose`."""
-QUIET_LOGGERS = ("aiokafka", "langgraph.checkpoint.redis", "langgraph.store.redis")
+QUIET_LOGGERS = ("aiokafka",)
 """Libraries whose INFO lines are start-up noise: aiokafka's group joins and partition
-assignments, langgraph-redis's "Redis client is a standalone client"."""
+assignments."""
 
 
 class BadInput(Exception):

@@ -36,13 +36,23 @@ def replay(
         list[str] | None,
         typer.Option("--set", help="Edit the state first: KEY=JSON (repeatable)."),
     ] = None,
+    as_session: Annotated[
+        str | None,
+        typer.Option(
+            "--as",
+            help="Run the branch as this new session (a copy of the whole history); "
+            "the original session stays as it was.",
+            show_default=False,
+        ),
+    ] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print only the result JSON.")] = False,
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log at INFO.")] = False,
 ) -> None:
     """Fork a session from one of its checkpoints and run it on as a new branch.
 
-    The original checkpoints stay as they were; the session's head moves to the branch.
-    Sessions are read from AGENTFLOW_REDIS_URL when set, else from `agentflow run`'s
+    The original checkpoints stay as they were; the session's head moves to the branch,
+    or with --as NEW_SESSION_ID the branch is a new session that starts as a copy of this
+    one. Sessions are read from AGENTFLOW_REDIS_URL when set, else from `agentflow run`'s
     checkpoints. Exit codes as for `run`.
     """
     configure_logging(logging.INFO if verbose else logging.WARNING)
@@ -55,15 +65,28 @@ def replay(
     try:
         changes = parse_edits(edits or [])
         outcome = asyncio.run(
-            replay_session(settings, session_id, from_checkpoint, changes, on_transition=show)
+            replay_session(
+                settings,
+                session_id,
+                from_checkpoint,
+                changes,
+                as_session=as_session,
+                on_transition=show,
+            )
         )
     except ReplayError as exc:
         raise BadInput(str(exc)) from None
     if not as_json:
         edited = f" with {', '.join(changes)} edited" if changes else ""
+        if as_session is None:
+            where = f"branch of session {session_id}"
+            kept = "the original checkpoints are kept"
+        else:
+            where = f"new session {as_session}, a copy of session {session_id}"
+            kept = f"session {session_id} is unchanged"
         console.print(
-            f"\nbranch of session {session_id} forked at {outcome.from_checkpoint}{edited}; "
-            f"head {outcome.head_checkpoint} (the original checkpoints are kept)"
+            f"\n{where} forked at {outcome.from_checkpoint}{edited}; "
+            f"head {outcome.head_checkpoint} ({kept})"
         )
     # On Redis the branch is a service session: the worker takes its answer.
     finish(outcome.result, as_json=as_json, service=settings.redis_url is not None)

@@ -26,7 +26,7 @@ from pydantic import TypeAdapter, ValidationError
 from redis.asyncio import Redis
 
 from graphs.workflow import build_graph
-from nodes.models import CloudEvent, WorkflowResult
+from nodes.models import CloudEvent, WorkflowResult, session_id_problem
 from nodes.state import WorkflowState
 from service.bootstrap import open_session_checkpointer
 from service.config import Settings
@@ -44,6 +44,7 @@ __all__ = [
     "SessionGraph",
     "branch_history",
     "checkpoint_id",
+    "copy_session",
     "describe",
     "fork",
     "load_session_path",
@@ -303,6 +304,7 @@ async def replay(
     edits: dict[str, Any] | None = None,
     sink: TransitionSink | None = None,
     sequence: Any = InMemorySequence,
+    forked_from: str | None = None,
 ) -> ReplayResult:
     """Fork a session at a checkpoint, with optional edits, and run the branch on.
 
@@ -319,6 +321,8 @@ async def replay(
             `replay_from`, `fork_checkpoint` and `after` (the nodes that ran just before
             the fork).
         sequence: numbers transitions (see `SessionRunner`); None when the sink does.
+        forked_from: the session this one was copied from (`replay --as`), for the
+            `session.started` transition.
 
     Raises:
         ReplayError: the checkpoint does not exist or cannot take the edits.
@@ -335,7 +339,7 @@ async def replay(
                 "replay_from": from_checkpoint,
                 "fork_checkpoint": fork_config["configurable"]["checkpoint_id"],
                 "after": after,
-            }
+            } | ({"forked_from": forked_from} if forked_from else {})
         if sink is not None:
             await sink(transition)
 
@@ -365,28 +369,40 @@ async def replay_session(
     from_checkpoint: str,
     edits: dict[str, Any] | None = None,
     *,
+    as_session: str | None = None,
     on_transition: TransitionSink | None = None,
 ) -> ReplayResult:
     """Replay a session where the service keeps it: Redis if configured, else SQLite.
 
     On Redis the branch's transitions go to the session's log and channels like any
     run's (so `agentflow watch` and the gateway follow it) and the session record gets
-    the branch's result.
+    the branch's result. With `as_session` the session's whole history is first copied
+    to that new session, which takes the branch: the original stays as it was.
 
     Raises:
-        ReplayError: no such session or checkpoint, the session is running, or the edits
-            cannot be applied.
+        ReplayError: no such session or checkpoint, the session is running, the new
+            session exists or breaks the session-id rule, or the edits cannot be applied.
     """
     async with open_session_graph(settings) as opened:
         sequence: Any = InMemorySequence
         sink = on_transition
         store: SessionStore | None = None
+        target = session_id
         if opened.redis is not None:
             sessions = SessionStore(opened.redis, ttl_s=settings.session_ttl_s)
             record = await sessions.get(session_id)
             if record is not None and record.status == "running":
                 raise ReplayError(f"session {session_id} is running; replay it once it has stopped")
             store = sessions if record is not None else None
+        if as_session is not None:
+            event = await _event_at(opened.graph, session_id, from_checkpoint)
+            target = await copy_session(opened, session_id, as_session, from_checkpoint)
+            if opened.redis is not None:
+                await sessions.open(
+                    target, event_id=event.id, event_type=event.type, subject=event.subject
+                )
+                store = sessions
+        if opened.redis is not None:
             publisher = TransitionPublisher(
                 opened.redis, ttl_s=settings.session_ttl_s, maxlen=settings.transition_log_maxlen
             )
@@ -400,18 +416,92 @@ async def replay_session(
             sink, sequence = publish, None
         outcome = await replay(
             opened.graph,
-            session_id,
+            target,
             from_checkpoint,
             context=settings.context(),
             edits=edits,
             sink=sink,
             sequence=sequence,
+            forked_from=None if target == session_id else session_id,
         )
         if opened.redis is not None and outcome.result.status != "interrupted":
-            await expire_session(opened.graph.checkpointer, session_id, settings.session_ttl_s)
+            await expire_session(
+                opened.graph.checkpointer,
+                target,
+                settings.session_ttl_s,
+                retention=settings.checkpoint_retention,
+            )
         if store is not None:
             await store.close(outcome.result)
         return outcome
+
+
+async def copy_session(
+    opened: SessionGraph, session_id: str, new_session_id: str, from_checkpoint: str
+) -> str:
+    """Copy a session's whole history (every checkpoint and write) to a new session.
+
+    The checkpointer's `acopy_thread` does it where it has one (agentflow's `RedisSaver`);
+    otherwise (`agentflow run`'s SQLite) the checkpoints are put again, oldest first.
+
+    Returns:
+        The new session id.
+
+    Raises:
+        ReplayError: the checkpoint to fork from is unknown, or the new session id is taken
+            or breaks the session-id rule.
+    """
+    graph = opened.graph
+    saver = graph.checkpointer
+    assert isinstance(saver, BaseCheckpointSaver), "replay needs a graph with a checkpointer"
+    if (problem := session_id_problem(new_session_id)) is not None:
+        raise ReplayError(f"--as {new_session_id!r}: a session id {problem}")
+    if await saver.aget_tuple(_thread(session_id, from_checkpoint)) is None:
+        raise ReplayError(await _unknown_checkpoint(graph, session_id, from_checkpoint))
+    taken = await saver.aget_tuple(_thread(new_session_id)) is not None
+    if not taken and opened.redis is not None:
+        taken = await SessionStore(opened.redis, ttl_s=60).get(new_session_id) is not None
+    if taken:
+        raise ReplayError(f"session {new_session_id} exists already; --as needs a new session id")
+    if type(saver).acopy_thread is not BaseCheckpointSaver.acopy_thread:
+        await saver.acopy_thread(session_id, new_session_id)
+        return new_session_id
+    copied = [t async for t in saver.alist({"configurable": {"thread_id": session_id}})]
+    for saved in reversed(copied):  # oldest first: a parent before its children
+        configurable = {
+            "thread_id": new_session_id,
+            "checkpoint_ns": saved.config["configurable"].get("checkpoint_ns", ""),
+        }
+        if saved.parent_config is not None:
+            configurable["checkpoint_id"] = saved.parent_config["configurable"]["checkpoint_id"]
+        checkpoint = saved.checkpoint
+        stored = await saver.aput(
+            {"configurable": configurable},
+            checkpoint,
+            saved.metadata,
+            checkpoint["channel_versions"],
+        )
+        by_task: dict[str, list[tuple[str, Any]]] = {}
+        for task_id, channel, value in saved.pending_writes or []:
+            by_task.setdefault(task_id, []).append((channel, value))
+        for task_id, writes in by_task.items():
+            await saver.aput_writes(stored, writes, task_id)
+    return new_session_id
+
+
+async def _event_at(graph: CompiledStateGraph, session_id: str, checkpoint: str) -> CloudEvent:
+    """The event a checkpoint's run answers (the checkpoint must hold state)."""
+    saver = graph.checkpointer
+    assert isinstance(saver, BaseCheckpointSaver), "replay needs a graph with a checkpointer"
+    if await saver.aget_tuple(_thread(session_id, checkpoint)) is None:
+        raise ReplayError(await _unknown_checkpoint(graph, session_id, checkpoint))
+    event = (await graph.aget_state(_thread(session_id, checkpoint))).values.get("event")
+    if not isinstance(event, CloudEvent):
+        raise ReplayError(
+            f"checkpoint {checkpoint} is the run's input and holds no state yet; "
+            "fork from a later checkpoint"
+        )
+    return event
 
 
 async def load_session_path(settings: Settings, session_id: str) -> SessionPath:

@@ -2,8 +2,8 @@
 
 Redis replies come as text: session records, the transition log and pub/sub messages are
 read from a client made with `decode_responses=True`, not decoded by hand. The Redis
-libraries agentflow builds on (langgraph-checkpoint-redis, its store, and redisvl under
-the workflow library) work on such a client as well as on one that answers bytes, so one
+library agentflow builds on (redisvl, under the workflow library) and its own checkpointer
+work on such a client as well as on one that answers bytes, so one
 text client can serve a whole process.
 """
 
@@ -20,14 +20,10 @@ __all__ = ["quiet_index_setup", "require_text_client"]
 
 _ClientT = TypeVar("_ClientT", bound=Redis)
 
-# Setting up an index that exists logs "Index already exists, not overwriting." (redisvl),
-# and each setup says the client is not a cluster one: lines at every start that say
+# Setting up an index that exists logs "Index already exists, not overwriting." (redisvl):
+# lines at every start that say
 # nothing a user can act on. Their warnings and errors still come through.
-_SETUP_LOGGERS = (
-    "redisvl.index.index",
-    "langgraph.checkpoint.redis.aio",
-    "langgraph.store.redis.base",
-)
+_SETUP_LOGGERS = ("redisvl.index.index",)
 
 
 def require_text_client(redis: _ClientT, user: str) -> _ClientT:

@@ -21,16 +21,17 @@ session lives in one slot and one script may touch them all.
 - `agentflow:worker:{name}` (string, short TTL): a running worker's state (taking events
   or degraded, since when, why), for `agentflow health` and `/healthz`.
 
-Keys that agentflow does not name live beside these: langgraph-checkpoint-redis keeps
-checkpoints under `checkpoint:*`, `checkpoint_write:*`, `checkpoint_latest:*` and
-`write_keys_zset:*` (indexes `checkpoints`, `checkpoint_writes`).
-`service.storage.checkpoints.expire_session` reads those prefixes from the saver itself.
+- `agentflow:checkpoint:{thread}:i` (sorted set) and `agentflow:checkpoint:{thread}:d`
+  (hash): a session's checkpoints, writes and channel values (`RedisSaver`, whose module
+  `service.storage.checkpointer` describes them); `agentflow:checkpoint_run:{run id}` (set):
+  the threads a LangGraph run id wrote.
 """
 
 from __future__ import annotations
 
 __all__ = [
     "ALL_TRANSITIONS_CHANNEL",
+    "CHECKPOINT_PREFIX",
     "INDEX_KEY",
     "LLM_CACHE_PREFIX",
     "MEMORY_PREFIX",
@@ -52,6 +53,9 @@ INDEX_KEY = "agentflow:sessions"
 
 ALL_TRANSITIONS_CHANNEL = "agentflow:transitions"
 """The pub/sub channel every session's transitions are published on too."""
+
+CHECKPOINT_PREFIX = "agentflow:checkpoint"
+"""A session's checkpoints are `{prefix}:{<session id>}:i` and `:d`; runs `{prefix}_run:{<id>}`."""
 
 WORKFLOW_PREFIX = "agentflow:workflow"
 """The workflow library's documents live under `{prefix}:{id}`, its index is `{prefix}s`."""

@@ -332,7 +332,12 @@ class EventHandler:
         result.event_id = event.id
         if live:
             checkpointer = self.runner.graph.checkpointer
-            await expire_session(checkpointer, session_id, self.settings.session_ttl_s)
+            await expire_session(
+                checkpointer,
+                session_id,
+                self.settings.session_ttl_s,
+                retention=self.settings.checkpoint_retention,
+            )
             await self.store.close(result, status="cancelled")
             await self.runner.emit(
                 Transition(
@@ -368,7 +373,12 @@ class EventHandler:
         """Close a run: retention for an ended session, its record, its result out."""
         if result.status != "interrupted":
             checkpointer = self.runner.graph.checkpointer
-            await expire_session(checkpointer, result.session_id, self.settings.session_ttl_s)
+            await expire_session(
+                checkpointer,
+                result.session_id,
+                self.settings.session_ttl_s,
+                retention=self.settings.checkpoint_retention,
+            )
         await self.store.close(result, finished_event=result.event_id)
         await self.outbox.publish_result(result)
         if result.status == "failed":

@@ -559,8 +559,9 @@ async def test_cancel_stops_a_running_session(
         assert last["data"]["result"]["event_id"] == accepted["event_id"]
         assert [m["event"] for m in rest].count("session.failed") == 1
         assert (await client.get(f"/sessions/{session_id}")).json()["status"] == "cancelled"
-        checkpoints = [k async for k in redis.scan_iter(match=f"checkpoint:{session_id}:*")]
-        assert checkpoints and all([await redis.ttl(k) > 0 for k in checkpoints])  # retention
+        checkpoints = [f"agentflow:checkpoint:{{{session_id}}}:{part}" for part in ("i", "d")]
+        assert await redis.exists(*checkpoints) == 2
+        assert all([await redis.ttl(k) > 0 for k in checkpoints])  # retention
 
         cancel_id = cancel.json()["event_id"]
         records = await read_topic(

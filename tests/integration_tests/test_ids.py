@@ -269,11 +269,6 @@ async def test_history_matches_exactly_one_session(
     assert [s async for s in session_states(graph, nobody)] == []
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="langgraph-checkpoint-redis lists a thread with a case-insensitive TAG search; "
-    "the checkpointer of 'A durable core' must pass this (then drop the mark)",
-)
 async def test_the_checkpointer_lists_one_thread_byte_for_byte(
     family: tuple[CompiledStateGraph[Any, Any, Any, Any], dict[str, set[str]]],
 ) -> None:
@@ -295,9 +290,8 @@ async def test_finishing_a_session_expires_its_own_checkpoints_only(
     await expire_session(graph.checkpointer, first, 600)
 
     async def ttls(session_id: str) -> list[int]:
-        pattern = f"checkpoint:{session_id}:*".replace(",", "\\,")
-        keys = [k async for k in redis.scan_iter(match=pattern.replace("[", "\\["), count=1000)]
-        assert keys, session_id
+        keys = [f"agentflow:checkpoint:{{{session_id}}}:{part}" for part in ("i", "d")]
+        assert await redis.exists(*keys) == 2, session_id
         return [await redis.ttl(k) for k in keys]
 
     assert all(0 < t <= 600 for t in await ttls(first))

@@ -17,7 +17,6 @@ from aiokafka import AIOKafkaProducer
 from langgraph.checkpoint.memory import InMemorySaver
 from redis.asyncio import Redis
 from redis.crc import key_slot
-from redisvl.exceptions import RedisSearchError
 
 from graphs.workflow import build_graph
 from nodes.context import WorkflowContext
@@ -38,11 +37,6 @@ from service.storage.memory import (
 )
 from service.storage.publisher import read_log
 from tests.integration_tests.conftest import example, read_topic, results_by_event, send
-
-NEEDS_REDIS_SAVER = pytest.mark.xfail(
-    strict=True, raises=RedisSearchError, reason="needs RedisSaver (issue 11 §1)"
-)
-"""The worker's checkpointer (AsyncRedisSaver) still needs the modules until RedisSaver lands."""
 
 
 @pytest.fixture(scope="module")
@@ -207,7 +201,6 @@ async def _result(settings: Settings, event: dict[str, Any]) -> WorkflowResult:
     return WorkflowResult.model_validate(result)
 
 
-@NEEDS_REDIS_SAVER
 async def test_a_session_runs_on_plain_redis_with_the_library_elsewhere(
     settings: Settings,
     servers: LocalServers,
@@ -240,7 +233,6 @@ async def test_a_session_runs_on_plain_redis_with_the_library_elsewhere(
         assert await plain.ttl(key) > 0
 
 
-@NEEDS_REDIS_SAVER
 async def test_a_session_runs_on_plain_redis_without_a_library(
     settings: Settings,
     plain_server: RedisServer,

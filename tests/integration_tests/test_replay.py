@@ -172,3 +172,88 @@ async def test_cli_replays_and_draws_a_redis_session(
 
     bad = agentflow("sessions", "replay", session_id, "--from", "nope", settings=settings)
     assert bad.returncode == 2 and b"its checkpoints" in bad.stderr
+
+
+async def test_replay_as_a_new_session_copies_the_history_and_leaves_the_original(
+    settings: Settings, redis: Redis, make_event: Callable[..., CloudEvent]
+) -> None:
+    session_id = f"replay-{uuid.uuid4().hex[:8]}"
+    new_id = f"{session_id}-fork"
+    runner = await run_on_redis(settings, redis, make_event("claim_submitted"), session_id)
+    before = await snapshot_history(runner, session_id)
+    log_before = await read_log(redis, session_id)
+    original = await branch_history(runner.graph, session_id)
+    base = next(s for s in original if s.next == ("review",))
+
+    out = agentflow(
+        "sessions",
+        "replay",
+        session_id,
+        "--from",
+        checkpoint_id(base),
+        "--as",
+        new_id,
+        "--set",
+        'feedback=["forked: check the dates"]',
+        "--json",
+        settings=settings,
+    )
+
+    assert out.returncode == 0, out.stderr
+    assert json.loads(out.stdout)["session_id"] == new_id
+    # The original session is exactly as it was: checkpoints, log and head.
+    assert await snapshot_history(runner, session_id) == before
+    assert await read_log(redis, session_id) == log_before
+    # The new one holds the whole copied history, and its own branch on top.
+    copied = await snapshot_history(runner, new_id)
+    assert {k: copied[k] for k in before} == before
+    branch = await branch_history(runner.graph, new_id)
+    assert checkpoint_id(base) in [checkpoint_id(s) for s in branch]
+    assert branch[-1].values["feedback"][-1] == "forked: check the dates"
+    assert branch[-1].values["result"].session_id == new_id
+    record = await SessionStore(redis, ttl_s=60).get(new_id)
+    assert record is not None and record.status == "completed"
+    log = await read_log(redis, new_id)
+    assert log[0].type == "session.started" and log[0].data
+    assert log[0].data["forked_from"] == session_id
+    assert log[0].data["replay_from"] == checkpoint_id(base)
+
+    taken = agentflow(
+        "sessions", "replay", session_id, "--from", checkpoint_id(base), "--as", new_id,
+        settings=settings,
+    )  # fmt: skip
+    assert taken.returncode == 2 and b"exists already" in taken.stderr
+    with pytest.raises(ReplayError, match="a session id must be"):
+        await replay_session(settings, session_id, checkpoint_id(base), as_session="bad id!")
+
+
+async def test_replay_as_a_new_session_on_agentflow_runs_sqlite(
+    tmp_path: Path, make_event: Callable[..., CloudEvent]
+) -> None:
+    from service.config import load_settings
+    from service.runtime.embedded import run_embedded
+    from service.runtime.replay import open_session_graph
+
+    settings = load_settings(redis_url=None, kafka_bootstrap=None, data_dir=tmp_path)
+    result = await run_embedded(settings, session_id="local", event=make_event("claim_submitted"))
+    assert result.status == "completed"
+    async with open_session_graph(settings) as opened:
+        original = await branch_history(opened.graph, "local")
+    base = next(s for s in original if s.next == ("review",))
+
+    outcome = await replay_session(settings, "local", checkpoint_id(base), as_session="copy")
+
+    assert outcome.session_id == "copy" and outcome.result.status == "completed"
+    async with open_session_graph(settings) as opened:
+        assert [checkpoint_id(s) for s in await branch_history(opened.graph, "local")] == [
+            checkpoint_id(s) for s in original
+        ]
+        branch = await branch_history(opened.graph, "copy")
+    # The SQLite saver has no copy_thread: the checkpoints were put again, oldest first,
+    # and the copy's history before the fork is the original's, state for state.
+    shared = [checkpoint_id(s) for s in original].index(checkpoint_id(base))
+    assert shared > 5
+    assert [(checkpoint_id(s), s.values) for s in branch[:shared]] == [
+        (checkpoint_id(s), s.values) for s in original[:shared]
+    ]
+    assert branch[-1].values["result"].session_id == "copy"

@@ -115,17 +115,19 @@ def test_redis_has_search_and_json(servers: LocalServers) -> None:
         client.close()
 
 
-async def test_async_redis_saver_setup(servers: LocalServers) -> None:
-    from langgraph.checkpoint.redis.aio import AsyncRedisSaver
+async def test_redis_saver_round_trips_a_checkpoint(servers: LocalServers) -> None:
+    from langgraph.checkpoint.base import empty_checkpoint
 
-    async with AsyncRedisSaver.from_conn_string(servers.redis_url) as saver:
-        await saver.asetup()
-    client = aioredis.from_url(servers.redis_url, decode_responses=True)
-    try:
-        indexes = await client.execute_command("FT._LIST")
-    finally:
-        await client.aclose()
-    assert "checkpoint" in indexes
+    from service.storage.checkpointer import RedisSaver
+
+    thread = _unique("servers-test-thread")
+    config = {"configurable": {"thread_id": thread, "checkpoint_ns": ""}}
+    async with RedisSaver.from_conn_string(servers.redis_url) as saver:
+        checkpoint = empty_checkpoint()
+        stored = await saver.aput(config, checkpoint, {"source": "input", "step": -1}, {})
+        found = await saver.aget_tuple(stored)
+        await saver.adelete_thread(thread)
+    assert found is not None and found.checkpoint["id"] == checkpoint["id"]
 
 
 async def test_redis_restart_keeps_port_and_comes_back_empty() -> None:

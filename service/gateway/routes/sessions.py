@@ -126,13 +126,8 @@ async def get_history(
     await known_session(backends, session_id)
     graph = await backends.graph()
     checkpoints: list[CheckpointSummary] = []
-    # The Redis saver ignores `before`; checkpoint ids sort by time, so filter here.
-    async for snapshot in session_states(graph, session_id, limit=None if before else limit):
-        if len(checkpoints) == limit:
-            break
+    async for snapshot in session_states(graph, session_id, limit=limit, before=before):
         configurable = snapshot.config["configurable"]
-        if before is not None and configurable["checkpoint_id"] >= before:
-            continue
         parent = (snapshot.parent_config or {}).get("configurable", {})
         created = snapshot.created_at
         metadata = snapshot.metadata or {}
