@@ -34,11 +34,14 @@ class PartitionOffsets:
     """The highest offset taken; -1 before the first."""
     committed: int = -1
     """The offset last committed (the next one to read); -1 before the first commit."""
+    lowest: int = -1
+    """The lowest offset taken; -1 before the first."""
 
     def take(self, offset: int) -> None:
         """Remember an offset whose event starts."""
         self.pending.add(offset)
         self.highest = max(self.highest, offset)
+        self.lowest = offset if self.lowest < 0 else min(self.lowest, offset)
 
     def finish(self, offset: int) -> None:
         """Remember that an offset's event finished."""
@@ -235,10 +238,13 @@ class EventConsumer:
         return offsets
 
     def _committed(self, offsets: dict[TopicPartition, int]) -> None:
+        covered = False  # whether the commit covers an event this worker finished
         for tp, offset in offsets.items():
-            if tp in self._offsets:  # not released while the commit was on its way
-                self._offsets[tp].committed = offset
-        if offsets:
+            tracker = self._offsets.get(tp)
+            if tracker is not None:  # not released while the commit was on its way
+                covered = covered or 0 <= tracker.lowest < offset
+                tracker.committed = offset
+        if covered:
             crash_point("committed")
 
     async def release(self, partitions: list[TopicPartition]) -> None:
