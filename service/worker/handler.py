@@ -38,7 +38,7 @@ STATE_LOST = "session state lost"
 """The reason a live session ends failed when its checkpoints are gone."""
 
 
-async def _nothing_to_restore() -> None:
+async def _nothing() -> None:
     return None
 
 
@@ -78,7 +78,7 @@ class EventHandler:
         self.outbox = outbox
         self.settings = settings
         self.on_degraded = on_degraded
-        self.restore_setup = restore_setup or _nothing_to_restore
+        self.restore_setup = restore_setup or _nothing
         self.completed = self.failed = self.duplicates = 0
         self._started: weakref.WeakSet[asyncio.Task[Any]] = weakref.WeakSet()
         self._stopped: weakref.WeakSet[asyncio.Task[Any]] = weakref.WeakSet()
@@ -375,10 +375,15 @@ class EventHandler:
             record: the event's record (its offset, for a Kafka transaction).
         """
         crash_point("checkpoint")  # the run's final checkpoint is written
-        if result.status != "interrupted":
-            checkpointer = self.runner.graph.checkpointer
-            await expire_session(checkpointer, result.session_id, self.settings.session_ttl_s)
-        sent_from = await self.outbox.positions(result.session_id)
+        retention: Awaitable[object]
+        if result.status == "interrupted":
+            retention = _nothing()  # a session that waits for an answer keeps its state
+        else:
+            retention = expire_session(
+                self.runner.graph.checkpointer, result.session_id, self.settings.session_ttl_s
+            )
+        # Side by side: the session's record says it ended one round trip after its stream.
+        sent_from, _ = await asyncio.gather(self.outbox.positions(result.session_id), retention)
         await self.store.close(result, finished_event=result.event_id, sent_from=sent_from)
         crash_point("finished")
         await self.outbox.publish_result(result, source=record)

@@ -76,7 +76,8 @@ class Outbox:
         self.resolved = 0
         """Results in doubt that were found on Kafka, so not sent again."""
         self._landed: dict[str, set[str]] = {}
-        """What Kafka took of events not yet marked published (a crash of Redis, not us)."""
+        """What Kafka took of events not yet marked published: a retry (Redis went away)
+        sends only the rest."""
 
     def __repr__(self) -> str:
         return f"Outbox(dead_lettered={self.dead_lettered} resolved={self.resolved})"

@@ -1,9 +1,9 @@
 """One result per event across crashes: killed at each step of finishing, and by SIGKILL.
 
-Workers run as `agentflow worker` subprocesses against the real broker and Redis. A
-crash point (`AGENTFLOW_TEST_CRASH_AT`) makes a worker exit 137 right after one step of
-finishing an event; the worker started after it must neither lose the event's result nor
-send it a second time.
+Against the real broker and Redis. A crash point (`AGENTFLOW_TEST_CRASH_AT`) makes an
+`agentflow worker` process exit 137 right after one step of finishing an event; the worker
+started after it must neither lose the event's result nor send it a second time. Then two
+worker processes run 200 sessions while one of them is SIGKILLed again and again.
 """
 
 from __future__ import annotations
