@@ -221,10 +221,12 @@ def kafka_consumer(
 ) -> AIOKafkaConsumer:
     """Make (not start) a consumer that commits only by hand and starts at the earliest.
 
-    Fetch sizes leave room for the largest event `AGENTFLOW_MAX_EVENT_BYTES` allows.
+    Fetch sizes leave room for the largest event `AGENTFLOW_MAX_EVENT_BYTES` allows. With
+    `AGENTFLOW_KAFKA_TRANSACTIONS` it reads committed records only.
 
     Args:
-        settings: `AGENTFLOW_KAFKA_BOOTSTRAP` and `_MAX_EVENT_BYTES` are read.
+        settings: `AGENTFLOW_KAFKA_BOOTSTRAP`, `_MAX_EVENT_BYTES` and `_KAFKA_TRANSACTIONS`
+            are read.
         *topics: topics to subscribe to now (or call `subscribe` later).
         group_id: the consumer group; None reads without one.
         **options: further `AIOKafkaConsumer` options, e.g. `client_id`.
@@ -238,6 +240,8 @@ def kafka_consumer(
         group_id=group_id,
         enable_auto_commit=False,
         auto_offset_reset="earliest",
+        # With transactions, records of aborted or open transactions are not results yet.
+        isolation_level="read_committed" if settings.kafka_transactions else "read_uncommitted",
         max_partition_fetch_bytes=max(settings.max_event_bytes * 2, 1024 * 1024),
         fetch_max_bytes=max(settings.max_event_bytes * 4, 8 * 1024 * 1024),
         **options,

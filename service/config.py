@@ -11,7 +11,7 @@ from typing import Annotated, Literal
 from urllib.parse import urlsplit, urlunsplit
 
 from langgraph.types import RetryPolicy
-from pydantic import Field, ValidationError, field_validator
+from pydantic import Field, ValidationError, ValidationInfo, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from nodes.chat_models import MODEL_MAX_ATTEMPTS, default_model_spec, model_retry
@@ -102,6 +102,13 @@ class Settings(BaseSettings):
     producer_idempotence: bool = Field(
         default=False, description="Enable on real Kafka; Tansu's memory storage lacks it."
     )
+    kafka_transactions: bool = Field(
+        default=False,
+        description=(
+            "Send each result with the offsets it makes safe in one Kafka transaction "
+            "(brokers with transactions; Tansu's memory storage has none)."
+        ),
+    )
     metrics_port: int | None = None
     metrics_host: str = Field(
         default="127.0.0.1",
@@ -121,6 +128,13 @@ class Settings(BaseSettings):
     def _comma_separated(cls, value: object) -> object:
         if isinstance(value, str):
             return [item.strip() for item in value.split(",") if item.strip()]
+        return value
+
+    @field_validator("kafka_transactions")
+    @classmethod
+    def _transactions_need_acks_all(cls, value: bool, info: ValidationInfo) -> bool:
+        if value and info.data.get("producer_acks", "all") != "all":
+            raise ValueError("Kafka transactions need AGENTFLOW_PRODUCER_ACKS=all")
         return value
 
     @field_validator("model")

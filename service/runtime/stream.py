@@ -95,11 +95,17 @@ class TransitionMapper:
                 step = chunk["input"].get("step")
                 step_id = getattr(step, "id", None)
             if task_id in self.restored:
-                return [self._completed(name, step_id, self.restored[task_id], restored=True)]
+                return [
+                    self._completed(name, step_id, task_id, self.restored[task_id], restored=True)
+                ]
             self._started[task_id] = (time.monotonic(), step_id)
             return [
                 Transition(
-                    session_id=self.session_id, type="node.started", node=name, step_id=step_id
+                    session_id=self.session_id,
+                    type="node.started",
+                    node=name,
+                    step_id=step_id,
+                    task_id=task_id,
                 )
             ]
         if task_id in self.restored:
@@ -115,16 +121,20 @@ class TransitionMapper:
                     type="node.failed",
                     node=name,
                     step_id=step_id,
+                    task_id=task_id,
                     duration_ms=duration_ms,
                     data={"error": str(chunk["error"])},
                 )
             ]
-        return [self._completed(name, step_id, chunk.get("result"), duration_ms=duration_ms)]
+        return [
+            self._completed(name, step_id, task_id, chunk.get("result"), duration_ms=duration_ms)
+        ]
 
     def _completed(
         self,
         name: str,
         step_id: str | None,
+        task_id: str,
         result: Any,
         *,
         duration_ms: int | None = None,
@@ -138,6 +148,7 @@ class TransitionMapper:
             type="node.completed",
             node=name,
             step_id=step_id,
+            task_id=task_id,
             duration_ms=duration_ms,
             data=data,
         )

@@ -13,10 +13,15 @@ from nodes.models import WorkflowResult, utcnow
 from service.storage._redis import require_text_client
 from service.storage.keys import INDEX_KEY, event_key, session_key
 
-__all__ = ["EventClaim", "SessionRecord", "SessionStore"]
+__all__ = ["EventClaim", "SentFrom", "SessionRecord", "SessionStore"]
 
 SessionStatus = Literal["running", "interrupted", "completed", "failed", "cancelled"]
 EventClaim = Literal["new", "running", "finished", "published"]
+SentFrom = dict[str, tuple[int, int]]
+"""Where an event's messages land, by topic: (partition, end offset before they were sent).
+
+A finished event carries it: until the event is published, whether Kafka took its result
+is in doubt, and reading these partitions from these offsets settles it."""
 
 
 # Compare-and-delete: a claim is removed only while it is exactly the one its caller made.
@@ -134,10 +139,12 @@ class SessionStore:
         *,
         status: SessionStatus | None = None,
         finished_event: str | None = None,
+        sent_from: SentFrom | None = None,
     ) -> None:
         """Record a run's outcome; finished sessions get the retention TTL.
 
-        With `finished_event`, that event moves to `finished` in the same transaction.
+        With `finished_event`, that event moves to `finished` in the same transaction,
+        with `sent_from` (where its result will land).
         """
         key = session_key(result.session_id)
         final = status or result.status
@@ -157,7 +164,7 @@ class SessionStore:
             if finished_event is not None:
                 pipe.set(
                     event_key(finished_event),
-                    json.dumps({"session_id": result.session_id, "state": "finished"}),
+                    _event_mark(result.session_id, "finished", sent_from),
                     ex=self.ttl_s,
                 )
             await pipe.execute()
@@ -190,10 +197,39 @@ class SessionStore:
         claim = json.dumps({"session_id": session_id, "state": "running"})
         return bool(await self._release(keys=[event_key(event_id)], args=[claim]))
 
-    async def mark_event(self, event_id: str, session_id: str, state: EventClaim) -> None:
-        """Move an event to `finished` (result known) or `published` (result sent)."""
+    async def mark_event(
+        self,
+        event_id: str,
+        session_id: str,
+        state: EventClaim,
+        *,
+        sent_from: SentFrom | None = None,
+    ) -> None:
+        """Move an event to `finished` (result known) or `published` (result sent).
+
+        Args:
+            event_id: the event.
+            session_id: the session that took it.
+            state: its new state.
+            sent_from: for `finished`, where its result and `session.ended` will land.
+        """
         await self.redis.set(
-            event_key(event_id),
-            json.dumps({"session_id": session_id, "state": state}),
-            ex=self.ttl_s,
+            event_key(event_id), _event_mark(session_id, state, sent_from), ex=self.ttl_s
         )
+
+    async def sent_from(self, event_id: str) -> SentFrom | None:
+        """Return where a finished event's messages land, or None if it was not recorded."""
+        raw = await self.redis.get(event_key(event_id))
+        if raw is None:
+            return None
+        recorded = json.loads(cast(str, raw)).get("sent_from")
+        if not recorded:
+            return None
+        return {topic: (int(where[0]), int(where[1])) for topic, where in recorded.items()}
+
+
+def _event_mark(session_id: str, state: EventClaim, sent_from: SentFrom | None) -> str:
+    mark: dict[str, Any] = {"session_id": session_id, "state": state}
+    if sent_from:
+        mark["sent_from"] = {topic: list(where) for topic, where in sent_from.items()}
+    return json.dumps(mark)

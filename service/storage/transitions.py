@@ -38,6 +38,8 @@ class Transition(BaseModel):
     type: TransitionType
     node: str | None = None
     step_id: str | None = None
+    task_id: str | None = None
+    """The LangGraph task a `node.*` transition is about; it runs again under the same id."""
     agent: str | None = None
     duration_ms: int | None = None
     data: dict[str, Any] | None = None

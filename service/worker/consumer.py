@@ -10,12 +10,14 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable, Collection, Iterable
+from collections.abc import Awaitable, Callable, Collection, Iterable
 from dataclasses import dataclass, field
 
-from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener, TopicPartition
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListener, TopicPartition
 from aiokafka.errors import KafkaError
 from aiokafka.structs import ConsumerRecord
+
+from service.worker.crash_points import crash_point
 
 __all__ = ["EventConsumer", "PartitionOffsets"]
 
@@ -32,25 +34,34 @@ class PartitionOffsets:
     """The highest offset taken; -1 before the first."""
     committed: int = -1
     """The offset last committed (the next one to read); -1 before the first commit."""
+    lowest: int = -1
+    """The lowest offset taken; -1 before the first."""
 
     def take(self, offset: int) -> None:
         """Remember an offset whose event starts."""
         self.pending.add(offset)
         self.highest = max(self.highest, offset)
+        self.lowest = offset if self.lowest < 0 else min(self.lowest, offset)
 
     def finish(self, offset: int) -> None:
         """Remember that an offset's event finished."""
         self.pending.discard(offset)
 
-    def safe(self) -> int | None:
-        """Return the offset to commit: every earlier one has finished; None if none taken."""
+    def safe(self, finishing: int | None = None) -> int | None:
+        """Return the offset to commit: every earlier one has finished; None if none taken.
+
+        Args:
+            finishing: an offset to count as finished already (its event's result goes
+                out in the same transaction as this commit).
+        """
         if self.highest < 0:
             return None
-        return min(self.pending) if self.pending else self.highest + 1
+        pending = self.pending - {finishing} if finishing is not None else self.pending
+        return min(pending) if pending else self.highest + 1
 
-    def to_commit(self) -> int | None:
+    def to_commit(self, finishing: int | None = None) -> int | None:
         """Return the safe offset if it is past the committed one, else None."""
-        safe = self.safe()
+        safe = self.safe(finishing)
         return safe if safe is not None and safe > self.committed else None
 
 
@@ -62,6 +73,9 @@ class EventConsumer:
     `hold(True)` pauses fetching. On revocation the partitions' runs get the grace period
     to reach a checkpoint, what is safe is committed, and the rest are cancelled (their
     events are redelivered to the partitions' next owner).
+
+    With a transactional producer (`AGENTFLOW_KAFKA_TRANSACTIONS`), offsets are committed
+    through it: alone, or together with an event's result (`in_transaction`).
     """
 
     def __init__(
@@ -71,6 +85,8 @@ class EventConsumer:
         runs_of: Callable[[Collection[TopicPartition]], list[asyncio.Task[None]]],
         grace_s: float,
         commit_interval_s: float = 0.5,
+        transactions: AIOKafkaProducer | None = None,
+        group_id: str | None = None,
     ) -> None:
         """Wrap a consumer made by `service.bootstrap.kafka_consumer`.
 
@@ -79,12 +95,20 @@ class EventConsumer:
             runs_of: returns the in-flight runs of events of the given partitions.
             grace_s: how long revoked partitions' runs may take to finish.
             commit_interval_s: `commit(force=False)` sends at most this often.
+            transactions: a producer made with a `transactional_id`, started: every
+                commit goes through it in a transaction.
+            group_id: the consumer group (needed with `transactions`).
         """
+        if transactions is not None and not group_id:
+            raise ValueError("a transactional commit needs the consumer group")
         self.kafka = kafka
         self.paused = False
         self._runs_of = runs_of
         self._grace_s = grace_s
         self._commit_interval_s = commit_interval_s
+        self._transactions = transactions
+        self._group_id = group_id or ""
+        self._commit_lock = asyncio.Lock()
         self._offsets: dict[TopicPartition, PartitionOffsets] = {}
         self._last_commit = 0.0
 
@@ -145,23 +169,83 @@ class EventConsumer:
         if not force and now - self._last_commit < self._commit_interval_s:
             return
         self._last_commit = now
-        wanted = set(only) if only is not None else set(self.kafka.assignment())
-        offsets = {}
-        for tp in wanted:
-            tracker = self._offsets.get(tp)
-            offset = tracker.to_commit() if tracker else None
-            if offset is not None:
-                offsets[tp] = offset
-        if not offsets:
-            return
         try:
+            if self._transactions is not None:
+                await self.in_transaction(None, None, only=only)
+                return
+            offsets = self._to_commit(only)
+            if not offsets:
+                return
             await self.kafka.commit(offsets)
         except KafkaError as exc:
             logger.warning("commit failed, will retry: %s", exc)
             return
+        self._committed(offsets)
+
+    async def in_transaction(
+        self,
+        send: Callable[[], Awaitable[None]] | None,
+        source: ConsumerRecord | None,
+        *,
+        only: Iterable[TopicPartition] | None = None,
+    ) -> None:
+        """Send what `send` sends and commit the safe offsets, in one Kafka transaction.
+
+        Transactions of this worker run one at a time, so committed offsets only grow.
+
+        Args:
+            send: sends an event's messages (with the transactional producer); None
+                commits offsets alone.
+            source: the event's record: its offset counts as finished.
+            only: the partitions whose offsets to commit; all assigned ones by default.
+
+        Raises:
+            KafkaError: the transaction failed (it was aborted: nothing of it is visible
+                to consumers that read committed records).
+        """
+        producer = self._transactions
+        assert producer is not None, "in_transaction needs a transactional producer"
+        finishing = None
+        if source is not None:
+            finishing = (TopicPartition(source.topic, source.partition), source.offset)
+        async with self._commit_lock:
+            offsets = self._to_commit(only, finishing)
+            if send is None and not offsets:
+                return
+            async with producer.transaction():
+                if send is not None:
+                    await send()
+                if offsets:
+                    await producer.send_offsets_to_transaction(offsets, self._group_id)
+            self._committed(offsets)
+
+    def _to_commit(
+        self,
+        only: Iterable[TopicPartition] | None,
+        finishing: tuple[TopicPartition, int] | None = None,
+    ) -> dict[TopicPartition, int]:
+        """Return the safe offsets past the committed ones (`finishing` counted finished)."""
+        wanted = set(only) if only is not None else set(self.kafka.assignment())
+        if finishing is not None:
+            wanted.add(finishing[0])
+        offsets = {}
+        for tp in wanted:
+            tracker = self._offsets.get(tp)
+            done = finishing[1] if finishing is not None and finishing[0] == tp else None
+            offset = tracker.to_commit(done) if tracker else None
+            if offset is not None:
+                offsets[tp] = offset
+        return offsets
+
+    def _committed(self, offsets: dict[TopicPartition, int]) -> None:
+        covered = False  # whether the commit covers an event this worker finished
         for tp, offset in offsets.items():
-            if tp in self._offsets:  # not released while the commit was on its way
-                self._offsets[tp].committed = offset
+            tracker = self._offsets.get(tp)
+            if tracker is not None:  # not released while the commit was on its way
+                covered = covered or 0 <= tracker.lowest < offset
+                tracker.committed = offset
+        if covered:
+            crash_point("committed")
 
     async def release(self, partitions: list[TopicPartition]) -> None:
         """On revocation: let their runs reach a checkpoint, commit, cancel the rest."""

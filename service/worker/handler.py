@@ -27,7 +27,8 @@ from service.runtime.runner import SessionRunner
 from service.storage.checkpoints import expire_session
 from service.storage.sessions import SessionStore
 from service.storage.transitions import Transition
-from service.worker.outbox import Outbox
+from service.worker.crash_points import crash_point
+from service.worker.outbox import RESULT, Outbox
 
 __all__ = ["STATE_LOST", "EventHandler"]
 
@@ -37,7 +38,7 @@ STATE_LOST = "session state lost"
 """The reason a live session ends failed when its checkpoints are gone."""
 
 
-async def _nothing_to_restore() -> None:
+async def _nothing() -> None:
     return None
 
 
@@ -77,7 +78,7 @@ class EventHandler:
         self.outbox = outbox
         self.settings = settings
         self.on_degraded = on_degraded
-        self.restore_setup = restore_setup or _nothing_to_restore
+        self.restore_setup = restore_setup or _nothing
         self.completed = self.failed = self.duplicates = 0
         self._started: weakref.WeakSet[asyncio.Task[Any]] = weakref.WeakSet()
         self._stopped: weakref.WeakSet[asyncio.Task[Any]] = weakref.WeakSet()
@@ -219,11 +220,8 @@ class EventHandler:
             self.duplicates += 1
             logger.info("event %s already has its result; skipped", event.id)
             return
-        if claim == "finished":  # crashed between the result and its publication
-            result = await self._stored_result(session_id, event.id)
-            if result is not None:
-                await self.outbox.publish_result(result)
-                return
+        if claim == "finished" and await self._publish_finished(record, session_id, event.id):
+            return  # crashed between the result and its publication
         if event.is_resume:
             await self.resume(record, session_id, event, redelivered=claim != "new")
             return
@@ -238,7 +236,7 @@ class EventHandler:
         with metrics.timed_run() as run:
             result = await self.runner.start(event, session_id)
             run.status = result.status
-        await self.finish(result)
+        await self.finish(result, record)
 
     async def resume(
         self, record: ConsumerRecord, session_id: str, event: CloudEvent, *, redelivered: bool
@@ -259,13 +257,13 @@ class EventHandler:
                     result = await self.runner.continue_run(session_id, event_id=event.id)
                 run.status = result.status
         except UnknownSessionError as exc:
-            if await self._state_lost(session_id, event):
+            if await self._state_lost(record, session_id, event):
                 return
             await self._reject(record, session_id, event, f"unknown session for resume: {exc}")
             return
-        await self.finish(result)
+        await self.finish(result, record)
 
-    async def _state_lost(self, session_id: str, event: CloudEvent) -> bool:
+    async def _state_lost(self, record: ConsumerRecord, session_id: str, event: CloudEvent) -> bool:
         """End a live session whose checkpoints are gone as failed: `session state lost`.
 
         Its record says it runs or waits for an answer, but nothing is left to go on from
@@ -289,7 +287,7 @@ class EventHandler:
                 data={"status": "failed", "error": error, "result": result.model_dump(mode="json")},
             )
         )
-        await self.finish(result)
+        await self.finish(result, record)
         return True
 
     async def cancel(self, record: ConsumerRecord, session_id: str, event: CloudEvent) -> None:
@@ -306,8 +304,7 @@ class EventHandler:
                 return
             if state == "published":
                 return
-            if state == "finished" and (done := await self._stored_result(session_id, event.id)):
-                await self.outbox.publish_result(done)
+            if state == "finished" and await self._publish_finished(record, session_id, event.id):
                 return
         snapshot = await self.runner.graph.aget_state(self.runner.config(session_id))
         known = await self.store.get(session_id)
@@ -350,8 +347,10 @@ class EventHandler:
                     },
                 )
             )
-        await self.store.mark_event(event.id, session_id, "finished")
-        await self.outbox.publish_result(result)
+        sent_from = await self.outbox.positions(session_id)
+        await self.store.mark_event(event.id, session_id, "finished", sent_from=sent_from)
+        crash_point("finished")
+        await self.outbox.publish_result(result, source=record)
 
     async def _duplicate(self, record: ConsumerRecord, event: CloudEvent, owner: str) -> None:
         """Dead-letter a delivery of an event id that another session already took."""
@@ -369,22 +368,58 @@ class EventHandler:
         await self.store.release_event(event.id, session_id)
         await self.outbox.dead_letter(record, reason)
 
-    async def finish(self, result: WorkflowResult) -> None:
-        """Close a run: retention for an ended session, its record, its result out."""
-        if result.status != "interrupted":
-            checkpointer = self.runner.graph.checkpointer
-            await expire_session(
-                checkpointer,
+    async def finish(self, result: WorkflowResult, record: ConsumerRecord | None = None) -> None:
+        """Close a run: retention for an ended session, its record, its result out.
+
+        The event is marked finished with its result and the ends of the partitions its
+        messages go to, before they are sent: a crash after that leaves a result in doubt
+        that a redelivery settles by reading those partitions back (`_publish_finished`).
+
+        Args:
+            result: the run's result.
+            record: the event's record (its offset, for a Kafka transaction).
+        """
+        crash_point("checkpoint")  # the run's final checkpoint is written
+        retention: Awaitable[object]
+        if result.status == "interrupted":
+            retention = _nothing()  # a session that waits for an answer keeps its state
+        else:
+            retention = expire_session(
+                self.runner.graph.checkpointer,
                 result.session_id,
                 self.settings.session_ttl_s,
                 retention=self.settings.checkpoint_retention,
             )
-        await self.store.close(result, finished_event=result.event_id)
-        await self.outbox.publish_result(result)
+        # Side by side: the session's record says it ended one round trip after its stream.
+        sent_from, _ = await asyncio.gather(self.outbox.positions(result.session_id), retention)
+        await self.store.close(result, finished_event=result.event_id, sent_from=sent_from)
+        crash_point("finished")
+        await self.outbox.publish_result(result, source=record)
         if result.status == "failed":
             self.failed += 1
         else:
             self.completed += 1
+
+    async def _publish_finished(
+        self, record: ConsumerRecord, session_id: str, event_id: str
+    ) -> bool:
+        """Publish the result of an event that finished before a crash, never twice.
+
+        What Kafka took before the crash is read back from where the event recorded its
+        messages would land, and only what is missing is sent. Returns False when the
+        result is nowhere (the session record lost it, and Kafka does not have it): the
+        event runs again.
+        """
+        sent_from = await self.store.sent_from(event_id)
+        result = await self._stored_result(session_id, event_id)
+        if result is None and sent_from:  # Redis lost the record: Kafka may have it
+            value = (await self.outbox.landed(event_id, sent_from)).get(RESULT)
+            if value is not None:
+                result = WorkflowResult.model_validate_json(value)
+        if result is None:
+            return False
+        await self.outbox.publish_result(result, sent_from=sent_from, source=record)
+        return True
 
     async def _stored_result(self, session_id: str, event_id: str) -> WorkflowResult | None:
         record = await self.store.get(session_id)

@@ -36,8 +36,10 @@ from service.storage.sessions import SessionStore
 from service.storage.transitions import Transition
 from service.storage.workers import WorkerState, write_worker_state
 from service.worker.consumer import EventConsumer
+from service.worker.crash_points import armed
 from service.worker.handler import EventHandler
 from service.worker.outbox import Outbox
+from service.worker.readback import PartitionReader
 
 __all__ = ["Worker"]
 
@@ -85,6 +87,7 @@ class Worker:
         self._owns_redis = redis is None
         self._library_redis: Redis | None = None  # AGENTFLOW_LIBRARY_REDIS_URL's, if its own
         self._producer: AIOKafkaProducer | None = None
+        self._reader: PartitionReader | None = None
         self._publisher: BackgroundPublisher | None = None
         self._stop_metrics: Callable[[], None] | None = None
         self._tasks: dict[asyncio.Task[None], TopicPartition] = {}
@@ -126,6 +129,8 @@ class Worker:
         require_services(s)
         assert s.redis_url is not None
         log_startup(s, self.name)
+        if (point := armed()) is not None:
+            logger.warning("%s: test crash point %r armed: exits with 137 there", self.name, point)
         if self._redis is None:
             self._redis = redis_client(s.redis_url, max_connections=s.max_in_flight + 32)
         await self._redis.ping()
@@ -149,9 +154,29 @@ class Worker:
         )
         if s.create_topics:
             await ensure_topics(s)
-        self._producer = kafka_producer(s)
+        if s.kafka_transactions:
+            # One transactional id per worker: a broker fences an older producer with it.
+            transactional_id = f"{s.consumer_group}.{self.name}"
+            self._producer = kafka_producer(s, transactional_id=transactional_id)
+        else:
+            self._producer = kafka_producer(s)
         await self._producer.start()
-        self.outbox = Outbox(self._producer, self.store, s)
+        self._reader = PartitionReader(s)
+        await self._reader.start()
+        self.consumer = EventConsumer(
+            kafka_consumer(s, group_id=s.consumer_group, client_id=self.name),
+            runs_of=self._runs_of,
+            grace_s=s.shutdown_grace_s,
+            transactions=self._producer if s.kafka_transactions else None,
+            group_id=s.consumer_group,
+        )
+        self.outbox = Outbox(
+            self._producer,
+            self.store,
+            s,
+            reader=self._reader,
+            transaction=self.consumer.in_transaction if s.kafka_transactions else None,
+        )
         self.handler = EventHandler(
             self.runner,
             self.store,
@@ -159,11 +184,6 @@ class Worker:
             s,
             on_degraded=self._set_degraded,
             restore_setup=self.restore_setup,
-        )
-        self.consumer = EventConsumer(
-            kafka_consumer(s, group_id=s.consumer_group, client_id=self.name),
-            runs_of=self._runs_of,
-            grace_s=s.shutdown_grace_s,
         )
         await self.consumer.start(s.topic_events)
         self._reporter = asyncio.create_task(self._report_state(), name="worker state")
@@ -271,7 +291,7 @@ class Worker:
                 record.offset,
                 session_id,
             )
-            await self._fail_event(session_id, event, exc)
+            await self._fail_event(record, session_id, event, exc)
             done = True
         finally:
             if done:  # only a finished event lets its offset be committed
@@ -280,7 +300,9 @@ class Worker:
             if self._tails.get(session_id) is me:
                 del self._tails[session_id]
 
-    async def _fail_event(self, session_id: str, event: CloudEvent | None, exc: Exception) -> None:
+    async def _fail_event(
+        self, record: ConsumerRecord, session_id: str, event: CloudEvent | None, exc: Exception
+    ) -> None:
         """Give an event whose handling raised a failed result that says why.
 
         Retried through Redis and Kafka outages; an event that was not even parsed, or a
@@ -294,7 +316,7 @@ class Worker:
         result = build_result({}, session_id=session_id, status="failed", error=error)
         result.event_id = event.id
         try:
-            await handler._retrying(handler.finish, result)
+            await handler._retrying(handler.finish, result, record)
         except Exception:
             logger.exception("event %s: its failed result could not be sent either", event.id)
 
@@ -389,6 +411,9 @@ class Worker:
         if self._producer is not None:
             await self._producer.stop()
             self._producer = None
+        if self._reader is not None:
+            await self._reader.stop()
+            self._reader = None
         if self._publisher is not None:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._publisher.close(), timeout=10)
