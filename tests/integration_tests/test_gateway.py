@@ -533,6 +533,11 @@ async def test_resume_an_escalated_session_over_http(client: httpx.AsyncClient) 
     assert final["status"] == "completed"
     assert "discharge confirmed" in final["review"]["feedback"]
 
+    # The record says so one round trip after the stream's last transition.
+    async def recorded() -> bool:
+        return (await client.get(f"/sessions/{session_id}")).json()["status"] == "completed"
+
+    await wait_until(recorded, "the session record says completed")
     again = await client.post(f"/sessions/{session_id}/resume", json={"answer": "yes"})
     assert again.status_code == 409 and "completed" in again.json()["detail"]
     unknown = await client.post("/sessions/no-such-session/resume", json={"answer": "yes"})
