@@ -40,9 +40,8 @@ def servers() -> Iterator[LocalServers]:
         yield started
 
 
-@pytest.fixture
-def settings(servers: LocalServers) -> Settings:
-    """Settings with topics and a consumer group of this test's own."""
+def own_settings(servers: LocalServers, **overrides: object) -> Settings:
+    """Settings with topics and a consumer group of their own."""
     tag = uuid.uuid4().hex[:8]
     return load_settings(
         kafka_bootstrap=servers.kafka_bootstrap,
@@ -54,7 +53,14 @@ def settings(servers: LocalServers) -> Settings:
         topic_dlq=f"agentflow.events.dlq.{tag}",
         topic_partitions=3,
         shutdown_grace_s=5,
+        **overrides,
     )
+
+
+@pytest.fixture
+def settings(servers: LocalServers) -> Settings:
+    """Settings with topics and a consumer group of this test's own."""
+    return own_settings(servers)
 
 
 @pytest.fixture

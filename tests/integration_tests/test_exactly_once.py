@@ -25,14 +25,14 @@ from aiokafka.structs import ConsumerRecord
 from redis.asyncio import Redis
 
 from service.bootstrap import ensure_topics
-from service.config import Settings, load_settings
+from service.config import Settings
 from service.devtools.servers import LocalServers
 from service.storage.checkpoints import open_checkpointer
 from service.storage.keys import event_key
 from service.storage.publisher import read_log
 from service.worker import Worker
 from service.worker.crash_points import CRASH_AT_ENV, CRASH_POINTS
-from tests.integration_tests.conftest import cli_env, example, wait_until
+from tests.integration_tests.conftest import cli_env, example, own_settings, wait_until
 
 ROOT = Path(__file__).resolve().parents[2]
 AGENTS_FILE = ROOT / "examples" / "agents.yaml"
@@ -58,23 +58,6 @@ def stop(process: subprocess.Popen[bytes]) -> None:
         except subprocess.TimeoutExpired:
             process.kill()
             process.wait(10)
-
-
-def own_settings(servers: LocalServers, **overrides: object) -> Settings:
-    """Settings with topics and a consumer group of their own (as the `settings` fixture)."""
-    tag = uuid.uuid4().hex[:8]
-    return load_settings(
-        kafka_bootstrap=servers.kafka_bootstrap,
-        redis_url=servers.redis_url,
-        consumer_group=f"agentflow-workers-{tag}",
-        topic_events=f"agentflow.events.{tag}",
-        topic_results=f"agentflow.results.{tag}",
-        topic_sessions=f"agentflow.sessions.{tag}",
-        topic_dlq=f"agentflow.events.dlq.{tag}",
-        topic_partitions=3,
-        shutdown_grace_s=5,
-        **overrides,
-    )
 
 
 async def read_to_end(settings: Settings, topic: str) -> list[ConsumerRecord]:
