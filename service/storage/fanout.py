@@ -94,8 +94,7 @@ class TransitionHub:
         self._stopped = False
 
     def __repr__(self) -> str:
-        followers = sum(len(c.followers) for c in self._channels.values())
-        return f"TransitionHub(sessions={len(self._channels)}, followers={followers})"
+        return f"TransitionHub(sessions={len(self._channels)}, followers={self.followers})"
 
     @property
     def followers(self) -> int:
