@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Mapping
-from typing import Any, Literal
+from typing import Any
 
 from langchain_core.messages import HumanMessage
 from langchain_core.runnables import RunnableConfig
@@ -18,6 +18,7 @@ from nodes.errors import ModelCallError
 from nodes.library import default_library
 from nodes.models import (
     ResultReview,
+    ResultStatus,
     ResultWorkflow,
     SessionNote,
     SimilarWorkflow,
@@ -41,7 +42,7 @@ def build_result(
     state: WorkflowState | Mapping[str, Any],
     *,
     session_id: str,
-    status: Literal["completed", "failed", "interrupted"],
+    status: ResultStatus,
     summary: str = "",
     error: str | None = None,
     question: str | None = None,

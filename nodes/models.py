@@ -28,7 +28,10 @@ __all__ = [
     "BasedOn",
     "CloudEvent",
     "EventLimits",
+    "MULTITASK_STRATEGIES",
+    "MultitaskStrategy",
     "PlanDraft",
+    "ResultStatus",
     "ReuseMode",
     "ReviewDecision",
     "SessionId",
@@ -53,6 +56,12 @@ __all__ = [
 StepStatus = Literal["pending", "running", "done", "failed", "skipped"]
 ReuseMode = Literal["adapt", "direct"]
 RESUME_EVENT_TYPE = "agentflow.resume"
+MultitaskStrategy = Literal["reject", "enqueue", "interrupt", "rollback"]
+"""What a new event does to a session that is busy (running, or waiting for a human)."""
+MULTITASK_STRATEGIES: tuple[MultitaskStrategy, ...] = ("reject", "enqueue", "interrupt", "rollback")
+ResultStatus = Literal["completed", "failed", "interrupted", "refused", "superseded", "rolled_back"]
+"""How an event's run ended. `refused`, `superseded` and `rolled_back` are a double
+text's doing: the event was refused, or its run was stopped by a newer event."""
 CANCEL_EVENT_TYPE = "agentflow.cancel"
 
 
@@ -182,6 +191,14 @@ class CloudEvent(BaseModel):
     data: Any = Field(default=None, description="The event payload.")
     sessionid: SessionId | None = Field(
         default=None, description="Extension: continue this session instead of opening one."
+    )
+    multitask: MultitaskStrategy | None = Field(
+        default=None,
+        description=(
+            "Extension: what this event does to its session when the session is busy: "
+            "`reject` it, `enqueue` it (the default, `AGENTFLOW_MULTITASK`), `interrupt` "
+            "the running run, or `rollback` the running run."
+        ),
     )
 
     @field_validator("id")
@@ -501,7 +518,7 @@ class WorkflowResult(BaseModel):
 
     session_id: str
     event_id: str
-    status: Literal["completed", "failed", "interrupted"]
+    status: ResultStatus
     workflow: ResultWorkflow = Field(default_factory=ResultWorkflow)
     review: ResultReview = Field(default_factory=ResultReview)
     summary: str = ""

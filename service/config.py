@@ -16,7 +16,7 @@ from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from nodes.chat_models import MODEL_MAX_ATTEMPTS, default_model_spec, model_retry
 from nodes.context import WorkflowContext
-from nodes.models import EventLimits
+from nodes.models import EventLimits, MultitaskStrategy
 from service.errors import ConfigError
 
 __all__ = ["Settings", "load_settings", "redact_url"]
@@ -76,6 +76,13 @@ class Settings(BaseSettings):
         default="all",
         description="What a finished session keeps until its TTL: every checkpoint, or the "
         "latest only (its agent conversations stay whole).",
+    )
+    multitask: MultitaskStrategy = Field(
+        default="enqueue",
+        description=(
+            "What a new event does to a busy session when it does not say (its `multitask` "
+            "attribute): reject, enqueue, interrupt or rollback."
+        ),
     )
     transition_log_maxlen: int = Field(default=10_000, ge=100)
     subject_notes_max: int = Field(

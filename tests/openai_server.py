@@ -27,7 +27,7 @@ from langchain_core.messages import AIMessage, convert_to_messages, convert_to_o
 
 from nodes.chat_models import OfflineChatModel
 
-__all__ = ["FAULT_KINDS", "ChatRequest", "FaultPlan", "OpenAICompatibleServer"]
+__all__ = ["FAULT_KINDS", "ChatRequest", "FaultPlan", "Hold", "OpenAICompatibleServer"]
 
 logger = logging.getLogger(__name__)
 
@@ -106,6 +106,23 @@ class ChatRequest:
         return [m.get("role", "") for m in self.body.get("messages", [])]
 
 
+@dataclass
+class Hold:
+    """Requests held back until the test releases them (`OpenAICompatibleServer.hold_when`).
+
+    A test waits for `held` (a matching request is being held) to know a run is inside a
+    model call, then `release()`s it: a run kept busy on purpose, with no timing involved.
+    """
+
+    match: Callable[[dict[str, Any]], bool]
+    held: threading.Event = field(default_factory=threading.Event)
+    released: threading.Event = field(default_factory=threading.Event)
+
+    def release(self) -> None:
+        """Answer the held requests, and every later one that matches, at once."""
+        self.released.set()
+
+
 class OpenAICompatibleServer:
     """`POST /v1/chat/completions` on 127.0.0.1, answered by `OfflineChatModel`.
 
@@ -138,6 +155,7 @@ class OpenAICompatibleServer:
         self._faults: FaultPlan | None = None
         self._targeted: list[tuple[str, Callable[[dict[str, Any]], bool], int | None]] = []
         self._rng = random.Random()
+        self._holds: list[Hold] = []
         self.inject(faults)
         self._httpd: _LoopbackHTTPServer | None = None
         self._thread: threading.Thread | None = None
@@ -170,9 +188,11 @@ class OpenAICompatibleServer:
         return self
 
     def close(self) -> None:
-        """Stop serving and free the port."""
+        """Stop serving and free the port (held requests are released first)."""
         if self._httpd is None:
             return
+        for hold in self._holds:
+            hold.release()
         self._httpd.shutdown()
         self._httpd.server_close()
         if self._thread is not None:
@@ -215,6 +235,20 @@ class OpenAICompatibleServer:
             raise ValueError(f"fault kind must be one of {FAULT_KINDS}, not {kind!r}")
         with self._lock:
             self._targeted.append((kind, match, count))
+
+    def hold_when(self, match: Callable[[dict[str, Any]], bool]) -> Hold:
+        """Hold back the answers to requests whose body `match`es until `Hold.release()`."""
+        hold = Hold(match)
+        with self._lock:
+            self._holds.append(hold)
+        return hold
+
+    def _wait_if_held(self, body: dict[str, Any]) -> None:
+        with self._lock:
+            holds = [h for h in self._holds if not h.released.is_set() and h.match(body)]
+        for hold in holds:
+            hold.held.set()
+            hold.released.wait(timeout=600)  # a bound for a test that forgot to release
 
     def faulted(self) -> list[ChatRequest]:
         """The requests that got a fault of the `FaultPlan`."""
@@ -294,6 +328,7 @@ class _ChatCompletionsHandler(BaseHTTPRequestHandler):
             path=self.path, headers={k.lower(): v for k, v in self.headers.items()}, body=body
         )
         self.owner._record(request)
+        self.owner._wait_if_held(body)
         if self.path.rstrip("/") != "/v1/chat/completions":
             request.status = 404
             self._error(request.status, f"no route for POST {self.path}")

@@ -35,8 +35,17 @@ __all__ = [
 console = Console(highlight=False)
 err_console = Console(stderr=True, highlight=False)
 
-EXIT_CODES = {"completed": 0, "failed": 1, "interrupted": 3}
-"""A result's status as the exit code of `run`, `send --wait`, `sessions answer --wait`, ..."""
+EXIT_CODES = {
+    "completed": 0,
+    "failed": 1,
+    "interrupted": 3,
+    "refused": 5,
+    "superseded": 5,
+    "rolled_back": 5,
+}
+"""A result's status as the exit code of `run`, `send --wait`, `sessions answer --wait`, ...
+
+5: the event did not run to an end of its own (refused, or stopped by a newer event)."""
 EXIT_BAD_INPUT = 2
 EXIT_NO_RESULT = 4
 """`--wait` saw no result within `--timeout` (the event was sent; it may still run)."""

@@ -8,7 +8,7 @@ from typing import Annotated, NoReturn
 
 import typer
 
-from nodes.models import CloudEvent
+from nodes.models import CloudEvent, MultitaskStrategy
 from service.bootstrap import require_services
 from service.cli.console import EXIT_NO_RESULT, console, err_console, finish
 from service.cli.inputs import (
@@ -32,16 +32,26 @@ def send(
     timeout: Annotated[
         float, typer.Option(min=0, help="With --wait: seconds to wait for the result.")
     ] = 300.0,
+    multitask: Annotated[
+        MultitaskStrategy | None,
+        typer.Option(
+            help="What the event does to its session if busy (sets its `multitask` attribute)."
+        ),
+    ] = None,
 ) -> None:
     """Produce an event to Kafka; with --wait, print its transitions and result.
 
     Exit codes with --wait: 0 completed, 1 failed, 2 bad input, 3 interrupted, 4 no result
-    within --timeout (the event was sent and may still run: `agentflow watch` follows it).
+    within --timeout (the event was sent and may still run: `agentflow watch` follows it),
+    5 refused, superseded or rolled back (a newer event's strategy; it did not run to an
+    end of its own).
     """
     configure_logging()
     settings = read_settings()
     require_services(settings)
     event = read_event(event_file, settings.event_limits())
+    if multitask is not None:
+        event.multitask = multitask
     if not wait:
         session_id = asyncio.run(produce_event(settings, event))
         console.print(f"sent event {event.id} to session {session_id}")

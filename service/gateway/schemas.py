@@ -9,7 +9,7 @@ from urllib.parse import quote
 from fastapi.exceptions import HTTPException
 from pydantic import BaseModel, ConfigDict, Field
 
-from nodes.models import ResultWorkflow, SessionId, WorkflowResult
+from nodes.models import MultitaskStrategy, ResultWorkflow, SessionId, WorkflowResult
 from service.storage.sessions import SessionRecord, SessionStatus
 from service.storage.workers import WorkerState
 
@@ -73,6 +73,14 @@ class EventRequest(BaseModel):
     session_id: SessionId | None = Field(
         default=None,
         description="Continue this session instead of opening one: 1-200 of `A-Za-z0-9._:@-`.",
+    )
+    multitask: MultitaskStrategy | None = Field(
+        default=None,
+        description=(
+            "What the event does to its session when the session is busy (a run going, or "
+            "waiting for a human): `reject`, `enqueue`, `interrupt` or `rollback`; default "
+            "the worker's `AGENTFLOW_MULTITASK`."
+        ),
     )
 
 

@@ -21,7 +21,15 @@ _STYLE = {
     "session.interrupted": "bold yellow",
     "session.completed": "bold green",
     "session.failed": "bold red",
+    "session.superseded": "bold magenta",
+    "session.rolled_back": "bold magenta",
+    "event.refused": "magenta",
+    "event.parked": "magenta",
 }
+
+
+_DOUBLE_TEXTS = ("session.superseded", "session.rolled_back", "event.refused", "event.parked")
+"""What a newer event did to a busy session: each carries its reason (`error`, `reason`)."""
 
 
 def _detail(t: Transition) -> str:
@@ -39,8 +47,8 @@ def _detail(t: Transition) -> str:
     if t.type == "node.completed" and t.node == "discover":
         similar = data.get("similar", [])
         return data.get("note") or f"{len(similar)} similar workflow(s)"
-    if t.type in ("node.failed", "session.failed"):
-        return str(data.get("error", ""))[:200]
+    if t.type in ("node.failed", "session.failed", *_DOUBLE_TEXTS):
+        return str(data.get("error") or data.get("reason") or "")[:200]
     if t.type == "session.interrupted":
         return f"asks: {data.get('question', '')}"
     if t.type == "step.completed":

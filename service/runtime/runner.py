@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import logging
 from collections import defaultdict
-from collections.abc import Callable
-from typing import Any, Literal
+from collections.abc import AsyncGenerator, Callable
+from contextlib import aclosing
+from typing import Any, Literal, cast
 
 from langchain_core.runnables import RunnableConfig
 from langgraph.graph.state import CompiledStateGraph
@@ -18,7 +19,7 @@ from service.errors import UnknownSessionError
 from service.runtime.stream import TransitionMapper, TransitionSink
 from service.storage.transitions import Transition
 
-__all__ = ["InMemorySequence", "SessionRunner"]
+__all__ = ["InMemorySequence", "SessionRunner", "StopCheck"]
 
 logger = logging.getLogger(__name__)
 
@@ -42,6 +43,14 @@ class InMemorySequence:
 
 
 async def _discard(transition: Transition) -> None:
+    return None
+
+
+StopCheck = Callable[[], str | None]
+"""Asked at a run's step boundaries: the id of a newer event that supersedes it, or None."""
+
+
+def _never() -> str | None:
     return None
 
 
@@ -81,12 +90,20 @@ class SessionRunner:
     def __repr__(self) -> str:
         return f"SessionRunner(model={self.context.model!r})"
 
-    async def start(self, event: CloudEvent, session_id: str) -> WorkflowResult:
+    async def start(
+        self, event: CloudEvent, session_id: str, *, stop: StopCheck = _never
+    ) -> WorkflowResult:
         """Run an event in a session.
 
         A redelivered event (same id as the session's current run) is not run again:
         a half-way run continues from its last checkpoint, a finished or interrupted
         one returns the result it reached.
+
+        Args:
+            event: the event.
+            session_id: its session.
+            stop: asked at every step boundary; the id of a newer event that supersedes
+                this run stops it there (result `superseded`, checkpoints kept).
         """
         config = self.config(session_id)
         snapshot = await self.graph.aget_state(config)
@@ -100,11 +117,16 @@ class SessionRunner:
                 # Half-way: go on from the last checkpoint. Tasks that finished before a
                 # crash saved their writes (then `next` no longer names them); LangGraph
                 # applies those writes instead of running the tasks again.
-                return await self._drive(session_id, None, event.id, resumed=True)
-        return await self._drive(session_id, {"event": event}, event.id, resumed=False)
+                return await self._drive(session_id, None, event.id, resumed=True, stop=stop)
+        return await self._drive(session_id, {"event": event}, event.id, resumed=False, stop=stop)
 
     async def resume(
-        self, session_id: str, answer: Any, *, event_id: str | None = None
+        self,
+        session_id: str,
+        answer: Any,
+        *,
+        event_id: str | None = None,
+        stop: StopCheck = _never,
     ) -> WorkflowResult:
         """Answer an interrupted session and run it on.
 
@@ -112,6 +134,7 @@ class SessionRunner:
             session_id: the interrupted session.
             answer: the human's answer.
             event_id: the id of the event that carried the answer; the result reports it.
+            stop: as for `start`.
 
         Raises:
             UnknownSessionError: the session has no interrupted checkpoint.
@@ -123,10 +146,12 @@ class SessionRunner:
             raise UnknownSessionError(f"session {session_id} is not waiting for an answer")
         original = _event_id_of(snapshot.values) or ""
         return await self._drive(
-            session_id, Command(resume=answer), original, resumed=True, reply_to=event_id
+            session_id, Command(resume=answer), original, resumed=True, reply_to=event_id, stop=stop
         )
 
-    async def continue_run(self, session_id: str, *, event_id: str) -> WorkflowResult:
+    async def continue_run(
+        self, session_id: str, *, event_id: str, stop: StopCheck = _never
+    ) -> WorkflowResult:
         """Continue a run that stopped half-way (after a crash) from its checkpoint.
 
         Raises:
@@ -136,12 +161,25 @@ class SessionRunner:
         if not snapshot.values or not snapshot.tasks or snapshot.interrupts:
             raise UnknownSessionError(f"session {session_id} has no run to continue")
         original = _event_id_of(snapshot.values) or ""
-        return await self._drive(session_id, None, original, resumed=True, reply_to=event_id)
+        return await self._drive(
+            session_id, None, original, resumed=True, reply_to=event_id, stop=stop
+        )
+
+    async def run_of(self, session_id: str) -> str | None:
+        """Return the run id of a session's current run: the id of the event it began with."""
+        snapshot = await self.graph.aget_state(self.config(session_id))
+        return _event_id_of(snapshot.values) if snapshot.values else None
 
     @staticmethod
-    def config(session_id: str) -> RunnableConfig:
-        """Return the graph config of a session (its thread)."""
-        return {"configurable": {"thread_id": session_id}}
+    def config(session_id: str, run_id: str | None = None) -> RunnableConfig:
+        """Return the graph config of a session (its thread), and of one run of it.
+
+        A run's id is the id of the event that began it (resumes and continues after a
+        crash keep it): its checkpoints carry it, and `adelete_for_runs` rolls it back.
+        """
+        if run_id is None:
+            return {"configurable": {"thread_id": session_id}}
+        return {"configurable": {"thread_id": session_id, "run_id": run_id}}
 
     async def emit(self, transition: Transition) -> None:
         """Number a transition and hand it to the sink."""
@@ -157,8 +195,9 @@ class SessionRunner:
         *,
         resumed: bool,
         reply_to: str | None = None,
+        stop: StopCheck = _never,
     ) -> WorkflowResult:
-        config = self.config(session_id)
+        config = self.config(session_id, event_id or None)
         restored = {}
         if resumed:
             before = await self.graph.aget_state(config)
@@ -172,19 +211,39 @@ class SessionRunner:
             )
         )
         result: Any = None
+        superseded_by = stop()  # before its first step: it does not start
+        running: set[str] = set()
         try:
-            async for mode, chunk in self.graph.astream(
-                graph_input,
-                config,
-                context=self.context,
-                stream_mode=STREAM_MODES,
-                durability=DURABILITY,
-            ):
-                finalized = chunk.get("finalize") if isinstance(chunk, dict) else None
-                if mode == "updates" and isinstance(finalized, dict):
-                    result = finalized.get("result")
-                for transition in mapper.map(mode, chunk):
-                    await self.emit(transition)
+            stream: AsyncGenerator[Any, None] = (
+                self._nothing()
+                if superseded_by
+                else cast(
+                    AsyncGenerator[Any, None],
+                    self.graph.astream(
+                        graph_input,
+                        config,
+                        context=self.context,
+                        stream_mode=STREAM_MODES,
+                        durability=DURABILITY,
+                    ),
+                )
+            )
+            async with aclosing(stream):
+                async for mode, chunk in stream:
+                    if mode == "tasks":
+                        if "input" not in chunk:  # a task's end
+                            running.discard(chunk["id"])
+                        elif running or (superseded_by := stop()) is None:
+                            running.add(chunk["id"])
+                        else:
+                            # A step boundary: the step before is checkpointed (durability
+                            # "sync"), the new step's tasks are dropped with the stream.
+                            break
+                    finalized = chunk.get("finalize") if isinstance(chunk, dict) else None
+                    if mode == "updates" and isinstance(finalized, dict):
+                        result = finalized.get("result")
+                    for transition in mapper.map(mode, chunk):
+                        await self.emit(transition)
         except Exception as exc:
             if self.is_infra_error(exc):
                 raise
@@ -198,6 +257,15 @@ class SessionRunner:
             # or hold the session's previous one: the result names the event it answers.
             result.event_id = event_id or result.event_id
             await self._end(result, "session.failed", reply_to)
+            return result
+        if superseded_by is not None and result is None:
+            snapshot = await self.graph.aget_state(config)
+            error = f"superseded by event {superseded_by}"
+            result = build_result(
+                snapshot.values, session_id=session_id, status="superseded", error=error
+            )
+            result.event_id = event_id or result.event_id
+            await self._end(result, "session.superseded", reply_to, by=superseded_by)
             return result
         if isinstance(result, WorkflowResult) and result.event_id == event_id:
             # The usual end: the result is in finalize's writes. Reading the state back
@@ -224,6 +292,11 @@ class SessionRunner:
         return result
 
     @staticmethod
+    async def _nothing() -> AsyncGenerator[Any, None]:
+        return
+        yield
+
+    @staticmethod
     def _interrupted(session_id: str, snapshot: Any) -> WorkflowResult:
         value = snapshot.interrupts[0].value
         question = value.get("question") if isinstance(value, dict) else str(value)
@@ -231,21 +304,20 @@ class SessionRunner:
             snapshot.values, session_id=session_id, status="interrupted", question=question
         )
 
-    async def _end(self, result: WorkflowResult, kind: Any, reply_to: str | None) -> None:
+    async def _end(
+        self, result: WorkflowResult, kind: Any, reply_to: str | None, *, by: str | None = None
+    ) -> None:
         if reply_to:
             result.event_id = reply_to
-        await self.emit(
-            Transition(
-                session_id=result.session_id,
-                type=kind,
-                data={
-                    "status": result.status,
-                    "error": result.error,
-                    "question": result.question,
-                    "result": result.model_dump(mode="json"),
-                },
-            )
-        )
+        data = {
+            "status": result.status,
+            "error": result.error,
+            "question": result.question,
+            "result": result.model_dump(mode="json"),
+        }
+        if by is not None:
+            data["by"] = by
+        await self.emit(Transition(session_id=result.session_id, type=kind, data=data))
 
 
 def _event_id_of(values: dict[str, Any]) -> str | None:

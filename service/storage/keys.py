@@ -40,6 +40,7 @@ __all__ = [
     "event_key",
     "log_key",
     "memory_keys",
+    "parked_key",
     "seq_key",
     "session_channel",
     "session_key",
@@ -103,6 +104,11 @@ def log_key(session_id: str) -> str:
 def seq_key(session_id: str) -> str:
     """Return the counter that numbers one session's transitions."""
     return f"{_session(session_id)}:seq"
+
+
+def parked_key(session_id: str) -> str:
+    """Return the list of events parked behind a session that waits, oldest first."""
+    return f"{_session(session_id)}:parked"
 
 
 def memory_keys(namespace: tuple[str, ...]) -> tuple[str, str, str]:

@@ -11,12 +11,14 @@ from redis.asyncio import Redis
 
 from nodes.models import WorkflowResult, utcnow
 from service.storage._redis import require_text_client
-from service.storage.keys import INDEX_KEY, event_key, session_key
+from service.storage.keys import INDEX_KEY, event_key, parked_key, session_key
 
 __all__ = ["EventClaim", "SentFrom", "SessionRecord", "SessionStore"]
 
-SessionStatus = Literal["running", "interrupted", "completed", "failed", "cancelled"]
-EventClaim = Literal["new", "running", "finished", "published"]
+SessionStatus = Literal[
+    "running", "interrupted", "completed", "failed", "cancelled", "superseded", "rolled_back"
+]
+EventClaim = Literal["new", "running", "parked", "finished", "published"]
 SentFrom = dict[str, tuple[int, int]]
 """Where an event's messages land, by topic: (partition, end offset before they were sent).
 
@@ -30,6 +32,15 @@ if redis.call('GET', KEYS[1]) == ARGV[1] then
   return redis.call('DEL', KEYS[1])
 end
 return 0
+"""
+
+
+# Take the first parked event off only while it is the one that ran.
+_UNPARK = """
+if redis.call('LINDEX', KEYS[1], 0) == ARGV[1] then
+  return redis.call('LPOP', KEYS[1])
+end
+return false
 """
 
 
@@ -63,6 +74,7 @@ class SessionStore:
         self.redis = require_text_client(redis, "SessionStore")
         self.ttl_s = ttl_s
         self._release = self.redis.register_script(_RELEASE_CLAIM)
+        self._unpark = self.redis.register_script(_UNPARK)
 
     def __repr__(self) -> str:
         return f"SessionStore(ttl_s={self.ttl_s})"
@@ -216,6 +228,30 @@ class SessionStore:
         await self.redis.set(
             event_key(event_id), _event_mark(session_id, state, sent_from), ex=self.ttl_s
         )
+
+    async def busy(self, session_id: str) -> tuple[bool, int]:
+        """Return whether a session waits for an answer, and how many events wait behind it."""
+        async with self.redis.pipeline(transaction=False) as pipe:
+            pipe.hget(session_key(session_id), "status")
+            pipe.llen(parked_key(session_id))
+            status, parked = await pipe.execute()
+        return status == "interrupted", int(parked)
+
+    async def park(self, session_id: str, entry: str) -> None:
+        """Put an event behind a session that waits, until the wait ends (`first_parked`).
+
+        Parked events have no TTL: like the waiting session itself, they stay until the
+        question is answered or the session cancelled.
+        """
+        await self.redis.rpush(parked_key(session_id), entry)  # type: ignore[misc]
+
+    async def first_parked(self, session_id: str) -> str | None:
+        """Return the oldest event parked behind a session, or None."""
+        return cast(str | None, await self.redis.lindex(parked_key(session_id), 0))  # type: ignore[misc]
+
+    async def unpark(self, session_id: str, entry: str) -> None:
+        """Take a parked event off its session's list once it has run (only if still first)."""
+        await self._unpark(keys=[parked_key(session_id)], args=[entry])
 
     async def sent_from(self, event_id: str) -> SentFrom | None:
         """Return where a finished event's messages land, or None if it was not recorded."""

@@ -22,9 +22,23 @@ TransitionType = Literal[
     "session.interrupted",
     "session.completed",
     "session.failed",
+    "session.superseded",
+    "session.rolled_back",
+    "event.refused",
+    "event.parked",
 ]
-TERMINAL: frozenset[str] = frozenset({"session.interrupted", "session.completed", "session.failed"})
-"""Transitions after which a run stops (an interrupted session goes on when answered)."""
+TERMINAL: frozenset[str] = frozenset(
+    {
+        "session.interrupted",
+        "session.completed",
+        "session.failed",
+        "session.superseded",
+        "session.rolled_back",
+        "event.refused",
+    }
+)
+"""Transitions that end an event's run (an interrupted session goes on when answered; a
+superseded or rolled back run gives way to a newer event; a refused one never ran)."""
 ENDED: frozenset[str] = frozenset({"session.completed", "session.failed"})
 """Transitions that end a session's run for good."""
 

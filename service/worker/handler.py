@@ -3,18 +3,22 @@
 from __future__ import annotations
 
 import asyncio
+import base64
+import json
 import logging
 import weakref
 from collections.abc import Awaitable, Callable
 from typing import Any
 
 from aiokafka.structs import ConsumerRecord
+from langgraph.checkpoint.base import BaseCheckpointSaver
 
 from nodes.errors import EventValidationError
 from nodes.finalize import build_result
 from nodes.models import (
     CANCEL_EVENT_TYPE,
     CloudEvent,
+    MultitaskStrategy,
     WorkflowResult,
     derived_session_id,
     session_id_problem,
@@ -36,6 +40,10 @@ logger = logging.getLogger(__name__)
 
 STATE_LOST = "session state lost"
 """The reason a live session ends failed when its checkpoints are gone."""
+ROLLBACK = "agentflow.rollback"
+"""The message a run's task is cancelled with when a newer event rolls it back."""
+_KEEPS_STATE = frozenset({"interrupted", "superseded", "rolled_back"})
+"""Statuses after which a session goes on: its checkpoints get no retention TTL yet."""
 
 
 async def _nothing() -> None:
@@ -82,6 +90,27 @@ class EventHandler:
         self.completed = self.failed = self.duplicates = 0
         self._started: weakref.WeakSet[asyncio.Task[Any]] = weakref.WeakSet()
         self._stopped: weakref.WeakSet[asyncio.Task[Any]] = weakref.WeakSet()
+        self._superseded: weakref.WeakKeyDictionary[asyncio.Task[Any], tuple[str, str]] = (
+            weakref.WeakKeyDictionary()
+        )
+        self._driving: weakref.WeakSet[asyncio.Task[Any]] = weakref.WeakSet()
+
+    def strategy(self, event: CloudEvent) -> MultitaskStrategy:
+        """What an event does to its session when the session is busy."""
+        return event.multitask or self.settings.multitask
+
+    def supersede(self, task: asyncio.Task[Any], how: MultitaskStrategy, by: str) -> None:
+        """Stop an earlier event's run of a session for a newer event `by`.
+
+        `interrupt`: the run stops at its next step boundary, its checkpoints kept.
+        `rollback`: the run stops now, and its checkpoints are deleted. An event not
+        started yet ends the same way without running.
+        """
+        if task.done() or task in self._superseded:
+            return
+        self._superseded[task] = (how, by)
+        if how == "rollback" and task in self._started:
+            task.cancel(msg=ROLLBACK)
 
     def stop_for_cancel(self, task: asyncio.Task[Any]) -> None:
         """Stop an event's task for an `agentflow.cancel` event of its session.
@@ -142,12 +171,23 @@ class EventHandler:
         event: CloudEvent | None,
         problem: str | None,
         previous: asyncio.Task[None] | None,
+        *,
+        busy: bool = False,
     ) -> None:
         """Handle one record, after `previous` (the session's event before it) is done.
 
         Returns when the event is done: its result or dead letter is sent. A cancel event
         of the session may stop it on the way (the run ends as cancelled, not
-        redelivered).
+        redelivered), and so may a newer event that rolls it back.
+
+        Args:
+            record: the event's record.
+            session_id: its session.
+            event: the event, None when it cannot be processed.
+            problem: why it cannot be processed.
+            previous: the session's event before it, still going when this one came.
+            busy: a run of the session was going when this event came: a new event that
+                says `reject` is refused at once.
 
         Raises:
             asyncio.CancelledError: cancelled otherwise (shutdown, revoked partition): the
@@ -157,8 +197,12 @@ class EventHandler:
         assert me is not None
         self._started.add(me)
         cancelled = me in self._stopped
+        rolled_back = self._superseded.get(me, ("", ""))[0] == "rollback"
         if cancelled and previous is not None and not previous.done():
             self.stop_for_cancel(previous)
+        refuse = busy and event is not None and _is_new(event) and self.strategy(event) == "reject"
+        if refuse:
+            previous = None  # refused at once, not after the run that keeps the session busy
         while True:
             try:
                 if previous is not None:
@@ -168,10 +212,18 @@ class EventHandler:
                     await self._retrying(self.outbox.dead_letter, record, reason)
                 elif cancelled and not event.is_cancel:
                     await self._retrying(self.cancel, record, session_id, event)
+                elif rolled_back:
+                    await self._retrying(self.roll_back, record, session_id, event)
                 else:
-                    await self._retrying(self.process, record, session_id, event)
+                    await self._retrying(self.process, record, session_id, event, refuse=refuse)
                 return
             except asyncio.CancelledError as exc:
+                if exc.args == (ROLLBACK,):
+                    # A newer event of this session rolls this run back: after the events
+                    # before it (stopped too), its checkpoints go and its result says so.
+                    me.uncancel()
+                    rolled_back = True
+                    continue
                 if exc.args != (CANCEL_EVENT_TYPE,):
                     raise
                 # An agentflow.cancel event of this session: the run ends as cancelled
@@ -181,7 +233,9 @@ class EventHandler:
                 if previous is not None and not previous.done():
                     self.stop_for_cancel(previous)
 
-    async def _retrying(self, func: Callable[..., Awaitable[None]], *args: Any) -> None:
+    async def _retrying(
+        self, func: Callable[..., Awaitable[None]], *args: Any, **kwargs: Any
+    ) -> None:
         """Run `func` until it gets through Redis and Kafka outages.
 
         After an outage Redis may have come back empty, without its search indexes, and
@@ -195,7 +249,7 @@ class EventHandler:
                 if lost:
                     await self.restore_setup()
                     lost = False
-                await func(*args)
+                await func(*args, **kwargs)
                 self.on_degraded(None)
                 return
             except Exception as exc:
@@ -206,36 +260,184 @@ class EventHandler:
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 5.0)
 
-    async def process(self, record: ConsumerRecord, session_id: str, event: CloudEvent) -> None:
+    async def process(
+        self,
+        record: ConsumerRecord,
+        session_id: str,
+        event: CloudEvent,
+        *,
+        refuse: bool = False,
+        parked: bool = False,
+    ) -> None:
         """Run an event, unless it already has its result; resume and cancel events too.
 
         An event id belongs to the first session that takes it: a redelivery to that
         session is skipped (or continued), a delivery to another session is dead-lettered.
+        A new event for a session that waits for an answer is refused (`reject`) or parked
+        until the wait ends (every other strategy): the question is never dropped.
+
+        Args:
+            record: the event's record.
+            session_id: its session.
+            event: the event.
+            refuse: a run of the session was going when it came and it says `reject`.
+            parked: it was parked behind the session and its turn has come.
         """
         claim, owner = await self.store.claim_event(event.id, session_id)
         if owner != session_id:
             await self._duplicate(record, event, owner)
             return
-        if claim == "published":
+        if claim == "published" or (claim == "parked" and not parked):
             self.duplicates += 1
-            logger.info("event %s already has its result; skipped", event.id)
+            logger.info("event %s already has its result or waits its turn; skipped", event.id)
             return
         if claim == "finished" and await self._publish_finished(record, session_id, event.id):
             return  # crashed between the result and its publication
         if event.is_resume:
             await self.resume(record, session_id, event, redelivered=claim != "new")
+            await self._run_parked(session_id)
             return
         if event.is_cancel:
             await self.cancel(record, session_id, event)
+            await self._run_parked(session_id)
+            return
+        if refuse:
+            await self.refuse(record, session_id, event, f"session {session_id} is running")
+            return
+        if not parked and await self._parks_or_refuses(record, session_id, event):
             return
         await self.store.open(
             session_id, event_id=event.id, event_type=event.type, subject=event.subject
         )
-        if claim == "new":
+        if claim in ("new", "parked"):
             await (await self.outbox.session_message("session.started", session_id, event.id))
+        me = asyncio.current_task()
+        assert me is not None
+        self._driving.add(me)
         with metrics.timed_run() as run:
-            result = await self.runner.start(event, session_id)
+            result = await self.runner.start(event, session_id, stop=self._stop_check(me))
             run.status = result.status
+        await self.finish(result, record)
+
+    def _stop_check(self, task: asyncio.Task[Any]) -> Callable[[], str | None]:
+        """Return what a run asks at its step boundaries: the event that interrupts it."""
+
+        def superseded_by() -> str | None:
+            how, by = self._superseded.get(task, ("", ""))
+            return by if how == "interrupt" else None
+
+        return superseded_by
+
+    async def _parks_or_refuses(
+        self, record: ConsumerRecord, session_id: str, event: CloudEvent
+    ) -> bool:
+        """Park or refuse a new event when its session waits for an answer.
+
+        Events parked before it run first when the session no longer waits (a crash
+        left them). Returns whether the event was parked or refused.
+        """
+        waiting, parked = await self.store.busy(session_id)
+        if parked and not waiting:
+            await self._run_parked(session_id)
+            waiting, parked = await self.store.busy(session_id)
+        if not waiting and not parked:
+            return False
+        if self.strategy(event) == "reject":
+            await self.refuse(
+                record, session_id, event, f"session {session_id} waits for a human answer"
+            )
+            return True
+        await self.store.park(session_id, _pack(record))
+        await self.store.mark_event(event.id, session_id, "parked")
+        reason = f"waits until session {session_id} is answered or cancelled"
+        await self.runner.emit(
+            Transition(
+                session_id=session_id,
+                type="event.parked",
+                data={"event_id": event.id, "reason": reason},
+            )
+        )
+        logger.info("event %s parked: session %s waits for an answer", event.id, session_id)
+        return True
+
+    async def _run_parked(self, session_id: str) -> None:
+        """Run the events parked behind a session, in order, while it does not wait.
+
+        Each leaves the list only after it ran: after a crash it is found first again,
+        and its claim makes the second run a continuation, never a second result.
+        """
+        while (entry := await self.store.first_parked(session_id)) is not None:
+            waiting, _ = await self.store.busy(session_id)
+            if waiting:
+                return
+            record = _unpack(entry)
+            _, event, problem = self.parse(record)
+            if event is None:  # parked once valid; cannot happen unless the rules changed
+                await self.outbox.dead_letter(record, problem or "invalid event")
+            else:
+                await self.process(record, session_id, event, parked=True)
+            await self.store.unpark(session_id, entry)
+
+    async def refuse(
+        self, record: ConsumerRecord, session_id: str, event: CloudEvent, reason: str
+    ) -> None:
+        """Refuse an event for a busy session (`reject`): its result says so, nothing ran."""
+        error = f"refused: {reason}"
+        result = build_result({}, session_id=session_id, status="refused", error=error)
+        result.event_id = event.id
+        await self.runner.emit(
+            Transition(
+                session_id=session_id,
+                type="event.refused",
+                data={
+                    "status": "refused",
+                    "error": error,
+                    "result": result.model_dump(mode="json"),
+                },
+            )
+        )
+        sent_from = await self.outbox.positions(session_id)
+        await self.store.mark_event(event.id, session_id, "finished", sent_from=sent_from)
+        crash_point("finished")
+        await self.outbox.publish_result(result, source=record)
+
+    async def roll_back(self, record: ConsumerRecord, session_id: str, event: CloudEvent) -> None:
+        """End a run that a newer event rolls back: its checkpoints go, its result says so.
+
+        The session's state is what it was before the run began, so the newer event runs
+        from there. A run that finished before it could be stopped keeps its result.
+        """
+        me = asyncio.current_task()
+        assert me is not None
+        _, by = self._superseded.get(me, ("rollback", ""))
+        state, owner = await self.store.claim_event(event.id, session_id)
+        if owner != session_id:
+            await self._duplicate(record, event, owner)
+            return
+        if state == "published":
+            return
+        if state == "finished" and await self._publish_finished(record, session_id, event.id):
+            return
+        if me in self._driving:
+            run_id = event.id if not event.is_resume else await self.runner.run_of(session_id)
+            checkpointer = self.runner.graph.checkpointer
+            if run_id and isinstance(checkpointer, BaseCheckpointSaver):
+                await checkpointer.adelete_for_runs([run_id])
+        error = f"rolled back by event {by}"
+        result = build_result({}, session_id=session_id, status="rolled_back", error=error)
+        result.event_id = event.id
+        await self.runner.emit(
+            Transition(
+                session_id=session_id,
+                type="session.rolled_back",
+                data={
+                    "status": "rolled_back",
+                    "error": error,
+                    "by": by,
+                    "result": result.model_dump(mode="json"),
+                },
+            )
+        )
         await self.finish(result, record)
 
     async def resume(
@@ -246,15 +448,23 @@ class EventHandler:
         if answer is None:
             await self._reject(record, session_id, event, "resume event without data.answer")
             return
+        me = asyncio.current_task()
+        assert me is not None
+        stop = self._stop_check(me)
+        self._driving.add(me)
         try:
             with metrics.timed_run() as run:
                 try:
-                    result = await self.runner.resume(session_id, answer, event_id=event.id)
+                    result = await self.runner.resume(
+                        session_id, answer, event_id=event.id, stop=stop
+                    )
                 except UnknownSessionError:
                     # A redelivered answer whose run was under way: continue that run.
                     if not redelivered:
                         raise
-                    result = await self.runner.continue_run(session_id, event_id=event.id)
+                    result = await self.runner.continue_run(
+                        session_id, event_id=event.id, stop=stop
+                    )
                 run.status = result.status
         except UnknownSessionError as exc:
             if await self._state_lost(record, session_id, event):
@@ -381,8 +591,8 @@ class EventHandler:
         """
         crash_point("checkpoint")  # the run's final checkpoint is written
         retention: Awaitable[object]
-        if result.status == "interrupted":
-            retention = _nothing()  # a session that waits for an answer keeps its state
+        if result.status in _KEEPS_STATE:
+            retention = _nothing()  # a session that waits, or goes on with a newer event
         else:
             retention = expire_session(
                 self.runner.graph.checkpointer,
@@ -397,7 +607,7 @@ class EventHandler:
         await self.outbox.publish_result(result, source=record)
         if result.status == "failed":
             self.failed += 1
-        else:
+        elif result.status in ("completed", "interrupted"):
             self.completed += 1
 
     async def _publish_finished(
@@ -426,3 +636,41 @@ class EventHandler:
         if record and record.result and record.result.event_id == event_id:
             return record.result
         return None
+
+
+def _is_new(event: CloudEvent) -> bool:
+    """Whether an event starts a run of its own (not an answer, not a cancel)."""
+    return not event.is_resume and not event.is_cancel
+
+
+def _pack(record: ConsumerRecord) -> str:
+    """An event's record as parked in Redis: enough to run it, or dead-letter it, later."""
+    return json.dumps(
+        {
+            "topic": record.topic,
+            "partition": record.partition,
+            "offset": record.offset,
+            "timestamp": record.timestamp,
+            "key": base64.b64encode(record.key).decode() if record.key is not None else None,
+            "value": base64.b64encode(record.value or b"").decode(),
+        }
+    )
+
+
+def _unpack(entry: str) -> ConsumerRecord:
+    raw = json.loads(entry)
+    key = base64.b64decode(raw["key"]) if raw["key"] is not None else None
+    value = base64.b64decode(raw["value"])
+    return ConsumerRecord(
+        topic=raw["topic"],
+        partition=raw["partition"],
+        offset=raw["offset"],
+        timestamp=raw["timestamp"],
+        timestamp_type=0,
+        key=key,
+        value=value,
+        checksum=None,
+        serialized_key_size=len(key or b""),
+        serialized_value_size=len(value),
+        headers=(),
+    )

@@ -34,7 +34,8 @@ Transaction = Callable[[Callable[[], Awaitable[None]], "ConsumerRecord | None"],
 """Runs a send in one Kafka transaction with the offsets it makes safe (`EventConsumer`)."""
 
 RESULT, ENDED = "result", "session.ended"
-"""What an event sends when it finishes: its result, and `session.ended` unless it waits."""
+"""What an event sends when it finishes: its result, and `session.ended` when its run
+completed or failed."""
 
 
 class Outbox:
@@ -140,7 +141,9 @@ class Outbox:
                 self.resolved += 1
                 logger.info("event %s: Kafka already has its %s", event_id, ", ".join(found))
             landed |= found
-        wanted = [RESULT] if result.status == "interrupted" else [RESULT, ENDED]
+        # A session ends only when its run completes or fails: a run that waits, or gave
+        # way to a newer event (refused, superseded, rolled back), leaves it going.
+        wanted = [RESULT, ENDED] if result.status in ("completed", "failed") else [RESULT]
         missing = [kind for kind in wanted if kind not in landed]
         if missing:
             if self.transaction is not None:

@@ -91,7 +91,8 @@ class Worker:
         self._publisher: BackgroundPublisher | None = None
         self._stop_metrics: Callable[[], None] | None = None
         self._tasks: dict[asyncio.Task[None], TopicPartition] = {}
-        self._tails: dict[str, asyncio.Task[None]] = {}
+        self._sessions: dict[str, list[tuple[asyncio.Task[None], CloudEvent | None]]] = {}
+        """Each session's events in flight here, in order (its runs and queued events)."""
         self._stopping = asyncio.Event()
         self._degraded: str | None = None
         self._outages = 0  # outages seen: a recovery clears only the one it probed
@@ -247,21 +248,34 @@ class Worker:
             await self.close()
 
     def _take(self, tp: TopicPartition, record: ConsumerRecord) -> None:
-        """Start an event's task, chained after the session's previous event."""
+        """Start an event's task, chained after the session's previous event.
+
+        A new event for a session with a run going here applies its `multitask` strategy:
+        `interrupt` and `rollback` stop the session's earlier events, `reject` is refused
+        at once (outside the chain), `enqueue` waits its turn.
+        """
         assert self.consumer is not None and self.handler is not None
         self.received += 1
         metrics.EVENTS_RECEIVED.labels("worker").inc()
         self.consumer.take(tp, record.offset)
         session_id, event, problem = self.handler.parse(record)
-        previous = self._tails.get(session_id)
+        earlier = self._sessions.get(session_id, [])
+        previous = earlier[-1][0] if earlier else None
+        strategy = self.handler.strategy(event) if event is not None else "enqueue"
+        new = event is not None and not event.is_cancel and not event.is_resume
         if event is not None and event.is_cancel and previous is not None:
             self.handler.stop_for_cancel(previous)  # stop the session's run now
+        elif new and event is not None and strategy in ("interrupt", "rollback"):
+            for task, of in earlier:
+                if of is not None and not of.is_cancel:
+                    self.handler.supersede(task, strategy, event.id)
         task = asyncio.create_task(
             self._run_event(tp, record, session_id, event, problem, previous),
             name=f"event {tp.partition}:{record.offset}",
         )
         self._tasks[task] = tp
-        self._tails[session_id] = task
+        if not (new and strategy == "reject" and previous is not None):
+            self._sessions.setdefault(session_id, []).append((task, event))
 
     async def _run_event(
         self,
@@ -277,7 +291,9 @@ class Worker:
         me = asyncio.current_task()
         done = False
         try:
-            await handler.handle(record, session_id, event, problem, previous)
+            await handler.handle(
+                record, session_id, event, problem, previous, busy=previous is not None
+            )
             done = True
         except asyncio.CancelledError:
             logger.info("event %s:%s left for redelivery", tp.partition, record.offset)
@@ -297,8 +313,10 @@ class Worker:
             if done:  # only a finished event lets its offset be committed
                 consumer.finish(tp, record.offset)
             self._tasks.pop(me, None)  # type: ignore[arg-type]
-            if self._tails.get(session_id) is me:
-                del self._tails[session_id]
+            queue = self._sessions.get(session_id, [])
+            queue[:] = [entry for entry in queue if entry[0] is not me]
+            if not queue:
+                self._sessions.pop(session_id, None)
 
     async def _fail_event(
         self, record: ConsumerRecord, session_id: str, event: CloudEvent | None, exc: Exception

@@ -666,6 +666,58 @@ async def test_auth(
         assert "access-control-allow-origin" not in other.headers
 
 
+async def test_double_texting_over_http(client: httpx.AsyncClient, redis: Redis) -> None:
+    """`multitask` on POST /events: refused, or parked behind a question and run after it."""
+    accepted = await post_event(client, short("claim_needs_review"))
+    session_id = accepted["session_id"]
+
+    async def status_is(status: str) -> bool:
+        return (await client.get(f"/sessions/{session_id}")).json().get("status") == status
+
+    await wait_until(lambda: status_is("interrupted"), "the session to wait for a human")
+    question = (await client.get(f"/sessions/{session_id}")).json()["question"]
+
+    bad = await client.post(
+        "/events", json=short("claim_submitted") | {"session_id": session_id, "multitask": "x"}
+    )
+    assert bad.status_code == 422 and bad.json()["errors"][0]["field"] == "multitask"
+
+    refused = await post_event(
+        client, short("claim_submitted") | {"session_id": session_id, "multitask": "reject"}
+    )
+    parked = await post_event(
+        client, short("claim_submitted") | {"session_id": session_id, "multitask": "interrupt"}
+    )
+
+    async def result_of(accepted: dict[str, Any]) -> dict[str, Any] | None:
+        response = await client.get(accepted["links"]["result"])
+        return response.json() if response.status_code == 200 else None  # type: ignore[no-any-return]
+
+    async def has_result(accepted: dict[str, Any]) -> bool:
+        return await result_of(accepted) is not None
+
+    await wait_until(lambda: has_result(refused), "the refused event's result")
+    answer = await result_of(refused)
+    assert answer is not None and answer["status"] == "refused"
+    assert answer["error"] == f"refused: session {session_id} waits for a human answer"
+
+    async def parked_yet() -> bool:
+        return any(t.type == "event.parked" for t in await read_log(redis, session_id))
+
+    await wait_until(parked_yet, "the interrupting event to be parked behind the question")
+    detail = (await client.get(f"/sessions/{session_id}")).json()
+    assert detail["status"] == "interrupted" and detail["question"] == question
+
+    resumed = await client.post(
+        f"/sessions/{session_id}/resume", json={"answer": "approve: discharge confirmed"}
+    )
+    assert resumed.status_code == 202
+    await wait_until(lambda: has_result(parked), "the parked event's result")
+    ran = await result_of(parked)
+    assert ran is not None and ran["status"] == "completed"
+    assert ran["event_id"] == parked["event_id"]
+
+
 async def test_validation_errors(
     stack: tuple[Settings, str, Worker], start_gateway: StartGateway
 ) -> None:

@@ -33,10 +33,12 @@ async def test_an_event_whose_handling_raises_fails_with_its_reason_and_is_commi
     bad, good = example("claim_submitted"), example("claim_submitted")
     process = EventHandler.process
 
-    async def broken(self: EventHandler, record: Any, session_id: str, event: Any) -> None:
+    async def broken(
+        self: EventHandler, record: Any, session_id: str, event: Any, **kw: Any
+    ) -> None:
         if event.id == bad["id"]:
             raise RuntimeError("a bug in the handler")
-        await process(self, record, session_id, event)
+        await process(self, record, session_id, event, **kw)
 
     monkeypatch.setattr(EventHandler, "process", broken)
     caplog.set_level(logging.ERROR, logger="service.worker.worker")

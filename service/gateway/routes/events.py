@@ -62,8 +62,9 @@ _EVENT_BODY = {
 async def post_event(request: Request, backends: BackendsDep) -> EventAccepted:
     """Validate an event and produce it to the events topic, keyed by its session.
 
-    The body is a CloudEvent (with `specversion`), or `{type, data, subject?,
-    session_id?}`, which is wrapped into one with a fresh id.
+    The body is a CloudEvent (with `specversion`, `multitask` as an extension attribute),
+    or `{type, data, subject?, session_id?, multitask?}`, which is wrapped into one with a
+    fresh id.
     """
     limit = backends.settings.max_event_bytes
     event = _parse_event(await _read_body(request, limit), backends.settings.event_limits())
@@ -120,13 +121,15 @@ def _parse_event(raw: bytes, limits: EventLimits) -> CloudEvent:
             raise unprocessable("invalid CloudEvent", problems) from None
     try:
         short = EventRequest.model_validate(body)
-        return CloudEvent.wrap(
+        event = CloudEvent.wrap(
             short.type,
             short.data,
             subject=short.subject,
             session_id=short.session_id,
             source="agentflow/gateway",
         )
+        event.multitask = short.multitask
+        return event
     except ValidationError as exc:
         raise unprocessable("invalid event", _problems(exc, {"sessionid": "session_id"})) from None
 

@@ -26,6 +26,7 @@ from service.gateway.schemas import (
     SessionSummary,
 )
 from service.storage.checkpoints import session_states
+from service.storage.publisher import read_log
 from service.storage.sessions import SessionStatus
 
 __all__ = ["router"]
@@ -99,12 +100,21 @@ async def get_result(
     backends: BackendsDep,
     event_id: Annotated[str | None, Query(description="The result of this event.")] = None,
 ) -> WorkflowResult:
-    """Return the session's latest result (of one event, with `event_id`)."""
+    """Return the session's latest result (of one event, with `event_id`).
+
+    An earlier event's result (one refused, superseded or rolled back by a newer event,
+    or run before the latest) is read from the session's transition log.
+    """
     record = await known_session(backends, session_id)
     result = record.result
-    if result is None or (event_id is not None and result.event_id != event_id):
-        raise HTTPException(404, f"session {session_id} has no result for that event yet")
-    return result
+    if result is not None and (event_id is None or result.event_id == event_id):
+        return result
+    if event_id is not None:
+        for transition in reversed(await read_log(backends.redis, session_id)):
+            found = (transition.data or {}).get("result") if transition.terminal else None
+            if isinstance(found, dict) and found.get("event_id") == event_id:
+                return WorkflowResult.model_validate(found)
+    raise HTTPException(404, f"session {session_id} has no result for that event yet")
 
 
 @router.get(

@@ -5,7 +5,8 @@
 const TYPES = [
   "session.started", "node.started", "node.completed", "node.failed", "step.started",
   "step.completed", "agent.message", "session.interrupted", "session.completed",
-  "session.failed",
+  "session.failed", "session.superseded", "session.rolled_back", "event.refused",
+  "event.parked",
 ];
 const ENDED = new Set(["session.completed", "session.failed"]);
 const START = "__start__";
@@ -188,6 +189,8 @@ function detail(t) {
     return d.note || `${(d.similar || []).length} similar workflow(s)`;
   }
   if (t.type === "node.failed" || t.type === "session.failed") return d.error || "";
+  if (t.type.startsWith("event.") || t.type === "session.superseded" ||
+      t.type === "session.rolled_back") return d.error || d.reason || "";
   if (t.type === "session.interrupted") return `asks: ${d.question || ""}`;
   if (t.type === "step.completed") return d.status || "";
   if (t.type === "session.started") return `event ${d.event_id}${d.resumed ? " (resumed)" : ""}`;
