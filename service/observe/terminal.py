@@ -77,7 +77,9 @@ def print_transition(console: Console, t: Transition) -> None:
 
 def print_result(console: Console, result: WorkflowResult) -> None:
     """Print a result for a person: status, steps and summary."""
-    colour = {"completed": "green", "failed": "red", "interrupted": "yellow"}[result.status]
+    colour = {"completed": "green", "failed": "red", "interrupted": "yellow"}.get(
+        result.status, "magenta"
+    )
     console.print(
         f"\n[bold {colour}]{result.status.upper()}[/]  session {result.session_id}  "
         f"event {result.event_id}  model {result.model or '-'}"

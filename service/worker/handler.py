@@ -290,6 +290,8 @@ class EventHandler:
         if claim == "published" or (claim == "parked" and not parked):
             self.duplicates += 1
             logger.info("event %s already has its result or waits its turn; skipped", event.id)
+            if claim == "published":
+                await self._run_parked(session_id)  # a crash may have cut a drain short
             return
         if claim == "finished" and await self._publish_finished(record, session_id, event.id):
             return  # crashed between the result and its publication

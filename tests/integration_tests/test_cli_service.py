@@ -128,6 +128,13 @@ async def test_watch_and_answer_a_session_that_waits_for_a_human(
     assert code == 3, err
     assert f'answer with: agentflow sessions answer {session_id} "..."' in out
 
+    # A new event for the waiting session that says `reject` is refused: exit 5.
+    other, refused = event_file(tmp_path, "claim_submitted", sessionid=session_id)
+    code, out, err = await agentflow("send", str(other), "--wait", "--multitask", "reject")
+    assert code == 5, (out, err)
+    assert "REFUSED" in out and f"event {refused['id']}" in out
+    assert transition_types(out) == ["event.refused"]
+
     code, out, err = await agentflow(
         "sessions", "answer", session_id, "approve: discharge confirmed", "--wait", "--json"
     )
