@@ -346,3 +346,36 @@ async def test_redelivered_event_after_crash_runs_no_finished_node_again(
     # the step that finished just before the crash is reported from its saved writes
     restored = [t.node for t in seen[before:] if (t.data or {}).get("restored")]
     assert restored and set(restored) <= set(finished) | {"execute_step"}, restored
+
+
+async def test_a_superseded_run_stops_at_the_next_step_boundary(make_event: Any) -> None:
+    """`interrupt`: the step in flight finishes and is checkpointed; the next never starts."""
+    runner, seen = runner_for(WorkflowContext(library=InMemoryWorkflowLibrary()))
+
+    def superseded_by() -> str | None:
+        planned = any(t.type == "node.completed" and t.node == "plan" for t in seen)
+        return "evt-newer" if planned else None
+
+    result = await runner.start(make_event(), "s-stop", stop=superseded_by)
+
+    assert result.status == "superseded" and result.error == "superseded by event evt-newer"
+    assert result.event_id == "evt-claim-2001"
+    assert [s.id for s in result.workflow.steps]  # plan's writes were checkpointed
+    started = [t.node for t in seen if t.type == "node.started"]
+    completed = [t.node for t in seen if t.type == "node.completed"]
+    assert started == completed == ["discover", "plan"]  # nothing cut off half-way
+    assert seen[-1].type == "session.superseded" and seen[-1].data is not None
+    assert seen[-1].data["by"] == "evt-newer"
+    snapshot = await runner.graph.aget_state(runner.config("s-stop"))
+    assert snapshot.next == ("assign",)  # the state is that of a step boundary
+
+    again = await runner.start(make_event(id="evt-newer"), "s-stop")
+    assert again.status == "completed"  # the newer event runs on the session's state
+
+
+async def test_a_run_superseded_before_it_starts_does_not_run(make_event: Any) -> None:
+    runner, seen = runner_for(WorkflowContext(library=InMemoryWorkflowLibrary()))
+    result = await runner.start(make_event(), "s-never", stop=lambda: "evt-newer")
+    assert result.status == "superseded"
+    assert [t.type for t in seen] == ["session.started", "session.superseded"]
+    assert not (await runner.graph.aget_state(runner.config("s-never"))).values
