@@ -101,11 +101,14 @@ async def test_every_key_of_a_session_is_in_one_slot(saver: RedisSaver, redis: R
     session_id = f"slot-{uuid.uuid4().hex[:6]}"
     event = CloudEvent.wrap("claim.submitted", {"claim_id": "C-1"}, source="test")
     assert (await runner.start(event, session_id)).status == "completed"
-    keys = [k async for k in redis.scan_iter(match=f"{saver.key_prefix}*", count=1000)]
+    keys = [k async for k in redis.scan_iter(match=f"{saver.key_prefix}:*", count=1000)]
     assert sorted(keys) == sorted(
         f"{saver.key_prefix}:{{{session_id}}}:{part}" for part in ("d", "i")
     )
     assert len({key_slot(k.encode()) for k in keys}) == 1
+    # The run's key (runs carry their run id) is the run index, one per run: its own slot.
+    runs = [k async for k in redis.scan_iter(match=f"{saver.run_prefix}:*", count=1000)]
+    assert len(runs) == 1 and await redis.smembers(runs[0]) == {session_id}  # type: ignore[misc]
     assert len([t async for t in saver.alist(_config(session_id))]) > 10
 
 
