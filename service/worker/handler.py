@@ -398,10 +398,7 @@ class EventHandler:
                 },
             )
         )
-        sent_from = await self.outbox.positions(session_id)
-        await self.store.mark_event(event.id, session_id, "finished", sent_from=sent_from)
-        crash_point("finished")
-        await self.outbox.publish_result(result, source=record)
+        await self._send_result(record, result)
 
     async def roll_back(self, record: ConsumerRecord, session_id: str, event: CloudEvent) -> None:
         """End a run that a newer event rolls back: its checkpoints go, its result says so.
@@ -559,8 +556,17 @@ class EventHandler:
                     },
                 )
             )
-        sent_from = await self.outbox.positions(session_id)
-        await self.store.mark_event(event.id, session_id, "finished", sent_from=sent_from)
+        await self._send_result(record, result)
+
+    async def _send_result(self, record: ConsumerRecord, result: WorkflowResult) -> None:
+        """Send the result of an event that leaves the session record alone (cancel, refusal).
+
+        Marked finished with where it will land first, as `finish` does.
+        """
+        sent_from = await self.outbox.positions(result.session_id)
+        await self.store.mark_event(
+            result.event_id, result.session_id, "finished", sent_from=sent_from
+        )
         crash_point("finished")
         await self.outbox.publish_result(result, source=record)
 
