@@ -19,9 +19,11 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from aiokafka.structs import ConsumerRecord, TopicPartition
 from redis.asyncio import Redis
 
+from nodes.chat_models import make_chat_model
 from service.config import Settings, load_settings
 from service.devtools.servers import LocalServers
 from service.worker import Worker
+from tests.openai_server import OpenAICompatibleServer
 
 HERE = Path(__file__).resolve().parent
 
@@ -55,6 +57,17 @@ def own_settings(servers: LocalServers, **overrides: object) -> Settings:
         shutdown_grace_s=5,
         **overrides,
     )
+
+
+@pytest.fixture
+def openai_server(monkeypatch: pytest.MonkeyPatch) -> Iterator[OpenAICompatibleServer]:
+    """Start an OpenAI-compatible server on loopback and point `openai:` models at it."""
+    with OpenAICompatibleServer() as server:
+        monkeypatch.setenv("OPENAI_BASE_URL", server.base_url)
+        monkeypatch.setenv("OPENAI_API_KEY", server.api_key)
+        make_chat_model.cache_clear()
+        yield server
+    make_chat_model.cache_clear()  # the cached clients point at a closed port now
 
 
 @pytest.fixture

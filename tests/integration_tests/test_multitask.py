@@ -9,14 +9,12 @@ from __future__ import annotations
 
 import json
 import uuid
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
 from aiokafka import AIOKafkaProducer
 from redis.asyncio import Redis
 
-from nodes.chat_models import make_chat_model
 from service.config import Settings
 from service.devtools.servers import LocalServers
 from service.storage.checkpointer import RedisSaver
@@ -33,17 +31,6 @@ from tests.integration_tests.conftest import (
     wait_until,
 )
 from tests.openai_server import Hold, OpenAICompatibleServer
-
-
-@pytest.fixture
-def openai_server(monkeypatch: pytest.MonkeyPatch) -> Iterator[OpenAICompatibleServer]:
-    """The loopback OpenAI-compatible server, with `openai:` models pointed at it."""
-    with OpenAICompatibleServer() as server:
-        monkeypatch.setenv("OPENAI_BASE_URL", server.base_url)
-        monkeypatch.setenv("OPENAI_API_KEY", server.api_key)
-        make_chat_model.cache_clear()
-        yield server
-    make_chat_model.cache_clear()
 
 
 @pytest.fixture

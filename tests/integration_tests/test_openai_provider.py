@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import json
 import socket
-from collections.abc import Iterator
 from typing import Any, cast
 
 import httpx
@@ -32,17 +31,6 @@ from tests.openai_server import (
 MODEL = "openai:test-model"
 SERVED = f"test-model-{SNAPSHOT}"
 STRUCTURED = {"PlanDraft", "AssignmentDraft", "ReviewDecision"}
-
-
-@pytest.fixture
-def openai_server(monkeypatch: pytest.MonkeyPatch) -> Iterator[OpenAICompatibleServer]:
-    """Start an OpenAI-compatible server on loopback and point `openai:` models at it."""
-    with OpenAICompatibleServer() as server:
-        monkeypatch.setenv("OPENAI_BASE_URL", server.base_url)
-        monkeypatch.setenv("OPENAI_API_KEY", server.api_key)
-        make_chat_model.cache_clear()
-        yield server
-    make_chat_model.cache_clear()  # the cached clients point at a closed port now
 
 
 FAST_RETRY = model_retry(initial_interval=0.01, max_interval=0.01, jitter=False)
