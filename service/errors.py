@@ -14,6 +14,7 @@ __all__ = [
     "NoQueryEngineError",
     "ReplayError",
     "ServerStartError",
+    "StaleWriter",
     "TemplateError",
     "UnknownSessionError",
 ]
@@ -63,4 +64,20 @@ class NoQueryEngineError(AgentflowError, RuntimeError):
             f"the Redis at {address} has no query engine ({answer}); the workflow library "
             "needs one: set AGENTFLOW_LIBRARY_REDIS_URL to a Redis 8 with the search and "
             "JSON modules loaded, or a Redis Stack"
+        )
+
+
+class StaleWriter(AgentflowError, RuntimeError):
+    """A run's write was refused: a newer run of its session took over (a higher epoch)."""
+
+    def __init__(self, session_id: str, epoch: int, current: int) -> None:
+        self.session_id = session_id
+        """The session both runs write."""
+        self.epoch = epoch
+        """The epoch of the run that was refused."""
+        self.current = current
+        """The session's epoch when it was refused: the newer run's."""
+        super().__init__(
+            f"session {session_id}: this run (epoch {epoch}) was fenced off by a newer run "
+            f"(epoch {current}); it stops and writes nothing more, the newer run goes on"
         )

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 from collections import defaultdict
-from collections.abc import AsyncGenerator, Callable
+from collections.abc import AsyncGenerator, Awaitable, Callable
 from contextlib import aclosing
 from typing import Any, Literal, cast
 
@@ -15,11 +15,12 @@ from langgraph.types import Command, StreamMode
 from nodes.context import WorkflowContext
 from nodes.finalize import build_result
 from nodes.models import CloudEvent, WorkflowResult
-from service.errors import UnknownSessionError
+from service.errors import StaleWriter, UnknownSessionError
 from service.runtime.stream import TransitionMapper, TransitionSink
+from service.storage.checkpointer import EPOCH_CONFIG_KEY
 from service.storage.transitions import Transition
 
-__all__ = ["InMemorySequence", "SessionRunner", "StopCheck"]
+__all__ = ["InMemorySequence", "SessionRunner", "StopCheck", "TakeSession"]
 
 logger = logging.getLogger(__name__)
 
@@ -54,6 +55,10 @@ def _never() -> str | None:
     return None
 
 
+TakeSession = Callable[[str], Awaitable[int]]
+"""Takes a session for a run: raises the session's fencing epoch and returns it."""
+
+
 class SessionRunner:
     """Drive a compiled graph for a session and turn its stream into transitions.
 
@@ -69,6 +74,7 @@ class SessionRunner:
         sink: TransitionSink = _discard,
         sequence: Any = InMemorySequence,
         is_infra_error: Callable[[BaseException], bool] = lambda exc: False,
+        take: TakeSession | None = None,
     ) -> None:
         """Make a runner.
 
@@ -80,12 +86,17 @@ class SessionRunner:
                 or None when the sink numbers them itself.
             is_infra_error: tells errors of the infrastructure (Redis, Kafka) that must not be
                 turned into a failed result: they are raised so the caller can retry.
+            take: fences the session's runs (`SessionStore.take`): each run takes a new
+                epoch and carries it in its config and transitions, so the checkpointer
+                and the publisher refuse the writes of a run a newer one took over
+                (`StaleWriter`, raised to the caller). None: runs are not fenced.
         """
         self.graph = graph
         self.context = context
         self.sink = sink
         self.sequence = sequence() if sequence is InMemorySequence else sequence
         self.is_infra_error = is_infra_error
+        self.take = take
 
     def __repr__(self) -> str:
         return f"SessionRunner(model={self.context.model!r})"
@@ -181,8 +192,14 @@ class SessionRunner:
             return {"configurable": {"thread_id": session_id}}
         return {"configurable": {"thread_id": session_id, "run_id": run_id}}
 
-    async def emit(self, transition: Transition) -> None:
-        """Number a transition and hand it to the sink."""
+    async def emit(self, transition: Transition, *, epoch: int | None = None) -> None:
+        """Number a transition and hand it to the sink.
+
+        Args:
+            transition: the transition.
+            epoch: the fencing epoch of the run that emits it, if the run is fenced.
+        """
+        transition.epoch = epoch
         if self.sequence is not None:
             transition.seq = await self.sequence.next(transition.session_id)
         await self.sink(transition)
@@ -197,7 +214,11 @@ class SessionRunner:
         reply_to: str | None = None,
         stop: StopCheck = _never,
     ) -> WorkflowResult:
+        # Taken before the session's state is read: a run it fences off writes nothing after.
+        epoch = await self.take(session_id) if self.take is not None else None
         config = self.config(session_id, event_id or None)
+        if epoch is not None:
+            config["configurable"][EPOCH_CONFIG_KEY] = epoch
         restored = {}
         if resumed:
             before = await self.graph.aget_state(config)
@@ -208,7 +229,8 @@ class SessionRunner:
                 session_id=session_id,
                 type="session.started",
                 data={"event_id": event_id, "resumed": resumed, "model": self.context.model},
-            )
+            ),
+            epoch=epoch,
         )
         result: Any = None
         superseded_by = stop()  # before its first step: it does not start
@@ -243,9 +265,9 @@ class SessionRunner:
                     if mode == "updates" and isinstance(finalized, dict):
                         result = finalized.get("result")
                     for transition in mapper.map(mode, chunk):
-                        await self.emit(transition)
+                        await self.emit(transition, epoch=epoch)
         except Exception as exc:
-            if self.is_infra_error(exc):
+            if isinstance(exc, StaleWriter) or self.is_infra_error(exc):
                 raise
             logger.warning("session %s failed: %s", session_id, exc)
             snapshot = await self.graph.aget_state(config)
@@ -256,7 +278,7 @@ class SessionRunner:
             # The state may not hold this event (its first checkpoint was not written),
             # or hold the session's previous one: the result names the event it answers.
             result.event_id = event_id or result.event_id
-            await self._end(result, "session.failed", reply_to)
+            await self._end(result, "session.failed", reply_to, epoch)
             return result
         if superseded_by is not None and result is None:
             snapshot = await self.graph.aget_state(config)
@@ -265,18 +287,18 @@ class SessionRunner:
                 snapshot.values, session_id=session_id, status="superseded", error=error
             )
             result.event_id = event_id or result.event_id
-            await self._end(result, "session.superseded", reply_to, by=superseded_by)
+            await self._end(result, "session.superseded", reply_to, epoch, by=superseded_by)
             return result
         if isinstance(result, WorkflowResult) and result.event_id == event_id:
             # The usual end: the result is in finalize's writes. Reading the state back
             # would rebuild the conversations from every checkpoint of the run.
             kind = "session.completed" if result.status == "completed" else "session.failed"
-            await self._end(result, kind, reply_to)
+            await self._end(result, kind, reply_to, epoch)
             return result
         snapshot = await self.graph.aget_state(config)
         if snapshot.interrupts:
             result = self._interrupted(session_id, snapshot)
-            await self._end(result, "session.interrupted", reply_to)
+            await self._end(result, "session.interrupted", reply_to, epoch)
             return result
         result = snapshot.values.get("result")
         if not isinstance(result, WorkflowResult) or result.event_id != event_id:
@@ -288,7 +310,7 @@ class SessionRunner:
             )
             result.event_id = event_id or result.event_id
         kind = "session.completed" if result.status == "completed" else "session.failed"
-        await self._end(result, kind, reply_to)
+        await self._end(result, kind, reply_to, epoch)
         return result
 
     @staticmethod
@@ -305,7 +327,13 @@ class SessionRunner:
         )
 
     async def _end(
-        self, result: WorkflowResult, kind: Any, reply_to: str | None, *, by: str | None = None
+        self,
+        result: WorkflowResult,
+        kind: Any,
+        reply_to: str | None,
+        epoch: int | None,
+        *,
+        by: str | None = None,
     ) -> None:
         if reply_to:
             result.event_id = reply_to
@@ -317,7 +345,7 @@ class SessionRunner:
         }
         if by is not None:
             data["by"] = by
-        await self.emit(Transition(session_id=result.session_id, type=kind, data=data))
+        await self.emit(Transition(session_id=result.session_id, type=kind, data=data), epoch=epoch)
 
 
 def _event_id_of(values: dict[str, Any]) -> str | None:

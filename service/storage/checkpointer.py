@@ -14,7 +14,16 @@ script is given every key it touches:
   `adelete_for_runs`; written once per run and thread, before the run's first checkpoint.
 
 A checkpoint and its blobs are written by one script, so a reader (or a crash) sees the
-old or the new checkpoint, never half of one. Thread ids that would break the hash tag
+old or the new checkpoint, never half of one.
+
+Fenced writes: a write whose config carries a run's epoch (`configurable[EPOCH_CONFIG_KEY]`,
+which the worker's runs set) is refused, inside its script, when the session's epoch key
+(`agentflow:session:{thread}:epoch`, `service.storage.keys.epoch_key`) holds a newer one: the
+caller gets `StaleWriter`, and a run that lost its session to another worker cannot fork
+the thread's checkpoints. That key shares the thread keys' hash tag, so the script may be
+given it on Redis Cluster too; a thread id that is no hash tag (SHA-1 keyed, below) cannot
+be fenced, and the session-id rule never makes one. Writes without an epoch (library use)
+are not fenced. Thread ids that would break the hash tag
 (empty, or with a `}`) are keyed by their SHA-1 instead, under `agentflow:checkpoint#`.
 
 Values are serialised by the saver's `serde` (LangGraph's msgpack `JsonPlusSerializer`
@@ -52,9 +61,10 @@ from langgraph.checkpoint.serde.base import SerializerProtocol
 from redis.asyncio import Redis, RedisCluster
 from redis.exceptions import NoScriptError
 
-from service.storage.keys import CHECKPOINT_PREFIX
+from service.errors import StaleWriter
+from service.storage.keys import CHECKPOINT_PREFIX, epoch_key
 
-__all__ = ["THREAD_KEY_PREFIX", "RUN_KEY_PREFIX", "RedisSaver"]
+__all__ = ["EPOCH_CONFIG_KEY", "RUN_KEY_PREFIX", "THREAD_KEY_PREFIX", "RedisSaver"]
 
 logger = logging.getLogger(__name__)
 
@@ -64,13 +74,17 @@ THREAD_KEY_PREFIX = CHECKPOINT_PREFIX
 RUN_KEY_PREFIX = f"{CHECKPOINT_PREFIX}_run"
 """`{prefix}:{run id}` is the set of threads a run wrote."""
 
+EPOCH_CONFIG_KEY = "__agentflow_epoch"
+"""The `configurable` key of a run's fencing epoch. LangGraph copies no `__` key into a
+checkpoint's metadata, so the epoch stays out of it."""
+
 _PAGE = 64  # checkpoints read per round trip when listing
 _CHUNK = 500  # arguments per command inside scripts (Lua's unpack has a stack limit)
 
 # --- the scripts ------------------------------------------------------------------------
-# Every script gets the thread's index and data keys as KEYS[1] and KEYS[2]. A checkpoint's
-# record starts with a 4-byte length and a msgpack header the scripts read (run id, blob
-# fields); the rest is for Python only.
+# Every script gets the thread's index and data keys as KEYS[1] and KEYS[2], a fenced write
+# its session's epoch key as KEYS[3]. A checkpoint's record starts with a 4-byte length and
+# a msgpack header the scripts read (run id, blob fields); the rest is for Python only.
 
 _LIB = """
 local idx, data = KEYS[1], KEYS[2]
@@ -130,6 +144,14 @@ local function collect()
   end
   return gone
 end
+-- A write with a run's epoch ('' for none) is refused once a newer run took the session:
+-- returns the refusal to send back, or false.
+local function stale(epoch)
+  if epoch == '' then return false end
+  local current = tonumber(redis.call('GET', KEYS[3]) or '0')
+  if current > tonumber(epoch) then return {'stale', current} end
+  return false
+end
 local function set_ttl(ttl)
   if ttl == '' then
     redis.call('PERSIST', idx)
@@ -141,25 +163,30 @@ local function set_ttl(ttl)
 end
 """.replace("_CHUNK", str(_CHUNK))
 
-# ARGV: checkpoint member, record, run member or '', ttl or '' (no TTL), blob field/value...
+# ARGV: epoch or '', checkpoint member, record, run member or '', ttl or '' (no TTL), blob
+# field/value...
 _PUT = """
-if ARGV[3] ~= '' then
-  redis.call('ZADD', idx, 0, ARGV[1], 0, ARGV[3])
+local refused = stale(ARGV[1])
+if refused then return refused end
+if ARGV[4] ~= '' then
+  redis.call('ZADD', idx, 0, ARGV[2], 0, ARGV[4])
 else
-  redis.call('ZADD', idx, 0, ARGV[1])
+  redis.call('ZADD', idx, 0, ARGV[2])
 end
-local pairs_ = {ARGV[1], ARGV[2]}
-for i = 5, #ARGV do pairs_[#pairs_ + 1] = ARGV[i] end
+local pairs_ = {ARGV[2], ARGV[3]}
+for i = 6, #ARGV do pairs_[#pairs_ + 1] = ARGV[i] end
 call_chunked('HSET', data, pairs_, _CHUNK * 2)
-set_ttl(ARGV[4])
+set_ttl(ARGV[5])
 return 1
 """.replace("_CHUNK", str(_CHUNK))
 
-# ARGV: ttl or '' (leave it), then (write member, value, '1' to overwrite | '0') triples.
-# A task's regular writes are kept as first written (a retried task writes them again);
-# its special ones (error, interrupt, resume, scheduled) replace the earlier ones.
+# ARGV: epoch or '', ttl or '' (leave it), then (write member, value, '1' to overwrite | '0')
+# triples. A task's regular writes are kept as first written (a retried task writes them
+# again); its special ones (error, interrupt, resume, scheduled) replace the earlier ones.
 _PUT_WRITES = """
-for i = 2, #ARGV, 3 do
+local refused = stale(ARGV[1])
+if refused then return refused end
+for i = 3, #ARGV, 3 do
   if ARGV[i + 2] == '1' then
     redis.call('HSET', data, ARGV[i], ARGV[i + 1])
   else
@@ -167,7 +194,7 @@ for i = 2, #ARGV, 3 do
   end
   redis.call('ZADD', idx, 0, ARGV[i])
 end
-if ARGV[1] ~= '' then set_ttl(ARGV[1]) end
+if ARGV[2] ~= '' then set_ttl(ARGV[2]) end
 return 1
 """
 
@@ -598,10 +625,14 @@ class RedisSaver(BaseCheckpointSaver[str]):
 
     # --- reading -------------------------------------------------------------------------
 
-    async def _run(self, name: str, thread_id: str, args: Sequence[Any]) -> Any:
+    async def _run(
+        self, name: str, thread_id: str, args: Sequence[Any], *, fence: str | None = None
+    ) -> Any:
         if self.loop is None:
             self.loop = asyncio.get_running_loop()
         keys = _thread_keys(self.key_prefix, thread_id)
+        if fence is not None:
+            keys.append(fence)
         if self._batcher is None:
             return await _SCRIPTS[name](self._redis, keys, args)
         return await self._batcher.call(_SCRIPTS[name], keys, args)
@@ -771,8 +802,33 @@ class RedisSaver(BaseCheckpointSaver[str]):
         member = _checkpoint_member(ns, checkpoint["id"])
         if not thread_id or "}" in thread_id:
             blobs += ["t", thread_id]
-        await self._run("put", thread_id, [member, record, run_member, self._ttl, *blobs])
+        await self._write(
+            "put", thread_id, configurable, [member, record, run_member, self._ttl, *blobs]
+        )
         return self._config(thread_id, ns, checkpoint["id"])
+
+    async def _write(
+        self, name: str, thread_id: str, configurable: Mapping[str, Any], args: list[Any]
+    ) -> None:
+        """Run a write script, fenced when the config carries a run's epoch.
+
+        Raises:
+            StaleWriter: a newer run took the session; nothing was written.
+            ValueError: an epoch for a thread id that is no hash tag (empty, or with a
+                `}`): its epoch key would be in another cluster slot.
+        """
+        epoch = configurable.get(EPOCH_CONFIG_KEY)
+        if epoch is None:
+            await self._run(name, thread_id, ["", *args])
+            return
+        if not thread_id or "}" in thread_id:
+            raise ValueError(
+                f"thread id {thread_id!r} cannot be fenced: an epoch needs a thread id that "
+                "is a session id (no '}', not empty)"
+            )
+        reply = await self._run(name, thread_id, [int(epoch), *args], fence=epoch_key(thread_id))
+        if isinstance(reply, list):  # ['stale', the newer epoch]
+            raise StaleWriter(thread_id, int(epoch), int(reply[1]))
 
     async def _index_run(self, thread_id: str, run_id: str) -> None:
         """Name the thread in the run's key, before the run's first checkpoint there."""
@@ -809,7 +865,7 @@ class RedisSaver(BaseCheckpointSaver[str]):
                 "1" if idx < 0 else "0",
             ]
         if len(args) > 1:
-            await self._run("put_writes", thread_id, args)
+            await self._write("put_writes", thread_id, configurable, args)
 
     def get_next_version(self, current: str | int | float | None, channel: None) -> str:
         """Return the next version of a channel: a counter, then a random tiebreak.

@@ -8,6 +8,8 @@ session lives in one slot and one script may touch them all.
 - `agentflow:session:{id}` (hash): a session's record;
 - `agentflow:event:{id}` (string): an event id, its session and how far it got;
 - `agentflow:session:{id}:seq` (string): the counter that numbers its transitions;
+- `agentflow:session:{id}:epoch` (string): its fencing epoch, raised by each run a worker
+  takes; checkpoint writes and transitions of an older run are refused;
 - `agentflow:session:{id}:log` (stream): its transitions, for clients that come late;
 - `agentflow:session:{id}:transitions` (channel): its transitions, live;
 - `agentflow:transitions` (channel): every session's transitions, live;
@@ -37,6 +39,7 @@ __all__ = [
     "MEMORY_PREFIX",
     "WORKER_PREFIX",
     "WORKFLOW_PREFIX",
+    "epoch_key",
     "event_key",
     "log_key",
     "memory_keys",
@@ -104,6 +107,11 @@ def log_key(session_id: str) -> str:
 def seq_key(session_id: str) -> str:
     """Return the counter that numbers one session's transitions."""
     return f"{_session(session_id)}:seq"
+
+
+def epoch_key(session_id: str) -> str:
+    """Return the counter of one session's fencing epochs: its newest run's is the value."""
+    return f"{_session(session_id)}:epoch"
 
 
 def parked_key(session_id: str) -> str:

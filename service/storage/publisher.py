@@ -11,9 +11,11 @@ from typing import Any, cast
 from redis import exceptions as redis_errors
 from redis.asyncio import Redis
 
+from service.errors import StaleWriter
 from service.storage._redis import require_text_client
 from service.storage.keys import (
     ALL_TRANSITIONS_CHANNEL,
+    epoch_key,
     log_key,
     seq_key,
     session_channel,
@@ -36,25 +38,32 @@ logger = logging.getLogger(__name__)
 
 # Numbering, logging and publishing happen in one atomic step, so `seq` has no gaps
 # and a reader that replays the log then follows pub/sub never misses one. One call
-# takes a batch of transitions of one session. KEYS are the session's counter, log and
-# record (one hash tag: one cluster slot); ARGV is maxlen, ttl, the two channels, then
-# body, node and time of each transition.
+# takes a batch of transitions of one session. KEYS are the session's counter, log,
+# record and fencing epoch (one hash tag: one cluster slot); ARGV is maxlen, ttl, the two
+# channels, then body, node, time and run epoch ('' for none) of each transition. A
+# transition of a run older than the session's epoch is refused: not numbered, logged or
+# sent (its seq is 0). Returns the seqs and the session's epoch.
 _PUBLISH = """
+local current = tonumber(redis.call('GET', KEYS[4]) or '0')
 local seqs = {}
-for i = 5, #ARGV, 3 do
-  local seq = redis.call('INCR', KEYS[1])
-  local body = string.gsub(ARGV[i], '"seq":0', '"seq":' .. seq, 1)
-  redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[1], seq .. '-1', 'transition', body)
-  redis.call('PUBLISH', ARGV[3], body)
-  redis.call('PUBLISH', ARGV[4], body)
-  if ARGV[i + 1] ~= '' and redis.call('EXISTS', KEYS[3]) == 1 then
-    redis.call('HSET', KEYS[3], 'current_node', ARGV[i + 1], 'updated_at', ARGV[i + 2])
+for i = 5, #ARGV, 4 do
+  if ARGV[i + 3] ~= '' and tonumber(ARGV[i + 3]) < current then
+    seqs[#seqs + 1] = 0
+  else
+    local seq = redis.call('INCR', KEYS[1])
+    local body = string.gsub(ARGV[i], '"seq":0', '"seq":' .. seq, 1)
+    redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[1], seq .. '-1', 'transition', body)
+    redis.call('PUBLISH', ARGV[3], body)
+    redis.call('PUBLISH', ARGV[4], body)
+    if ARGV[i + 1] ~= '' and redis.call('EXISTS', KEYS[3]) == 1 then
+      redis.call('HSET', KEYS[3], 'current_node', ARGV[i + 1], 'updated_at', ARGV[i + 2])
+    end
+    seqs[#seqs + 1] = seq
   end
-  seqs[#seqs + 1] = seq
 end
 redis.call('EXPIRE', KEYS[1], ARGV[2])
 redis.call('EXPIRE', KEYS[2], ARGV[2])
-return seqs
+return {seqs, current}
 """
 
 
@@ -78,13 +87,22 @@ class TransitionPublisher:
         return f"TransitionPublisher(published={self.published})"
 
     async def publish(self, transition: Transition) -> None:
-        """Number and publish one transition; sets `transition.seq`."""
-        await self.publish_batch({transition.session_id: [transition]})
+        """Number and publish one transition; sets `transition.seq`.
 
-    async def publish_batch(self, batch: dict[str, list[Transition]]) -> None:
+        Raises:
+            StaleWriter: its run's epoch is older than its session's: it was not published.
+        """
+        for refused in await self.publish_batch({transition.session_id: [transition]}):
+            raise refused
+
+    async def publish_batch(self, batch: dict[str, list[Transition]]) -> list[StaleWriter]:
         """Number and publish transitions of several sessions, each in order, in one round trip.
 
         A node.started also moves the current node of the session's record, if it has one.
+        A transition with an `epoch` older than its session's is refused (its seq stays 0).
+
+        Returns:
+            One error per session and epoch whose transitions were refused.
         """
         calls = []
         for sid, transitions in batch.items():
@@ -98,24 +116,31 @@ class TransitionPublisher:
                 transition.seq = 0
                 started = transition.type == "node.started" and transition.node
                 node = transition.node if started else ""
-                args += [transition.model_dump_json(), node, transition.ts.isoformat()]
-            keys = [seq_key(sid), log_key(sid), session_key(sid)]
+                epoch = "" if transition.epoch is None else transition.epoch
+                args += [transition.model_dump_json(), node, transition.ts.isoformat(), epoch]
+            keys = [seq_key(sid), log_key(sid), session_key(sid), epoch_key(sid)]
             calls.append((*keys, *args))
         try:
             numbered = await self._evalsha(calls)
         except redis_errors.NoScriptError:  # a new or restarted Redis: load it, send again
             await self.redis.script_load(_PUBLISH)
             numbered = await self._evalsha(calls)
-        for transitions, seqs in zip(batch.values(), numbered, strict=True):
+        refused: dict[tuple[str, int], StaleWriter] = {}
+        for (sid, transitions), (seqs, current) in zip(batch.items(), numbered, strict=True):
             for transition, seq in zip(transitions, seqs, strict=True):
                 transition.seq = int(seq)
-            self.published += len(transitions)
+                if transition.seq:
+                    self.published += 1
+                elif transition.epoch is not None:
+                    stale = StaleWriter(sid, transition.epoch, int(current))
+                    refused.setdefault((sid, transition.epoch), stale)
+        return list(refused.values())
 
     async def _evalsha(self, calls: list[tuple[Any, ...]]) -> list[Any]:
         # Not the pipeline's own script support: it asks SCRIPT EXISTS on every batch.
         pipe = self.redis.pipeline(transaction=False)
         for call in calls:
-            pipe.evalsha(self._sha, 3, *call)
+            pipe.evalsha(self._sha, 4, *call)
         return list(await pipe.execute())
 
 
@@ -126,7 +151,8 @@ class BackgroundPublisher:
     its way goes out in the next one, all sessions together in one round trip. A
     session's terminal transition waits until everything before it is published, and a
     failed publish is raised to the session's run on its next transition (so the worker
-    retries the event as for any Redis error).
+    retries the event as for any Redis error). Runs are told apart by their epoch: a
+    refused one (`StaleWriter`) is raised to the stale run only.
     """
 
     def __init__(self, publisher: TransitionPublisher) -> None:
@@ -136,7 +162,8 @@ class BackgroundPublisher:
         self._sending: dict[str, list[Transition]] = {}
         self._sending_sent = asyncio.Event()
         self._flusher: asyncio.Task[None] | None = None
-        self._errors: dict[str, Exception] = {}
+        self._errors: dict[tuple[str, int | None], Exception] = {}
+        """Failures not raised yet, by session and run epoch."""
         self.batches = 0
 
     def __repr__(self) -> str:
@@ -145,16 +172,21 @@ class BackgroundPublisher:
     async def publish(self, transition: Transition) -> None:
         """Queue a transition; for a terminal one, wait until the session's are published."""
         sid = transition.session_id
-        if (error := self._errors.pop(sid, None)) is not None:
+        if (error := self._errors.pop((sid, transition.epoch), None)) is not None:
             raise error
         self._pending.setdefault(sid, []).append(transition)
         if self._flusher is None:
             self._flusher = asyncio.create_task(self._flush())
         if transition.terminal:
-            await self.drain(sid)
+            await self.drain(sid, transition.epoch)
 
-    async def drain(self, session_id: str) -> None:
-        """Wait until a session's queued transitions are published; raise a failure."""
+    async def drain(self, session_id: str, epoch: int | None = None) -> None:
+        """Wait until a session's queued transitions are published; raise a failure.
+
+        Args:
+            session_id: the session.
+            epoch: the run whose failure is raised (None: transitions without one).
+        """
         while True:
             if session_id in self._pending:
                 sent = self._pending_sent
@@ -163,14 +195,14 @@ class BackgroundPublisher:
             else:
                 break
             await sent.wait()
-        if (error := self._errors.pop(session_id, None)) is not None:
+        if (error := self._errors.pop((session_id, epoch), None)) is not None:
             raise error
 
     async def close(self) -> None:
         """Wait for everything queued (failures are logged)."""
         if self._flusher is not None:
             await asyncio.gather(self._flusher, return_exceptions=True)
-        for session_id, error in self._errors.items():
+        for (session_id, _), error in self._errors.items():
             logger.warning("transitions of session %s not published: %s", session_id, error)
         self._errors.clear()
 
@@ -180,10 +212,12 @@ class BackgroundPublisher:
                 self._sending, self._pending = self._pending, {}
                 self._sending_sent, self._pending_sent = self._pending_sent, asyncio.Event()
                 try:
-                    await self.publisher.publish_batch(self._sending)
+                    for stale in await self.publisher.publish_batch(self._sending):
+                        self._errors[(stale.session_id, stale.epoch)] = stale
                 except Exception as exc:
-                    for session_id in self._sending:
-                        self._errors[session_id] = exc
+                    for session_id, transitions in self._sending.items():
+                        for transition in transitions:
+                            self._errors[(session_id, transition.epoch)] = exc
                 finally:
                     self.batches += 1
                     self._sending = {}

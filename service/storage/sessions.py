@@ -11,7 +11,7 @@ from redis.asyncio import Redis
 
 from nodes.models import WorkflowResult, utcnow
 from service.storage._redis import require_text_client
-from service.storage.keys import INDEX_KEY, event_key, parked_key, session_key
+from service.storage.keys import INDEX_KEY, epoch_key, event_key, parked_key, session_key
 
 __all__ = ["EventClaim", "SentFrom", "SessionRecord", "SessionStore"]
 
@@ -180,6 +180,20 @@ class SessionStore:
                     ex=self.ttl_s,
                 )
             await pipe.execute()
+
+    async def take(self, session_id: str) -> int:
+        """Take a session for a run: raise its fencing epoch and return the new one.
+
+        Checkpoint writes and transitions that carry an older epoch are refused from
+        then on (`StaleWriter`), so a run that lost its session (a rebalance, a grace
+        period run out) cannot fork the session's checkpoints. The epoch is kept as long
+        as a finished session's record.
+        """
+        async with self.redis.pipeline(transaction=True) as pipe:
+            pipe.incr(epoch_key(session_id))
+            pipe.expire(epoch_key(session_id), self.ttl_s)
+            epoch, _ = await pipe.execute()
+        return int(epoch)
 
     async def claim_event(self, event_id: str, session_id: str) -> tuple[EventClaim, str]:
         """Take an event id for a session, or say how far it got before and whose it is.

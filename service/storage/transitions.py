@@ -57,6 +57,8 @@ class Transition(BaseModel):
     agent: str | None = None
     duration_ms: int | None = None
     data: dict[str, Any] | None = None
+    epoch: int | None = Field(default=None, exclude=True)
+    """The fencing epoch of the run that emitted it (not sent): a newer run's refuses it."""
 
     @property
     def terminal(self) -> bool:

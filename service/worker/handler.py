@@ -192,6 +192,8 @@ class EventHandler:
         Raises:
             asyncio.CancelledError: cancelled otherwise (shutdown, revoked partition): the
                 event is left for redelivery.
+            StaleWriter: another worker took the session while this event ran: nothing
+                more was written or sent for it, and the other worker runs it.
         """
         me = asyncio.current_task()
         assert me is not None

@@ -28,6 +28,7 @@ from service.bootstrap import (
     restore_setup,
 )
 from service.config import Settings
+from service.errors import StaleWriter
 from service.observe import metrics
 from service.runtime.runner import SessionRunner
 from service.storage.keys import worker_key
@@ -151,7 +152,12 @@ class Worker:
             metrics.observe_transition(transition)
 
         self.runner = SessionRunner(
-            graph, context, sink=sink, sequence=None, is_infra_error=is_infra_error
+            graph,
+            context,
+            sink=sink,
+            sequence=None,
+            is_infra_error=is_infra_error,
+            take=self.store.take,
         )
         if s.create_topics:
             await ensure_topics(s)
@@ -298,6 +304,12 @@ class Worker:
         except asyncio.CancelledError:
             logger.info("event %s:%s left for redelivery", tp.partition, record.offset)
             raise
+        except StaleWriter as exc:
+            # Another worker took the session (its partition moved): that worker runs
+            # this event. No result here, and the offset stays unfinished on this side.
+            logger.warning(
+                "event %s:%s left to the session's new owner: %s", tp.partition, record.offset, exc
+            )
         except Exception as exc:
             # Never a task that dies unobserved with its offset pinned: the event ends
             # failed with the reason, and its offset is committed like any other's.
