@@ -21,10 +21,9 @@ from dataclasses import dataclass, field
 from typing import Final
 
 from redis import exceptions as redis_errors
-from redis.asyncio import Redis
 from redis.asyncio.client import PubSub
 
-from service.storage._redis import require_text_client
+from service.storage._redis import RedisClient, require_text_client
 from service.storage.keys import session_channel
 from service.storage.publisher import ended_at, read_log
 from service.storage.transitions import ENDED, Transition
@@ -78,7 +77,7 @@ class TransitionHub:
     then `aclose`.
     """
 
-    def __init__(self, redis: Redis) -> None:
+    def __init__(self, redis: RedisClient) -> None:
         """Follow through `redis`, a client made with `decode_responses=True`.
 
         Raises:
