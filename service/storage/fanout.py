@@ -9,6 +9,10 @@ messages; a gap (a slow follower, a reconnect) is filled from the log.
 How no transition is lost although a subscription takes effect some time after a follower
 joins: every confirmation of a channel's subscription (the first, and each one after a
 reconnect) tells the channel's followers to read the log again after their last seq.
+
+On a Redis Cluster the connection is redis-py's `ClusterPubSub`, to one node: a classic
+PUBLISH reaches every node of a cluster, so one connection anywhere hears every session.
+Sharded pub/sub would keep each message on its slot's node but need a connection per node.
 """
 
 from __future__ import annotations
