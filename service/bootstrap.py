@@ -14,14 +14,14 @@ import logging
 import os
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal, overload
 
 import redis.exceptions
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.errors import KafkaConnectionError, KafkaTimeoutError, TopicAlreadyExistsError
 from langgraph.checkpoint.sqlite.aio import AsyncSqliteSaver
-from redis.asyncio import BlockingConnectionPool, Redis
+from redis.asyncio import BlockingConnectionPool, Redis, RedisCluster
 
 from graphs.workflow import build_graph
 from nodes.agents import AgentRegistry, load_agents
@@ -29,7 +29,7 @@ from nodes.chat_models import OFFLINE, make_chat_model
 from nodes.errors import AgentConfigError, ModelConfigError
 from service.config import Settings, redact_url
 from service.errors import ConfigError, NoQueryEngineError, TemplateError
-from service.storage._redis import quiet_index_setup
+from service.storage._redis import RedisClient, quiet_index_setup
 from service.storage.checkpoints import checkpoint_serde, open_checkpointer
 from service.storage.library import (
     RedisWorkflowLibrary,
@@ -46,6 +46,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "INFRA_ERRORS",
+    "RedisClient",
     "SessionCheckpoints",
     "check_startup",
     "ensure_topics",
@@ -129,26 +130,62 @@ def is_infra_error(exc: BaseException) -> bool:
 # --- clients ---------------------------------------------------------------------------
 
 
+@overload
 def redis_client(
     url: str,
     *,
+    cluster: Literal[False] = False,
     max_connections: int = 64,
     decode_responses: bool = True,
     socket_connect_timeout: float | None = None,
-) -> Redis:
-    """Make a Redis client whose pool waits for a free connection instead of failing.
+) -> Redis: ...
+
+
+@overload
+def redis_client(
+    url: str,
+    *,
+    cluster: bool,
+    max_connections: int = 64,
+    decode_responses: bool = True,
+    socket_connect_timeout: float | None = None,
+) -> RedisClient: ...
+
+
+def redis_client(
+    url: str,
+    *,
+    cluster: bool = False,
+    max_connections: int = 64,
+    decode_responses: bool = True,
+    socket_connect_timeout: float | None = None,
+) -> RedisClient:
+    """Make a Redis client: of one Redis, whose pool waits for a free connection, or a cluster's.
 
     Replies come as text by default. The checkpointer reads its binary records undecoded,
     so it works on either; redisvl keeps JSON documents and decodes what it gets when it
     is bytes; the subject store needs text.
 
     Args:
-        url: `redis://` or `rediss://` (TLS); credentials and database go in the URL.
-        max_connections: pool size; a worker needs one per run in flight and a few more.
+        url: `redis://` or `rediss://` (TLS); credentials and database go in the URL. For
+            a cluster, any one node (`AGENTFLOW_REDIS_CLUSTER`): the client finds the others.
+        cluster: make redis-py's `RedisCluster`, which sends each command to the node of
+            its keys' slot. Its pools do not wait: a node's pool that is full fails a
+            command with `MaxConnectionsError` (a `ConnectionError`).
+        max_connections: pool size (per node of a cluster); a worker needs one per run in
+            flight and a few more.
         decode_responses: replies as `str` (True) or `bytes`.
         socket_connect_timeout: seconds to wait for a connection; None waits as long as
             the operating system does.
     """
+    if cluster:
+        return RedisCluster.from_url(
+            url,
+            max_connections=max_connections,
+            health_check_interval=10,
+            decode_responses=decode_responses,
+            socket_connect_timeout=socket_connect_timeout,
+        )
     pool = BlockingConnectionPool.from_url(
         url,
         max_connections=max_connections,
@@ -287,40 +324,49 @@ async def ensure_topics(settings: Settings) -> None:
 
 
 async def open_graph(
-    redis: Redis, settings: Settings, *, library_redis: Redis | None = None
+    redis: RedisClient, settings: Settings, *, library_redis: Redis | None = None
 ) -> tuple[CompiledStateGraph[Any, Any, Any, Any], WorkflowContext]:
     """Open what a graph run needs on Redis and return the graph and its run options.
 
     The graph gets the Redis checkpointer and the subject memory store; the options get
     the workflow library (with `AGENTFLOW_EMBEDDINGS`, if set). `AGENTFLOW_LLM_CACHE` is
     installed as LangChain's process-wide cache. Everything but the library needs plain
-    Redis only; a library Redis without the query engine leaves the library off, with
-    one warning: discovery then goes without examples, as when the library is away.
+    Redis only, on one Redis or a cluster; a library Redis without the query engine, or
+    none on a cluster, leaves the library off, with one warning: discovery then goes
+    without examples, as when the library is away.
 
     Args:
         redis: the client of `AGENTFLOW_REDIS_URL`.
         settings: the service's settings.
         library_redis: the client of `AGENTFLOW_LIBRARY_REDIS_URL` when the library lives
-            on a Redis of its own; None: on `redis`.
+            on a Redis of its own; None: on `redis`, unless that is a cluster.
 
     Raises:
         ValueError: `AGENTFLOW_EMBEDDINGS` or `AGENTFLOW_LLM_CACHE` cannot be used.
+        ConfigError: `AGENTFLOW_LLM_CACHE` asks for what the Redis cannot hold.
     """
+    await check_llm_cache(redis, settings)
     checkpointer = await open_checkpointer(redis)
     library = await _open_library_or_off(library_redis or redis, settings)
     subject_store = await open_subject_store(
         redis, max_notes=settings.subject_notes_max, ttl_s=settings.subject_ttl_s
     )
-    await check_llm_cache(redis, settings)
     install_llm_cache(settings)
     graph = build_graph(checkpointer, store=subject_store, model_retry=settings.model_retry())
     return graph, settings.context(library=library)
 
 
 async def _open_library_or_off(
-    redis: Redis, settings: Settings
+    redis: RedisClient, settings: Settings
 ) -> RedisWorkflowLibrary | UnavailableLibrary:
-    """Open the workflow library; on a Redis without the query engine, warn and leave it off."""
+    """Open the workflow library; on a cluster or a Redis without the query engine, warn: off."""
+    if isinstance(redis, RedisCluster):
+        logger.warning(
+            "workflow library off, sessions plan without examples: its search index cannot "
+            "live on the Redis Cluster of AGENTFLOW_REDIS_URL; set AGENTFLOW_LIBRARY_REDIS_URL "
+            "to a Redis (not a cluster) with the query engine"
+        )
+        return UnavailableLibrary("AGENTFLOW_LIBRARY_REDIS_URL is not set on a Redis Cluster")
     try:
         return await open_library(redis, embeddings=settings.embeddings)
     except NoQueryEngineError as exc:
@@ -439,7 +485,7 @@ class SessionCheckpoints:
 
     saver: Any
     """The checkpointer: Redis (the worker's) or SQLite (`agentflow run`'s)."""
-    redis: Redis | None
+    redis: RedisClient | None
     """The Redis client when sessions live in Redis (for their logs and records)."""
     where: str
     """Where the checkpoints are, for messages."""
@@ -454,7 +500,9 @@ async def open_session_checkpointer(settings: Settings) -> AsyncIterator[Session
             its argument is the missing file.
     """
     if settings.redis_url:
-        client = redis_client(settings.redis_url, socket_connect_timeout=5)
+        client = redis_client(
+            settings.redis_url, cluster=settings.redis_cluster, socket_connect_timeout=5
+        )
         try:
             saver = await open_checkpointer(client)
             yield SessionCheckpoints(saver, client, f"Redis at {redact_url(settings.redis_url)}")

@@ -57,10 +57,16 @@ class Settings(BaseSettings):
 
     kafka_bootstrap: str | None = None
     redis_url: str | None = Field(default=None, repr=False)
+    redis_cluster: bool = Field(
+        default=False,
+        description="`AGENTFLOW_REDIS_URL` names a node of a Redis Cluster: connect with "
+        "redis-py's cluster client.",
+    )
     library_redis_url: str | None = Field(
         default=None,
         repr=False,
-        description="Redis of the workflow library (query engine needed); default: the main one.",
+        description="Redis of the workflow library (query engine needed, no cluster); default: "
+        "the main one unless that is a cluster.",
     )
     consumer_group: str = "agentflow-workers"
     topic_events: str = "agentflow.events"
@@ -164,8 +170,14 @@ class Settings(BaseSettings):
         return {n: m for n in nodes if (m := getattr(self, f"model_{n}"))}
 
     def library_url(self) -> str | None:
-        """Return the URL of the workflow library's Redis: its own, else the main one."""
-        return self.library_redis_url or self.redis_url
+        """Return the URL of the workflow library's Redis: its own, else the main one.
+
+        None on a cluster without a library Redis of its own: the library's search index
+        cannot live on a cluster.
+        """
+        if self.library_redis_url or self.redis_cluster:
+            return self.library_redis_url
+        return self.redis_url
 
     def event_limits(self) -> EventLimits:
         """Return what `CloudEvent.parse` allows of an incoming event."""

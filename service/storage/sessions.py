@@ -3,14 +3,15 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from datetime import datetime
 from typing import Any, Literal, cast
 
 from pydantic import BaseModel, Field
-from redis.asyncio import Redis
+from redis.asyncio import RedisCluster
 
 from nodes.models import WorkflowResult, utcnow
-from service.storage._redis import require_text_client
+from service.storage._redis import RedisClient, require_text_client
 from service.storage.keys import INDEX_KEY, epoch_key, event_key, parked_key, session_key
 
 __all__ = ["EventClaim", "SentFrom", "SessionRecord", "SessionStore"]
@@ -19,6 +20,8 @@ SessionStatus = Literal[
     "running", "interrupted", "completed", "failed", "cancelled", "superseded", "rolled_back"
 ]
 EventClaim = Literal["new", "running", "parked", "finished", "published"]
+_Writes = Callable[[Any], object]
+"""Queues commands on a pipeline, all on keys of one cluster slot."""
 SentFrom = dict[str, tuple[int, int]]
 """Where an event's messages land, by topic: (partition, end offset before they were sent).
 
@@ -70,7 +73,7 @@ class SessionStore:
         TypeError: the client answers bytes.
     """
 
-    def __init__(self, redis: Redis, *, ttl_s: int) -> None:
+    def __init__(self, redis: RedisClient, *, ttl_s: int) -> None:
         self.redis = require_text_client(redis, "SessionStore")
         self.ttl_s = ttl_s
         self._release = self.redis.register_script(_RELEASE_CLAIM)
@@ -127,7 +130,8 @@ class SessionStore:
         ids = json.loads(current) if current else []
         if event_id not in ids:
             ids.append(event_id)
-        async with self.redis.pipeline(transaction=True) as pipe:
+
+        def record(pipe: Any) -> None:
             pipe.hsetnx(key, "created_at", now)
             pipe.hset(
                 key,
@@ -142,8 +146,9 @@ class SessionStore:
                 },
             )
             pipe.persist(key)
-            pipe.zadd(INDEX_KEY, {session_id: utcnow().timestamp()})
-            await pipe.execute()
+
+        # The record before the index: `list` takes an id without a record for expired.
+        await self._write(record, self._index(session_id))
 
     async def close(
         self,
@@ -156,11 +161,12 @@ class SessionStore:
         """Record a run's outcome; finished sessions get the retention TTL.
 
         With `finished_event`, that event moves to `finished` in the same transaction,
-        with `sent_from` (where its result will land).
+        with `sent_from` (where its result will land); on a cluster, just before.
         """
         key = session_key(result.session_id)
         final = status or result.status
-        async with self.redis.pipeline(transaction=True) as pipe:
+
+        def record(pipe: Any) -> None:
             pipe.hset(
                 key,
                 mapping={
@@ -172,14 +178,34 @@ class SessionStore:
             )
             if final != "interrupted":
                 pipe.expire(key, self.ttl_s)
-            pipe.zadd(INDEX_KEY, {result.session_id: utcnow().timestamp()})
-            if finished_event is not None:
-                pipe.set(
-                    event_key(finished_event),
-                    _event_mark(result.session_id, "finished", sent_from),
-                    ex=self.ttl_s,
-                )
-            await pipe.execute()
+
+        parts = [record, self._index(result.session_id)]
+        if finished_event is not None:
+            mark = _event_mark(result.session_id, "finished", sent_from)
+            # The event's mark before the record, which readers take for the run's outcome:
+            # a crash between leaves a finished event whose result is in neither the record
+            # nor Kafka, which a redelivery runs again. The other way round, a crash would
+            # leave an outcome on show for an event that runs again, maybe to another result.
+            parts.insert(0, lambda pipe: pipe.set(event_key(finished_event), mark, ex=self.ttl_s))
+        await self._write(*parts)
+
+    def _index(self, session_id: str) -> _Writes:
+        """The index's part of a write: the session is updated now."""
+        return lambda pipe: pipe.zadd(INDEX_KEY, {session_id: utcnow().timestamp()})
+
+    async def _write(self, *parts: _Writes) -> None:
+        """Run the parts of a write in order: one MULTI on one Redis, one per part on a cluster.
+
+        A MULTI cannot span a cluster's slots and each part's keys share one, so on a
+        cluster a crash may leave the first parts done and not the rest: callers order
+        them so that is safe.
+        """
+        groups = [(part,) for part in parts] if isinstance(self.redis, RedisCluster) else [parts]
+        for group in groups:
+            async with self.redis.pipeline(transaction=True) as pipe:
+                for part in group:
+                    part(pipe)
+                await pipe.execute()
 
     async def take(self, session_id: str) -> int:
         """Take a session for a run: raise its fencing epoch and return the new one.

@@ -17,6 +17,7 @@ from redis.asyncio import Redis
 from nodes.finalize import build_result
 from nodes.models import CloudEvent, utcnow
 from service.bootstrap import (
+    RedisClient,
     ensure_topics,
     is_infra_error,
     kafka_consumer,
@@ -66,7 +67,7 @@ class Worker:
     """
 
     def __init__(
-        self, settings: Settings, *, name: str | None = None, redis: Redis | None = None
+        self, settings: Settings, *, name: str | None = None, redis: RedisClient | None = None
     ) -> None:
         """Make a worker; nothing connects until `start()`.
 
@@ -134,12 +135,13 @@ class Worker:
         if (point := armed()) is not None:
             logger.warning("%s: test crash point %r armed: exits with 137 there", self.name, point)
         if self._redis is None:
-            self._redis = redis_client(s.redis_url, max_connections=s.max_in_flight + 32)
-        await self._redis.ping()
-        if s.library_url() != s.redis_url and self._library_redis is None:
-            self._library_redis = redis_client(
-                s.library_url() or "", max_connections=s.max_in_flight + 8
+            self._redis = redis_client(
+                s.redis_url, cluster=s.redis_cluster, max_connections=s.max_in_flight + 32
             )
+        await self._redis.ping()
+        library_url = s.library_url()
+        if library_url and library_url != s.redis_url and self._library_redis is None:
+            self._library_redis = redis_client(library_url, max_connections=s.max_in_flight + 8)
         graph, context = await open_graph(self._redis, s, library_redis=self._library_redis)
         self.store = SessionStore(self._redis, ttl_s=s.session_ttl_s)
         self._publisher = BackgroundPublisher(

@@ -17,11 +17,11 @@ from typing import Any
 import pytest
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from aiokafka.structs import ConsumerRecord, TopicPartition
-from redis.asyncio import Redis
+from redis.asyncio import Redis, RedisCluster
 
 from nodes.chat_models import make_chat_model
 from service.config import Settings, load_settings
-from service.devtools.servers import LocalServers
+from service.devtools.servers import LocalRedisCluster, LocalServers
 from service.worker import Worker
 from tests.openai_server import OpenAICompatibleServer
 
@@ -79,6 +79,21 @@ def settings(servers: LocalServers) -> Settings:
 @pytest.fixture
 async def redis(servers: LocalServers) -> AsyncIterator[Redis]:
     client = Redis.from_url(servers.redis_url, decode_responses=True)
+    yield client
+    await client.aclose()
+
+
+@pytest.fixture(scope="session")
+def redis_cluster() -> Iterator[LocalRedisCluster]:
+    """A Redis Cluster of three plain `redis-server` primaries, started for the first test."""
+    with LocalRedisCluster() as started:
+        yield started
+
+
+@pytest.fixture
+async def cluster_redis(redis_cluster: LocalRedisCluster) -> AsyncIterator[RedisCluster]:
+    """A cluster client of `redis_cluster`, text replies."""
+    client = RedisCluster.from_url(redis_cluster.url, decode_responses=True)
     yield client
     await client.aclose()
 

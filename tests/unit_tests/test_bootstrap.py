@@ -6,17 +6,20 @@ from pathlib import Path
 
 import pytest
 import redis.exceptions
+from redis.asyncio import Redis, RedisCluster
 
 from service.bootstrap import (
     check_startup,
     infra_cause,
     is_infra_error,
     kafka_producer,
+    redis_client,
     setup_lost,
     startup_summary,
 )
 from service.config import load_settings
 from service.errors import ConfigError
+from service.storage.memory import check_llm_cache
 
 AGENT_WITH_MODEL = """
 agents:
@@ -83,6 +86,25 @@ def test_the_start_up_line_says_agents_models_and_reuse(tmp_path: Path) -> None:
     line = startup_summary(load_settings(agents_file=own, model_plan="openai:gpt-4.1", reuse="off"))
     assert f"agents {own};" in line
     assert "plan openai:gpt-4.1" in line and line.endswith("reuse off")
+
+
+async def test_the_cluster_setting_makes_a_cluster_client() -> None:
+    single = redis_client("redis://127.0.0.1:1/0")
+    cluster = redis_client("redis://127.0.0.1:1/0", cluster=True)  # connects at first use
+    assert isinstance(single, Redis) and isinstance(cluster, RedisCluster)
+    assert cluster.get_encoder().decode_responses
+    await single.aclose()
+    await cluster.aclose()
+
+
+async def test_the_exact_llm_cache_is_refused_on_a_cluster() -> None:
+    settings = load_settings(redis_url="redis://127.0.0.1:1/0", redis_cluster=True)
+    client = redis_client(settings.redis_url or "", cluster=True)
+    await check_llm_cache(client, settings)  # off: nothing to check
+    with pytest.raises(ConfigError, match="set AGENTFLOW_LLM_CACHE=off") as refused:
+        await check_llm_cache(client, settings.model_copy(update={"llm_cache": "exact"}))
+    assert "not a cluster" in str(refused.value)
+    await client.aclose()
 
 
 async def test_kafka_clients_need_the_bootstrap_variable() -> None:
