@@ -9,7 +9,7 @@ import sys
 from collections.abc import Callable
 from functools import lru_cache
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 from langchain_core.tools import BaseTool, StructuredTool
@@ -32,6 +32,9 @@ class AgentSpec(BaseModel):
     system_prompt: str = Field(min_length=1)
     tools: list[str] = Field(default_factory=list, description="Dotted import paths.")
     model: str | None = Field(default=None, description="`provider:model` for this agent.")
+    runs: Literal["local", "kafka"] = "local"
+    timeout_s: float = 300.0
+    max_attempts: int = 2
 
     def card(self) -> dict[str, Any]:
         """Return what the assigner sees of the agent."""

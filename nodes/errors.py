@@ -14,6 +14,7 @@ __all__ = [
     "ModelCallError",
     "ModelConfigError",
     "PlanError",
+    "RemoteAgentError",
     "StructuredOutputError",
     "WorkflowError",
 ]
@@ -73,3 +74,7 @@ class StructuredOutputError(ModelCallError, ValueError):
 
 class PlanError(WorkflowError, ValueError):
     """The planner's plan is invalid and could not be repaired."""
+
+
+class RemoteAgentError(WorkflowError, RuntimeError):
+    """A remote agent answered a step's task with a failure, or did not answer in time."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
 import time
 from collections.abc import Sequence
@@ -18,8 +19,10 @@ from langchain_core.messages import (
     ToolMessage,
 )
 from langchain_core.tools import BaseTool, InjectedToolArg, StructuredTool
+from langgraph.config import get_config
+from langgraph.errors import GraphBubbleUp
 from langgraph.runtime import Runtime
-from langgraph.types import Send
+from langgraph.types import Send, interrupt
 from pydantic import ValidationError
 
 from nodes._llm import bind_tools, chat_model, invoke, model_name
@@ -27,11 +30,21 @@ from nodes._runtime import context_of, dumps, write
 from nodes.agents import AgentRegistry, load_agents
 from nodes.chat_models import MODEL_MAX_ATTEMPTS, is_retryable
 from nodes.context import WorkflowContext
+from nodes.errors import RemoteAgentError
 from nodes.models import SessionNote, Step, Usage, subject_namespace
+from nodes.protocol import messages_from_dicts, messages_to_dicts
 from nodes.prompts import STEP_AGENT_PROMPT, STEP_TASK_PROMPT
 from nodes.state import StepTask, WorkflowState
 
-__all__ = ["dispatch_ready_steps", "execute", "execute_step", "ready_steps", "recall_subject"]
+__all__ = [
+    "AGENT_TASK",
+    "agent_task_id",
+    "dispatch_ready_steps",
+    "execute",
+    "execute_step",
+    "ready_steps",
+    "recall_subject",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -219,6 +232,20 @@ async def _call_tool(
     return result
 
 
+AGENT_TASK = "agent_task"
+"""The `kind` of an interrupt that waits for a remote agent's reply (a human's has none)."""
+
+
+def agent_task_id(session_id: str, step: Step, turn: int, attempt: int) -> str:
+    """The id of a remote agent's task: the same every time the step's node runs again.
+
+    Made of the session, the step and its round (`attempts`: a revised step runs in a new
+    round), the turn and the task's attempt.
+    """
+    raw = "\0".join((session_id, step.id, str(step.attempts), str(turn), str(attempt)))
+    return hashlib.sha256(raw.encode()).hexdigest()[:32]
+
+
 async def execute_step(
     task: StepTask,
     runtime: Runtime[WorkflowContext],
@@ -230,6 +257,12 @@ async def execute_step(
     Transient errors are raised while the node's retry policy has attempts left; after
     the last attempt the step is marked failed so the review sees it.
 
+    A turn of a remote agent (`runs: kafka`) is a wait: the node interrupts with the
+    agent's task (kind `agent_task`), the worker sends it, and the reply resumes the node.
+    LangGraph runs an interrupted node again from its start on every resume, so a wait
+    always begins a node: local turns before it end the node with the step still
+    pending at that turn, and `execute` sends the step here again.
+
     Args:
         task: the step and what it needs, from `dispatch_ready_steps`.
         runtime: the run's runtime.
@@ -240,22 +273,25 @@ async def execute_step(
     info = runtime.execution_info
     attempt = info.node_attempt if info is not None else max_attempts
     started = time.monotonic()
-    write(runtime, {"type": "step.started", "step_id": step.id, "agents": step.agents})
-    feedback = "; ".join(task.get("feedback", [])[-3:]) or "none"
-    turn: list[BaseMessage] = [
-        HumanMessage(
-            STEP_TASK_PROMPT.format(
-                intent=task.get("intent", ""),
-                step=dumps(step.model_dump(include={"id", "title", "description"})),
-                inputs=dumps(task.get("inputs", {})),
-                feedback=feedback,
-                event=dumps(task["event"].model_dump(mode="json", exclude_none=True)),
+    history: list[BaseMessage] = list(task.get("history", []))
+    turn: list[BaseMessage] = []
+    if step.turn == 0 and step.task_attempt == 1:  # a new round: the step's task opens it
+        write(runtime, {"type": "step.started", "step_id": step.id, "agents": step.agents})
+        feedback = "; ".join(task.get("feedback", [])[-3:]) or "none"
+        turn.append(
+            HumanMessage(
+                STEP_TASK_PROMPT.format(
+                    intent=task.get("intent", ""),
+                    step=dumps(step.model_dump(include={"id", "title", "description"})),
+                    inputs=dumps(task.get("inputs", {})),
+                    feedback=feedback,
+                    event=dumps(task["event"].model_dump(mode="json", exclude_none=True)),
+                )
             )
         )
-    ]
     usage = Usage()
     models: list[str] = []
-    answers: list[tuple[str, str]] = []
+    local: dict[str, str] = {}  # answers of the local turns this time
     update: dict[str, Any]
     try:
         registry = await asyncio.to_thread(load_agents, context.agents_file)
@@ -265,14 +301,39 @@ async def execute_step(
             if runtime.store is not None and event.subject
             else {}
         )
-        for name in step.agents or registry.names[:1]:
-            answer, used, model = await _run_agent(
-                name, registry, context, task.get("history", []), turn, runtime, step, injected
-            )
-            usage, answers = usage + used, [*answers, (name, answer)]
-            models.append(model)
-        output = answers[-1][1] if len(answers) == 1 else "\n".join(f"{n}: {a}" for n, a in answers)
+        names = step.agents or registry.names[:1]
+        for index in range(step.turn, len(names)):
+            name = names[index]
+            if registry.get(name).runs != "kafka":
+                answer, used, model = await _run_agent(
+                    name, registry, context, history, turn, runtime, step, injected
+                )
+                usage, models, local[name] = usage + used, [*models, model], answer
+                continue
+            if index > step.turn:  # the wait begins a node of its own
+                pending = step.model_copy(update={"turn": index, "task_attempt": 1})
+                return _step_update(pending, turn, usage, models)
+            reply = _wait_for_agent(task, step, name, registry, [*history, *turn])
+            turn += messages_from_dicts(reply.get("messages") or [])
+            if reply.get("output") and not _answered(turn, name, reply["output"]):
+                turn.append(AIMessage(content=reply["output"], name=name))
+            usage = usage + Usage(**(reply.get("usage") or {}))
+            if reply.get("status") == "timeout":
+                spec = registry.get(name)
+                if step.task_attempt < spec.max_attempts:
+                    again = step.model_copy(update={"task_attempt": step.task_attempt + 1})
+                    return _step_update(again, turn, usage, models)
+                raise RemoteAgentError(f"agent {name} did not answer within {spec.timeout_s} s")
+            if reply.get("status") != "done":
+                raise RemoteAgentError(f"agent {name} failed: {reply.get('error') or 'no reason'}")
+        answers = [(n, local.get(n) or a) for n, a in _round_answers([*history, *turn], names)]
+        output = answers[0][1] if len(answers) == 1 else "\n".join(f"{n}: {a}" for n, a in answers)
         update = {"status": "done", "output": output, "error": None}
+    except GraphBubbleUp:  # the wait's interrupt
+        raise
+    except RemoteAgentError as exc:
+        logger.warning("step %s failed: %s", step.id, exc)
+        update = {"status": "failed", "output": "", "error": str(exc)}
     except Exception as exc:
         if attempt < max_attempts and is_retryable(exc):
             raise
@@ -280,7 +341,13 @@ async def execute_step(
         update = {"status": "failed", "output": "", "error": f"{type(exc).__name__}: {exc}"}
     duration_ms = int((time.monotonic() - started) * 1000)
     done = step.model_copy(
-        update={**update, "attempts": step.attempts + 1, "duration_ms": duration_ms}
+        update={
+            **update,
+            "attempts": step.attempts + 1,
+            "duration_ms": duration_ms,
+            "turn": 0,
+            "task_attempt": 1,
+        }
     )
     write(
         runtime,
@@ -292,9 +359,61 @@ async def execute_step(
             "error": done.error,
         },
     )
-    return {
-        "steps": [done],
-        "conversations": {step.id: turn},
-        "usage": usage,
-        "models": models,
-    }
+    return _step_update(done, turn, usage, models)
+
+
+def _step_update(
+    step: Step, turn: list[BaseMessage], usage: Usage, models: list[str]
+) -> dict[str, Any]:
+    return {"steps": [step], "conversations": {step.id: turn}, "usage": usage, "models": models}
+
+
+def _wait_for_agent(
+    task: StepTask,
+    step: Step,
+    name: str,
+    registry: AgentRegistry,
+    conversation: list[BaseMessage],
+) -> dict[str, Any]:
+    """Interrupt with a remote agent's task; return its reply (the value the run resumes with).
+
+    Everything here is the same each time the node runs again, the task id first.
+    """
+    spec = registry.get(name)
+    session_id = str(get_config()["configurable"]["thread_id"])
+    task_id = agent_task_id(session_id, step, step.turn, step.task_attempt)
+    reply = interrupt(
+        {
+            "kind": AGENT_TASK,
+            "task_id": task_id,
+            "agent": name,
+            "attempt": step.task_attempt,
+            "timeout_s": spec.timeout_s,
+            "step": step.model_dump(include={"id", "title", "description"}),
+            "intent": task.get("intent", ""),
+            "event": task["event"].model_dump(mode="json", exclude_none=True),
+            "inputs": task.get("inputs", {}),
+            "feedback": task.get("feedback", []),
+            "history": messages_to_dicts(conversation),
+        }
+    )
+    if not isinstance(reply, dict) or reply.get("task_id") != task_id:
+        raise RemoteAgentError(
+            f"agent {name}: the run was resumed with something else than its reply"
+        )
+    return reply
+
+
+def _answered(turn: list[BaseMessage], name: str, output: str) -> bool:
+    last = next((m for m in reversed(turn) if isinstance(m, AIMessage)), None)
+    return last is not None and last.name == name and last.text == output
+
+
+def _round_answers(conversation: list[BaseMessage], names: list[str]) -> list[tuple[str, str]]:
+    """Each agent's last answer in the step's latest round (since its last task message)."""
+    opened = max((i for i, m in enumerate(conversation) if isinstance(m, HumanMessage)), default=-1)
+    answers: dict[str, str] = {}
+    for message in conversation[opened + 1 :]:
+        if isinstance(message, AIMessage) and message.name in names and message.text:
+            answers[message.name] = message.text
+    return [(n, answers.get(n, "")) for n in dict.fromkeys(names)]
