@@ -32,8 +32,8 @@ from nodes.chat_models import MODEL_MAX_ATTEMPTS, is_retryable
 from nodes.context import WorkflowContext
 from nodes.errors import RemoteAgentError
 from nodes.models import SessionNote, Step, Usage, subject_namespace
-from nodes.protocol import messages_from_dicts, messages_to_dicts
 from nodes.prompts import STEP_AGENT_PROMPT, STEP_TASK_PROMPT
+from nodes.protocol import messages_from_dicts, messages_to_dicts
 from nodes.state import StepTask, WorkflowState
 
 __all__ = [

@@ -258,7 +258,10 @@ def kafka_admin(settings: Settings, **options: Any) -> AIOKafkaAdminClient:
 
 
 async def ensure_topics(settings: Settings) -> None:
-    """Create the events, results, sessions and dead-letter topics that do not exist yet.
+    """Create the events, results, sessions, dead-letter and replies topics that do not exist.
+
+    All get `AGENTFLOW_TOPIC_PARTITIONS`: a session's replies land in the partition of the
+    same number as its events, so the worker that owns one owns the other.
 
     Raises:
         ConfigError: `AGENTFLOW_KAFKA_BOOTSTRAP` is not set.
@@ -272,6 +275,7 @@ async def ensure_topics(settings: Settings) -> None:
             settings.topic_results,
             settings.topic_sessions,
             settings.topic_dlq,
+            settings.topic_agent_replies,
         ]
         missing = [
             NewTopic(t, num_partitions=settings.topic_partitions, replication_factor=1)

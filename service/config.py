@@ -67,6 +67,9 @@ class Settings(BaseSettings):
     topic_results: str = "agentflow.results"
     topic_sessions: str = "agentflow.sessions"
     topic_dlq: str = "agentflow.events.dlq"
+    topic_agents_prefix: str = "agentflow.agents."
+    topic_agent_replies: str = "agentflow.agents.replies"
+    agent_timeout_s: float = Field(default=300.0, gt=0)
     topic_partitions: int = Field(default=6, ge=1)
     create_topics: bool = True
     max_in_flight: int = Field(default=100, ge=1)
@@ -162,6 +165,10 @@ class Settings(BaseSettings):
         """Return the per-node model overrides that are set."""
         nodes = ("plan", "assign", "execute", "review", "finalize")
         return {n: m for n in nodes if (m := getattr(self, f"model_{n}"))}
+
+    def agent_topic(self, agent: str) -> str:
+        """The topic a remote agent's tasks (and their cancels) go to."""
+        return f"{self.topic_agents_prefix}{agent}"
 
     def library_url(self) -> str | None:
         """Return the URL of the workflow library's Redis: its own, else the main one."""

@@ -343,7 +343,7 @@ class SessionRunner:
         if not pending:
             raise UnknownSessionError(f"session {session_id} does not wait for task {task_id}")
         original = _event_id_of(snapshot.values) or ""
-        resume = Command(resume={pending[0].id: reply})
+        resume: Command[Any] = Command(resume={pending[0].id: reply})
         return await self._drive(session_id, resume, original, resumed=True, stop=stop)
 
     async def _end(
