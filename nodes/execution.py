@@ -323,7 +323,7 @@ async def execute_step(
                 if step.task_attempt < spec.max_attempts:
                     again = step.model_copy(update={"task_attempt": step.task_attempt + 1})
                     return _step_update(again, turn, usage, models)
-                raise RemoteAgentError(f"agent {name} did not answer within {spec.timeout_s} s")
+                raise RemoteAgentError(f"agent {name} did not answer within {spec.timeout_s:g} s")
             if reply.get("status") != "done":
                 raise RemoteAgentError(f"agent {name} failed: {reply.get('error') or 'no reason'}")
         answers = [(n, local.get(n) or a) for n, a in _round_answers([*history, *turn], names)]

@@ -178,3 +178,114 @@ async def test_a_session_with_a_remote_agent_waits_and_completes_on_its_replies(
 async def _status(store: SessionStore, sid: str, status: str) -> bool:
     record = await store.get(sid)
     return record is not None and record.status == status
+
+
+async def test_a_task_with_no_reply_is_sent_again_then_its_step_fails_with_the_reason(
+    servers: LocalServers,
+    tmp_path: Path,
+    start_worker: Callable[..., Awaitable[Worker]],
+    producer: AIOKafkaProducer,
+    host: Callable[[Settings, Answer], list[dict[str, Any]]],
+) -> None:
+    # A host that never answers; deadlines of one second, no revise rounds after.
+    settings = _settings(servers, tmp_path, timeout_s=1, max_revise_rounds=0)
+    await start_worker(settings)
+
+    async def silent(task: dict[str, Any]) -> list[dict[str, Any]]:
+        return []
+
+    tasks = host(settings, silent)
+    event = example("claim_submitted", sessionid=f"late-{uuid.uuid4().hex[:6]}")
+    await send(producer, settings, event, event["sessionid"])
+    (result,) = await _result(settings, event["id"])
+    failed = [s for s in result["workflow"]["steps"] if s["status"] == "failed"]
+    assert failed, result["workflow"]["steps"]
+    assert {s["error"] for s in failed} == {"agent second did not answer within 1 s"}
+    by_step: dict[str, list[int]] = {}
+    for task in tasks:
+        by_step.setdefault(task["data"]["step"]["id"], []).append(task["data"]["attempt"])
+    assert all(by_step[s["id"]] == [1, 2] for s in failed), by_step
+
+
+async def test_duplicate_unknown_and_malformed_replies_are_dropped_or_dead_lettered(
+    servers: LocalServers,
+    tmp_path: Path,
+    start_worker: Callable[..., Awaitable[Worker]],
+    producer: AIOKafkaProducer,
+    redis: Redis,
+    host: Callable[[Settings, Answer], list[dict[str, Any]]],
+) -> None:
+    settings = _settings(servers, tmp_path)
+    worker = await start_worker(settings)
+
+    async def twice(task: dict[str, Any]) -> list[dict[str, Any]]:
+        replies = await _talks_and_answers(task)
+        return [
+            *replies,
+            replies[-1],
+            _envelope(
+                "agentflow.agent.reply",
+                task,
+                {"status": "done", "output": "x", "task_id": "no-such-task"},
+            ),
+        ]
+
+    host(settings, twice)
+    event = example("claim_submitted", sessionid=f"dup-{uuid.uuid4().hex[:6]}")
+    sid = event["sessionid"]
+    await send(producer, settings, event, sid)
+    (result,) = await _result(settings, event["id"])
+    assert result["status"] == "completed"
+    bad = [b"not json", json.dumps({"type": "agentflow.agent.reply", "sessionid": sid}).encode()]
+    for value in bad:
+        await producer.send_and_wait(settings.topic_agent_replies, value, key=sid.encode())
+    dead = await read_topic(
+        settings.kafka_bootstrap or "", settings.topic_dlq, until=lambda rs: len(rs) >= 2
+    )
+    reasons = [dict(r.headers).get("reason", b"").decode() for r in dead]
+    assert any("not JSON" in r for r in reasons) and any("task_id" in r for r in reasons)
+    await wait_until(lambda: worker.in_flight == 0, "every reply handled")
+    log = await read_log(redis, sid)
+    assert [t.type for t in log].count("session.completed") == 1
+    results = await read_topic(
+        settings.kafka_bootstrap or "",
+        settings.topic_results,
+        until=lambda rs: event["id"] in results_by_event(rs),
+    )
+    assert len(results_by_event(results)[event["id"]]) == 1
+
+
+async def test_sessions_waiting_when_the_worker_stops_are_resumed_by_a_new_worker(
+    servers: LocalServers,
+    tmp_path: Path,
+    producer: AIOKafkaProducer,
+    redis: Redis,
+    host: Callable[[Settings, Answer], list[dict[str, Any]]],
+) -> None:
+    settings = _settings(servers, tmp_path)
+    store = SessionStore(redis, ttl_s=settings.session_ttl_s)
+    first = Worker(settings)
+    await first.start()
+    running = asyncio.create_task(first.run())
+    events = [
+        example("claim_submitted", sessionid=f"restart-{i}-{uuid.uuid4().hex[:6]}")
+        for i in range(3)
+    ]
+    for event in events:
+        await send(producer, settings, event, event["sessionid"])
+    for event in events:
+        await wait_until(lambda e=event: _status(store, e["sessionid"], "waiting"), "waiting")
+    first.stop()
+    await asyncio.wait_for(running, 30)
+
+    host(settings, _talks_and_answers)
+    second = Worker(settings)
+    await second.start()
+    running = asyncio.create_task(second.run())
+    try:
+        for event in events:
+            results = await _result(settings, event["id"])
+            assert [r["status"] for r in results] == ["completed"]
+    finally:
+        second.stop()
+        await asyncio.wait_for(running, 30)

@@ -117,7 +117,7 @@ async def test_a_task_that_times_out_is_sent_again_then_the_step_fails(
         {
             "status": "failed",
             "duration_ms": failed[0]["duration_ms"],
-            "error": "agent second did not answer within 30.0 s",
+            "error": "agent second did not answer within 30 s",
         }
     ]
 
