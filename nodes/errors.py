@@ -14,6 +14,7 @@ __all__ = [
     "ModelCallError",
     "ModelConfigError",
     "PlanError",
+    "ProtocolError",
     "StructuredOutputError",
     "WorkflowError",
 ]
@@ -73,3 +74,10 @@ class StructuredOutputError(ModelCallError, ValueError):
 
 class PlanError(WorkflowError, ValueError):
     """The planner's plan is invalid and could not be repaired."""
+
+
+class ProtocolError(WorkflowError, ValueError):
+    """A message of the agents protocol cannot be read; the message says what is wrong.
+
+    It is the reason its record is dead-lettered with.
+    """
