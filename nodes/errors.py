@@ -15,6 +15,7 @@ __all__ = [
     "ModelConfigError",
     "PlanError",
     "RemoteAgentError",
+    "ProtocolError",
     "StructuredOutputError",
     "WorkflowError",
 ]
@@ -78,3 +79,10 @@ class PlanError(WorkflowError, ValueError):
 
 class RemoteAgentError(WorkflowError, RuntimeError):
     """A remote agent answered a step's task with a failure, or did not answer in time."""
+
+
+class ProtocolError(WorkflowError, ValueError):
+    """A message of the agents protocol cannot be read; the message says what is wrong.
+
+    It is the reason its record is dead-lettered with.
+    """

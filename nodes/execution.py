@@ -33,7 +33,7 @@ from nodes.context import WorkflowContext
 from nodes.errors import RemoteAgentError
 from nodes.models import SessionNote, Step, Usage, subject_namespace
 from nodes.prompts import STEP_AGENT_PROMPT, STEP_TASK_PROMPT
-from nodes.protocol import messages_from_dicts, messages_to_dicts
+from nodes.protocol import AgentReply, ConversationMessage
 from nodes.state import StepTask, WorkflowState
 
 __all__ = [
@@ -313,19 +313,21 @@ async def execute_step(
             if index > step.turn:  # the wait begins a node of its own
                 pending = step.model_copy(update={"turn": index, "task_attempt": 1})
                 return _step_update(pending, turn, usage, models)
-            reply = _wait_for_agent(task, step, name, registry, [*history, *turn])
-            turn += messages_from_dicts(reply.get("messages") or [])
-            if reply.get("output") and not _answered(turn, name, reply["output"]):
-                turn.append(AIMessage(content=reply["output"], name=name))
-            usage = usage + Usage(**(reply.get("usage") or {}))
-            if reply.get("status") == "timeout":
+            reply = _wait_for_agent(task, step, name, context, registry, [*history, *turn])
+            turn += reply.conversation()
+            if reply.output and not _answered(turn, name, reply.output):
+                turn.append(AIMessage(content=reply.output, name=name))
+            if reply.usage is not None:
+                usage = usage + Usage(**reply.usage.model_dump())
+            if reply.status == "timeout":
                 spec = registry.get(name)
                 if step.task_attempt < spec.max_attempts:
                     again = step.model_copy(update={"task_attempt": step.task_attempt + 1})
                     return _step_update(again, turn, usage, models)
-                raise RemoteAgentError(f"agent {name} did not answer within {spec.timeout_s:g} s")
-            if reply.get("status") != "done":
-                raise RemoteAgentError(f"agent {name} failed: {reply.get('error') or 'no reason'}")
+                timeout_s = spec.timeout_s or context.agent_timeout_s
+                raise RemoteAgentError(f"agent {name} did not answer within {timeout_s:g} s")
+            if reply.status != "done":
+                raise RemoteAgentError(f"agent {name} failed: {reply.error or 'no reason given'}")
         answers = [(n, local.get(n) or a) for n, a in _round_answers([*history, *turn], names)]
         output = answers[0][1] if len(answers) == 1 else "\n".join(f"{n}: {a}" for n, a in answers)
         update = {"status": "done", "output": output, "error": None}
@@ -372,35 +374,42 @@ def _wait_for_agent(
     task: StepTask,
     step: Step,
     name: str,
+    context: WorkflowContext,
     registry: AgentRegistry,
     conversation: list[BaseMessage],
-) -> dict[str, Any]:
+) -> AgentReply:
     """Interrupt with a remote agent's task; return its reply (the value the run resumes with).
 
-    Everything here is the same each time the node runs again, the task id first.
+    Everything here is the same each time the node runs again, the task id first. The
+    worker turns the payload into the protocol's task (with its deadline and reply topic).
     """
     spec = registry.get(name)
     session_id = str(get_config()["configurable"]["thread_id"])
     task_id = agent_task_id(session_id, step, step.turn, step.task_attempt)
-    reply = interrupt(
+    answer = interrupt(
         {
             "kind": AGENT_TASK,
             "task_id": task_id,
             "agent": name,
             "attempt": step.task_attempt,
-            "timeout_s": spec.timeout_s,
+            "timeout_s": spec.timeout_s or context.agent_timeout_s,
             "step": step.model_dump(include={"id", "title", "description"}),
             "intent": task.get("intent", ""),
             "event": task["event"].model_dump(mode="json", exclude_none=True),
             "inputs": task.get("inputs", {}),
             "feedback": task.get("feedback", []),
-            "history": messages_to_dicts(conversation),
+            "history": [
+                ConversationMessage.of(m).model_dump(mode="json", exclude_none=True)
+                for m in conversation
+            ],
         }
     )
-    if not isinstance(reply, dict) or reply.get("task_id") != task_id:
-        raise RemoteAgentError(
-            f"agent {name}: the run was resumed with something else than its reply"
-        )
+    try:
+        reply = AgentReply.model_validate(answer)
+    except ValidationError as exc:
+        raise RemoteAgentError(f"agent {name}: its reply cannot be read ({exc})") from None
+    if reply.task_id != task_id:
+        raise RemoteAgentError(f"agent {name}: the run was resumed with another task's reply")
     return reply
 
 

@@ -28,6 +28,7 @@ __all__ = [
     "AssignmentDraft",
     "BasedOn",
     "CloudEvent",
+    "CloudEventAttributes",
     "EventLimits",
     "MULTITASK_STRATEGIES",
     "MultitaskStrategy",
@@ -181,8 +182,11 @@ def exceeds_json_depth(document: bytes | str | Any, limit: int) -> bool:
     return False
 
 
-class CloudEvent(BaseModel):
-    """A CloudEvents 1.0 event in structured-mode JSON, with the `sessionid` extension."""
+class CloudEventAttributes(BaseModel):
+    """The context attributes of a CloudEvents 1.0 event in structured-mode JSON.
+
+    Other attributes (extensions) are kept as they come.
+    """
 
     model_config = ConfigDict(extra="allow")
 
@@ -193,6 +197,20 @@ class CloudEvent(BaseModel):
     subject: str | None = Field(default=None, description="What the event is about.")
     time: datetime | None = Field(default=None, description="When the event happened.")
     datacontenttype: str | None = Field(default="application/json")
+
+    @field_validator("id")
+    @classmethod
+    def _id_has_no_control_characters(cls, value: str) -> str:
+        if bad := _CONTROL_CHAR.search(value):
+            raise ValueError(
+                f"must not contain control characters ({bad.group()!r} at {bad.start()})"
+            )
+        return value
+
+
+class CloudEvent(CloudEventAttributes):
+    """A CloudEvents 1.0 event in structured-mode JSON, with the `sessionid` extension."""
+
     data: Any = Field(default=None, description="The event payload.")
     sessionid: SessionId | None = Field(
         default=None, description="Extension: continue this session instead of opening one."
@@ -205,15 +223,6 @@ class CloudEvent(BaseModel):
             "the running run, or `rollback` the running run."
         ),
     )
-
-    @field_validator("id")
-    @classmethod
-    def _id_has_no_control_characters(cls, value: str) -> str:
-        if bad := _CONTROL_CHAR.search(value):
-            raise ValueError(
-                f"must not contain control characters ({bad.group()!r} at {bad.start()})"
-            )
-        return value
 
     @classmethod
     def parse(

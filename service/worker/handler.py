@@ -13,7 +13,7 @@ from typing import Any
 from aiokafka.structs import ConsumerRecord
 from langgraph.checkpoint.base import BaseCheckpointSaver
 
-from nodes.errors import EventValidationError
+from nodes.errors import EventValidationError, ProtocolError
 from nodes.finalize import build_result
 from nodes.models import (
     CANCEL_EVENT_TYPE,
@@ -23,6 +23,7 @@ from nodes.models import (
     derived_session_id,
     session_id_problem,
 )
+from nodes.protocol import MESSAGE, REPLY, parse_agent_event
 from service.bootstrap import is_infra_error
 from service.config import Settings
 from service.errors import UnknownSessionError
@@ -171,23 +172,12 @@ class EventHandler:
 
     def parse_agent(self, record: ConsumerRecord) -> tuple[str, str, dict[str, Any], str | None]:
         """Read a record of the replies topic: its session, type and data, or what is wrong."""
-        session_id = record.key.decode(errors="replace") if record.key else ""
         try:
-            value = json.loads(record.value or b"")
-        except ValueError as exc:
-            return session_id, "", {}, f"an agent's reply is not JSON: {exc}"
-        if not isinstance(value, dict):
-            return session_id, "", {}, "an agent's reply is not a CloudEvent (not a JSON object)"
-        kind = value.get("type")
-        data = value.get("data")
-        session_id = str(value.get("sessionid") or session_id)
-        if kind not in ("agentflow.agent.reply", "agentflow.agent.message"):
-            return session_id, "", {}, f"unknown type {kind!r} on the replies topic"
-        if not isinstance(data, dict) or not data.get("task_id"):
-            return session_id, "", {}, f"{kind} without data.task_id"
-        if not session_id or session_id_problem(session_id) is not None:
-            return "", "", {}, f"{kind} without a valid sessionid"
-        return session_id, kind, data, None
+            event = parse_agent_event(record.value or b"", accept=(REPLY, MESSAGE))
+        except ProtocolError as exc:
+            key = record.key.decode(errors="replace") if record.key else ""
+            return key, "", {}, f"agent reply: {exc}"
+        return event.sessionid, event.type, event.data.model_dump(mode="json"), None
 
     async def handle_agent(
         self,

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import uuid
 from datetime import timedelta
@@ -13,16 +12,21 @@ from langgraph.types import Interrupt
 from redis.asyncio import Redis
 
 from nodes.models import AgentWait, utcnow
+from nodes.protocol import (
+    PROTOCOL_VERSION,
+    WORKER_SOURCE,
+    AgentCancel,
+    AgentReply,
+    AgentTask,
+    encode,
+    envelope,
+)
 from service.config import Settings
 from service.storage.keys import DEADLINES_KEY, SWEEPER_KEY, waits_key
 
 __all__ = ["AgentWaits"]
 
 logger = logging.getLogger(__name__)
-
-SOURCE = "agentflow/worker"
-"""The CloudEvents `source` of what the worker sends to agents."""
-PROTOCOL_VERSION = 1
 
 
 class AgentWaits:
@@ -73,11 +77,8 @@ class AgentWaits:
                 since=since,
                 deadline=since + timedelta(seconds=float(task["timeout_s"])),
             )
-            await self._produce(
-                self.settings.agent_topic(wait.agent),
-                session_id,
-                _task_event(session_id, subject, task, wait, self.settings.topic_agent_replies),
-            )
+            sent = _task(session_id, task, wait, self.settings.topic_agent_replies)
+            await self._produce(self.settings.agent_topic(wait.agent), session_id, sent, subject)
             # Recorded after it is sent: a crash in between sends it again under the same
             # id, which a host answers once.
             assert wait.deadline is not None
@@ -114,16 +115,8 @@ class AgentWaits:
         """Tell the hosts of a session's pending tasks to stop them; returns how many."""
         waits = await self.pending(session_id)
         for wait in waits:
-            await self._produce(
-                self.settings.agent_topic(wait.agent),
-                session_id,
-                _envelope(
-                    "agentflow.agent.cancel",
-                    session_id,
-                    None,
-                    {"task_id": wait.task_id, "session_id": session_id, "reason": reason},
-                ),
-            )
+            cancel = AgentCancel(task_id=wait.task_id, session_id=session_id, reason=reason)
+            await self._produce(self.settings.agent_topic(wait.agent), session_id, cancel)
         await self.settle(session_id, [w.task_id for w in waits])
         return len(waits)
 
@@ -149,22 +142,13 @@ class AgentWaits:
                 recorded = await self.redis.hget(waits_key(session_id), task_id)
                 if recorded is not None:
                     wait = AgentWait.model_validate_json(recorded)
-                    await self._produce(
-                        self.settings.topic_agent_replies,
-                        session_id,
-                        _envelope(
-                            "agentflow.agent.reply",
-                            session_id,
-                            None,
-                            {
-                                "task_id": task_id,
-                                "agent": wait.agent,
-                                "status": "timeout",
-                                "output": "",
-                                "error": f"no reply within {wait.timeout_s:g} s",
-                            },
-                        ),
+                    timeout = AgentReply(
+                        task_id=task_id,
+                        agent=wait.agent,
+                        status="timeout",
+                        error=f"no reply within {wait.timeout_s:g} s",
                     )
+                    await self._produce(self.settings.topic_agent_replies, session_id, timeout)
                     self.timed_out += 1
                 await self.redis.zrem(DEADLINES_KEY, member)
             return len(due)
@@ -172,51 +156,33 @@ class AgentWaits:
             if await self.redis.get(SWEEPER_KEY) == me:
                 await self.redis.delete(SWEEPER_KEY)
 
-    async def _produce(self, topic: str, session_id: str, value: dict[str, Any]) -> None:
-        await self.producer.send_and_wait(
-            topic, json.dumps(value).encode(), key=session_id.encode()
-        )
+    async def _produce(
+        self,
+        topic: str,
+        session_id: str,
+        data: AgentTask | AgentReply | AgentCancel,
+        subject: str | None = None,
+    ) -> None:
+        event = envelope(data, session_id=session_id, source=WORKER_SOURCE, subject=subject)
+        await self.producer.send_and_wait(topic, encode(event), key=session_id.encode())
 
 
 def _member(session_id: str, task_id: str) -> str:
     return f"{session_id} {task_id}"
 
 
-def _envelope(
-    kind: str, session_id: str, subject: str | None, data: dict[str, Any], event_id: str = ""
-) -> dict[str, Any]:
-    envelope: dict[str, Any] = {
-        "specversion": "1.0",
-        "type": kind,
-        "id": event_id or uuid.uuid4().hex,
-        "source": SOURCE,
-        "time": utcnow().isoformat(),
-        "datacontenttype": "application/json",
-        "sessionid": session_id,
-        "data": data,
-    }
-    if subject:
-        envelope["subject"] = subject
-    return envelope
-
-
-def _task_event(
-    session_id: str, subject: str | None, task: dict[str, Any], wait: AgentWait, reply_to: str
-) -> dict[str, Any]:
+def _task(session_id: str, task: dict[str, Any], wait: AgentWait, reply_to: str) -> AgentTask:
+    """The protocol's task for a wait's interrupt payload (see `nodes.execution`)."""
     assert wait.deadline is not None
-    data = {
-        "task_id": wait.task_id,
-        "session_id": session_id,
-        "agent": wait.agent,
-        "step": task["step"],
-        "intent": task.get("intent", ""),
-        "event": task.get("event", {}),
-        "inputs": task.get("inputs", {}),
-        "feedback": task.get("feedback", []),
-        "history": task.get("history", []),
-        "attempt": wait.attempt,
-        "deadline": wait.deadline.isoformat(),
-        "reply_to": reply_to,
-        "protocol_version": PROTOCOL_VERSION,
-    }
-    return _envelope("agentflow.agent.task", session_id, subject, data, event_id=wait.task_id)
+    return AgentTask.model_validate(
+        {
+            **{k: task[k] for k in ("step", "intent", "event", "inputs", "feedback", "history")},
+            "task_id": wait.task_id,
+            "session_id": session_id,
+            "agent": wait.agent,
+            "attempt": wait.attempt,
+            "deadline": wait.deadline,
+            "reply_to": reply_to,
+            "protocol_version": PROTOCOL_VERSION,
+        }
+    )

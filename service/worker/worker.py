@@ -16,6 +16,7 @@ from aiokafka.errors import KafkaError
 from aiokafka.structs import ConsumerRecord
 from redis.asyncio import Redis
 
+from nodes.agents import load_agents
 from nodes.finalize import build_result
 from nodes.models import CloudEvent, utcnow
 from service.bootstrap import (
@@ -161,7 +162,7 @@ class Worker:
             graph, context, sink=sink, sequence=None, is_infra_error=is_infra_error
         )
         if s.create_topics:
-            await ensure_topics(s)
+            await ensure_topics(s, agents=load_agents(s.agents_file).remote_names)
         if s.kafka_transactions:
             # One transactional id per worker: a broker fences an older producer with it.
             transactional_id = f"{s.consumer_group}.{self.name}"
