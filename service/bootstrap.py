@@ -12,7 +12,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Collection, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal, overload
 
@@ -48,6 +48,7 @@ __all__ = [
     "INFRA_ERRORS",
     "RedisClient",
     "SessionCheckpoints",
+    "check_hosting",
     "check_startup",
     "ensure_topics",
     "is_infra_error",
@@ -294,8 +295,17 @@ def kafka_admin(settings: Settings, **options: Any) -> AIOKafkaAdminClient:
     return AIOKafkaAdminClient(bootstrap_servers=_bootstrap_servers(settings), **options)
 
 
-async def ensure_topics(settings: Settings) -> None:
-    """Create the events, results, sessions and dead-letter topics that do not exist yet.
+async def ensure_topics(settings: Settings, *, agents: Collection[str] = ()) -> None:
+    """Create the service's topics that do not exist yet.
+
+    Those are the events, results, sessions, dead-letter and agent replies topics, and
+    the task topic of each of `agents`. The replies topic gets the events topic's
+    partition count, so a session's replies land in the partition number its events do
+    (same key, same default partitioner).
+
+    Args:
+        settings: the topic names and `AGENTFLOW_TOPIC_PARTITIONS`.
+        agents: names of agents that run over Kafka (`runs: kafka`, or hosted here).
 
     Raises:
         ConfigError: `AGENTFLOW_KAFKA_BOOTSTRAP` is not set.
@@ -304,16 +314,25 @@ async def ensure_topics(settings: Settings) -> None:
     await admin.start()
     try:
         existing = set(await admin.list_topics())
-        wanted = [
-            settings.topic_events,
-            settings.topic_results,
-            settings.topic_sessions,
-            settings.topic_dlq,
-        ]
+        partitions = dict.fromkeys(
+            [
+                settings.topic_events,
+                settings.topic_results,
+                settings.topic_sessions,
+                settings.topic_dlq,
+                *(settings.agent_topic(name) for name in agents),
+            ],
+            settings.topic_partitions,
+        )
+        if settings.topic_events in existing:
+            (described,) = await admin.describe_topics([settings.topic_events])
+            partitions[settings.topic_agent_replies] = len(described["partitions"])
+        else:
+            partitions[settings.topic_agent_replies] = settings.topic_partitions
         missing = [
-            NewTopic(t, num_partitions=settings.topic_partitions, replication_factor=1)
-            for t in wanted
-            if t not in existing
+            NewTopic(topic, num_partitions=count, replication_factor=1)
+            for topic, count in partitions.items()
+            if topic not in existing
         ]
         if missing:
             with contextlib.suppress(TopicAlreadyExistsError):  # another worker was first
@@ -408,6 +427,8 @@ async def restore_setup(
 def check_startup(settings: Settings) -> None:
     """Check what start-up needs: the agents file and its tools, the models, the library seed.
 
+    Models of agents that run over Kafka are their hosts' to check.
+
     Raises:
         ConfigError: with a sentence naming the variable or file and what to fix.
     """
@@ -415,7 +436,8 @@ def check_startup(settings: Settings) -> None:
         registry = load_agents(settings.agents_file)
     except AgentConfigError as exc:
         raise ConfigError(str(exc)) from None
-    _check_models(settings, registry)
+    local = [n for n in registry.names if registry.get(n).runs == "local"]
+    _check_models(settings, registry, local)
     if settings.library_seed is not None:
         try:
             load_templates(settings.library_seed, registry)
@@ -423,14 +445,41 @@ def check_startup(settings: Settings) -> None:
             raise ConfigError(f"AGENTFLOW_LIBRARY_SEED: {exc}") from None
 
 
-def _check_models(settings: Settings, registry: AgentRegistry) -> None:
+def check_hosting(settings: Settings, agents: Sequence[str] = ()) -> AgentRegistry:
+    """Check what an agent host needs: the agents it serves, their tools and models.
+
+    Args:
+        settings: `AGENTFLOW_AGENTS_FILE` names the file with the agents' full specs.
+        agents: the agents to serve; none: every `runs: kafka` agent of the file.
+
+    Returns:
+        The registry, with the served agents' tools ready; its `hosted` names them.
+
+    Raises:
+        ConfigError: with a sentence naming the file or agent and what to fix.
+    """
+    try:
+        names = list(agents) or load_agents(settings.agents_file).remote_names
+        if not names:
+            raise ConfigError(
+                f"agents file {settings.agents_file} has no agent with `runs: kafka` to host; "
+                "mark the agents this host serves so, or name them with --agent"
+            )
+        registry = load_agents(settings.agents_file, hosted=names)
+    except AgentConfigError as exc:
+        raise ConfigError(str(exc)) from None
+    _check_models(settings, registry, names)
+    return registry
+
+
+def _check_models(settings: Settings, registry: AgentRegistry, agents: Sequence[str]) -> None:
     """Make every model the runs will use, so a model that cannot work stops start-up."""
     specs: list[tuple[str, str, str]] = [("AGENTFLOW_MODEL", settings.model, "")]
     specs += [
         (f"AGENTFLOW_MODEL_{node.upper()}", spec, "")
         for node, spec in settings.node_models().items()
     ]
-    for name in registry.names:
+    for name in agents:
         if spec := registry.get(name).model:
             where = f"the model of agent '{name}' in {settings.agents_file}"
             specs.append((where, spec, "remove its `model:` line"))

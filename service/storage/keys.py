@@ -20,6 +20,10 @@ session lives in one slot and one script may touch them all.
   `ns` (its labels joined by `.`; subject notes: `agentflow.subjects.<sha256 of subject>`),
   by key, their creation times and their keys by update time; one hash tag per namespace;
 - `agentflow:llmcache:*` (strings): the exact LLM cache (langchain-redis `RedisCache`);
+- `agentflow:session:{id}:waits` (hash): the remote agents' tasks a session waits for, by
+  task id (agent, attempt, since, deadline), while they are out;
+- `agentflow:agentwaits:deadlines` (sorted set): those tasks (`<session id> <task id>`) by
+  deadline, swept by every worker under `agentflow:agentwaits:sweeper` (string, short TTL);
 - `agentflow:worker:{name}` (string, short TTL): a running worker's state (taking events
   or degraded, since when, why), for `agentflow health` and `/healthz`.
 
@@ -34,9 +38,11 @@ from __future__ import annotations
 __all__ = [
     "ALL_TRANSITIONS_CHANNEL",
     "CHECKPOINT_PREFIX",
+    "DEADLINES_KEY",
     "INDEX_KEY",
     "LLM_CACHE_PREFIX",
     "MEMORY_PREFIX",
+    "SWEEPER_KEY",
     "WORKER_PREFIX",
     "WORKFLOW_PREFIX",
     "epoch_key",
@@ -47,6 +53,7 @@ __all__ = [
     "seq_key",
     "session_channel",
     "session_key",
+    "waits_key",
     "worker_key",
     "workflow_index",
     "workflow_key",
@@ -117,6 +124,18 @@ def epoch_key(session_id: str) -> str:
 def parked_key(session_id: str) -> str:
     """Return the list of events parked behind a session that waits, oldest first."""
     return f"{_session(session_id)}:parked"
+
+
+def waits_key(session_id: str) -> str:
+    """Return the hash of the remote agents' tasks a session waits for, by task id."""
+    return f"{_session(session_id)}:waits"
+
+
+DEADLINES_KEY = "agentflow:agentwaits:deadlines"
+"""The sorted set of the tasks sessions wait for, by deadline (a Unix time)."""
+
+SWEEPER_KEY = "agentflow:agentwaits:sweeper"
+"""The lock the worker that sweeps the deadlines holds for a moment."""
 
 
 def memory_keys(namespace: tuple[str, ...]) -> tuple[str, str, str]:

@@ -10,15 +10,24 @@ from typing import Any, Literal, cast
 from pydantic import BaseModel, Field
 from redis.asyncio import RedisCluster
 
-from nodes.models import WorkflowResult, utcnow
+from nodes.models import AgentWait, WorkflowResult, utcnow
 from service.storage._redis import RedisClient, require_text_client
 from service.storage.keys import INDEX_KEY, epoch_key, event_key, parked_key, session_key
 
-__all__ = ["EventClaim", "SentFrom", "SessionRecord", "SessionStore"]
+__all__ = ["WAITS", "EventClaim", "SentFrom", "SessionRecord", "SessionStore"]
 
 SessionStatus = Literal[
-    "running", "interrupted", "completed", "failed", "cancelled", "superseded", "rolled_back"
+    "running",
+    "interrupted",
+    "waiting",
+    "completed",
+    "failed",
+    "cancelled",
+    "superseded",
+    "rolled_back",
 ]
+WAITS: frozenset[str] = frozenset({"interrupted", "waiting"})
+"""Statuses of a session whose run waits: for a human's answer, or for remote agents."""
 EventClaim = Literal["new", "running", "parked", "finished", "published"]
 _Writes = Callable[[Any], object]
 """Queues commands on a pipeline, all on keys of one cluster slot."""
@@ -59,6 +68,10 @@ class SessionRecord(BaseModel):
     created_at: datetime = Field(default_factory=utcnow)
     updated_at: datetime = Field(default_factory=utcnow)
     question: str | None = None
+    waiting_on: list[AgentWait] = Field(default_factory=list)
+    """With status waiting: the remote agents' tasks it waits for."""
+    waiting_event: str | None = None
+    """The event whose result comes when the session's latest wait for agents ends."""
     result: WorkflowResult | None = None
 
 
@@ -89,6 +102,7 @@ class SessionStore:
             return None
         data: dict[str, Any] = {k: v for k, v in fields.items() if v != ""}
         data["event_ids"] = json.loads(fields.get("event_ids", "[]"))
+        data["waiting_on"] = json.loads(fields.get("waiting_on") or "[]")
         if "result" in data:
             data["result"] = WorkflowResult.model_validate_json(data["result"])
         return SessionRecord.model_validate(data)
@@ -174,9 +188,13 @@ class SessionStore:
                     "updated_at": utcnow().isoformat(),
                     "question": result.question or "",
                     "result": result.model_dump_json(),
+                    "waiting_on": json.dumps(
+                        [w.model_dump(mode="json") for w in result.waiting_on]
+                    ),
+                    **({"waiting_event": result.event_id} if final == "waiting" else {}),
                 },
             )
-            if final != "interrupted":
+            if final not in WAITS:
                 pipe.expire(key, self.ttl_s)
 
         parts = [record, self._index(result.session_id)]
@@ -270,12 +288,12 @@ class SessionStore:
         )
 
     async def busy(self, session_id: str) -> tuple[bool, int]:
-        """Return whether a session waits for an answer, and how many events wait behind it."""
+        """Return whether a session waits (for a human or agents), and how many events wait."""
         async with self.redis.pipeline(transaction=False) as pipe:
             pipe.hget(session_key(session_id), "status")
             pipe.llen(parked_key(session_id))
             status, parked = await pipe.execute()
-        return status == "interrupted", int(parked)
+        return status in WAITS, int(parked)
 
     async def park(self, session_id: str, entry: str) -> None:
         """Put an event behind a session that waits, until the wait ends (`first_parked`).
@@ -292,6 +310,11 @@ class SessionStore:
     async def unpark(self, session_id: str, entry: str) -> None:
         """Take a parked event off its session's list once it has run (only if still first)."""
         await self._unpark(keys=[parked_key(session_id)], args=[entry])
+
+    async def event_state(self, event_id: str) -> EventClaim | None:
+        """Return how far an event got, or None if it is not known."""
+        raw = await self.redis.get(event_key(event_id))
+        return None if raw is None else cast(EventClaim, json.loads(cast(str, raw))["state"])
 
     async def sent_from(self, event_id: str) -> SentFrom | None:
         """Return where a finished event's messages land, or None if it was not recorded."""

@@ -122,9 +122,9 @@ class EventConsumer:
         """Return the offsets tracked for a partition, if it is assigned."""
         return self._offsets.get(tp)
 
-    async def start(self, topic: str) -> None:
-        """Join the group on a topic."""
-        self.kafka.subscribe([topic], listener=_Rebalance(self))
+    async def start(self, *topics: str) -> None:
+        """Join the group on topics."""
+        self.kafka.subscribe(list(topics), listener=_Rebalance(self))
         await self.kafka.start()
 
     async def stop(self) -> None:

@@ -53,6 +53,8 @@ def own_settings(servers: LocalServers, **overrides: object) -> Settings:
         topic_results=f"agentflow.results.{tag}",
         topic_sessions=f"agentflow.sessions.{tag}",
         topic_dlq=f"agentflow.events.dlq.{tag}",
+        topic_agents_prefix=f"agentflow.agents.{tag}.",
+        topic_agent_replies=f"agentflow.agents.replies.{tag}",
         topic_partitions=3,
         shutdown_grace_s=5,
         **overrides,

@@ -9,6 +9,7 @@ import redis.exceptions
 from redis.asyncio import Redis, RedisCluster
 
 from service.bootstrap import (
+    check_hosting,
     check_startup,
     infra_cause,
     is_infra_error,
@@ -65,6 +66,21 @@ def test_an_agents_model_names_the_agent_and_the_file(tmp_path: Path) -> None:
     message = str(caught.value)
     assert f"agent 'clerk' in {agents}" in message and "OPENAI_API_KEY" in message
     assert "remove its `model:` line" in message
+
+
+def test_a_kafka_agents_model_is_checked_by_its_host_not_the_worker(tmp_path: Path) -> None:
+    agents = tmp_path / "agents.yaml"
+    agents.write_text(AGENT_WITH_MODEL.replace("    model:", "    runs: kafka\n    model:"))
+    settings = load_settings(agents_file=agents)
+    check_startup(settings)  # the worker only sends it tasks
+    with pytest.raises(ConfigError, match=f"agent 'clerk' in {agents}.*OPENAI_API_KEY"):
+        check_hosting(settings)  # every `runs: kafka` agent of the file by default
+    assert check_hosting(load_settings(), ["intake"]).hosted == ["intake"]
+
+
+def test_a_host_with_nothing_to_serve_says_how_to_name_agents() -> None:
+    with pytest.raises(ConfigError, match="no agent with `runs: kafka` to host.*--agent"):
+        check_hosting(load_settings())
 
 
 def test_an_unknown_provider_stops_start_up(monkeypatch: pytest.MonkeyPatch) -> None:
