@@ -9,7 +9,6 @@ from typing import Any, cast
 
 from aiokafka import AIOKafkaProducer
 from langgraph.types import Interrupt
-from redis.asyncio import Redis
 
 from nodes.models import AgentWait, utcnow
 from nodes.protocol import (
@@ -22,6 +21,7 @@ from nodes.protocol import (
     envelope,
 )
 from service.config import Settings
+from service.storage._redis import RedisClient
 from service.storage.keys import DEADLINES_KEY, SWEEPER_KEY, waits_key
 
 __all__ = ["AgentWaits"]
@@ -44,7 +44,7 @@ class AgentWaits:
         settings: the topics and the session TTL.
     """
 
-    def __init__(self, redis: Redis, producer: AIOKafkaProducer, settings: Settings) -> None:
+    def __init__(self, redis: RedisClient, producer: AIOKafkaProducer, settings: Settings) -> None:
         self.redis = redis
         self.producer = producer
         self.settings = settings
