@@ -287,13 +287,16 @@ class SessionStore:
             event_key(event_id), _event_mark(session_id, state, sent_from), ex=self.ttl_s
         )
 
-    async def busy(self, session_id: str) -> tuple[bool, int]:
-        """Return whether a session waits (for a human or agents), and how many events wait."""
+    async def busy(self, session_id: str) -> tuple[str | None, int]:
+        """Return how a session waits, and how many events are parked behind it.
+
+        The first is `interrupted` (for a human), `waiting` (for remote agents) or None.
+        """
         async with self.redis.pipeline(transaction=False) as pipe:
             pipe.hget(session_key(session_id), "status")
             pipe.llen(parked_key(session_id))
             status, parked = await pipe.execute()
-        return status in WAITS, int(parked)
+        return (status if status in WAITS else None), int(parked)
 
     async def park(self, session_id: str, entry: str) -> None:
         """Put an event behind a session that waits, until the wait ends (`first_parked`).

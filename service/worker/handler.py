@@ -19,6 +19,7 @@ from nodes.models import (
     CANCEL_EVENT_TYPE,
     CloudEvent,
     MultitaskStrategy,
+    ResultStatus,
     WorkflowResult,
     derived_session_id,
     session_id_problem,
@@ -31,7 +32,7 @@ from service.observe import metrics
 from service.runtime.runner import SessionRunner
 from service.storage.checkpoints import expire_session
 from service.storage.sessions import WAITS, SessionStore
-from service.storage.transitions import Transition
+from service.storage.transitions import Transition, TransitionType
 from service.worker.crash_points import crash_point
 from service.worker.outbox import RESULT, Outbox
 from service.worker.waits import AgentWaits
@@ -393,10 +394,12 @@ class EventHandler:
     async def _parks_or_refuses(
         self, record: ConsumerRecord, session_id: str, event: CloudEvent
     ) -> bool:
-        """Park or refuse a new event when its session waits for an answer.
+        """Park or refuse a new event when its session waits (for a human, or for agents).
 
         Events parked before it run first when the session no longer waits (a crash
-        left them). Returns whether the event was parked or refused.
+        left them). A wait for remote agents gives way to an event that says `interrupt`
+        or `rollback` (`_end_wait`); a human's question never does. Returns whether the
+        event was parked or refused.
         """
         waiting, parked = await self.store.busy(session_id)
         if parked and not waiting:
@@ -404,12 +407,18 @@ class EventHandler:
             waiting, parked = await self.store.busy(session_id)
         if not waiting and not parked:
             return False
-        if self.strategy(event) == "reject":
-            await self.refuse(record, session_id, event, f"session {session_id} waits")
+        strategy = self.strategy(event)
+        on = "remote agents" if waiting == "waiting" else "a human answer"
+        if strategy == "reject":
+            await self.refuse(record, session_id, event, f"session {session_id} waits for {on}")
             return True
+        if waiting == "waiting" and not parked and strategy in ("interrupt", "rollback"):
+            # A run that waits for remote agents is at a step boundary: it stops there.
+            await self._end_wait(session_id, strategy, event.id)
+            return False
         await self.store.park(session_id, _pack(record))
         await self.store.mark_event(event.id, session_id, "parked")
-        reason = f"waits until session {session_id} no longer waits, or is cancelled"
+        reason = f"waits until session {session_id} no longer waits for {on}, or is cancelled"
         await self.runner.emit(
             Transition(
                 session_id=session_id,
@@ -417,8 +426,47 @@ class EventHandler:
                 data={"event_id": event.id, "reason": reason},
             )
         )
-        logger.info("event %s parked: session %s waits for an answer", event.id, session_id)
+        logger.info("event %s parked: session %s waits for %s", event.id, session_id, on)
         return True
+
+    async def _end_wait(self, session_id: str, how: MultitaskStrategy, by: str) -> None:
+        """End a run that waits for remote agents, for a newer event (interrupt, rollback).
+
+        Its tasks are cancelled, and the event it answers gets its result.
+
+        `interrupt` keeps the run's checkpoints (the newer event runs on its state),
+        `rollback` deletes them (the newer event runs from the state before it).
+        """
+        known = await self.store.get(session_id)
+        awaited = known.waiting_event if known is not None else None
+        status: ResultStatus = "superseded" if how == "interrupt" else "rolled_back"
+        kind: TransitionType = "session.superseded" if how == "interrupt" else "session.rolled_back"
+        error = f"{status.replace('_', ' ')} by event {by}"
+        if self.waits is not None:
+            await self.waits.cancel(session_id, error)
+        snapshot = await self.runner.graph.aget_state(self.runner.config(session_id))
+        if how == "rollback":
+            run_id = await self.runner.run_of(session_id)
+            checkpointer = self.runner.graph.checkpointer
+            if run_id and isinstance(checkpointer, BaseCheckpointSaver):
+                await checkpointer.adelete_for_runs([run_id])
+        result = build_result(
+            snapshot.values or {}, session_id=session_id, status=status, error=error
+        )
+        result.event_id = awaited or result.event_id
+        await self.runner.emit(
+            Transition(
+                session_id=session_id,
+                type=kind,
+                data={
+                    "status": status,
+                    "error": error,
+                    "by": by,
+                    "result": result.model_dump(mode="json"),
+                },
+            )
+        )
+        await self.finish(result)
 
     async def _run_parked(self, session_id: str) -> None:
         """Run the events parked behind a session, in order, while it does not wait.

@@ -303,3 +303,52 @@ async def test_sessions_waiting_when_the_worker_stops_are_resumed_by_a_new_worke
     finally:
         second.stop()
         await asyncio.wait_for(running, 30)
+
+
+@pytest.mark.parametrize(
+    ("multitask", "status"), [("interrupt", "superseded"), ("rollback", "rolled_back")]
+)
+async def test_a_newer_event_stops_a_wait_and_the_tasks_out_are_cancelled(
+    servers: LocalServers,
+    tmp_path: Path,
+    start_worker: Callable[..., Awaitable[Worker]],
+    producer: AIOKafkaProducer,
+    redis: Redis,
+    multitask: str,
+    status: str,
+) -> None:
+    settings = _settings(servers, tmp_path)
+    await start_worker(settings)
+    store = SessionStore(redis, ttl_s=settings.session_ttl_s)
+    sid = f"stop-{uuid.uuid4().hex[:6]}"
+    first = example("claim_submitted", sessionid=sid)
+    await send(producer, settings, first, sid)
+    await wait_until(lambda: _status(store, sid, "waiting"), "the first event's run waits")
+    record = await store.get(sid)
+    assert record is not None
+    out = {w.task_id for w in record.waiting_on}
+    second = example("claim_submitted", sessionid=sid, multitask=multitask)
+    await send(producer, settings, second, sid)
+    (result,) = await _result(settings, first["id"])
+    assert result["status"] == status
+    assert result["error"] == f"{status.replace('_', ' ')} by event {second['id']}"
+    cancels = await read_topic(
+        settings.kafka_bootstrap or "",
+        settings.agent_topic("second"),
+        until=lambda rs: out <= _cancelled(rs),
+    )
+    assert out <= _cancelled(cancels)
+    # The newer event runs, and waits for the agent in its turn.
+    await wait_until(lambda: _waits_for(store, sid, second["id"]), "the second event's run waits")
+    log = await read_log(redis, sid)
+    assert f"session.{status}" in [t.type for t in log]
+
+
+def _cancelled(records: list[Any]) -> set[str]:
+    values = [json.loads(r.value) for r in records]
+    return {v["data"]["task_id"] for v in values if v["type"] == "agentflow.agent.cancel"}
+
+
+async def _waits_for(store: SessionStore, sid: str, event_id: str) -> bool:
+    record = await store.get(sid)
+    return record is not None and record.status == "waiting" and record.waiting_event == event_id
