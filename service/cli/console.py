@@ -42,10 +42,13 @@ EXIT_CODES = {
     "refused": 5,
     "superseded": 5,
     "rolled_back": 5,
+    "waiting": 6,
 }
 """A result's status as the exit code of `run`, `send --wait`, `sessions answer --wait`, ...
 
-5: the event did not run to an end of its own (refused, or stopped by a newer event)."""
+5: the event did not run to an end of its own (refused, or stopped by a newer event).
+6: `agentflow run` stopped where a remote agent (`runs: kafka`) takes a turn: only the
+service (a worker, and a host of the agent) sends its task and waits for the reply."""
 EXIT_BAD_INPUT = 2
 EXIT_NO_RESULT = 4
 """`--wait` saw no result within `--timeout` (the event was sent; it may still run)."""
@@ -72,6 +75,13 @@ def finish(result: WorkflowResult, *, as_json: bool, service: bool) -> NoReturn:
         elif result.status == "interrupted":
             console.print(
                 f'\nanswer with: agentflow run --resume {result.session_id} --answer "..."',
+                soft_wrap=True,
+            )
+        elif result.status == "waiting":
+            agents = ", ".join(sorted({w.agent for w in result.waiting_on}))
+            console.print(
+                f"\nwaits for remote agent(s) {agents} (runs: kafka): run the event through "
+                "the service (`agentflow send`, a worker and `agentflow agents serve`)",
                 soft_wrap=True,
             )
     raise typer.Exit(EXIT_CODES[result.status])
