@@ -231,6 +231,8 @@ def cli_env(settings: Settings | None, **extra: str) -> dict[str, str]:
                 "AGENTFLOW_TOPIC_SESSIONS": settings.topic_sessions,
                 "AGENTFLOW_TOPIC_DLQ": settings.topic_dlq,
                 "AGENTFLOW_TOPIC_PARTITIONS": str(settings.topic_partitions),
+                "AGENTFLOW_TOPIC_AGENTS_PREFIX": settings.topic_agents_prefix,
+                "AGENTFLOW_TOPIC_AGENT_REPLIES": settings.topic_agent_replies,
             }
         )
     env.update(extra)

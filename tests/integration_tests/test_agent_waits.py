@@ -31,6 +31,7 @@ from tests.integration_tests.conftest import (
     send,
     wait_until,
 )
+from tests.integration_tests.test_exactly_once import read_to_end, start_worker_process, stop
 
 AGENTS = """
 agents:
@@ -352,3 +353,49 @@ def _cancelled(records: list[Any]) -> set[str]:
 async def _waits_for(store: SessionStore, sid: str, event_id: str) -> bool:
     record = await store.get(sid)
     return record is not None and record.status == "waiting" and record.waiting_event == event_id
+
+
+async def test_a_worker_sigkilled_while_sessions_wait_loses_and_doubles_nothing(
+    servers: LocalServers,
+    tmp_path: Path,
+    producer: AIOKafkaProducer,
+    redis: Redis,
+    host: Callable[[Settings, Answer], list[dict[str, Any]]],
+) -> None:
+    settings = _settings(servers, tmp_path)
+    store = SessionStore(redis, ttl_s=settings.session_ttl_s)
+    env = {"AGENTFLOW_AGENTS_FILE": str(settings.agents_file)}
+    victim = start_worker_process(settings, tmp_path / "victim.log", **env)
+    events = [
+        example("claim_submitted", sessionid=f"kill-{i}-{uuid.uuid4().hex[:6]}") for i in range(5)
+    ]
+    try:
+        for event in events:
+            await send(producer, settings, event, event["sessionid"])
+        for event in events:
+            await wait_until(
+                lambda e=event: _status(store, e["sessionid"], "waiting"), "every session waits"
+            )
+    finally:
+        victim.kill()  # SIGKILL: no drain, no commit
+        victim.wait(10)
+    host(settings, _talks_and_answers)
+    survivor = start_worker_process(settings, tmp_path / "survivor.log", **env)
+    try:
+        wanted = {e["id"] for e in events}
+        records = await read_topic(
+            settings.kafka_bootstrap or "",
+            settings.topic_results,
+            until=lambda rs: wanted <= set(results_by_event(rs)),
+            timeout_s=120,
+        )
+    finally:
+        stop(survivor)
+    results = results_by_event(await read_to_end(settings, settings.topic_results))
+    assert {e: [r["status"] for r in rs] for e, rs in results.items()} == {
+        e: ["completed"] for e in wanted
+    }, (tmp_path / "survivor.log").read_text()[-3000:]
+    assert len(records) >= len(wanted)
+    for event in events:
+        log = await read_log(redis, event["sessionid"])
+        assert [t.type for t in log].count("session.completed") == 1
