@@ -114,7 +114,7 @@ class _Refusing:
         return refused[:1]
 
 
-async def test_a_refusal_goes_to_the_stale_run_only() -> None:
+async def test_a_refusal_goes_to_the_stale_run_only(caplog: pytest.LogCaptureFixture) -> None:
     inner = _Refusing()
     publisher = BackgroundPublisher(inner)  # type: ignore[arg-type]
 
@@ -132,11 +132,17 @@ async def test_a_refusal_goes_to_the_stale_run_only() -> None:
     with pytest.raises(StaleWriter) as refused:
         await publisher.publish(started("s1", 1))
     assert (refused.value.session_id, refused.value.epoch) == ("s1", 1)
+    # Refused again, and that run stops: a newer run's transition forgets what it left.
+    await publisher.publish(started("s1", 1))
+    await publisher.drain("s1", 2)
+    await publisher.publish(started("s1", 2))
     await publisher.close()
+    assert "not published" not in caplog.text
     sent = [(t.session_id, t.epoch, t.type) for t in inner.sent]
     assert [t for t in sent if t[0] == "s1"] == [
         ("s1", 2, "node.started"),
         ("s1", 2, "session.completed"),
+        ("s1", 2, "node.started"),
     ]
     assert [t for t in sent if t[0] == "s2"] == [
         ("s2", 1, "node.started"),
