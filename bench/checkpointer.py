@@ -4,7 +4,9 @@ The agentflow graph (`graphs.workflow.build_graph`) on the offline model, one pr
 `durability="sync"` (a checkpoint after every step, as the worker runs it), S sessions with
 N in flight, under each checkpointer in turn; every configuration runs R rounds, taken in
 rotation so that load from elsewhere on the machine falls on all of them alike, and its
-best round counts. Printed per checkpointer: sessions/s, this process's CPU per session
+best round counts. `RedisSaver` runs fenced, as the worker runs it: each session takes
+a fencing epoch (`SessionStore.take`) and every checkpoint write carries it. Printed per
+checkpointer: sessions/s, this process's CPU per session
 and Redis's own CPU per session; for the two Redis savers, Redis memory per finished
 session (`MEMORY USAGE` summed over the session's keys). Then the ratios against the
 targets, all from this one run.
@@ -43,9 +45,11 @@ from nodes.models import CloudEvent  # noqa: E402
 from service.bootstrap import redis_client  # noqa: E402
 from service.config import load_settings  # noqa: E402
 from service.devtools.servers import LocalServers  # noqa: E402
+from service.runtime.runner import TakeSession  # noqa: E402
 from service.storage._redis import quiet_index_setup  # noqa: E402
-from service.storage.checkpointer import RedisSaver  # noqa: E402
+from service.storage.checkpointer import EPOCH_CONFIG_KEY, RedisSaver  # noqa: E402
 from service.storage.checkpoints import CHECKPOINT_TYPES, checkpoint_serde  # noqa: E402
+from service.storage.sessions import SessionStore  # noqa: E402
 
 EVENT = json.loads((ROOT / "examples/events/claim_submitted.json").read_text())
 CHECKPOINTERS = ("none", "InMemorySaver", "AsyncRedisSaver", "RedisSaver")
@@ -76,9 +80,14 @@ async def redis_cpu_s(redis: Redis) -> float:
 
 
 async def run_round(
-    graph: Any, sessions: list[str], tag: str, in_flight: int, redis: Redis
+    graph: Any,
+    sessions: list[str],
+    tag: str,
+    in_flight: int,
+    redis: Redis,
+    take: TakeSession | None = None,
 ) -> tuple[float, float, float]:
-    """Run the sessions; return (seconds, this process's CPU s, Redis's CPU s)."""
+    """Run the sessions, fenced with `take` if given; return (seconds, CPU s, Redis's CPU s)."""
     context = load_settings(model="offline").context(library=InMemoryWorkflowLibrary())
     gate = asyncio.Semaphore(in_flight)
     # LangGraph 1.2 fails a sync-durability run without a checkpointer: nothing to wait for.
@@ -86,9 +95,12 @@ async def run_round(
 
     async def one(i: int, session_id: str) -> None:
         async with gate:
+            configurable: dict[str, Any] = {"thread_id": session_id}
+            if take is not None:
+                configurable[EPOCH_CONFIG_KEY] = await take(session_id)
             out = await graph.ainvoke(
                 {"event": event(i, tag)},
-                {"configurable": {"thread_id": session_id}},
+                {"configurable": configurable},
                 context=context,
                 **options,
             )
@@ -134,6 +146,7 @@ async def main(args: Any) -> None:
             "AsyncRedisSaver": lambda: async_redis_saver(redis),
             "RedisSaver": lambda: _redis_saver(redis),
         }
+        fenced = {"RedisSaver": SessionStore(redis, ttl_s=3600).take}
         tag = uuid.uuid4().hex[:6]
         best: dict[str, tuple[float, float, float]] = {}
         last: dict[str, list[str]] = {}
@@ -146,9 +159,10 @@ async def main(args: Any) -> None:
             for name in CHECKPOINTERS:
                 graph = build_graph(await savers[name]())
                 warm = [f"bw{tag}{name[:2]}{round_}x{i}" for i in range(3)]
-                await run_round(graph, warm, f"w{tag}", 3, redis)
+                take = fenced.get(name)
+                await run_round(graph, warm, f"w{tag}", 3, redis, take)
                 sessions = [f"bs{tag}{name[:2]}{round_}x{i}" for i in range(args.sessions)]
-                took = await run_round(graph, sessions, f"r{tag}", args.in_flight, redis)
+                took = await run_round(graph, sessions, f"r{tag}", args.in_flight, redis, take)
                 if name not in best or took[0] < best[name][0]:
                     best[name] = took
                 last[name] = sessions

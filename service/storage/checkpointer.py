@@ -14,17 +14,18 @@ script is given every key it touches:
   `adelete_for_runs`; written once per run and thread, before the run's first checkpoint.
 
 A checkpoint and its blobs are written by one script, so a reader (or a crash) sees the
-old or the new checkpoint, never half of one.
+old or the new checkpoint, never half of one. Thread ids that would break the hash tag
+(empty, or with a `}`) are keyed by their SHA-1 instead, under `agentflow:checkpoint#`.
 
 Fenced writes: a write whose config carries a run's epoch (`configurable[EPOCH_CONFIG_KEY]`,
 which the worker's runs set) is refused, inside its script, when the session's epoch key
 (`agentflow:session:{thread}:epoch`, `service.storage.keys.epoch_key`) holds a newer one: the
 caller gets `StaleWriter`, and a run that lost its session to another worker cannot fork
-the thread's checkpoints. That key shares the thread keys' hash tag, so the script may be
-given it on Redis Cluster too; a thread id that is no hash tag (SHA-1 keyed, below) cannot
-be fenced, and the session-id rule never makes one. Writes without an epoch (library use)
-are not fenced. Thread ids that would break the hash tag
-(empty, or with a `}`) are keyed by their SHA-1 instead, under `agentflow:checkpoint#`.
+the thread's checkpoints. The epoch key is the session's, with the thread id as its hash
+tag: the same slot as the thread's keys, so the script may be given it on Redis Cluster.
+A SHA-1 keyed thread id would put the two in different slots, so such a thread cannot be
+fenced (a ValueError; session ids never are one). Writes without an epoch (library use)
+are not fenced.
 
 Values are serialised by the saver's `serde` (LangGraph's msgpack `JsonPlusSerializer`
 by default); the records around them are msgpack. The asynchronous methods are the

@@ -174,6 +174,8 @@ class BackgroundPublisher:
         sid = transition.session_id
         if (error := self._errors.pop((sid, transition.epoch), None)) is not None:
             raise error
+        if transition.epoch is not None and self._errors:
+            self._forget_older(sid, transition.epoch)
         self._pending.setdefault(sid, []).append(transition)
         if self._flusher is None:
             self._flusher = asyncio.create_task(self._flush())
@@ -197,6 +199,12 @@ class BackgroundPublisher:
             await sent.wait()
         if (error := self._errors.pop((session_id, epoch), None)) is not None:
             raise error
+
+    def _forget_older(self, session_id: str, epoch: int) -> None:
+        """Drop what runs of a session older than `epoch` left unraised: a newer one took over."""
+        for sid, older in list(self._errors):
+            if sid == session_id and older is not None and older < epoch:
+                del self._errors[(sid, older)]
 
     async def close(self) -> None:
         """Wait for everything queued (failures are logged)."""

@@ -23,7 +23,7 @@ from nodes.chat_models import make_chat_model
 from service.config import Settings, load_settings
 from service.devtools.servers import LocalRedisCluster, LocalServers
 from service.worker import Worker
-from tests.openai_server import OpenAICompatibleServer
+from tests.openai_server import Hold, OpenAICompatibleServer
 
 HERE = Path(__file__).resolve().parent
 
@@ -192,6 +192,21 @@ def example(name: str, **overrides: Any) -> dict[str, Any]:
     raw["id"] = f"{raw['id']}-{uuid.uuid4().hex[:6]}"
     raw.update(overrides)
     return raw
+
+
+def marked_event(session_id: str, multitask: str | None = None, **overrides: Any) -> dict[str, Any]:
+    """A claim event of the session, with a marker of its own in its data (see `hold`)."""
+    event = example("claim_submitted", sessionid=session_id, **overrides)
+    event["data"] = {**event["data"], "marker": f"marker-{uuid.uuid4().hex}"}
+    if multitask is not None:
+        event["multitask"] = multitask
+    return event
+
+
+def hold_answers(server: OpenAICompatibleServer, event: dict[str, Any]) -> Hold:
+    """Hold back the answers to the model calls of a `marked_event`'s runs."""
+    marker = event["data"]["marker"]
+    return server.hold_when(lambda body: marker in json.dumps(body))
 
 
 async def send(

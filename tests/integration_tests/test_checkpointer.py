@@ -26,6 +26,8 @@ from service.devtools.servers import LocalServers
 from service.runtime.runner import SessionRunner
 from service.storage.checkpointer import RedisSaver
 from service.storage.checkpoints import checkpoint_serde
+from service.storage.keys import epoch_key
+from service.storage.sessions import SessionStore
 
 
 @pytest.fixture
@@ -97,7 +99,9 @@ async def test_a_checkpoint_and_its_blobs_are_one_script_call(
 
 async def test_every_key_of_a_session_is_in_one_slot(saver: RedisSaver, redis: Redis) -> None:
     graph = build_graph(saver)
-    runner = SessionRunner(graph, WorkflowContext(library=InMemoryWorkflowLibrary()))
+    store = SessionStore(redis, ttl_s=600)  # fenced, as the worker runs it
+    context = WorkflowContext(library=InMemoryWorkflowLibrary())
+    runner = SessionRunner(graph, context, take=store.take)
     session_id = f"slot-{uuid.uuid4().hex[:6]}"
     event = CloudEvent.wrap("claim.submitted", {"claim_id": "C-1"}, source="test")
     assert (await runner.start(event, session_id)).status == "completed"
@@ -105,7 +109,8 @@ async def test_every_key_of_a_session_is_in_one_slot(saver: RedisSaver, redis: R
     assert sorted(keys) == sorted(
         f"{saver.key_prefix}:{{{session_id}}}:{part}" for part in ("d", "i")
     )
-    assert len({key_slot(k.encode()) for k in keys}) == 1
+    # The fencing epoch is checked in the thread's scripts: it shares their slot.
+    assert len({key_slot(k.encode()) for k in [*keys, epoch_key(session_id)]}) == 1
     # The run's key (runs carry their run id) is the run index, one per run: its own slot.
     runs = [k async for k in redis.scan_iter(match=f"{saver.run_prefix}:*", count=1000)]
     assert len(runs) == 1 and await redis.smembers(runs[0]) == {session_id}  # type: ignore[misc]

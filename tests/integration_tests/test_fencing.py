@@ -8,7 +8,6 @@ are released. Nothing here waits for time; every step waits for a condition.
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import uuid
 from collections.abc import AsyncIterator
@@ -34,6 +33,8 @@ from service.storage.sessions import SessionStore
 from service.storage.transitions import Transition
 from tests.integration_tests.conftest import (
     example,
+    hold_answers,
+    marked_event,
     offsets,
     own_settings,
     read_topic,
@@ -41,7 +42,7 @@ from tests.integration_tests.conftest import (
     send,
     wait_until,
 )
-from tests.openai_server import Hold, OpenAICompatibleServer
+from tests.openai_server import OpenAICompatibleServer
 
 
 @pytest.fixture
@@ -49,19 +50,6 @@ async def saver(redis: Redis) -> AsyncIterator[RedisSaver]:
     saver = RedisSaver(redis_client=redis, serde=checkpoint_serde())
     await saver.asetup()
     yield saver
-
-
-def _event(session_id: str) -> dict[str, Any]:
-    """A claim event of the session, with a marker of its own in its data."""
-    event = example("claim_submitted", sessionid=session_id)
-    event["data"] = {**event["data"], "marker": f"marker-{uuid.uuid4().hex}"}
-    return event
-
-
-def _hold(server: OpenAICompatibleServer, event: dict[str, Any]) -> Hold:
-    """Hold back the answers to the model calls of one event's runs."""
-    marker = event["data"]["marker"]
-    return server.hold_when(lambda body: marker in json.dumps(body))
 
 
 async def _epoch(redis: Redis, session_id: str) -> int:
@@ -94,9 +82,9 @@ async def test_the_older_of_two_runners_is_fenced_at_its_next_write(
     store = SessionStore(redis, ttl_s=600)
     graph = build_graph(saver)
     session_id = f"fence-{uuid.uuid4().hex[:6]}"
-    raw = _event(session_id)
+    raw = marked_event(session_id)
     event = CloudEvent.parse(raw)
-    hold = _hold(openai_server, raw)
+    hold = hold_answers(openai_server, raw)
     sent: dict[str, list[Transition]] = {"older": [], "newer": []}
     publishers: list[BackgroundPublisher] = []
 
@@ -227,8 +215,8 @@ async def test_a_fenced_worker_sends_no_result_and_leaves_the_offset(
         update={"consumer_group": f"{first_settings.consumer_group}-second"}
     )
     session_id = f"fence-{uuid.uuid4().hex[:6]}"
-    raw = _event(session_id)
-    hold = _hold(openai_server, raw)
+    raw = marked_event(session_id)
+    hold = hold_answers(openai_server, raw)
     caplog.set_level(logging.WARNING, logger="service.worker.worker")
     first = await start_worker(first_settings, name="first")
     await send(producer, first_settings, raw, session_id)

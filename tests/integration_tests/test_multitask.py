@@ -7,7 +7,6 @@ releases them (`Hold`). Nothing here waits for time; every step waits for a cond
 
 from __future__ import annotations
 
-import json
 import uuid
 from typing import Any
 
@@ -23,6 +22,8 @@ from service.storage.sessions import SessionStore
 from service.worker.worker import Worker
 from tests.integration_tests.conftest import (
     example,
+    hold_answers,
+    marked_event,
     offsets,
     own_settings,
     read_topic,
@@ -30,28 +31,13 @@ from tests.integration_tests.conftest import (
     send,
     wait_until,
 )
-from tests.openai_server import Hold, OpenAICompatibleServer
+from tests.openai_server import OpenAICompatibleServer
 
 
 @pytest.fixture
 def model_settings(servers: LocalServers, openai_server: OpenAICompatibleServer) -> Settings:
     """Settings of a worker whose model is the loopback server."""
     return own_settings(servers, model="openai:test-model")
-
-
-def _event(session_id: str, multitask: str | None = None, **overrides: Any) -> dict[str, Any]:
-    """A claim event of the session, with a marker of its own in its data."""
-    event = example("claim_submitted", sessionid=session_id, **overrides)
-    event["data"] = {**event["data"], "marker": f"marker-{uuid.uuid4().hex}"}
-    if multitask is not None:
-        event["multitask"] = multitask
-    return event
-
-
-def _hold(server: OpenAICompatibleServer, event: dict[str, Any]) -> Hold:
-    """Hold back the answers to the model calls of one event's run."""
-    marker = event["data"]["marker"]
-    return server.hold_when(lambda body: marker in json.dumps(body))
 
 
 async def _results(settings: Settings, *event_ids: str) -> dict[str, list[dict[str, Any]]]:
@@ -84,8 +70,8 @@ async def test_reject_refuses_the_new_event_and_leaves_the_run_alone(
 ) -> None:
     worker = await start_worker(model_settings)
     session_id = f"mt-reject-{uuid.uuid4().hex[:6]}"
-    first, second = _event(session_id), _event(session_id, "reject")
-    hold = _hold(openai_server, first)
+    first, second = marked_event(session_id), marked_event(session_id, "reject")
+    hold = hold_answers(openai_server, first)
     await send(producer, model_settings, first, session_id)
     await wait_until(hold.held.is_set, "the first run to be inside a model call")
 
@@ -115,8 +101,8 @@ async def test_enqueue_runs_the_new_event_after_the_running_one(
 ) -> None:
     worker = await start_worker(model_settings)
     session_id = f"mt-enqueue-{uuid.uuid4().hex[:6]}"
-    first, second = _event(session_id), _event(session_id, "enqueue")
-    hold = _hold(openai_server, first)
+    first, second = marked_event(session_id), marked_event(session_id, "enqueue")
+    hold = hold_answers(openai_server, first)
     await send(producer, model_settings, first, session_id)
     await wait_until(hold.held.is_set, "the first run to be inside a model call")
     await send(producer, model_settings, second, session_id)
@@ -146,8 +132,8 @@ async def test_interrupt_stops_the_run_at_a_step_boundary_and_keeps_its_checkpoi
 ) -> None:
     worker = await start_worker(model_settings)
     session_id = f"mt-interrupt-{uuid.uuid4().hex[:6]}"
-    first, second = _event(session_id), _event(session_id, "interrupt")
-    hold = _hold(openai_server, first)
+    first, second = marked_event(session_id), marked_event(session_id, "interrupt")
+    hold = hold_answers(openai_server, first)
     await send(producer, model_settings, first, session_id)
     await wait_until(hold.held.is_set, "the first run to be inside a model call")
     await send(producer, model_settings, second, session_id)
@@ -189,13 +175,13 @@ async def test_rollback_deletes_the_running_runs_checkpoints(
 ) -> None:
     await start_worker(model_settings)
     session_id = f"mt-rollback-{uuid.uuid4().hex[:6]}"
-    before = _event(session_id)
+    before = marked_event(session_id)
     await send(producer, model_settings, before, session_id)
     await _results(model_settings, before["id"])
     runs_before = await _runs(servers.redis_url, session_id)
 
-    first, second = _event(session_id), _event(session_id, "rollback")
-    hold = _hold(openai_server, first)
+    first, second = marked_event(session_id), marked_event(session_id, "rollback")
+    hold = hold_answers(openai_server, first)
     await send(producer, model_settings, first, session_id)
     await wait_until(hold.held.is_set, "the run to be inside a model call")
     assert (await _runs(servers.redis_url, session_id)).get(first["id"], 0) > 0
@@ -234,7 +220,7 @@ async def test_a_session_waiting_for_a_human_keeps_its_question(
     assert [r["status"] for r in waiting] == ["interrupted"]
     question = waiting[0]["question"]
 
-    new = _event(session_id, strategy)
+    new = marked_event(session_id, strategy)
     await send(producer, settings, new, session_id)
     store = SessionStore(redis, ttl_s=60)
     if strategy == "reject":
@@ -297,7 +283,7 @@ async def test_parked_events_run_in_order(
     escalating = example("claim_needs_review", sessionid=session_id)
     await send(producer, settings, escalating, session_id)
     await _results(settings, escalating["id"])
-    parked = [_event(session_id) for _ in range(3)]
+    parked = [marked_event(session_id) for _ in range(3)]
     for event in parked:
         await send(producer, settings, event, session_id)
     await wait_until(lambda: worker.received == 4, "the worker to take the three events")

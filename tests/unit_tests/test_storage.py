@@ -16,6 +16,7 @@ def test_key_and_channel_names_stay_as_documented() -> None:
     assert keys.session_key("s1") == "agentflow:session:{s1}"
     assert keys.event_key("e1") == "agentflow:event:e1"
     assert keys.seq_key("s1") == "agentflow:session:{s1}:seq"
+    assert keys.epoch_key("s1") == "agentflow:session:{s1}:epoch"
     assert keys.log_key("s1") == "agentflow:session:{s1}:log"
     assert keys.session_channel("s1") == "agentflow:session:{s1}:transitions"
     assert keys.workflow_key("w1") == "agentflow:workflow:w1"
