@@ -8,6 +8,7 @@ import logging
 import signal
 import uuid
 from collections.abc import Callable, Collection
+from functools import partial
 
 from aiokafka import AIOKafkaProducer, TopicPartition
 from aiokafka.errors import KafkaError
@@ -29,6 +30,7 @@ from service.bootstrap import (
     restore_setup,
 )
 from service.config import Settings
+from service.kafka.consumer import EventConsumer
 from service.observe import metrics
 from service.runtime.runner import SessionRunner
 from service.storage.keys import worker_key
@@ -36,8 +38,7 @@ from service.storage.publisher import BackgroundPublisher, TransitionPublisher
 from service.storage.sessions import SessionStore
 from service.storage.transitions import Transition
 from service.storage.workers import WorkerState, write_worker_state
-from service.worker.consumer import EventConsumer
-from service.worker.crash_points import armed
+from service.worker.crash_points import armed, crash_point
 from service.worker.handler import EventHandler
 from service.worker.outbox import Outbox
 from service.worker.readback import PartitionReader
@@ -171,6 +172,7 @@ class Worker:
             grace_s=s.shutdown_grace_s,
             transactions=self._producer if s.kafka_transactions else None,
             group_id=s.consumer_group,
+            on_committed=partial(crash_point, "committed"),
         )
         self.outbox = Outbox(
             self._producer,
