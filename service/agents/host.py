@@ -396,6 +396,7 @@ class AgentHost:
             state = HostState(
                 name=self.name,
                 agents=self.agents,
+                topics=[self.settings.agent_topic(a) for a in self.agents],
                 since=self._since,
                 running=len(self._running),
                 answered=self.answered + self.failed,

@@ -24,7 +24,7 @@ class AgentPlace:
     """`local` (in the workers) or `kafka` (by hosts), as the agents file says; `kafka`
     for an agent a host serves that the file does not list."""
     hosts: list[str]
-    """The live hosts that serve it (their heartbeats)."""
+    """The live hosts that serve it (their heartbeats), from its task topic."""
     topic: str | None
     """Its task topic, when it has one."""
     lag: int | None
@@ -43,8 +43,10 @@ async def agent_places(settings: Settings, registry: AgentRegistry) -> list[Agen
         hosts = await read_host_states(redis)
     finally:
         await redis.aclose()
-    names = list(dict.fromkeys([*registry.names, *(a for h in hosts for a in h.agents)]))
-    served = {name: [h.name for h in hosts if name in h.agents] for name in names}
+    # Hosts of other topic names (another deployment on this Redis) are not ours.
+    ours = [h for h in hosts if any(settings.agent_topic(a) in h.topics for a in h.agents)]
+    names = list(dict.fromkeys([*registry.names, *(a for h in ours for a in h.agents)]))
+    served = {n: [h.name for h in ours if settings.agent_topic(n) in h.topics] for n in names}
     runs = {name: registry.get(name).runs if name in registry else "kafka" for name in names}
     over_kafka = [n for n in names if runs[n] == "kafka" or served[n]]
     lags = await _lags(settings, over_kafka)

@@ -25,6 +25,9 @@ class HostState(BaseModel):
     name: str
     agents: list[str]
     """The agents it serves."""
+    topics: list[str]
+    """Their task topics, in the same order (hosts with other topic names, sharing this
+    Redis, serve someone else)."""
     since: datetime
     """When it started."""
     running: int = 0
