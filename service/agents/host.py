@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import signal
 import uuid
 from collections import deque
 from collections.abc import Awaitable, Callable, Collection
@@ -42,6 +41,7 @@ from service.bootstrap import (
     kafka_producer,
     redis_client,
     require_services,
+    serve_until_signal,
 )
 from service.config import Settings
 from service.kafka.consumer import EventConsumer
@@ -174,26 +174,8 @@ class AgentHost:
         self._stopping.set()
 
     async def serve(self) -> None:
-        """Start, serve until SIGTERM or SIGINT, then drain and close: the host's whole life."""
-        starting = asyncio.ensure_future(self.start())
-
-        def on_signal() -> None:
-            if not starting.done():
-                starting.cancel()
-            self.stop()
-
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, on_signal)
-        try:
-            await starting
-        except asyncio.CancelledError:
-            if not self._stopping.is_set():
-                raise
-            logger.info("%s stopped while starting", self.name)
-            await self.close()
-            return
-        await self.run()
+        """Start, run until SIGTERM or SIGINT, then drain and close: the host's whole life."""
+        await serve_until_signal(self)
 
     async def run(self) -> None:
         """Take tasks of every agent until `stop()`; then drain and close."""

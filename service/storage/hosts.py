@@ -9,12 +9,12 @@ without its tools running again.
 from __future__ import annotations
 
 from datetime import datetime
-from typing import cast
 
 from pydantic import BaseModel
 from redis.asyncio import Redis
 
 from service.storage.keys import AGENT_HOST_PREFIX, agent_host_key, agent_reply_key
+from service.storage.workers import read_reports
 
 __all__ = ["AnsweredTasks", "HostState", "RecordedReply", "read_host_states", "write_host_state"]
 
@@ -43,10 +43,7 @@ async def write_host_state(redis: Redis, state: HostState, *, ttl_s: int) -> Non
 
 async def read_host_states(redis: Redis) -> list[HostState]:
     """Return the hosts that reported lately, by name."""
-    keys = [key async for key in redis.scan_iter(match=f"{AGENT_HOST_PREFIX}:*", count=500)]
-    values = cast(list[str | bytes | None], await redis.mget(keys)) if keys else []
-    states = [HostState.model_validate_json(v) for v in values if v]
-    return sorted(states, key=lambda s: s.name)
+    return await read_reports(redis, AGENT_HOST_PREFIX, HostState)
 
 
 class RecordedReply(BaseModel):

@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import signal
 import uuid
 from collections.abc import Callable, Collection
 from functools import partial
@@ -28,6 +27,7 @@ from service.bootstrap import (
     redis_client,
     require_services,
     restore_setup,
+    serve_until_signal,
 )
 from service.config import Settings
 from service.kafka.consumer import EventConsumer
@@ -200,30 +200,8 @@ class Worker:
         self._stopping.set()
 
     async def serve(self) -> None:
-        """Start, run until SIGTERM or SIGINT, then drain and close: the worker's whole life.
-
-        A signal while connecting stops the start-up (which may wait on an unreachable
-        server) and closes what it opened; a signal later stops the run loop gracefully.
-        """
-        starting = asyncio.ensure_future(self.start())
-
-        def on_signal() -> None:
-            if not starting.done():
-                starting.cancel()
-            self.stop()
-
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, on_signal)
-        try:
-            await starting
-        except asyncio.CancelledError:
-            if not self._stopping.is_set():
-                raise  # cancelled from outside, not by a signal
-            logger.info("%s stopped while starting", self.name)
-            await self.close()
-            return
-        await self.run()
+        """Start, run until SIGTERM or SIGINT, then drain and close: the worker's whole life."""
+        await serve_until_signal(self)
 
     async def run(self) -> None:
         """Fetch and dispatch events until `stop()`; then drain and close."""

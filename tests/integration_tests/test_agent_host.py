@@ -8,13 +8,14 @@ from __future__ import annotations
 
 import ast
 import asyncio
+import contextlib
 import json
 import re
 import signal
 import subprocess
 import sys
 import uuid
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -299,8 +300,26 @@ def model_host(
     hosts.stop_all()
 
 
-def openai_env(server: OpenAICompatibleServer) -> dict[str, str]:
-    return {"OPENAI_BASE_URL": server.base_url, "OPENAI_API_KEY": server.api_key}
+@contextlib.asynccontextmanager
+async def a_held_task(
+    settings: Settings,
+    hosts: Host,
+    server: OpenAICompatibleServer,
+    producer: AIOKafkaProducer,
+    redis: Redis,
+    session_id: str,
+) -> AsyncIterator[tuple[AgentTask, subprocess.Popen[bytes], Path]]:
+    """Start a host and give it a task held in its first model call; released at the end."""
+    hold = server.hold_when(lambda body: "hold-me" in json.dumps(body))
+    process, log = hosts.start(OPENAI_BASE_URL=server.base_url, OPENAI_API_KEY=server.api_key)
+    try:
+        await serving(redis, settings)
+        task = a_task(settings, session_id, description="Check claim C-7 (hold-me)")
+        await send_task(producer, settings, task)
+        await wait_until(hold.held.is_set, "the task is inside its model call")
+        yield task, process, log
+    finally:
+        hold.release()
 
 
 async def test_a_cancel_stops_a_running_task_and_nothing_is_sent(
@@ -310,29 +329,22 @@ async def test_a_cancel_stops_a_running_task_and_nothing_is_sent(
     producer: AIOKafkaProducer,
     redis: Redis,
 ) -> None:
-    hold = openai_server.hold_when(lambda body: "hold-me" in json.dumps(body))
-    _, log = model_host.start(**openai_env(openai_server))
-    try:
-        await serving(redis, settings)
-        session_id = f"cancel-{uuid.uuid4().hex[:6]}"
-        held = a_task(settings, session_id, description="Check claim C-7 (hold-me)")
-        await send_task(producer, settings, held)
-        await wait_until(hold.held.is_set, "the task is inside its model call")
-        cancel = AgentCancel(task_id=held.task_id, session_id=session_id, reason="cancelled")
+    session_id = f"cancel-{uuid.uuid4().hex[:6]}"
+    held = a_held_task(settings, model_host, openai_server, producer, redis, session_id)
+    async with held as (task, _, log):
+        cancel = AgentCancel(task_id=task.task_id, session_id=session_id, reason="cancelled")
         await producer.send_and_wait(
             settings.agent_topic("analyst"),
             encode(envelope(cancel, session_id=session_id, source="agentflow/worker")),
             key=session_id.encode(),
         )
         await wait_until(lambda: "cancelled by the worker" in log.read_text(), "the task stopped")
-    finally:
-        hold.release()
     after = a_task(settings, session_id, task_id=f"{session_id}:after")
     await send_task(producer, settings, after)
     records = await read_replies(settings, after.task_id)  # the session's partition, in order
     assert [e.data.task_id for e in agent_events(records)] == [after.task_id] * 3
     assert model_host.tool_runs() == ["C-7"]  # the cancelled task never reached its tool
-    assert f"cancelling task {held.task_id}: cancelled" in log.read_text()
+    assert f"cancelling task {task.task_id}: cancelled" in log.read_text()
 
 
 async def test_a_host_killed_mid_task_answers_the_redelivered_task_once(
@@ -342,19 +354,12 @@ async def test_a_host_killed_mid_task_answers_the_redelivered_task_once(
     producer: AIOKafkaProducer,
     redis: Redis,
 ) -> None:
-    hold = openai_server.hold_when(lambda body: "hold-me" in json.dumps(body))
-    first, _ = model_host.start(**openai_env(openai_server))
-    try:
-        await serving(redis, settings)
-        session_id = f"kill-{uuid.uuid4().hex[:6]}"
-        task = a_task(settings, session_id, description="Check claim C-7 (hold-me)")
-        await send_task(producer, settings, task)
-        await wait_until(hold.held.is_set, "the task is inside its model call")
+    session_id = f"kill-{uuid.uuid4().hex[:6]}"
+    held = a_held_task(settings, model_host, openai_server, producer, redis, session_id)
+    async with held as (task, first, _):
         first.send_signal(signal.SIGKILL)
         first.wait(10)
-    finally:
-        hold.release()
-    model_host.start(**openai_env(openai_server))
+    model_host.start(OPENAI_BASE_URL=openai_server.base_url, OPENAI_API_KEY=openai_server.api_key)
     await read_replies(settings, task.task_id)
     sentinel = a_task(settings, session_id, task_id=f"{session_id}:sentinel")
     await send_task(producer, settings, sentinel)
