@@ -9,12 +9,14 @@ library seed) before anything connects, and `log_startup` says what a component 
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import os
+import signal
 from collections.abc import AsyncIterator, Collection, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Literal, overload
+from typing import TYPE_CHECKING, Any, Literal, Protocol, overload
 
 import redis.exceptions
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
@@ -47,6 +49,7 @@ if TYPE_CHECKING:
 __all__ = [
     "INFRA_ERRORS",
     "RedisClient",
+    "LongRunning",
     "SessionCheckpoints",
     "check_hosting",
     "check_startup",
@@ -63,6 +66,7 @@ __all__ = [
     "redis_client",
     "require_services",
     "restore_setup",
+    "serve_until_signal",
     "setup_lost",
     "startup_summary",
 ]
@@ -526,6 +530,54 @@ def startup_summary(settings: Settings) -> str:
 def log_startup(settings: Settings, component: str) -> None:
     """Log one line saying what a component (worker, gateway, dev) runs with."""
     logger.info("%s: %s", component, startup_summary(settings))
+
+
+class LongRunning(Protocol):
+    """A component with the worker's lifecycle: the worker, an agent host."""
+
+    name: str
+
+    async def start(self) -> None:
+        """Connect and set up."""
+
+    def stop(self) -> None:
+        """Ask `run` to stop taking work."""
+
+    async def run(self) -> None:
+        """Work until `stop()`, then `close()`."""
+
+    async def close(self) -> None:
+        """Drain within the grace period, commit, disconnect."""
+
+
+async def serve_until_signal(component: LongRunning) -> None:
+    """Start, run until SIGTERM or SIGINT, then drain and close: a component's whole life.
+
+    A signal while connecting stops the start-up (which may wait on an unreachable
+    server) and closes what it opened; a signal later stops the run loop gracefully.
+    """
+    starting = asyncio.ensure_future(component.start())
+    signalled = False
+
+    def on_signal() -> None:
+        nonlocal signalled
+        signalled = True
+        if not starting.done():
+            starting.cancel()
+        component.stop()
+
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, on_signal)
+    try:
+        await starting
+    except asyncio.CancelledError:
+        if not signalled:
+            raise  # cancelled from outside, not by a signal
+        logger.info("%s stopped while starting", component.name)
+        await component.close()
+        return
+    await component.run()
 
 
 @dataclass

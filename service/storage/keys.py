@@ -25,7 +25,11 @@ session lives in one slot and one script may touch them all.
 - `agentflow:agentwaits:deadlines` (sorted set): those tasks (`<session id> <task id>`) by
   deadline, swept by every worker under `agentflow:agentwaits:sweeper` (string, short TTL);
 - `agentflow:worker:{name}` (string, short TTL): a running worker's state (taking events
-  or degraded, since when, why), for `agentflow health` and `/healthz`.
+  or degraded, since when, why), for `agentflow health` and `/healthz`;
+- `agentflow:agent-host:{name}` (string, short TTL): a running agent host's heartbeat (the
+  agents it serves, since when, tasks running and answered), for `agentflow agents list`;
+- `agentflow:agent-reply:{task id}` (string): the reply an agent host gave to a task, sent
+  again when the task is delivered again (kept `AGENTFLOW_SESSION_TTL_S`).
 
 - `agentflow:checkpoint:{thread}:i` (sorted set) and `agentflow:checkpoint:{thread}:d`
   (hash): a session's checkpoints, writes and channel values (`RedisSaver`, whose module
@@ -36,6 +40,7 @@ session lives in one slot and one script may touch them all.
 from __future__ import annotations
 
 __all__ = [
+    "AGENT_HOST_PREFIX",
     "ALL_TRANSITIONS_CHANNEL",
     "CHECKPOINT_PREFIX",
     "DEADLINES_KEY",
@@ -45,6 +50,8 @@ __all__ = [
     "SWEEPER_KEY",
     "WORKER_PREFIX",
     "WORKFLOW_PREFIX",
+    "agent_host_key",
+    "agent_reply_key",
     "epoch_key",
     "event_key",
     "log_key",
@@ -84,6 +91,20 @@ WORKER_PREFIX = "agentflow:worker"
 def worker_key(name: str) -> str:
     """The key of a worker's state."""
     return f"{WORKER_PREFIX}:{name}"
+
+
+AGENT_HOST_PREFIX = "agentflow:agent-host"
+"""Each running agent host keeps its heartbeat under `{prefix}:{name}`."""
+
+
+def agent_host_key(name: str) -> str:
+    """The key of an agent host's heartbeat."""
+    return f"{AGENT_HOST_PREFIX}:{name}"
+
+
+def agent_reply_key(task_id: str) -> str:
+    """The key of the reply an agent host gave to a task."""
+    return f"agentflow:agent-reply:{task_id}"
 
 
 def _session(session_id: str) -> str:

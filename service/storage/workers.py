@@ -7,14 +7,14 @@ leaves nothing behind; `agentflow health` and the gateway's `/healthz` read them
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Literal, cast
+from typing import Literal, TypeVar, cast
 
 from pydantic import BaseModel
 
 from service.storage._redis import RedisClient
 from service.storage.keys import WORKER_PREFIX, worker_key
 
-__all__ = ["WorkerState", "read_worker_states", "write_worker_state"]
+__all__ = ["WorkerState", "read_reports", "read_worker_states", "write_worker_state"]
 
 
 class WorkerState(BaseModel):
@@ -36,11 +36,22 @@ async def write_worker_state(redis: RedisClient, state: WorkerState, *, ttl_s: i
 
 async def read_worker_states(redis: RedisClient) -> list[WorkerState]:
     """Return the states of the workers that reported lately, by name."""
-    keys = [key async for key in redis.scan_iter(match=f"{WORKER_PREFIX}:*", count=500)]
+    return await read_reports(redis, WORKER_PREFIX, WorkerState)
+
+
+ReportT = TypeVar("ReportT", bound=BaseModel)
+
+
+async def read_reports(redis: RedisClient, prefix: str, model: type[ReportT]) -> list[ReportT]:
+    """Return what running components report under `{prefix}:{name}` (short TTLs), by name.
+
+    Each report is `model`'s JSON and has a `name`.
+    """
+    keys = [key async for key in redis.scan_iter(match=f"{prefix}:*", count=500)]
     # GETs in one pipeline, not MGET: on a cluster the keys live in different slots.
     async with redis.pipeline(transaction=False) as pipe:
         for key in keys:
             pipe.get(key)
         values = cast(list[str | bytes | None], await pipe.execute())
-    states = [WorkerState.model_validate_json(v) for v in values if v]
-    return sorted(states, key=lambda s: s.name)
+    reports = [model.model_validate_json(v) for v in values if v]
+    return sorted(reports, key=lambda r: str(getattr(r, "name", "")))

@@ -5,9 +5,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import signal
 import uuid
 from collections.abc import Callable, Collection
+from functools import partial
 from typing import Any
 
 from aiokafka import AIOKafkaProducer, TopicPartition
@@ -30,9 +30,11 @@ from service.bootstrap import (
     redis_client,
     require_services,
     restore_setup,
+    serve_until_signal,
 )
 from service.config import Settings
 from service.errors import StaleWriter
+from service.kafka.consumer import EventConsumer
 from service.observe import metrics
 from service.runtime.runner import SessionRunner
 from service.storage.keys import worker_key
@@ -40,8 +42,7 @@ from service.storage.publisher import BackgroundPublisher, TransitionPublisher
 from service.storage.sessions import SessionStore
 from service.storage.transitions import Transition
 from service.storage.workers import WorkerState, write_worker_state
-from service.worker.consumer import EventConsumer
-from service.worker.crash_points import armed
+from service.worker.crash_points import armed, crash_point
 from service.worker.handler import EventHandler
 from service.worker.outbox import Outbox
 from service.worker.readback import PartitionReader
@@ -193,6 +194,7 @@ class Worker:
             grace_s=s.shutdown_grace_s,
             transactions=self._producer if s.kafka_transactions else None,
             group_id=s.consumer_group,
+            on_committed=partial(crash_point, "committed"),
         )
         self.outbox = Outbox(
             self._producer,
@@ -223,30 +225,8 @@ class Worker:
         self._stopping.set()
 
     async def serve(self) -> None:
-        """Start, run until SIGTERM or SIGINT, then drain and close: the worker's whole life.
-
-        A signal while connecting stops the start-up (which may wait on an unreachable
-        server) and closes what it opened; a signal later stops the run loop gracefully.
-        """
-        starting = asyncio.ensure_future(self.start())
-
-        def on_signal() -> None:
-            if not starting.done():
-                starting.cancel()
-            self.stop()
-
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, on_signal)
-        try:
-            await starting
-        except asyncio.CancelledError:
-            if not self._stopping.is_set():
-                raise  # cancelled from outside, not by a signal
-            logger.info("%s stopped while starting", self.name)
-            await self.close()
-            return
-        await self.run()
+        """Start, run until SIGTERM or SIGINT, then drain and close: the worker's whole life."""
+        await serve_until_signal(self)
 
     async def run(self) -> None:
         """Fetch and dispatch events until `stop()`; then drain and close."""

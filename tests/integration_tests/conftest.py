@@ -54,7 +54,7 @@ def own_settings(servers: LocalServers, **overrides: object) -> Settings:
         topic_sessions=f"agentflow.sessions.{tag}",
         topic_dlq=f"agentflow.events.dlq.{tag}",
         topic_agents_prefix=f"agentflow.agents.{tag}.",
-        topic_agent_replies=f"agentflow.agents.replies.{tag}",
+        topic_agent_replies=f"agentflow.agents.{tag}.replies",
         topic_partitions=3,
         shutdown_grace_s=5,
         **overrides,
@@ -245,9 +245,9 @@ def cli_env(settings: Settings | None, **extra: str) -> dict[str, str]:
                 "AGENTFLOW_TOPIC_RESULTS": settings.topic_results,
                 "AGENTFLOW_TOPIC_SESSIONS": settings.topic_sessions,
                 "AGENTFLOW_TOPIC_DLQ": settings.topic_dlq,
-                "AGENTFLOW_TOPIC_PARTITIONS": str(settings.topic_partitions),
                 "AGENTFLOW_TOPIC_AGENTS_PREFIX": settings.topic_agents_prefix,
                 "AGENTFLOW_TOPIC_AGENT_REPLIES": settings.topic_agent_replies,
+                "AGENTFLOW_TOPIC_PARTITIONS": str(settings.topic_partitions),
             }
         )
     env.update(extra)
