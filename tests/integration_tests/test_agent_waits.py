@@ -31,6 +31,8 @@ from tests.integration_tests.conftest import (
     send,
     wait_until,
 )
+from tests.integration_tests.test_agent_host import Host as HostProcess
+from tests.integration_tests.test_agent_host import serving
 from tests.integration_tests.test_exactly_once import read_to_end, start_worker_process, stop
 
 AGENTS = """
@@ -399,3 +401,35 @@ async def test_a_worker_sigkilled_while_sessions_wait_loses_and_doubles_nothing(
     for event in events:
         log = await read_log(redis, event["sessionid"])
         assert [t.type for t in log].count("session.completed") == 1
+
+
+async def test_local_and_hosted_agents_complete_a_session_through_kafka(
+    servers: LocalServers,
+    tmp_path: Path,
+    start_worker: Callable[..., Awaitable[Worker]],
+    producer: AIOKafkaProducer,
+    redis: Redis,
+) -> None:
+    # The agents file of test_agent_host: `intake` runs here, `analyst` in its host process.
+    settings = own_settings(servers)
+    hosts = HostProcess(settings, tmp_path)
+    settings = settings.model_copy(update={"agents_file": hosts.agents_file})
+    hosts.settings = settings
+    try:
+        hosts.start()
+        await serving(redis, settings)
+        await start_worker(settings)
+        event = example("claim_submitted", sessionid=f"mixed-{uuid.uuid4().hex[:6]}")
+        await send(producer, settings, event, event["sessionid"])
+        (result,) = await _result(settings, event["id"])
+    finally:
+        hosts.stop_all()
+    assert result["status"] == "completed", result
+    steps = result["workflow"]["steps"]
+    remote = [s for s in steps if "analyst" in s["agents"]]
+    assert remote and all(s["status"] == "done" and s["output"] for s in remote), steps
+    assert any("intake" in s["agents"] for s in steps), steps
+    log = await read_log(redis, event["sessionid"])
+    said = [t for t in log if t.type == "agent.message" and t.agent == "analyst"]
+    assert said and {t.step_id for t in said} <= {s["id"] for s in remote}
+    assert "session.waiting" in [t.type for t in log]
