@@ -28,7 +28,7 @@ from service.config import Settings
 from service.devtools.servers import LocalRedisCluster, LocalServers
 from service.storage.checkpointer import RedisSaver
 from service.storage.checkpoints import checkpoint_serde
-from service.storage.keys import WORKFLOW_PREFIX, event_key, memory_keys
+from service.storage.keys import WORKFLOW_PREFIX, event_key, memory_keys, parked_key, worker_key
 from service.storage.publisher import follow, read_log
 from service.storage.sessions import SessionStore
 from service.storage.transitions import Transition
@@ -113,7 +113,7 @@ async def test_sessions_run_on_the_cluster_with_the_library_elsewhere(
         settings, redis_cluster, library_redis_url=servers.redis_url, reuse="direct"
     )
     worker = await start_worker(settings)
-    first_id, second_id, third_id = await _spread(cluster_redis, "cl", 3)
+    first_id, second_id = await _spread(cluster_redis, "cl", 2)
     subject = f"C-{uuid.uuid4().hex[:6]}"
     first = example("claim_submitted", subject=subject)
     second = example("claim_submitted", subject=subject, data={"claim_id": "C-3001"})
@@ -129,9 +129,13 @@ async def test_sessions_run_on_the_cluster_with_the_library_elsewhere(
         streamed = asyncio.create_task(_stream(http, second_id, opened))
         followed = asyncio.create_task(_follow(cluster_redis, second_id))
         await wait_until(opened.is_set, "the stream open")
-        # Many sessions at once, on every node: checkpoint scripts and transitions go
+        # Many sessions at once, four on each node: checkpoint scripts and transitions go
         # out in pipelines that the cluster client splits by node.
-        crowd = {f"{third_id}-{i}": example("status_requested") for i in range(12)}
+        crowd = {
+            session_id: example("status_requested")
+            for _ in range(4)
+            for session_id in await _spread(cluster_redis, "cl-crowd", 3)
+        }
         for session_id, event in crowd.items():
             await send(producer, settings, event, session_id)
         await send(producer, settings, second, second_id)
@@ -229,7 +233,7 @@ async def test_a_waiting_session_parks_the_next_event_on_the_cluster(
 
     assert [r.status for r in results[answer["id"]]] == ["completed"]
     assert [r.status for r in results[new["id"]]] == ["completed"]
-    assert await cluster_redis.exists(f"agentflow:session:{{{session_id}}}:parked") == 0
+    assert await cluster_redis.exists(parked_key(session_id)) == 0
     log = await read_log(cluster_redis, session_id)
     assert [t.seq for t in log] == list(range(1, len(log) + 1))
     discovered = [t for t in log if t.node == "discover" and t.data]
@@ -277,4 +281,4 @@ async def test_worker_states_are_read_from_every_node(cluster_redis: RedisCluste
         await write_worker_state(cluster_redis, state, ttl_s=30)
     assert set(names) <= {s.name for s in await read_worker_states(cluster_redis)}
     for name in names:
-        await cluster_redis.delete(f"agentflow:worker:{name}")
+        await cluster_redis.delete(worker_key(name))
