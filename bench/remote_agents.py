@@ -159,14 +159,32 @@ async def until(condition: Callable[[], Awaitable[bool]], limit_s: float = 1800)
 
 
 async def warmed_worker(
-    settings: Settings, producer: AIOKafkaProducer, results: Results, answer: Any = None
+    settings: Settings,
+    producer: AIOKafkaProducer,
+    results: Results,
+    answer: Any = None,
+    *,
+    redis: Redis | None = None,
 ) -> subprocess.Popen[bytes]:
-    """A worker that has run one session: imports, group join and pools are in its RSS."""
+    """A worker that has run one session: imports, group join and pools are in its RSS.
+
+    With `redis`, the warm-up session only has to reach a step (its agent's model sleeps
+    for long), not its end.
+    """
     worker = start(settings, "worker", log="worker")
-    warm = await send_all(settings, producer, "warm-" + uuid.uuid4().hex[:4], 1)
+    tag = "warm-" + uuid.uuid4().hex[:4]
+    warm = await send_all(settings, producer, tag, 1)
     if answer is not None:
         answer.release()
-    await results.wait(warm, 300)
+    if redis is None:
+        await results.wait(warm, 300)
+    else:
+
+        async def at_a_step() -> bool:
+            assert redis is not None
+            return await _count(redis, tag, 1, "current_node", "execute_step") >= 1
+
+        await until(at_a_step, 300)
     if answer is not None:
         answer.hold()
     return worker
@@ -297,7 +315,7 @@ async def in_flight(
     redis = Redis.from_url(settings.redis_url or "", decode_responses=True)
     worker: subprocess.Popen[bytes] | None = None
     try:
-        worker = await warmed_worker(settings, producer, results)
+        worker = await warmed_worker(settings, producer, results, redis=redis)
         before = rss_mib(worker.pid)
         tag = uuid.uuid4().hex[:6]
         await send_all(settings, producer, tag, n)
@@ -370,13 +388,14 @@ async def main(args: Any) -> None:
             f"agentflow remote agents benchmark  (offline model, loopback, {os.cpu_count()} cores)"
         )
         if args.part in (None, 1):
-            waiting = await parked(servers, folder, args.sessions)
-            busy = await in_flight(servers, folder, args.sessions, args.latency)
             print(f"\n1) {args.sessions} sessions, worker RSS growth from after a warm-up session")
+            waiting = await parked(servers, folder, args.sessions)
             print(
                 f"   parked on a remote agent : {waiting['growth']:8.1f} MiB"
-                f"   (from {waiting['before']:.0f} MiB)"
+                f"   (from {waiting['before']:.0f} MiB)",
+                flush=True,
             )
+            busy = await in_flight(servers, folder, args.sessions, args.latency)
             print(
                 f"   in flight on a local agent (model sleeping {args.latency:g} s):"
                 f" {busy['growth']:8.1f} MiB   (from {busy['before']:.0f} MiB)"
