@@ -143,13 +143,16 @@ class Results:
                         self.last = time.perf_counter()
 
 
-async def send_all(settings: Settings, producer: AIOKafkaProducer, tag: str, n: int) -> set[str]:
+async def send_all(
+    settings: Settings, producer: AIOKafkaProducer, tag: str, n: int, *, start: int = 0
+) -> set[str]:
+    """Send events start..n-1 of a run (session `s-<tag>-<i>`); return their ids."""
     sent = [
         await producer.send(settings.topic_events, event(i, tag), key=f"s-{tag}-{i}".encode())
-        for i in range(n)
+        for i in range(start, n)
     ]
     await asyncio.gather(*sent)
-    return {f"bench-{tag}-{i}" for i in range(n)}
+    return {f"bench-{tag}-{i}" for i in range(start, n)}
 
 
 async def until(condition: Callable[[], Awaitable[bool]], limit_s: float = 1800) -> None:
@@ -276,18 +279,25 @@ async def parked(servers: LocalServers, folder: Path, n: int) -> dict[str, float
         worker = await warmed_worker(settings, producer, results, host)
         before, redis_before = rss_mib(worker.pid), await redis_used(redis)
         tag = uuid.uuid4().hex[:6]
-        wanted = await send_all(settings, producer, tag, n)
+        half = n // 2
+        # In two halves: what the second half adds is the cost of a parked session itself,
+        # without the working set of the sessions in flight while events arrive.
+        wanted = await send_all(settings, producer, tag, half)
 
-        async def all_wait() -> bool:
-            return await _count(redis, tag, n, "status", "waiting") >= n
+        async def all_wait(count: int) -> bool:
+            return await _count(redis, tag, count, "status", "waiting") >= count
 
-        await until(all_wait)
+        await until(lambda: all_wait(half))
+        halfway = rss_mib(worker.pid)
+        wanted |= await send_all(settings, producer, tag, n, start=half)
+        await until(lambda: all_wait(n))
         waiting = rss_mib(worker.pid)
         redis_per = (await redis_used(redis) - redis_before) / n
         host.release()
         await results.wait(wanted)
         return {
             "growth": waiting - before,
+            "per_session_kib": (waiting - halfway) * 1024 / (n - half),
             "before": before,
             "redis_per_session": redis_per,
             "last_reply_to_last_result": results.last - host.last_reply,
@@ -392,7 +402,8 @@ async def main(args: Any) -> None:
             waiting = await parked(servers, folder, args.sessions)
             print(
                 f"   parked on a remote agent : {waiting['growth']:8.1f} MiB"
-                f"   (from {waiting['before']:.0f} MiB)",
+                f"   (from {waiting['before']:.0f} MiB; the second {args.sessions // 2} added"
+                f" {waiting['per_session_kib']:.1f} KiB per session)",
                 flush=True,
             )
             busy = await in_flight(servers, folder, args.sessions, args.latency)
