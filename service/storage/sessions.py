@@ -35,6 +35,17 @@ return 0
 """
 
 
+# Raise a session's fencing epoch: past the one before, and to Redis's clock in
+# microseconds, so an epoch taken after Redis lost the key (a restart without persistence,
+# an eviction, the TTL) is still newer than every one taken before. ARGV: ttl.
+_TAKE = """
+local now = redis.call('TIME')
+local epoch = math.max(tonumber(redis.call('GET', KEYS[1]) or '0') + 1, now[1] * 1000000 + now[2])
+redis.call('SET', KEYS[1], string.format('%d', epoch), 'EX', ARGV[1])
+return epoch
+"""
+
+
 # Take the first parked event off only while it is the one that ran.
 _UNPARK = """
 if redis.call('LINDEX', KEYS[1], 0) == ARGV[1] then
@@ -75,6 +86,7 @@ class SessionStore:
         self.ttl_s = ttl_s
         self._release = self.redis.register_script(_RELEASE_CLAIM)
         self._unpark = self.redis.register_script(_UNPARK)
+        self._take = self.redis.register_script(_TAKE)
 
     def __repr__(self) -> str:
         return f"SessionStore(ttl_s={self.ttl_s})"
@@ -187,13 +199,10 @@ class SessionStore:
         Checkpoint writes and transitions that carry an older epoch are refused from
         then on (`StaleWriter`), so a run that lost its session (a rebalance, a grace
         period run out) cannot fork the session's checkpoints. The epoch is kept as long
-        as a finished session's record.
+        as a finished session's record, and is never below Redis's clock (microseconds):
+        a run that began before Redis lost the key is fenced off all the same.
         """
-        async with self.redis.pipeline(transaction=True) as pipe:
-            pipe.incr(epoch_key(session_id))
-            pipe.expire(epoch_key(session_id), self.ttl_s)
-            epoch, _ = await pipe.execute()
-        return int(epoch)
+        return int(await self._take(keys=[epoch_key(session_id)], args=[self.ttl_s]))
 
     async def claim_event(self, event_id: str, session_id: str) -> tuple[EventClaim, str]:
         """Take an event id for a session, or say how far it got before and whose it is.

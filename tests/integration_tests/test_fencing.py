@@ -102,19 +102,20 @@ async def test_the_older_of_two_runners_is_fenced_at_its_next_write(
 
     older = asyncio.create_task(runner("older").start(event, session_id))
     await wait_until(hold.held.is_set, "the older run to be inside a model call")
-    assert await _epoch(redis, session_id) == 1
+    first_epoch = await _epoch(redis, session_id)
     # The same event again on another runner, as a new owner of the partition runs it.
     newer = asyncio.create_task(runner("newer").start(event, session_id))
     await wait_until(lambda: sent["newer"], "the newer run to take the session")
-    assert await _epoch(redis, session_id) == 2
+    second_epoch = await _epoch(redis, session_id)
+    assert second_epoch > first_epoch
     hold.release()
 
     with pytest.raises(StaleWriter) as fenced:
         await older
     assert (fenced.value.session_id, fenced.value.epoch, fenced.value.current) == (
         session_id,
-        1,
-        2,
+        first_epoch,
+        second_epoch,
     )
     result = await newer
     assert result.status == "completed" and result.event_id == event.id
@@ -131,7 +132,8 @@ async def test_the_older_of_two_runners_is_fenced_at_its_next_write(
     took_over = sent["newer"][0].seq
     assert all(t.seq < took_over for t in older_published)
     assert any(not t.seq for t in sent["older"])  # the older run did try: it was refused
-    assert {t.epoch for t in sent["older"]} == {1} and {t.epoch for t in sent["newer"]} == {2}
+    assert {t.epoch for t in sent["older"]} == {first_epoch}
+    assert {t.epoch for t in sent["newer"]} == {second_epoch}
     assert log[-1].type == "session.completed"
 
 
@@ -178,7 +180,7 @@ async def test_a_stale_write_is_refused_and_writes_nothing(redis: Redis, saver: 
         saver.aput(config(other, None), checkpoint(), {}, {"a": 1}),
         return_exceptions=True,
     )
-    assert isinstance(refused, StaleWriter) and (refused.epoch, refused.current) == (1, 2)
+    assert isinstance(refused, StaleWriter) and (refused.epoch, refused.current) == (stale, current)
     assert not isinstance(kept, BaseException)
     assert await saver.aget_tuple(config(session_id, None)) is None
 
@@ -197,6 +199,16 @@ async def test_a_stale_write_is_refused_and_writes_nothing(redis: Redis, saver: 
         await saver.aput(config("a}b", 1), checkpoint(), {}, {"a": 1})
     for thread_id in (session_id, other):
         await saver.adelete_thread(thread_id)
+
+
+async def test_epochs_only_grow_even_when_redis_loses_the_key(redis: Redis) -> None:
+    store = SessionStore(redis, ttl_s=600)
+    session_id = f"fence-{uuid.uuid4().hex[:6]}"
+    taken = [await store.take(session_id) for _ in range(5)]
+    assert taken == sorted(set(taken))  # one after the other, within a microsecond too
+    await redis.delete(epoch_key(session_id))  # as a restart without persistence loses it
+    assert await store.take(session_id) > taken[-1]
+    assert 0 < await redis.ttl(epoch_key(session_id)) <= 600
 
 
 async def test_a_fenced_worker_sends_no_result_and_leaves_the_offset(
@@ -221,8 +233,13 @@ async def test_a_fenced_worker_sends_no_result_and_leaves_the_offset(
     first = await start_worker(first_settings, name="first")
     await send(producer, first_settings, raw, session_id)
     await wait_until(hold.held.is_set, "the first worker's run to be inside a model call")
+    first_epoch = await _epoch(redis, session_id)
     await start_worker(second_settings, name="second")
-    await wait_until(lambda: _took_over(redis, session_id), "the second worker to take the session")
+
+    async def taken_over() -> bool:
+        return await _epoch(redis, session_id) > first_epoch
+
+    await wait_until(taken_over, "the second worker to take the session")
     hold.release()
 
     def fenced() -> bool:
@@ -247,10 +264,6 @@ async def test_a_fenced_worker_sends_no_result_and_leaves_the_offset(
     await wait_until(
         lambda: _offsets_are(second_settings, (1, 1)), "the second worker to commit the event"
     )
-
-
-async def _took_over(redis: Redis, session_id: str) -> bool:
-    return await _epoch(redis, session_id) == 2
 
 
 async def _offsets_are(settings: Settings, wanted: tuple[int, int]) -> bool:
