@@ -23,7 +23,7 @@ from nodes.library import InMemoryWorkflowLibrary
 from nodes.models import CloudEvent
 from service.config import Settings, load_settings
 from service.devtools.servers import LocalServers
-from service.errors import StaleWriter
+from service.errors import EpochLost, StaleWriter
 from service.runtime.runner import SessionRunner
 from service.storage.checkpointer import EPOCH_CONFIG_KEY, RedisSaver
 from service.storage.checkpoints import checkpoint_serde
@@ -194,11 +194,40 @@ async def test_a_stale_write_is_refused_and_writes_nothing(redis: Redis, saver: 
     assert stored is not None
     assert sorted(stored.pending_writes) == [("other", "b", "w"), ("task", "a", "z")]
 
+    # Redis lost the epoch (a restart without persistence): the run cannot prove it still
+    # holds the session, and is refused as during an outage.
+    await redis.delete(epoch_key(session_id))
+    with pytest.raises(EpochLost):
+        await saver.aput(config(session_id, current), checkpoint(), {}, {"a": 1})
+    assert len([t async for t in saver.alist(config(session_id, None))]) == 1
+
     # A thread id that is no hash tag would put the epoch key in another slot.
     with pytest.raises(ValueError, match="cannot be fenced"):
         await saver.aput(config("a}b", 1), checkpoint(), {}, {"a": 1})
     for thread_id in (session_id, other):
         await saver.adelete_thread(thread_id)
+
+
+async def test_a_transition_of_a_run_that_no_longer_holds_the_session_is_not_sent(
+    redis: Redis,
+) -> None:
+    store = SessionStore(redis, ttl_s=600)
+    publisher = TransitionPublisher(redis, ttl_s=600)
+    session_id = f"fence-{uuid.uuid4().hex[:6]}"
+
+    def started(epoch: int | None) -> Transition:
+        return Transition(session_id=session_id, type="node.started", node="plan", epoch=epoch)
+
+    stale = await store.take(session_id)
+    current = await store.take(session_id)
+    await publisher.publish(started(current))
+    await publisher.publish(started(None))  # not fenced
+    with pytest.raises(StaleWriter):
+        await publisher.publish(started(stale))
+    await redis.delete(epoch_key(session_id))
+    with pytest.raises(EpochLost):
+        await publisher.publish(started(current))
+    assert [t.seq for t in await read_log(redis, session_id)] == [1, 2]
 
 
 async def test_epochs_only_grow_even_when_redis_loses_the_key(redis: Redis) -> None:
