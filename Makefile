@@ -29,8 +29,8 @@ typecheck: $(STAMP)
 	$(BIN)/mypy graphs nodes service
 
 # The layering contracts in pyproject.toml: graphs/nodes never import service/, and the
-# rooms of service/ import only downwards (cli > devtools > gateway|worker > client >
-# runtime > bootstrap > observe > storage > config > errors), every room is in a layer, and
+# rooms of service/ import only downwards (cli > devtools > gateway|worker|agents > client >
+# runtime > kafka > bootstrap > observe > storage > config > errors), every room is in a layer, and
 # no package of service/ has a cycle between its modules.
 layers: $(STAMP)
 	$(BIN)/lint-imports

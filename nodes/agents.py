@@ -6,17 +6,18 @@ import importlib
 import inspect
 import logging
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from functools import lru_cache
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 from langchain_core.tools import BaseTool, StructuredTool
-from pydantic import BaseModel, Field, ValidationError
+from pydantic import BaseModel, Field, ValidationError, model_validator
 
 from nodes.errors import AgentConfigError
 from nodes.models import format_validation_error
+from nodes.protocol import agent_name_problem
 
 __all__ = ["AgentRegistry", "AgentSpec", "load_agents"]
 
@@ -24,14 +25,44 @@ logger = logging.getLogger(__name__)
 
 
 class AgentSpec(BaseModel):
-    """One agent: who it is, what it can do, how it is prompted and its tools."""
+    """One agent: who it is, what it can do, where it runs, how it is prompted and its tools.
+
+    An agent that `runs: kafka` is hosted elsewhere (`agentflow agents serve`, or any
+    service that speaks the agents protocol): the orchestrator needs only its name,
+    description and capabilities; its system prompt, tools and model are its host's.
+    """
 
     name: str = Field(min_length=1, pattern=r"^[A-Za-z0-9_.-]+$")
     description: str = Field(min_length=1)
     capabilities: list[str] = Field(default_factory=list)
-    system_prompt: str = Field(min_length=1)
+    runs: Literal["local", "kafka"] = Field(
+        default="local",
+        description="`local`: in the worker's process; `kafka`: by a host, over Kafka.",
+    )
+    system_prompt: str | None = Field(default=None, min_length=1)
     tools: list[str] = Field(default_factory=list, description="Dotted import paths.")
     model: str | None = Field(default=None, description="`provider:model` for this agent.")
+    timeout_s: float | None = Field(
+        default=None,
+        gt=0,
+        description="How long a task of a `kafka` agent may take; AGENTFLOW_AGENT_TIMEOUT_S "
+        "when unset.",
+    )
+    max_attempts: int = Field(
+        default=2, ge=1, description="How often a `kafka` agent's task is sent before it fails."
+    )
+
+    @model_validator(mode="after")
+    def _fits_where_it_runs(self) -> AgentSpec:
+        if self.runs == "kafka":
+            if (problem := agent_name_problem(self.name)) is not None:
+                raise ValueError(f"it runs on Kafka, so its name is in a topic name: {problem}")
+        elif self.system_prompt is None:
+            raise ValueError(
+                "it runs locally (`runs: local`, the default) and needs a `system_prompt`; "
+                "an agent another service hosts says `runs: kafka`"
+            )
+        return self
 
     def card(self) -> dict[str, Any]:
         """Return what the assigner sees of the agent."""
@@ -70,11 +101,19 @@ def _as_tool(func: Callable[..., Any]) -> BaseTool:
 
 
 class AgentRegistry:
-    """The agents steps can be assigned to, with their tools ready to call."""
+    """The agents steps can be assigned to, with the tools of those that run here."""
 
-    def __init__(self, agents: list[AgentSpec], tools: dict[str, list[BaseTool]]) -> None:
+    def __init__(
+        self,
+        agents: list[AgentSpec],
+        tools: dict[str, list[BaseTool]],
+        *,
+        hosted: Collection[str] = (),
+    ) -> None:
         self._agents = {agent.name: agent for agent in agents}
         self._tools = tools
+        self.hosted = list(hosted)
+        """The agents this process hosts for others (`agentflow agents serve`)."""
 
     def __repr__(self) -> str:
         return f"AgentRegistry({', '.join(self._agents)})"
@@ -87,6 +126,11 @@ class AgentRegistry:
         """Agent names in file order."""
         return list(self._agents)
 
+    @property
+    def remote_names(self) -> list[str]:
+        """Names of the agents that run over Kafka (`runs: kafka`), in file order."""
+        return [a.name for a in self._agents.values() if a.runs == "kafka"]
+
     def get(self, name: str) -> AgentSpec:
         """Return one agent.
 
@@ -96,7 +140,7 @@ class AgentRegistry:
         return self._agents[name]
 
     def tools_of(self, name: str) -> list[BaseTool]:
-        """Return the callable tools of one agent."""
+        """Return the callable tools of one agent (none for an agent hosted elsewhere)."""
         return self._tools.get(name, [])
 
     def catalogue(self) -> list[dict[str, Any]]:
@@ -104,8 +148,14 @@ class AgentRegistry:
         return [agent.card() for agent in self._agents.values()]
 
     @classmethod
-    def from_yaml(cls, path: str | Path) -> AgentRegistry:
+    def from_yaml(cls, path: str | Path, *, hosted: Collection[str] = ()) -> AgentRegistry:
         """Load and check an agents file.
+
+        Args:
+            path: the YAML file.
+            hosted: agents this process hosts for others (`agentflow agents serve`):
+                each must be in the file with a system prompt, and its tools are
+                imported like a local agent's. Tools of other `kafka` agents are not.
 
         Raises:
             AgentConfigError: with one sentence naming the file and what to fix.
@@ -128,15 +178,31 @@ class AgentRegistry:
             try:
                 agent = AgentSpec.model_validate(item)
             except ValidationError as exc:
-                what = f"agent #{index + 1} in {path}"
-                raise AgentConfigError(format_validation_error(exc, what)) from None
+                raise AgentConfigError(_problem(exc, item, index, path)) from None
             if any(a.name == agent.name for a in agents):
                 raise AgentConfigError(
                     f"agent name '{agent.name}' appears twice in {path}; names must be unique"
                 )
             agents.append(agent)
+        names = [a.name for a in agents]
+        for name in hosted:
+            if name not in names:
+                raise AgentConfigError(
+                    f"there is no agent '{name}' to host in {path}; it has {', '.join(names)}"
+                )
+            if (problem := agent_name_problem(name)) is not None:
+                raise AgentConfigError(
+                    f"agent '{name}' in {path} cannot be hosted: its name is part of a topic "
+                    f"name and {problem}"
+                )
         tools: dict[str, list[BaseTool]] = {}
         for agent in agents:
+            if agent.runs == "kafka" and agent.name not in hosted:
+                continue
+            if agent.system_prompt is None:
+                raise AgentConfigError(
+                    f"agent '{agent.name}' in {path} is hosted here and needs a `system_prompt`"
+                )
             tools[agent.name] = []
             for tool_path in agent.tools:
                 try:
@@ -147,16 +213,30 @@ class AgentRegistry:
                         f"imported ({exc}); fix the dotted path"
                     ) from None
                 tools[agent.name].append(_as_tool(func))
-        return cls(agents, tools)
+        return cls(agents, tools, hosted=hosted)
+
+
+def _problem(exc: ValidationError, item: Any, index: int, path: Path) -> str:
+    """Say what is wrong with the agent at `index`: its fields, or where it runs."""
+    name = item.get("name") if isinstance(item, dict) else None
+    who = f"agent '{name}'" if isinstance(name, str) and name else f"agent #{index + 1}"
+    rules = [e for e in exc.errors() if not e["loc"] and "error" in e.get("ctx", {})]
+    if rules:
+        return f"{who} in {path}: {rules[0]['ctx']['error']}"
+    return format_validation_error(exc, f"{who} in {path}")
 
 
 @lru_cache(maxsize=16)
-def _load_cached(path: str, mtime: float) -> AgentRegistry:
-    return AgentRegistry.from_yaml(path)
+def _load_cached(path: str, mtime: float, hosted: tuple[str, ...]) -> AgentRegistry:
+    return AgentRegistry.from_yaml(path, hosted=hosted)
 
 
-def load_agents(path: str | Path) -> AgentRegistry:
+def load_agents(path: str | Path, *, hosted: Collection[str] = ()) -> AgentRegistry:
     """Load an agents file, reusing the parsed registry until the file changes.
+
+    Args:
+        path: the agents file.
+        hosted: agents this process hosts for others (see `AgentRegistry.from_yaml`).
 
     Raises:
         AgentConfigError: the file cannot be used.
@@ -166,4 +246,4 @@ def load_agents(path: str | Path) -> AgentRegistry:
         mtime = resolved.stat().st_mtime
     except OSError:
         mtime = -1.0
-    return _load_cached(str(resolved), mtime)
+    return _load_cached(str(resolved), mtime, tuple(hosted))

@@ -50,6 +50,13 @@ class WorkflowContext:
     model_timeout_s: float = field(
         default=60.0, metadata={"description": "Timeout of one model call, in seconds."}
     )
+    agent_timeout_s: float = field(
+        default=300.0,
+        metadata={
+            "description": "How long a task of a `runs: kafka` agent may take when the "
+            "agents file does not say (its `timeout_s`), in seconds."
+        },
+    )
     max_similar: int = field(
         default=3, metadata={"description": "How many similar workflows discovery keeps."}
     )

@@ -14,6 +14,8 @@ __all__ = [
     "ModelCallError",
     "ModelConfigError",
     "PlanError",
+    "RemoteAgentError",
+    "ProtocolError",
     "StructuredOutputError",
     "WorkflowError",
 ]
@@ -73,3 +75,14 @@ class StructuredOutputError(ModelCallError, ValueError):
 
 class PlanError(WorkflowError, ValueError):
     """The planner's plan is invalid and could not be repaired."""
+
+
+class RemoteAgentError(WorkflowError, RuntimeError):
+    """A remote agent answered a step's task with a failure, or did not answer in time."""
+
+
+class ProtocolError(WorkflowError, ValueError):
+    """A message of the agents protocol cannot be read; the message says what is wrong.
+
+    It is the reason its record is dead-lettered with.
+    """

@@ -3,12 +3,17 @@
 from __future__ import annotations
 
 import asyncio
+import hashlib
+import inspect
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from dataclasses import dataclass
 from datetime import datetime
+from functools import partial
 from typing import Annotated, Any, Literal
 
+from langchain_core.language_models import BaseChatModel
 from langchain_core.messages import (
     AIMessage,
     BaseMessage,
@@ -18,20 +23,35 @@ from langchain_core.messages import (
     ToolMessage,
 )
 from langchain_core.tools import BaseTool, InjectedToolArg, StructuredTool
+from langgraph.config import get_config
+from langgraph.errors import GraphBubbleUp
 from langgraph.runtime import Runtime
-from langgraph.types import Send
+from langgraph.types import Send, interrupt
 from pydantic import ValidationError
 
 from nodes._llm import bind_tools, chat_model, invoke, model_name
 from nodes._runtime import context_of, dumps, write
-from nodes.agents import AgentRegistry, load_agents
+from nodes.agents import AgentRegistry, AgentSpec, load_agents
 from nodes.chat_models import MODEL_MAX_ATTEMPTS, is_retryable
 from nodes.context import WorkflowContext
-from nodes.models import SessionNote, Step, Usage, subject_namespace
+from nodes.errors import RemoteAgentError
+from nodes.models import CloudEvent, SessionNote, Step, Usage, subject_namespace
 from nodes.prompts import STEP_AGENT_PROMPT, STEP_TASK_PROMPT
+from nodes.protocol import AgentReply, ConversationMessage, TaskStep
 from nodes.state import StepTask, WorkflowState
 
-__all__ = ["dispatch_ready_steps", "execute", "execute_step", "ready_steps", "recall_subject"]
+__all__ = [
+    "AGENT_TASK",
+    "AgentTurn",
+    "agent_task_id",
+    "dispatch_ready_steps",
+    "execute",
+    "execute_step",
+    "ready_steps",
+    "recall_subject",
+    "run_agent_turn",
+    "step_task_message",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -134,55 +154,100 @@ RECALL_TOOL: BaseTool = StructuredTool.from_function(
 the store and the subject are filled in per call, so its binding to a model is reused."""
 
 
-async def _run_agent(
-    name: str,
-    registry: AgentRegistry,
-    context: WorkflowContext,
-    history: Sequence[BaseMessage],
-    turn: list[BaseMessage],
-    runtime: Runtime[WorkflowContext],
-    step: Step,
-    injected: dict[str, dict[str, Any]],
-) -> tuple[str, Usage, str]:
-    """Let one agent work on the step in a bounded tool-calling loop.
+@dataclass
+class AgentTurn:
+    """What one agent's turn on a step produced."""
 
-    Appends the agent's messages to `turn` and returns its answer, usage and model name.
-    `injected` holds arguments the model does not see, by tool name (the recall tool's
-    store and subject); a tool named there is offered to the agent.
+    messages: list[BaseMessage]
+    """Its messages in order: its answers (named after it) and the results of its tools."""
+    answer: str
+    """Its last answer with text: the step's output when it works alone."""
+    usage: Usage
+    """The model calls and tokens it spent."""
+    model: str
+    """The name of the model that answered."""
+
+
+def step_task_message(
+    step: Step | TaskStep,
+    event: CloudEvent,
+    *,
+    intent: str,
+    inputs: Mapping[str, str],
+    feedback: Sequence[str],
+) -> HumanMessage:
+    """Return the message that gives agents a step: the first of the step's turn."""
+    return HumanMessage(
+        STEP_TASK_PROMPT.format(
+            intent=intent,
+            step=dumps(step.model_dump(include={"id", "title", "description"})),
+            inputs=dumps(dict(inputs)),
+            feedback="; ".join(feedback[-3:]) or "none",
+            event=dumps(event.model_dump(mode="json", exclude_none=True)),
+        )
+    )
+
+
+async def run_agent_turn(
+    agent: AgentSpec,
+    conversation: Sequence[BaseMessage],
+    *,
+    model: BaseChatModel,
+    tools: Sequence[BaseTool] = (),
+    max_iterations: int,
+    timeout_s: float,
+    on_message: Callable[[BaseMessage], Awaitable[None] | None] | None = None,
+    injected: Mapping[str, dict[str, Any]] | None = None,
+) -> AgentTurn:
+    """Let one agent take its turn on a step, in a bounded tool-calling loop.
+
+    The worker runs it for a local agent, `agentflow agents serve` for a hosted one.
+
+    Args:
+        agent: the agent, with its system prompt.
+        conversation: the step's conversation so far, its task message first
+            (`step_task_message`), then earlier turns.
+        model: the agent's chat model.
+        tools: the tools it may call.
+        max_iterations: model calls at most; then the turn ends with what it has.
+        timeout_s: timeout of one model call.
+        on_message: called with each message of the turn as it is produced (awaited
+            when it returns an awaitable).
+        injected: arguments the model does not see, by tool name (the recall tool's
+            store and subject).
+
+    Raises:
+        ModelCallError: a model call gave no usable answer (see `nodes._llm.invoke`).
     """
-    agent = registry.get(name)
-    tools = [*registry.tools_of(name), *([RECALL_TOOL] if RECALL_TOOL.name in injected else [])]
-    model = chat_model(context, "execute", agent.model)
     bound = bind_tools(model, tuple(tools)) if tools else model
     by_name = {t.name: t for t in tools}
-    system = SystemMessage(STEP_AGENT_PROMPT.format(system_prompt=agent.system_prompt, agent=name))
+    system = SystemMessage(
+        STEP_AGENT_PROMPT.format(system_prompt=agent.system_prompt or "", agent=agent.name)
+    )
+    turn: list[BaseMessage] = []
+
+    async def add(message: BaseMessage) -> None:
+        turn.append(message)
+        if on_message is not None and inspect.isawaitable(done := on_message(message)):
+            await done
+
     usage = Usage()
     answer = ""
     ai = AIMessage(content="")
-    for _ in range(context.max_tool_iterations):
+    for _ in range(max_iterations):
         ai, used = await invoke(
-            bound, [system, *history, *turn], node="execute", timeout_s=context.model_timeout_s
+            bound, [system, *conversation, *turn], node="execute", timeout_s=timeout_s
         )
         usage = usage + used
-        ai.name = name
-        turn.append(ai)
+        ai.name = agent.name
         answer = ai.text or answer
-        write(
-            runtime,
-            {
-                "type": "agent.message",
-                "step_id": step.id,
-                "agent": name,
-                "content": ai.text[:2000],
-                "tool_calls": [c["name"] for c in ai.tool_calls],
-            },
-        )
+        await add(ai)
         if not ai.tool_calls and not ai.invalid_tool_calls:
             break
         for call in ai.tool_calls:
-            turn.append(await _call_tool(call, by_name, injected))
+            await add(await _call_tool(call, by_name, injected or {}))
         for bad in ai.invalid_tool_calls:  # arguments that are not JSON: let the model retry
-            turn.append(
+            await add(
                 ToolMessage(
                     f"the arguments of your {bad.get('name')} call are not valid JSON: "
                     f"{bad.get('error') or bad.get('args')}",
@@ -191,12 +256,12 @@ async def _run_agent(
                 )
             )
     else:
-        answer = answer or f"stopped after {context.max_tool_iterations} model turns"
-    return answer, usage, model_name(model, ai)
+        answer = answer or f"stopped after {max_iterations} model turns"
+    return AgentTurn(messages=turn, answer=answer, usage=usage, model=model_name(model, ai))
 
 
 async def _call_tool(
-    call: ToolCall, by_name: dict[str, BaseTool], injected: dict[str, dict[str, Any]]
+    call: ToolCall, by_name: dict[str, BaseTool], injected: Mapping[str, dict[str, Any]]
 ) -> BaseMessage:
     """Run one tool call; a call the tools cannot take is answered with an error."""
     tool = by_name.get(call["name"])
@@ -219,6 +284,42 @@ async def _call_tool(
     return result
 
 
+def _record_message(
+    turn: list[BaseMessage],
+    runtime: Runtime[WorkflowContext],
+    step_id: str,
+    agent: str,
+    message: BaseMessage,
+) -> None:
+    """Keep a local agent's message in the step's turn; its answers are transitions too."""
+    turn.append(message)
+    if isinstance(message, AIMessage):
+        write(
+            runtime,
+            {
+                "type": "agent.message",
+                "step_id": step_id,
+                "agent": agent,
+                "content": message.text[:2000],
+                "tool_calls": [c["name"] for c in message.tool_calls],
+            },
+        )
+
+
+AGENT_TASK = "agent_task"
+"""The `kind` of an interrupt that waits for a remote agent's reply (a human's has none)."""
+
+
+def agent_task_id(session_id: str, step: Step, turn: int, attempt: int) -> str:
+    """The id of a remote agent's task: the same every time the step's node runs again.
+
+    Made of the session, the step and its round (`attempts`: a revised step runs in a new
+    round), the turn and the task's attempt.
+    """
+    raw = "\0".join((session_id, step.id, str(step.attempts), str(turn), str(attempt)))
+    return hashlib.sha256(raw.encode()).hexdigest()[:32]
+
+
 async def execute_step(
     task: StepTask,
     runtime: Runtime[WorkflowContext],
@@ -230,6 +331,12 @@ async def execute_step(
     Transient errors are raised while the node's retry policy has attempts left; after
     the last attempt the step is marked failed so the review sees it.
 
+    A turn of a remote agent (`runs: kafka`) is a wait: the node interrupts with the
+    agent's task (kind `agent_task`), the worker sends it, and the reply resumes the node.
+    LangGraph runs an interrupted node again from its start on every resume, so a wait
+    always begins a node: local turns before it end the node with the step still
+    pending at that turn, and `execute` sends the step here again.
+
     Args:
         task: the step and what it needs, from `dispatch_ready_steps`.
         runtime: the run's runtime.
@@ -240,39 +347,75 @@ async def execute_step(
     info = runtime.execution_info
     attempt = info.node_attempt if info is not None else max_attempts
     started = time.monotonic()
-    write(runtime, {"type": "step.started", "step_id": step.id, "agents": step.agents})
-    feedback = "; ".join(task.get("feedback", [])[-3:]) or "none"
-    turn: list[BaseMessage] = [
-        HumanMessage(
-            STEP_TASK_PROMPT.format(
+    history: list[BaseMessage] = list(task.get("history", []))
+    event = task["event"]
+    turn: list[BaseMessage] = []
+    if step.turn == 0 and step.task_attempt == 1:  # a new round: the step's task opens it
+        write(runtime, {"type": "step.started", "step_id": step.id, "agents": step.agents})
+        turn.append(
+            step_task_message(
+                step,
+                event,
                 intent=task.get("intent", ""),
-                step=dumps(step.model_dump(include={"id", "title", "description"})),
-                inputs=dumps(task.get("inputs", {})),
-                feedback=feedback,
-                event=dumps(task["event"].model_dump(mode="json", exclude_none=True)),
+                inputs=task.get("inputs", {}),
+                feedback=task.get("feedback", []),
             )
         )
-    ]
     usage = Usage()
     models: list[str] = []
-    answers: list[tuple[str, str]] = []
+    local: dict[str, str] = {}  # answers of the local turns this time
     update: dict[str, Any]
     try:
         registry = await asyncio.to_thread(load_agents, context.agents_file)
-        event = task["event"]
         injected = (
             {RECALL_TOOL.name: {"store": runtime.store, "subject": event.subject}}
             if runtime.store is not None and event.subject
             else {}
         )
-        for name in step.agents or registry.names[:1]:
-            answer, used, model = await _run_agent(
-                name, registry, context, task.get("history", []), turn, runtime, step, injected
-            )
-            usage, answers = usage + used, [*answers, (name, answer)]
-            models.append(model)
-        output = answers[-1][1] if len(answers) == 1 else "\n".join(f"{n}: {a}" for n, a in answers)
+        names = step.agents or registry.names[:1]
+        for index in range(step.turn, len(names)):
+            name = names[index]
+            agent = registry.get(name)
+            if agent.runs != "kafka":
+                tools = [*registry.tools_of(name), *([RECALL_TOOL] if injected else [])]
+                agent_turn = await run_agent_turn(
+                    agent,
+                    [*history, *turn],
+                    model=chat_model(context, "execute", agent.model),
+                    tools=tools,
+                    max_iterations=context.max_tool_iterations,
+                    timeout_s=context.model_timeout_s,
+                    on_message=partial(_record_message, turn, runtime, step.id, name),
+                    injected=injected,
+                )
+                usage, local[name] = usage + agent_turn.usage, agent_turn.answer
+                models.append(agent_turn.model)
+                continue
+            if index > step.turn:  # the wait begins a node of its own
+                pending = step.model_copy(update={"turn": index, "task_attempt": 1})
+                return _step_update(pending, turn, usage, models)
+            reply = _wait_for_agent(task, step, name, context, registry, [*history, *turn])
+            turn += reply.conversation()
+            if reply.output and not _answered(turn, name, reply.output):
+                turn.append(AIMessage(content=reply.output, name=name))
+            if reply.usage is not None:
+                usage = usage + Usage(**reply.usage.model_dump())
+            if reply.status == "timeout":
+                if step.task_attempt < agent.max_attempts:
+                    again = step.model_copy(update={"task_attempt": step.task_attempt + 1})
+                    return _step_update(again, turn, usage, models)
+                timeout_s = agent.timeout_s or context.agent_timeout_s
+                raise RemoteAgentError(f"agent {name} did not answer within {timeout_s:g} s")
+            if reply.status != "done":
+                raise RemoteAgentError(f"agent {name} failed: {reply.error or 'no reason given'}")
+        answers = [(n, local.get(n) or a) for n, a in _round_answers([*history, *turn], names)]
+        output = answers[0][1] if len(answers) == 1 else "\n".join(f"{n}: {a}" for n, a in answers)
         update = {"status": "done", "output": output, "error": None}
+    except GraphBubbleUp:  # the wait's interrupt
+        raise
+    except RemoteAgentError as exc:
+        logger.warning("step %s failed: %s", step.id, exc)
+        update = {"status": "failed", "output": "", "error": str(exc)}
     except Exception as exc:
         if attempt < max_attempts and is_retryable(exc):
             raise
@@ -280,7 +423,13 @@ async def execute_step(
         update = {"status": "failed", "output": "", "error": f"{type(exc).__name__}: {exc}"}
     duration_ms = int((time.monotonic() - started) * 1000)
     done = step.model_copy(
-        update={**update, "attempts": step.attempts + 1, "duration_ms": duration_ms}
+        update={
+            **update,
+            "attempts": step.attempts + 1,
+            "duration_ms": duration_ms,
+            "turn": 0,
+            "task_attempt": 1,
+        }
     )
     write(
         runtime,
@@ -292,9 +441,68 @@ async def execute_step(
             "error": done.error,
         },
     )
-    return {
-        "steps": [done],
-        "conversations": {step.id: turn},
-        "usage": usage,
-        "models": models,
-    }
+    return _step_update(done, turn, usage, models)
+
+
+def _step_update(
+    step: Step, turn: list[BaseMessage], usage: Usage, models: list[str]
+) -> dict[str, Any]:
+    return {"steps": [step], "conversations": {step.id: turn}, "usage": usage, "models": models}
+
+
+def _wait_for_agent(
+    task: StepTask,
+    step: Step,
+    name: str,
+    context: WorkflowContext,
+    registry: AgentRegistry,
+    conversation: list[BaseMessage],
+) -> AgentReply:
+    """Interrupt with a remote agent's task; return its reply (the value the run resumes with).
+
+    Everything here is the same each time the node runs again, the task id first. The
+    worker turns the payload into the protocol's task (with its deadline and reply topic).
+    """
+    spec = registry.get(name)
+    session_id = str(get_config()["configurable"]["thread_id"])
+    task_id = agent_task_id(session_id, step, step.turn, step.task_attempt)
+    answer = interrupt(
+        {
+            "kind": AGENT_TASK,
+            "task_id": task_id,
+            "agent": name,
+            "attempt": step.task_attempt,
+            "timeout_s": spec.timeout_s or context.agent_timeout_s,
+            "step": step.model_dump(include={"id", "title", "description"}),
+            "intent": task.get("intent", ""),
+            "event": task["event"].model_dump(mode="json", exclude_none=True),
+            "inputs": task.get("inputs", {}),
+            "feedback": task.get("feedback", []),
+            "history": [
+                ConversationMessage.of(m).model_dump(mode="json", exclude_none=True)
+                for m in conversation
+            ],
+        }
+    )
+    try:
+        reply = AgentReply.model_validate(answer)
+    except ValidationError as exc:
+        raise RemoteAgentError(f"agent {name}: its reply cannot be read ({exc})") from None
+    if reply.task_id != task_id:
+        raise RemoteAgentError(f"agent {name}: the run was resumed with another task's reply")
+    return reply
+
+
+def _answered(turn: list[BaseMessage], name: str, output: str) -> bool:
+    last = next((m for m in reversed(turn) if isinstance(m, AIMessage)), None)
+    return last is not None and last.name == name and last.text == output
+
+
+def _round_answers(conversation: list[BaseMessage], names: list[str]) -> list[tuple[str, str]]:
+    """Each agent's last answer in the step's latest round (since its last task message)."""
+    opened = max((i for i, m in enumerate(conversation) if isinstance(m, HumanMessage)), default=-1)
+    answers: dict[str, str] = {}
+    for message in conversation[opened + 1 :]:
+        if isinstance(message, AIMessage) and message.name in names and message.text:
+            answers[message.name] = message.text
+    return [(n, answers.get(n, "")) for n in dict.fromkeys(names)]

@@ -24,9 +24,11 @@ from nodes.errors import EventValidationError
 
 __all__ = [
     "AgentChoice",
+    "AgentWait",
     "AssignmentDraft",
     "BasedOn",
     "CloudEvent",
+    "CloudEventAttributes",
     "EventLimits",
     "MULTITASK_STRATEGIES",
     "MultitaskStrategy",
@@ -59,9 +61,13 @@ RESUME_EVENT_TYPE = "agentflow.resume"
 MultitaskStrategy = Literal["reject", "enqueue", "interrupt", "rollback"]
 """What a new event does to a session that is busy (running, or waiting for a human)."""
 MULTITASK_STRATEGIES: tuple[MultitaskStrategy, ...] = ("reject", "enqueue", "interrupt", "rollback")
-ResultStatus = Literal["completed", "failed", "interrupted", "refused", "superseded", "rolled_back"]
+ResultStatus = Literal[
+    "completed", "failed", "interrupted", "refused", "superseded", "rolled_back", "waiting"
+]
 """How an event's run ended. `refused`, `superseded` and `rolled_back` are a double
-text's doing: the event was refused, or its run was stopped by a newer event."""
+text's doing: the event was refused, or its run was stopped by a newer event. `waiting`
+is never published: the run waits for remote agents, and the event's result comes when a
+later run of it (resumed by their replies) reaches one of the other ends."""
 CANCEL_EVENT_TYPE = "agentflow.cancel"
 
 
@@ -176,8 +182,11 @@ def exceeds_json_depth(document: bytes | str | Any, limit: int) -> bool:
     return False
 
 
-class CloudEvent(BaseModel):
-    """A CloudEvents 1.0 event in structured-mode JSON, with the `sessionid` extension."""
+class CloudEventAttributes(BaseModel):
+    """The context attributes of a CloudEvents 1.0 event in structured-mode JSON.
+
+    Other attributes (extensions) are kept as they come.
+    """
 
     model_config = ConfigDict(extra="allow")
 
@@ -188,6 +197,20 @@ class CloudEvent(BaseModel):
     subject: str | None = Field(default=None, description="What the event is about.")
     time: datetime | None = Field(default=None, description="When the event happened.")
     datacontenttype: str | None = Field(default="application/json")
+
+    @field_validator("id")
+    @classmethod
+    def _id_has_no_control_characters(cls, value: str) -> str:
+        if bad := _CONTROL_CHAR.search(value):
+            raise ValueError(
+                f"must not contain control characters ({bad.group()!r} at {bad.start()})"
+            )
+        return value
+
+
+class CloudEvent(CloudEventAttributes):
+    """A CloudEvents 1.0 event in structured-mode JSON, with the `sessionid` extension."""
+
     data: Any = Field(default=None, description="The event payload.")
     sessionid: SessionId | None = Field(
         default=None, description="Extension: continue this session instead of opening one."
@@ -200,15 +223,6 @@ class CloudEvent(BaseModel):
             "the running run, or `rollback` the running run."
         ),
     )
-
-    @field_validator("id")
-    @classmethod
-    def _id_has_no_control_characters(cls, value: str) -> str:
-        if bad := _CONTROL_CHAR.search(value):
-            raise ValueError(
-                f"must not contain control characters ({bad.group()!r} at {bad.start()})"
-            )
-        return value
 
     @classmethod
     def parse(
@@ -377,6 +391,12 @@ class Step(BaseModel):
     attempts: int = 0
     duration_ms: int | None = None
     error: str | None = None
+    turn: int = Field(
+        default=0, description="The next of its agents to take a turn in this round (0: none yet)."
+    )
+    task_attempt: int = Field(
+        default=1, description="The attempt of the remote agent task of that turn (1-based)."
+    )
 
 
 class SimilarWorkflow(BaseModel):
@@ -513,6 +533,19 @@ class ResultReview(BaseModel):
     feedback: str = ""
 
 
+class AgentWait(BaseModel):
+    """A remote agent's task a session waits for (an interrupt of kind `agent_task`)."""
+
+    task_id: str
+    agent: str
+    step_id: str
+    attempt: int = 1
+    timeout_s: float
+    interrupt_id: str = Field(default="", description="The interrupt its reply resumes.")
+    since: datetime | None = Field(default=None, description="When the task was first sent.")
+    deadline: datetime | None = Field(default=None, description="When it times out.")
+
+
 class WorkflowResult(BaseModel):
     """What every entry point returns and prints for one event."""
 
@@ -529,6 +562,9 @@ class WorkflowResult(BaseModel):
     error: str | None = None
     question: str | None = Field(
         default=None, description="With status interrupted: what the reviewer asks a human."
+    )
+    waiting_on: list[AgentWait] = Field(
+        default_factory=list, description="With status waiting: the remote agents' tasks."
     )
     based_on: BasedOn | None = Field(
         default=None, description="The known workflow this run reused, its score and the mode."

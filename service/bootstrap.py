@@ -9,19 +9,21 @@ library seed) before anything connects, and `log_startup` says what a component 
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import os
-from collections.abc import AsyncIterator
+import signal
+from collections.abc import AsyncIterator, Collection, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal, Protocol, overload
 
 import redis.exceptions
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.errors import KafkaConnectionError, KafkaTimeoutError, TopicAlreadyExistsError
 from langgraph.checkpoint.sqlite.aio import AsyncSqliteSaver
-from redis.asyncio import BlockingConnectionPool, Redis
+from redis.asyncio import BlockingConnectionPool, Redis, RedisCluster
 
 from graphs.workflow import build_graph
 from nodes.agents import AgentRegistry, load_agents
@@ -29,7 +31,7 @@ from nodes.chat_models import OFFLINE, make_chat_model
 from nodes.errors import AgentConfigError, ModelConfigError
 from service.config import Settings, redact_url
 from service.errors import ConfigError, NoQueryEngineError, TemplateError
-from service.storage._redis import quiet_index_setup
+from service.storage._redis import RedisClient, quiet_index_setup
 from service.storage.checkpoints import checkpoint_serde, open_checkpointer
 from service.storage.library import (
     RedisWorkflowLibrary,
@@ -46,7 +48,10 @@ if TYPE_CHECKING:
 
 __all__ = [
     "INFRA_ERRORS",
+    "RedisClient",
+    "LongRunning",
     "SessionCheckpoints",
+    "check_hosting",
     "check_startup",
     "ensure_topics",
     "is_infra_error",
@@ -61,6 +66,7 @@ __all__ = [
     "redis_client",
     "require_services",
     "restore_setup",
+    "serve_until_signal",
     "setup_lost",
     "startup_summary",
 ]
@@ -129,26 +135,62 @@ def is_infra_error(exc: BaseException) -> bool:
 # --- clients ---------------------------------------------------------------------------
 
 
+@overload
 def redis_client(
     url: str,
     *,
+    cluster: Literal[False] = False,
     max_connections: int = 64,
     decode_responses: bool = True,
     socket_connect_timeout: float | None = None,
-) -> Redis:
-    """Make a Redis client whose pool waits for a free connection instead of failing.
+) -> Redis: ...
+
+
+@overload
+def redis_client(
+    url: str,
+    *,
+    cluster: bool,
+    max_connections: int = 64,
+    decode_responses: bool = True,
+    socket_connect_timeout: float | None = None,
+) -> RedisClient: ...
+
+
+def redis_client(
+    url: str,
+    *,
+    cluster: bool = False,
+    max_connections: int = 64,
+    decode_responses: bool = True,
+    socket_connect_timeout: float | None = None,
+) -> RedisClient:
+    """Make a Redis client: of one Redis, whose pool waits for a free connection, or a cluster's.
 
     Replies come as text by default. The checkpointer reads its binary records undecoded,
     so it works on either; redisvl keeps JSON documents and decodes what it gets when it
     is bytes; the subject store needs text.
 
     Args:
-        url: `redis://` or `rediss://` (TLS); credentials and database go in the URL.
-        max_connections: pool size; a worker needs one per run in flight and a few more.
+        url: `redis://` or `rediss://` (TLS); credentials and database go in the URL. For
+            a cluster, any one node (`AGENTFLOW_REDIS_CLUSTER`): the client finds the others.
+        cluster: make redis-py's `RedisCluster`, which sends each command to the node of
+            its keys' slot. Its pools do not wait: a node's pool that is full fails a
+            command with `MaxConnectionsError` (a `ConnectionError`).
+        max_connections: pool size (per node of a cluster); a worker needs one per run in
+            flight and a few more.
         decode_responses: replies as `str` (True) or `bytes`.
         socket_connect_timeout: seconds to wait for a connection; None waits as long as
             the operating system does.
     """
+    if cluster:
+        return RedisCluster.from_url(
+            url,
+            max_connections=max_connections,
+            health_check_interval=10,
+            decode_responses=decode_responses,
+            socket_connect_timeout=socket_connect_timeout,
+        )
     pool = BlockingConnectionPool.from_url(
         url,
         max_connections=max_connections,
@@ -257,8 +299,17 @@ def kafka_admin(settings: Settings, **options: Any) -> AIOKafkaAdminClient:
     return AIOKafkaAdminClient(bootstrap_servers=_bootstrap_servers(settings), **options)
 
 
-async def ensure_topics(settings: Settings) -> None:
-    """Create the events, results, sessions and dead-letter topics that do not exist yet.
+async def ensure_topics(settings: Settings, *, agents: Collection[str] = ()) -> None:
+    """Create the service's topics that do not exist yet.
+
+    Those are the events, results, sessions, dead-letter and agent replies topics, and
+    the task topic of each of `agents`. The replies topic gets the events topic's
+    partition count, so a session's replies land in the partition number its events do
+    (same key, same default partitioner).
+
+    Args:
+        settings: the topic names and `AGENTFLOW_TOPIC_PARTITIONS`.
+        agents: names of agents that run over Kafka (`runs: kafka`, or hosted here).
 
     Raises:
         ConfigError: `AGENTFLOW_KAFKA_BOOTSTRAP` is not set.
@@ -267,16 +318,25 @@ async def ensure_topics(settings: Settings) -> None:
     await admin.start()
     try:
         existing = set(await admin.list_topics())
-        wanted = [
-            settings.topic_events,
-            settings.topic_results,
-            settings.topic_sessions,
-            settings.topic_dlq,
-        ]
+        partitions = dict.fromkeys(
+            [
+                settings.topic_events,
+                settings.topic_results,
+                settings.topic_sessions,
+                settings.topic_dlq,
+                *(settings.agent_topic(name) for name in agents),
+            ],
+            settings.topic_partitions,
+        )
+        if settings.topic_events in existing:
+            (described,) = await admin.describe_topics([settings.topic_events])
+            partitions[settings.topic_agent_replies] = len(described["partitions"])
+        else:
+            partitions[settings.topic_agent_replies] = settings.topic_partitions
         missing = [
-            NewTopic(t, num_partitions=settings.topic_partitions, replication_factor=1)
-            for t in wanted
-            if t not in existing
+            NewTopic(topic, num_partitions=count, replication_factor=1)
+            for topic, count in partitions.items()
+            if topic not in existing
         ]
         if missing:
             with contextlib.suppress(TopicAlreadyExistsError):  # another worker was first
@@ -287,40 +347,49 @@ async def ensure_topics(settings: Settings) -> None:
 
 
 async def open_graph(
-    redis: Redis, settings: Settings, *, library_redis: Redis | None = None
+    redis: RedisClient, settings: Settings, *, library_redis: Redis | None = None
 ) -> tuple[CompiledStateGraph[Any, Any, Any, Any], WorkflowContext]:
     """Open what a graph run needs on Redis and return the graph and its run options.
 
     The graph gets the Redis checkpointer and the subject memory store; the options get
     the workflow library (with `AGENTFLOW_EMBEDDINGS`, if set). `AGENTFLOW_LLM_CACHE` is
     installed as LangChain's process-wide cache. Everything but the library needs plain
-    Redis only; a library Redis without the query engine leaves the library off, with
-    one warning: discovery then goes without examples, as when the library is away.
+    Redis only, on one Redis or a cluster; a library Redis without the query engine, or
+    none on a cluster, leaves the library off, with one warning: discovery then goes
+    without examples, as when the library is away.
 
     Args:
         redis: the client of `AGENTFLOW_REDIS_URL`.
         settings: the service's settings.
         library_redis: the client of `AGENTFLOW_LIBRARY_REDIS_URL` when the library lives
-            on a Redis of its own; None: on `redis`.
+            on a Redis of its own; None: on `redis`, unless that is a cluster.
 
     Raises:
         ValueError: `AGENTFLOW_EMBEDDINGS` or `AGENTFLOW_LLM_CACHE` cannot be used.
+        ConfigError: `AGENTFLOW_LLM_CACHE` asks for what the Redis cannot hold.
     """
+    await check_llm_cache(redis, settings)
     checkpointer = await open_checkpointer(redis)
     library = await _open_library_or_off(library_redis or redis, settings)
     subject_store = await open_subject_store(
         redis, max_notes=settings.subject_notes_max, ttl_s=settings.subject_ttl_s
     )
-    await check_llm_cache(redis, settings)
     install_llm_cache(settings)
     graph = build_graph(checkpointer, store=subject_store, model_retry=settings.model_retry())
     return graph, settings.context(library=library)
 
 
 async def _open_library_or_off(
-    redis: Redis, settings: Settings
+    redis: RedisClient, settings: Settings
 ) -> RedisWorkflowLibrary | UnavailableLibrary:
-    """Open the workflow library; on a Redis without the query engine, warn and leave it off."""
+    """Open the workflow library; on a cluster or a Redis without the query engine, warn: off."""
+    if isinstance(redis, RedisCluster):
+        logger.warning(
+            "workflow library off, sessions plan without examples: its search index cannot "
+            "live on the Redis Cluster of AGENTFLOW_REDIS_URL; set AGENTFLOW_LIBRARY_REDIS_URL "
+            "to a Redis (not a cluster) with the query engine"
+        )
+        return UnavailableLibrary("AGENTFLOW_LIBRARY_REDIS_URL is not set on a Redis Cluster")
     try:
         return await open_library(redis, embeddings=settings.embeddings)
     except NoQueryEngineError as exc:
@@ -362,6 +431,8 @@ async def restore_setup(
 def check_startup(settings: Settings) -> None:
     """Check what start-up needs: the agents file and its tools, the models, the library seed.
 
+    Models of agents that run over Kafka are their hosts' to check.
+
     Raises:
         ConfigError: with a sentence naming the variable or file and what to fix.
     """
@@ -369,7 +440,8 @@ def check_startup(settings: Settings) -> None:
         registry = load_agents(settings.agents_file)
     except AgentConfigError as exc:
         raise ConfigError(str(exc)) from None
-    _check_models(settings, registry)
+    local = [n for n in registry.names if registry.get(n).runs == "local"]
+    _check_models(settings, registry, local)
     if settings.library_seed is not None:
         try:
             load_templates(settings.library_seed, registry)
@@ -377,14 +449,41 @@ def check_startup(settings: Settings) -> None:
             raise ConfigError(f"AGENTFLOW_LIBRARY_SEED: {exc}") from None
 
 
-def _check_models(settings: Settings, registry: AgentRegistry) -> None:
+def check_hosting(settings: Settings, agents: Sequence[str] = ()) -> AgentRegistry:
+    """Check what an agent host needs: the agents it serves, their tools and models.
+
+    Args:
+        settings: `AGENTFLOW_AGENTS_FILE` names the file with the agents' full specs.
+        agents: the agents to serve; none: every `runs: kafka` agent of the file.
+
+    Returns:
+        The registry, with the served agents' tools ready; its `hosted` names them.
+
+    Raises:
+        ConfigError: with a sentence naming the file or agent and what to fix.
+    """
+    try:
+        names = list(agents) or load_agents(settings.agents_file).remote_names
+        if not names:
+            raise ConfigError(
+                f"agents file {settings.agents_file} has no agent with `runs: kafka` to host; "
+                "mark the agents this host serves so, or name them with --agent"
+            )
+        registry = load_agents(settings.agents_file, hosted=names)
+    except AgentConfigError as exc:
+        raise ConfigError(str(exc)) from None
+    _check_models(settings, registry, names)
+    return registry
+
+
+def _check_models(settings: Settings, registry: AgentRegistry, agents: Sequence[str]) -> None:
     """Make every model the runs will use, so a model that cannot work stops start-up."""
     specs: list[tuple[str, str, str]] = [("AGENTFLOW_MODEL", settings.model, "")]
     specs += [
         (f"AGENTFLOW_MODEL_{node.upper()}", spec, "")
         for node, spec in settings.node_models().items()
     ]
-    for name in registry.names:
+    for name in agents:
         if spec := registry.get(name).model:
             where = f"the model of agent '{name}' in {settings.agents_file}"
             specs.append((where, spec, "remove its `model:` line"))
@@ -433,13 +532,61 @@ def log_startup(settings: Settings, component: str) -> None:
     logger.info("%s: %s", component, startup_summary(settings))
 
 
+class LongRunning(Protocol):
+    """A component with the worker's lifecycle: the worker, an agent host."""
+
+    name: str
+
+    async def start(self) -> None:
+        """Connect and set up."""
+
+    def stop(self) -> None:
+        """Ask `run` to stop taking work."""
+
+    async def run(self) -> None:
+        """Work until `stop()`, then `close()`."""
+
+    async def close(self) -> None:
+        """Drain within the grace period, commit, disconnect."""
+
+
+async def serve_until_signal(component: LongRunning) -> None:
+    """Start, run until SIGTERM or SIGINT, then drain and close: a component's whole life.
+
+    A signal while connecting stops the start-up (which may wait on an unreachable
+    server) and closes what it opened; a signal later stops the run loop gracefully.
+    """
+    starting = asyncio.ensure_future(component.start())
+    signalled = False
+
+    def on_signal() -> None:
+        nonlocal signalled
+        signalled = True
+        if not starting.done():
+            starting.cancel()
+        component.stop()
+
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, on_signal)
+    try:
+        await starting
+    except asyncio.CancelledError:
+        if not signalled:
+            raise  # cancelled from outside, not by a signal
+        logger.info("%s stopped while starting", component.name)
+        await component.close()
+        return
+    await component.run()
+
+
 @dataclass
 class SessionCheckpoints:
     """The checkpointer that holds the sessions, and where it is."""
 
     saver: Any
     """The checkpointer: Redis (the worker's) or SQLite (`agentflow run`'s)."""
-    redis: Redis | None
+    redis: RedisClient | None
     """The Redis client when sessions live in Redis (for their logs and records)."""
     where: str
     """Where the checkpoints are, for messages."""
@@ -454,7 +601,9 @@ async def open_session_checkpointer(settings: Settings) -> AsyncIterator[Session
             its argument is the missing file.
     """
     if settings.redis_url:
-        client = redis_client(settings.redis_url, socket_connect_timeout=5)
+        client = redis_client(
+            settings.redis_url, cluster=settings.redis_cluster, socket_connect_timeout=5
+        )
         try:
             saver = await open_checkpointer(client)
             yield SessionCheckpoints(saver, client, f"Redis at {redact_url(settings.redis_url)}")

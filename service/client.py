@@ -7,10 +7,9 @@ import contextlib
 import json
 from collections.abc import AsyncIterator, Callable
 
-from redis.asyncio import Redis
-
 from nodes.models import RESUME_EVENT_TYPE, CloudEvent, WorkflowResult, derived_session_id
 from service.bootstrap import (
+    RedisClient,
     kafka_admin,
     kafka_consumer,
     kafka_producer,
@@ -272,7 +271,9 @@ async def health_problems(settings: Settings) -> list[str]:
     `service.storage.workers`).
     """
     problems = []
-    redis = redis_client(settings.redis_url or "", socket_connect_timeout=3)
+    redis = redis_client(
+        settings.redis_url or "", cluster=settings.redis_cluster, socket_connect_timeout=3
+    )
     try:
         await redis.ping()
         problems += [
@@ -296,10 +297,10 @@ async def health_problems(settings: Settings) -> list[str]:
     return problems
 
 
-def _redis(settings: Settings) -> Redis:
+def _redis(settings: Settings) -> RedisClient:
     require_services(settings, kafka=False)
     assert settings.redis_url is not None
-    return redis_client(settings.redis_url)
+    return redis_client(settings.redis_url, cluster=settings.redis_cluster)
 
 
 def _ends_run_of(transition: Transition, event_id: str) -> bool:

@@ -37,6 +37,11 @@ class Settings(BaseSettings):
     max_revise_rounds: int = Field(default=2, ge=0)
     max_tool_iterations: int = Field(default=4, ge=1)
     model_timeout_s: float = Field(default=60.0, gt=0)
+    agent_timeout_s: float = Field(
+        default=300.0,
+        gt=0,
+        description="How long a task of a `runs: kafka` agent may take, unless the agent says.",
+    )
     model_max_attempts: int = Field(
         default=MODEL_MAX_ATTEMPTS,
         ge=1,
@@ -57,16 +62,31 @@ class Settings(BaseSettings):
 
     kafka_bootstrap: str | None = None
     redis_url: str | None = Field(default=None, repr=False)
+    redis_cluster: bool = Field(
+        default=False,
+        description="`AGENTFLOW_REDIS_URL` names a node of a Redis Cluster: connect with "
+        "redis-py's cluster client.",
+    )
     library_redis_url: str | None = Field(
         default=None,
         repr=False,
-        description="Redis of the workflow library (query engine needed); default: the main one.",
+        description="Redis of the workflow library (query engine needed, no cluster); default: "
+        "the main one unless that is a cluster.",
     )
     consumer_group: str = "agentflow-workers"
     topic_events: str = "agentflow.events"
     topic_results: str = "agentflow.results"
     topic_sessions: str = "agentflow.sessions"
     topic_dlq: str = "agentflow.events.dlq"
+    topic_agents_prefix: str = Field(
+        default="agentflow.agents.",
+        pattern=r"^[A-Za-z0-9._-]{0,49}$",
+        description="An agent's tasks go to this prefix and its name.",
+    )
+    topic_agent_replies: str = Field(
+        default="agentflow.agents.replies",
+        description="Where agent hosts send their messages and replies.",
+    )
     topic_partitions: int = Field(default=6, ge=1)
     create_topics: bool = True
     max_in_flight: int = Field(default=100, ge=1)
@@ -163,9 +183,19 @@ class Settings(BaseSettings):
         nodes = ("plan", "assign", "execute", "review", "finalize")
         return {n: m for n in nodes if (m := getattr(self, f"model_{n}"))}
 
+    def agent_topic(self, agent: str) -> str:
+        """Return the topic of an agent's tasks (and their cancellations)."""
+        return f"{self.topic_agents_prefix}{agent}"
+
     def library_url(self) -> str | None:
-        """Return the URL of the workflow library's Redis: its own, else the main one."""
-        return self.library_redis_url or self.redis_url
+        """Return the URL of the workflow library's Redis: its own, else the main one.
+
+        None on a cluster without a library Redis of its own: the library's search index
+        cannot live on a cluster.
+        """
+        if self.library_redis_url or self.redis_cluster:
+            return self.library_redis_url
+        return self.redis_url
 
     def event_limits(self) -> EventLimits:
         """Return what `CloudEvent.parse` allows of an incoming event."""
@@ -184,6 +214,7 @@ class Settings(BaseSettings):
             "max_revise_rounds": self.max_revise_rounds,
             "max_tool_iterations": self.max_tool_iterations,
             "model_timeout_s": self.model_timeout_s,
+            "agent_timeout_s": self.agent_timeout_s,
             "min_similarity": self.discovery_min_score,
             "reuse": self.reuse,
             "reuse_score": self.reuse_score,

@@ -11,7 +11,7 @@ from rich.markup import escape
 
 from nodes.errors import AgentConfigError, EventValidationError, ModelConfigError
 from service.bootstrap import infra_cause
-from service.cli import library, sessions
+from service.cli import agents, library, sessions
 from service.cli.console import EXIT_BAD_INPUT, err_console
 from service.cli.follow import send, watch
 from service.cli.inputs import BadInput
@@ -34,6 +34,7 @@ for command in (run, graph, worker, dev, send, watch, health, gateway):
     app.command()(command)
 app.add_typer(sessions.app, name="sessions")
 app.add_typer(library.app, name="library")
+app.add_typer(agents.app, name="agents")
 
 _BAD_INPUT = (BadInput, AgentflowError, AgentConfigError, ModelConfigError, EventValidationError)
 """What the user typed or configured cannot work: one paragraph, exit code 2."""

@@ -28,6 +28,7 @@ __all__ = [
     "err_console",
     "finish",
     "print_history",
+    "print_table",
     "print_workflow",
     "print_workflows",
 ]
@@ -42,10 +43,13 @@ EXIT_CODES = {
     "refused": 5,
     "superseded": 5,
     "rolled_back": 5,
+    "waiting": 6,
 }
 """A result's status as the exit code of `run`, `send --wait`, `sessions answer --wait`, ...
 
-5: the event did not run to an end of its own (refused, or stopped by a newer event)."""
+5: the event did not run to an end of its own (refused, or stopped by a newer event).
+6: `agentflow run` stopped where a remote agent (`runs: kafka`) takes a turn: only the
+service (a worker, and a host of the agent) sends its task and waits for the reply."""
 EXIT_BAD_INPUT = 2
 EXIT_NO_RESULT = 4
 """`--wait` saw no result within `--timeout` (the event was sent; it may still run)."""
@@ -74,6 +78,13 @@ def finish(result: WorkflowResult, *, as_json: bool, service: bool) -> NoReturn:
                 f'\nanswer with: agentflow run --resume {result.session_id} --answer "..."',
                 soft_wrap=True,
             )
+        elif result.status == "waiting":
+            agents = ", ".join(sorted({w.agent for w in result.waiting_on}))
+            console.print(
+                f"\nwaits for remote agent(s) {agents} (runs: kafka): run the event through "
+                "the service (`agentflow send`, a worker and `agentflow agents serve`)",
+                soft_wrap=True,
+            )
     raise typer.Exit(EXIT_CODES[result.status])
 
 
@@ -87,9 +98,7 @@ _WORKFLOW_COLUMNS = ("id", "event type", "source", "quality", "reused", "last us
 def print_workflows(items: Sequence[SimilarWorkflow], total: int) -> None:
     """Print the library's workflows, one line each, with their ids whole.
 
-    On a terminal, aligned columns (the intent last, wrapped by the terminal); piped,
-    tab-separated lines under a header line, so that `cut -f1` gives the ids that
-    `show` and `delete` take.
+    See `print_table`: piped, `cut -f1` gives the ids that `show` and `delete` take.
     """
     rows = [
         (
@@ -103,20 +112,31 @@ def print_workflows(items: Sequence[SimilarWorkflow], total: int) -> None:
         )
         for w in items
     ]
+    print_table(_WORKFLOW_COLUMNS, rows)
+    if console.is_terminal:
+        console.print(f"{len(items)} of {total} workflow(s)")
+
+
+def print_table(columns: Sequence[str], rows: Sequence[Sequence[str]]) -> None:
+    """Print rows under a header line, every cell whole.
+
+    On a terminal, aligned columns (the last one free, wrapped by the terminal); piped,
+    tab-separated lines, so that `cut -f` takes a column.
+    """
     if not console.is_terminal:
-        for row in (_WORKFLOW_COLUMNS, *rows):
+        for row in (columns, *rows):
             typer.echo("\t".join(row))
         return
-    widths = [max(len(row[i]) for row in (_WORKFLOW_COLUMNS, *rows)) for i in range(6)]
+    aligned = len(columns) - 1
+    widths = [max(len(row[i]) for row in (columns, *rows)) for i in range(aligned)]
 
     def line(row: Sequence[str]) -> str:
-        cells = [cell.ljust(width) for cell, width in zip(row[:6], widths, strict=True)]
-        return "  ".join([*cells, row[6]])
+        cells = [cell.ljust(width) for cell, width in zip(row[:aligned], widths, strict=True)]
+        return "  ".join([*cells, row[aligned]])
 
-    console.print(Text(line(_WORKFLOW_COLUMNS), style="bold"), soft_wrap=True)
+    console.print(Text(line(columns), style="bold"), soft_wrap=True)
     for row in rows:
         console.print(Text(line(row)), soft_wrap=True)
-    console.print(f"{len(items)} of {total} workflow(s)")
 
 
 def print_workflow(item: SimilarWorkflow) -> None:

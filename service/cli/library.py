@@ -34,10 +34,20 @@ def _with_library(settings: Settings, use: Callable[[RedisWorkflowLibrary], Awai
     """Open the Redis workflow library, run `use(library)` and close the connection.
 
     The library is on `AGENTFLOW_LIBRARY_REDIS_URL`, else on `AGENTFLOW_REDIS_URL`.
+
+    Raises:
+        BadInput: the library has no Redis (a cluster's cannot hold it), or
+            `AGENTFLOW_EMBEDDINGS` cannot be made.
     """
+    url = settings.library_url()
+    if url is None:
+        raise BadInput(
+            "the workflow library cannot live on the Redis Cluster of AGENTFLOW_REDIS_URL: "
+            "set AGENTFLOW_LIBRARY_REDIS_URL to a Redis (not a cluster) with the query engine"
+        )
 
     async def go() -> T:
-        client = redis_client(settings.library_url() or "", socket_connect_timeout=5)
+        client = redis_client(url, socket_connect_timeout=5)
         try:
             return await use(await open_library(client, embeddings=settings.embeddings))
         finally:

@@ -69,6 +69,7 @@ class Backends:
         self.unknown_hold_s = unknown_hold_s
         self.redis = redis_client(
             settings.redis_url,
+            cluster=settings.redis_cluster,
             max_connections=_MAX_REDIS_CONNECTIONS,
             socket_connect_timeout=3,
         )

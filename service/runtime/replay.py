@@ -23,12 +23,11 @@ from langgraph.checkpoint.base import BaseCheckpointSaver
 from langgraph.graph.state import CompiledStateGraph
 from langgraph.types import StateSnapshot
 from pydantic import TypeAdapter, ValidationError
-from redis.asyncio import Redis
 
 from graphs.workflow import build_graph
 from nodes.models import CloudEvent, WorkflowResult, session_id_problem
 from nodes.state import WorkflowState
-from service.bootstrap import open_session_checkpointer
+from service.bootstrap import RedisClient, open_session_checkpointer
 from service.config import Settings
 from service.errors import ReplayError
 from service.observe.path import SessionPath, session_path
@@ -64,7 +63,7 @@ class SessionGraph:
 
     graph: CompiledStateGraph
     """The compiled graph, with the sessions' checkpointer."""
-    redis: Redis | None
+    redis: RedisClient | None
     """The Redis client when sessions live in Redis (for their logs and records)."""
     where: str
     """Where the checkpoints are, for messages."""

@@ -10,11 +10,12 @@ from typing import Any, Literal, cast
 
 from langchain_core.runnables import RunnableConfig
 from langgraph.graph.state import CompiledStateGraph
-from langgraph.types import Command, StreamMode
+from langgraph.types import Command, Interrupt, StreamMode
 
 from nodes.context import WorkflowContext
+from nodes.execution import AGENT_TASK
 from nodes.finalize import build_result
-from nodes.models import CloudEvent, WorkflowResult
+from nodes.models import AgentWait, CloudEvent, WorkflowResult
 from service.errors import EpochLost, StaleWriter, UnknownSessionError
 from service.runtime.stream import TransitionMapper, TransitionSink
 from service.storage.checkpointer import EPOCH_CONFIG_KEY
@@ -121,7 +122,7 @@ class SessionRunner:
         snapshot = await self.graph.aget_state(config)
         if snapshot.values and _event_id_of(snapshot.values) == event.id:
             if snapshot.interrupts:
-                return self._interrupted(session_id, snapshot)
+                return self._paused(session_id, snapshot)
             result = snapshot.values.get("result")
             if isinstance(result, WorkflowResult) and result.event_id == event.id:
                 return result
@@ -298,8 +299,11 @@ class SessionRunner:
             return result
         snapshot = await self.graph.aget_state(config)
         if snapshot.interrupts:
-            result = self._interrupted(session_id, snapshot)
-            await self._end(result, "session.interrupted", reply_to, epoch)
+            result = self._paused(session_id, snapshot)
+            if result.status == "waiting":
+                await self._end(result, "session.waiting", None, epoch)
+            else:
+                await self._end(result, "session.interrupted", reply_to, epoch)
             return result
         result = snapshot.values.get("result")
         if not isinstance(result, WorkflowResult) or result.event_id != event_id:
@@ -320,12 +324,50 @@ class SessionRunner:
         yield
 
     @staticmethod
-    def _interrupted(session_id: str, snapshot: Any) -> WorkflowResult:
-        value = snapshot.interrupts[0].value
-        question = value.get("question") if isinstance(value, dict) else str(value)
-        return build_result(
-            snapshot.values, session_id=session_id, status="interrupted", question=question
-        )
+    def _paused(session_id: str, snapshot: Any) -> WorkflowResult:
+        """The result of a run that stopped at interrupts: for a human, or for remote agents.
+
+        A human's question comes first: the agents' tasks wait with the session.
+        """
+        human = [i for i in snapshot.interrupts if not _is_agent_task(i.value)]
+        if human:
+            value = human[0].value
+            question = value.get("question") if isinstance(value, dict) else str(value)
+            return build_result(
+                snapshot.values, session_id=session_id, status="interrupted", question=question
+            )
+        result = build_result(snapshot.values, session_id=session_id, status="waiting")
+        result.waiting_on = [_agent_wait(i) for i in snapshot.interrupts]
+        return result
+
+    async def agent_tasks(self, session_id: str) -> list[Interrupt]:
+        """Return the remote agents' tasks a session waits for (interrupts of kind agent_task)."""
+        snapshot = await self.graph.aget_state(self.config(session_id))
+        return [i for i in snapshot.interrupts if _is_agent_task(i.value)]
+
+    async def reply(
+        self, session_id: str, task_id: str, reply: dict[str, Any], *, stop: StopCheck = _never
+    ) -> WorkflowResult:
+        """Resume a session that waits for a remote agent with the agent's reply.
+
+        Only the interrupt that waits for this task is answered; the run goes on until its
+        next end, which may be another wait.
+
+        Raises:
+            UnknownSessionError: the session does not wait for this task (a duplicate or
+                late reply, or an unknown task).
+        """
+        snapshot = await self.graph.aget_state(self.config(session_id))
+        pending = [
+            i
+            for i in snapshot.interrupts
+            if _is_agent_task(i.value) and i.value.get("task_id") == task_id
+        ]
+        if not pending:
+            raise UnknownSessionError(f"session {session_id} does not wait for task {task_id}")
+        original = _event_id_of(snapshot.values) or ""
+        resume: Command[Any] = Command(resume={pending[0].id: reply})
+        return await self._drive(session_id, resume, original, resumed=True, stop=stop)
 
     async def _end(
         self,
@@ -347,6 +389,22 @@ class SessionRunner:
         if by is not None:
             data["by"] = by
         await self.emit(Transition(session_id=result.session_id, type=kind, data=data), epoch=epoch)
+
+
+def _is_agent_task(value: Any) -> bool:
+    return isinstance(value, dict) and value.get("kind") == AGENT_TASK
+
+
+def _agent_wait(interrupt: Interrupt) -> AgentWait:
+    value = interrupt.value
+    return AgentWait(
+        task_id=value["task_id"],
+        agent=value["agent"],
+        step_id=value["step"]["id"],
+        attempt=value.get("attempt", 1),
+        timeout_s=value["timeout_s"],
+        interrupt_id=interrupt.id,
+    )
 
 
 def _event_id_of(values: dict[str, Any]) -> str | None:

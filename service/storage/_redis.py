@@ -5,6 +5,10 @@ read from a client made with `decode_responses=True`, not decoded by hand. The R
 library agentflow builds on (redisvl, under the workflow library) and its own checkpointer
 work on such a client as well as on one that answers bytes, so one
 text client can serve a whole process.
+
+The session path (checkpoints, transitions, session records, subject memory) takes either
+client of redis-py, `Redis` or `RedisCluster` (`RedisClient`): every command or script it
+sends names keys of one slot, and what spans slots is sent as several commands.
 """
 
 from __future__ import annotations
@@ -12,13 +16,16 @@ from __future__ import annotations
 import contextlib
 import logging
 from collections.abc import Iterator
-from typing import TypeVar
+from typing import TypeAlias, TypeVar
 
-from redis.asyncio import Redis
+from redis.asyncio import Redis, RedisCluster
 
-__all__ = ["quiet_index_setup", "require_text_client"]
+__all__ = ["RedisClient", "quiet_index_setup", "require_text_client"]
 
-_ClientT = TypeVar("_ClientT", bound=Redis)
+RedisClient: TypeAlias = Redis | RedisCluster
+"""A redis-py asyncio client of one Redis, or of a Redis Cluster."""
+
+_ClientT = TypeVar("_ClientT", bound=RedisClient)
 
 # Setting up an index that exists logs "Index already exists, not overwriting." (redisvl):
 # lines at every start that say

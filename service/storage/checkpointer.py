@@ -60,10 +60,11 @@ from langgraph.checkpoint.base import (
     writes_sort_key,
 )
 from langgraph.checkpoint.serde.base import SerializerProtocol
-from redis.asyncio import Redis, RedisCluster
+from redis.asyncio import Redis
 from redis.exceptions import NoScriptError
 
 from service.errors import fence_refusal
+from service.storage._redis import RedisClient
 from service.storage.keys import CHECKPOINT_PREFIX, epoch_key
 
 __all__ = ["EPOCH_CONFIG_KEY", "RUN_KEY_PREFIX", "THREAD_KEY_PREFIX", "RedisSaver"]
@@ -316,7 +317,7 @@ class _Script:
         self.text = _LIB + body
         self.sha = hashlib.sha1(self.text.encode()).hexdigest()
 
-    async def __call__(self, redis: Redis, keys: Sequence[str], args: Sequence[Any]) -> Any:
+    async def __call__(self, redis: RedisClient, keys: Sequence[str], args: Sequence[Any]) -> Any:
         # NEVER_DECODE: replies hold serialised values, also on a client made with
         # decode_responses=True.
         try:
@@ -336,10 +337,11 @@ class _ScriptBatcher:
     sessions in flight, each call costs a share of one round trip and of one pooled
     connection's handling instead of its own (most of a put's cost in the client). Every
     script stays atomic on its own; calls were never ordered across connections anyway.
-    A call alone in its turn is sent as it is.
+    A call alone in its turn is sent as it is. On a cluster client the pipeline sends each
+    node the calls of its slots, to all nodes at once.
     """
 
-    def __init__(self, redis: Redis) -> None:
+    def __init__(self, redis: RedisClient) -> None:
         self.redis = redis
         self.pending: list[tuple[_Script, Sequence[str], Sequence[Any], asyncio.Future[Any]]] = []
         self.sending: asyncio.Task[None] | None = None
@@ -531,8 +533,8 @@ class RedisSaver(BaseCheckpointSaver[str]):
     Args:
         redis_url: where Redis is, when no client is given (the saver then owns and closes
             its client).
-        redis_client: a redis-py asyncio client (text or bytes replies, standalone or
-            cluster).
+        redis_client: a redis-py asyncio client (text or bytes replies), of one Redis or
+            a cluster (`RedisCluster`).
         connection_args: extra arguments for the client made from `redis_url`.
         ttl: as langgraph-checkpoint-redis takes it: `{"default_ttl": minutes}` gives a
             thread's keys that TTL, renewed by every write (`refresh_on_read` renews it on
@@ -551,7 +553,7 @@ class RedisSaver(BaseCheckpointSaver[str]):
         self,
         redis_url: str | None = None,
         *,
-        redis_client: Redis | None = None,
+        redis_client: RedisClient | None = None,
         connection_args: Mapping[str, Any] | None = None,
         ttl: Mapping[str, Any] | None = None,
         serde: SerializerProtocol | None = None,
@@ -572,10 +574,7 @@ class RedisSaver(BaseCheckpointSaver[str]):
         self._ttl = "" if minutes is None else str(max(1, round(float(minutes) * 60)))
         self._refresh_on_read = bool((ttl or {}).get("refresh_on_read")) and minutes is not None
         self.loop: asyncio.AbstractEventLoop | None = None
-        # A cluster client's pipelines split by node: its calls go one by one.
-        self._batcher = (
-            None if isinstance(redis_client, RedisCluster) else _ScriptBatcher(redis_client)
-        )
+        self._batcher = _ScriptBatcher(redis_client)
         # (thread, run) pairs whose run key names the thread already: one SADD per pair.
         self._indexed_runs: dict[tuple[str, str], None] = {}
 
@@ -585,7 +584,7 @@ class RedisSaver(BaseCheckpointSaver[str]):
         cls,
         redis_url: str | None = None,
         *,
-        redis_client: Redis | None = None,
+        redis_client: RedisClient | None = None,
         connection_args: Mapping[str, Any] | None = None,
         ttl: Mapping[str, Any] | None = None,
         serde: SerializerProtocol | None = None,
@@ -635,8 +634,6 @@ class RedisSaver(BaseCheckpointSaver[str]):
         keys = _thread_keys(self.key_prefix, thread_id)
         if fence is not None:
             keys.append(fence)
-        if self._batcher is None:
-            return await _SCRIPTS[name](self._redis, keys, args)
         return await self._batcher.call(_SCRIPTS[name], keys, args)
 
     async def _load(self, thread_id: str, ns: str, checkpoint_id: str | None) -> _Loaded | None:

@@ -14,7 +14,8 @@ if TYPE_CHECKING:
     from langchain_core.runnables import RunnableConfig
     from langgraph.graph.state import CompiledStateGraph
     from langgraph.types import StateSnapshot
-    from redis.asyncio import Redis
+
+    from service.storage._redis import RedisClient
 
 __all__ = [
     "CHECKPOINT_TYPES",
@@ -75,7 +76,7 @@ async def expire_session(
     return int(await saver.aexpire(session_id, ttl_s))
 
 
-async def open_checkpointer(client: Redis) -> RedisSaver:
+async def open_checkpointer(client: RedisClient) -> RedisSaver:
     """Set up agentflow's Redis checkpointer on an existing client (of either mode)."""
     # No per-write TTL: the worker gives a session's keys their TTL when it finishes
     # (`expire_session`), so a session waiting for a human answer does not expire.

@@ -9,6 +9,10 @@ messages; a gap (a slow follower, a reconnect) is filled from the log.
 How no transition is lost although a subscription takes effect some time after a follower
 joins: every confirmation of a channel's subscription (the first, and each one after a
 reconnect) tells the channel's followers to read the log again after their last seq.
+
+On a Redis Cluster the connection is redis-py's `ClusterPubSub`, to one node: a classic
+PUBLISH reaches every node of a cluster, so one connection anywhere hears every session.
+Sharded pub/sub would keep each message on its slot's node but need a connection per node.
 """
 
 from __future__ import annotations
@@ -21,10 +25,9 @@ from dataclasses import dataclass, field
 from typing import Final
 
 from redis import exceptions as redis_errors
-from redis.asyncio import Redis
 from redis.asyncio.client import PubSub
 
-from service.storage._redis import require_text_client
+from service.storage._redis import RedisClient, require_text_client
 from service.storage.keys import session_channel
 from service.storage.publisher import ended_at, read_log
 from service.storage.transitions import ENDED, Transition
@@ -78,7 +81,7 @@ class TransitionHub:
     then `aclose`.
     """
 
-    def __init__(self, redis: Redis) -> None:
+    def __init__(self, redis: RedisClient) -> None:
         """Follow through `redis`, a client made with `decode_responses=True`.
 
         Raises:

@@ -20,8 +20,16 @@ session lives in one slot and one script may touch them all.
   `ns` (its labels joined by `.`; subject notes: `agentflow.subjects.<sha256 of subject>`),
   by key, their creation times and their keys by update time; one hash tag per namespace;
 - `agentflow:llmcache:*` (strings): the exact LLM cache (langchain-redis `RedisCache`);
+- `agentflow:session:{id}:waits` (hash): the remote agents' tasks a session waits for, by
+  task id (agent, attempt, since, deadline), while they are out;
+- `agentflow:agentwaits:deadlines` (sorted set): those tasks (`<session id> <task id>`) by
+  deadline, swept by every worker under `agentflow:agentwaits:sweeper` (string, short TTL);
 - `agentflow:worker:{name}` (string, short TTL): a running worker's state (taking events
-  or degraded, since when, why), for `agentflow health` and `/healthz`.
+  or degraded, since when, why), for `agentflow health` and `/healthz`;
+- `agentflow:agent-host:{name}` (string, short TTL): a running agent host's heartbeat (the
+  agents it serves, since when, tasks running and answered), for `agentflow agents list`;
+- `agentflow:agent-reply:{task id}` (string): the reply an agent host gave to a task, sent
+  again when the task is delivered again (kept `AGENTFLOW_SESSION_TTL_S`).
 
 - `agentflow:checkpoint:{thread}:i` (sorted set) and `agentflow:checkpoint:{thread}:d`
   (hash): a session's checkpoints, writes and channel values (`RedisSaver`, whose module
@@ -32,13 +40,18 @@ session lives in one slot and one script may touch them all.
 from __future__ import annotations
 
 __all__ = [
+    "AGENT_HOST_PREFIX",
     "ALL_TRANSITIONS_CHANNEL",
     "CHECKPOINT_PREFIX",
+    "DEADLINES_KEY",
     "INDEX_KEY",
     "LLM_CACHE_PREFIX",
     "MEMORY_PREFIX",
+    "SWEEPER_KEY",
     "WORKER_PREFIX",
     "WORKFLOW_PREFIX",
+    "agent_host_key",
+    "agent_reply_key",
     "epoch_key",
     "event_key",
     "log_key",
@@ -47,6 +60,7 @@ __all__ = [
     "seq_key",
     "session_channel",
     "session_key",
+    "waits_key",
     "worker_key",
     "workflow_index",
     "workflow_key",
@@ -77,6 +91,20 @@ WORKER_PREFIX = "agentflow:worker"
 def worker_key(name: str) -> str:
     """The key of a worker's state."""
     return f"{WORKER_PREFIX}:{name}"
+
+
+AGENT_HOST_PREFIX = "agentflow:agent-host"
+"""Each running agent host keeps its heartbeat under `{prefix}:{name}`."""
+
+
+def agent_host_key(name: str) -> str:
+    """The key of an agent host's heartbeat."""
+    return f"{AGENT_HOST_PREFIX}:{name}"
+
+
+def agent_reply_key(task_id: str) -> str:
+    """The key of the reply an agent host gave to a task."""
+    return f"agentflow:agent-reply:{task_id}"
 
 
 def _session(session_id: str) -> str:
@@ -117,6 +145,18 @@ def epoch_key(session_id: str) -> str:
 def parked_key(session_id: str) -> str:
     """Return the list of events parked behind a session that waits, oldest first."""
     return f"{_session(session_id)}:parked"
+
+
+def waits_key(session_id: str) -> str:
+    """Return the hash of the remote agents' tasks a session waits for, by task id."""
+    return f"{_session(session_id)}:waits"
+
+
+DEADLINES_KEY = "agentflow:agentwaits:deadlines"
+"""The sorted set of the tasks sessions wait for, by deadline (a Unix time)."""
+
+SWEEPER_KEY = "agentflow:agentwaits:sweeper"
+"""The lock the worker that sweeps the deadlines holds for a moment."""
 
 
 def memory_keys(namespace: tuple[str, ...]) -> tuple[str, str, str]:

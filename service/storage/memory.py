@@ -35,14 +35,13 @@ from langgraph.store.base import (
 from nodes.models import CloudEvent, SessionNote, Step, subject_namespace
 from service.config import redact_url
 from service.errors import ConfigError
-from service.storage._redis import require_text_client
+from service.storage._redis import RedisClient, require_text_client
 from service.storage.checkpoints import session_states
 from service.storage.keys import LLM_CACHE_PREFIX, memory_keys
 
 if TYPE_CHECKING:
     from langchain_core.caches import BaseCache
     from langgraph.graph.state import CompiledStateGraph
-    from redis.asyncio import Redis
 
     from service.config import Settings
 
@@ -144,7 +143,7 @@ class RedisNoteStore(BaseStore):
     """
 
     def __init__(
-        self, redis: Redis, *, max_items: int = SUBJECT_NOTES_MAX, ttl_s: int = SUBJECT_TTL_S
+        self, redis: RedisClient, *, max_items: int = SUBJECT_NOTES_MAX, ttl_s: int = SUBJECT_TTL_S
     ) -> None:
         self.redis = require_text_client(redis, "RedisNoteStore")
         self.max_items = max_items
@@ -234,7 +233,7 @@ class RedisNoteStore(BaseStore):
 
 
 async def open_subject_store(
-    redis: Redis, *, max_notes: int = SUBJECT_NOTES_MAX, ttl_s: int = SUBJECT_TTL_S
+    redis: RedisClient, *, max_notes: int = SUBJECT_NOTES_MAX, ttl_s: int = SUBJECT_TTL_S
 ) -> RedisNoteStore:
     """Open subject memory (LangGraph's long-term store) on an existing text client.
 
@@ -258,16 +257,23 @@ async def subject_notes(store: Any, subject: str, limit: int = 50) -> list[Sessi
     return sorted(notes, key=lambda n: n.finished_at, reverse=True)
 
 
-async def check_llm_cache(redis: Redis, settings: Settings) -> None:
+async def check_llm_cache(redis: RedisClient, settings: Settings) -> None:
     """Check that the Redis can hold the LLM cache `AGENTFLOW_LLM_CACHE` asks for.
 
-    The exact cache (langchain-redis `RedisCache`) keeps each answer as a JSON document.
+    The exact cache (langchain-redis `RedisCache`) keeps each answer as a JSON document,
+    through a client of one Redis.
 
     Raises:
-        ConfigError: the cache is on and the Redis has no JSON module.
+        ConfigError: the cache is on and the Redis is a cluster or has no JSON module.
     """
     if settings.llm_cache != "exact":
         return
+    if settings.redis_cluster:
+        raise ConfigError(
+            "AGENTFLOW_LLM_CACHE=exact keeps model answers through langchain-redis, which "
+            "connects to one Redis, not a cluster: set AGENTFLOW_LLM_CACHE=off with "
+            "AGENTFLOW_REDIS_CLUSTER=true"
+        )
     from redis.exceptions import ResponseError
 
     try:

@@ -9,10 +9,9 @@ from collections.abc import AsyncGenerator
 from typing import Any, cast
 
 from redis import exceptions as redis_errors
-from redis.asyncio import Redis
 
 from service.errors import EpochLost, StaleWriter, fence_refusal
-from service.storage._redis import require_text_client
+from service.storage._redis import RedisClient, require_text_client
 from service.storage.keys import (
     ALL_TRANSITIONS_CHANNEL,
     epoch_key,
@@ -77,7 +76,7 @@ class TransitionPublisher:
         maxlen: about how many transitions a session's log keeps.
     """
 
-    def __init__(self, redis: Redis, *, ttl_s: int, maxlen: int = 10_000) -> None:
+    def __init__(self, redis: RedisClient, *, ttl_s: int, maxlen: int = 10_000) -> None:
         self.redis = redis
         self.ttl_s = ttl_s
         self.maxlen = maxlen
@@ -141,10 +140,11 @@ class TransitionPublisher:
         return list(refused.values())
 
     async def _evalsha(self, calls: list[tuple[Any, ...]]) -> list[Any]:
-        # Not the pipeline's own script support: it asks SCRIPT EXISTS on every batch.
+        # Not the pipeline's own script support: it asks SCRIPT EXISTS on every batch. A
+        # raw command: a cluster pipeline refuses its `evalsha` method, not EVALSHA itself.
         pipe = self.redis.pipeline(transaction=False)
         for call in calls:
-            pipe.evalsha(self._sha, 4, *call)
+            pipe.execute_command("EVALSHA", self._sha, 4, *call)
         return list(await pipe.execute())
 
 
@@ -238,7 +238,7 @@ class BackgroundPublisher:
             self._flusher = None
 
 
-async def read_log(redis: Redis, session_id: str, after_seq: int = 0) -> list[Transition]:
+async def read_log(redis: RedisClient, session_id: str, after_seq: int = 0) -> list[Transition]:
     """Return a session's logged transitions with `seq` greater than `after_seq`.
 
     Args:
@@ -255,7 +255,7 @@ async def read_log(redis: Redis, session_id: str, after_seq: int = 0) -> list[Tr
     return [Transition.model_validate_json(fields["transition"]) for _, fields in rows]
 
 
-async def newest_seq(redis: Redis, session_id: str) -> tuple[int, TransitionType | None]:
+async def newest_seq(redis: RedisClient, session_id: str) -> tuple[int, TransitionType | None]:
     """Return the seq and type of a session's newest logged transition ((0, None) if none).
 
     Raises:
@@ -270,7 +270,7 @@ async def newest_seq(redis: Redis, session_id: str) -> tuple[int, TransitionType
     return newest.seq, newest.type
 
 
-async def ended_by(redis: Redis, session_id: str, seq: int) -> bool:
+async def ended_by(redis: RedisClient, session_id: str, seq: int) -> bool:
     """Whether a session has ended at its transition `seq` or before.
 
     It has when its newest logged transition completed or failed it and is not newer than
@@ -280,7 +280,7 @@ async def ended_by(redis: Redis, session_id: str, seq: int) -> bool:
     return kind in ENDED and newest <= seq
 
 
-async def ended_at(redis: Redis, transition: Transition) -> bool:
+async def ended_at(redis: RedisClient, transition: Transition) -> bool:
     """Whether a session has ended at this transition: it completed or failed, nothing after.
 
     Redis is asked only about a transition that completes or fails the session; a later
@@ -290,7 +290,7 @@ async def ended_at(redis: Redis, transition: Transition) -> bool:
 
 
 async def follow(
-    redis: Redis, session_id: str, after_seq: int = 0
+    redis: RedisClient, session_id: str, after_seq: int = 0
 ) -> AsyncGenerator[Transition, None]:
     """Yield a session's transitions from the log, then live, without gap or duplicate.
 

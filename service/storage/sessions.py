@@ -3,22 +3,34 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from datetime import datetime
 from typing import Any, Literal, cast
 
 from pydantic import BaseModel, Field
-from redis.asyncio import Redis
+from redis.asyncio import RedisCluster
 
-from nodes.models import WorkflowResult, utcnow
-from service.storage._redis import require_text_client
+from nodes.models import AgentWait, WorkflowResult, utcnow
+from service.storage._redis import RedisClient, require_text_client
 from service.storage.keys import INDEX_KEY, epoch_key, event_key, parked_key, session_key
 
-__all__ = ["EventClaim", "SentFrom", "SessionRecord", "SessionStore"]
+__all__ = ["WAITS", "EventClaim", "SentFrom", "SessionRecord", "SessionStore"]
 
 SessionStatus = Literal[
-    "running", "interrupted", "completed", "failed", "cancelled", "superseded", "rolled_back"
+    "running",
+    "interrupted",
+    "waiting",
+    "completed",
+    "failed",
+    "cancelled",
+    "superseded",
+    "rolled_back",
 ]
+WAITS: frozenset[str] = frozenset({"interrupted", "waiting"})
+"""Statuses of a session whose run waits: for a human's answer, or for remote agents."""
 EventClaim = Literal["new", "running", "parked", "finished", "published"]
+_Writes = Callable[[Any], object]
+"""Queues commands on a pipeline, all on keys of one cluster slot."""
 SentFrom = dict[str, tuple[int, int]]
 """Where an event's messages land, by topic: (partition, end offset before they were sent).
 
@@ -68,6 +80,10 @@ class SessionRecord(BaseModel):
     created_at: datetime = Field(default_factory=utcnow)
     updated_at: datetime = Field(default_factory=utcnow)
     question: str | None = None
+    waiting_on: list[AgentWait] = Field(default_factory=list)
+    """With status waiting: the remote agents' tasks it waits for."""
+    waiting_event: str | None = None
+    """The event whose result comes when the session's latest wait for agents ends."""
     result: WorkflowResult | None = None
 
 
@@ -82,7 +98,7 @@ class SessionStore:
         TypeError: the client answers bytes.
     """
 
-    def __init__(self, redis: Redis, *, ttl_s: int) -> None:
+    def __init__(self, redis: RedisClient, *, ttl_s: int) -> None:
         self.redis = require_text_client(redis, "SessionStore")
         self.ttl_s = ttl_s
         self._release = self.redis.register_script(_RELEASE_CLAIM)
@@ -99,6 +115,7 @@ class SessionStore:
             return None
         data: dict[str, Any] = {k: v for k, v in fields.items() if v != ""}
         data["event_ids"] = json.loads(fields.get("event_ids", "[]"))
+        data["waiting_on"] = json.loads(fields.get("waiting_on") or "[]")
         if "result" in data:
             data["result"] = WorkflowResult.model_validate_json(data["result"])
         return SessionRecord.model_validate(data)
@@ -140,7 +157,8 @@ class SessionStore:
         ids = json.loads(current) if current else []
         if event_id not in ids:
             ids.append(event_id)
-        async with self.redis.pipeline(transaction=True) as pipe:
+
+        def record(pipe: Any) -> None:
             pipe.hsetnx(key, "created_at", now)
             pipe.hset(
                 key,
@@ -155,8 +173,9 @@ class SessionStore:
                 },
             )
             pipe.persist(key)
-            pipe.zadd(INDEX_KEY, {session_id: utcnow().timestamp()})
-            await pipe.execute()
+
+        # The record before the index: `list` takes an id without a record for expired.
+        await self._write(record, self._index(session_id))
 
     async def close(
         self,
@@ -169,11 +188,12 @@ class SessionStore:
         """Record a run's outcome; finished sessions get the retention TTL (record and epoch).
 
         With `finished_event`, that event moves to `finished` in the same transaction,
-        with `sent_from` (where its result will land).
+        with `sent_from` (where its result will land); on a cluster, just before.
         """
         key = session_key(result.session_id)
         final = status or result.status
-        async with self.redis.pipeline(transaction=True) as pipe:
+
+        def record(pipe: Any) -> None:
             pipe.hset(
                 key,
                 mapping={
@@ -181,19 +201,43 @@ class SessionStore:
                     "updated_at": utcnow().isoformat(),
                     "question": result.question or "",
                     "result": result.model_dump_json(),
+                    "waiting_on": json.dumps(
+                        [w.model_dump(mode="json") for w in result.waiting_on]
+                    ),
+                    **({"waiting_event": result.event_id} if final == "waiting" else {}),
                 },
             )
-            if final != "interrupted":
+            if final not in WAITS:
                 pipe.expire(key, self.ttl_s)
                 pipe.expire(epoch_key(result.session_id), self.ttl_s)
-            pipe.zadd(INDEX_KEY, {result.session_id: utcnow().timestamp()})
-            if finished_event is not None:
-                pipe.set(
-                    event_key(finished_event),
-                    _event_mark(result.session_id, "finished", sent_from),
-                    ex=self.ttl_s,
-                )
-            await pipe.execute()
+
+        parts = [record, self._index(result.session_id)]
+        if finished_event is not None:
+            mark = _event_mark(result.session_id, "finished", sent_from)
+            # The event's mark before the record, which readers take for the run's outcome:
+            # a crash between leaves a finished event whose result is in neither the record
+            # nor Kafka, which a redelivery runs again. The other way round, a crash would
+            # leave an outcome on show for an event that runs again, maybe to another result.
+            parts.insert(0, lambda pipe: pipe.set(event_key(finished_event), mark, ex=self.ttl_s))
+        await self._write(*parts)
+
+    def _index(self, session_id: str) -> _Writes:
+        """The index's part of a write: the session is updated now."""
+        return lambda pipe: pipe.zadd(INDEX_KEY, {session_id: utcnow().timestamp()})
+
+    async def _write(self, *parts: _Writes) -> None:
+        """Run the parts of a write in order: one MULTI on one Redis, one per part on a cluster.
+
+        A MULTI cannot span a cluster's slots and each part's keys share one, so on a
+        cluster a crash may leave the first parts done and not the rest: callers order
+        them so that is safe.
+        """
+        groups = [(part,) for part in parts] if isinstance(self.redis, RedisCluster) else [parts]
+        for group in groups:
+            async with self.redis.pipeline(transaction=True) as pipe:
+                for part in group:
+                    part(pipe)
+                await pipe.execute()
 
     async def take(self, session_id: str) -> int:
         """Take a session for a run: raise its fencing epoch and return the new one.
@@ -254,13 +298,16 @@ class SessionStore:
             event_key(event_id), _event_mark(session_id, state, sent_from), ex=self.ttl_s
         )
 
-    async def busy(self, session_id: str) -> tuple[bool, int]:
-        """Return whether a session waits for an answer, and how many events wait behind it."""
+    async def busy(self, session_id: str) -> tuple[str | None, int]:
+        """Return how a session waits, and how many events are parked behind it.
+
+        The first is `interrupted` (for a human), `waiting` (for remote agents) or None.
+        """
         async with self.redis.pipeline(transaction=False) as pipe:
             pipe.hget(session_key(session_id), "status")
             pipe.llen(parked_key(session_id))
             status, parked = await pipe.execute()
-        return status == "interrupted", int(parked)
+        return (status if status in WAITS else None), int(parked)
 
     async def park(self, session_id: str, entry: str) -> None:
         """Put an event behind a session that waits, until the wait ends (`first_parked`).
@@ -277,6 +324,11 @@ class SessionStore:
     async def unpark(self, session_id: str, entry: str) -> None:
         """Take a parked event off its session's list once it has run (only if still first)."""
         await self._unpark(keys=[parked_key(session_id)], args=[entry])
+
+    async def event_state(self, event_id: str) -> EventClaim | None:
+        """Return how far an event got, or None if it is not known."""
+        raw = await self.redis.get(event_key(event_id))
+        return None if raw is None else cast(EventClaim, json.loads(cast(str, raw))["state"])
 
     async def sent_from(self, event_id: str) -> SentFrom | None:
         """Return where a finished event's messages land, or None if it was not recorded."""

@@ -20,6 +20,7 @@ TransitionType = Literal[
     "step.completed",
     "agent.message",
     "session.interrupted",
+    "session.waiting",
     "session.completed",
     "session.failed",
     "session.superseded",

@@ -13,26 +13,29 @@ from typing import Any
 from aiokafka.structs import ConsumerRecord
 from langgraph.checkpoint.base import BaseCheckpointSaver
 
-from nodes.errors import EventValidationError
+from nodes.errors import EventValidationError, ProtocolError
 from nodes.finalize import build_result
 from nodes.models import (
     CANCEL_EVENT_TYPE,
     CloudEvent,
     MultitaskStrategy,
+    ResultStatus,
     WorkflowResult,
     derived_session_id,
     session_id_problem,
 )
+from nodes.protocol import MESSAGE, REPLY, parse_agent_event
 from service.bootstrap import is_infra_error
 from service.config import Settings
 from service.errors import UnknownSessionError
 from service.observe import metrics
 from service.runtime.runner import SessionRunner
 from service.storage.checkpoints import expire_session
-from service.storage.sessions import SessionStore
-from service.storage.transitions import Transition
+from service.storage.sessions import WAITS, SessionStore
+from service.storage.transitions import Transition, TransitionType
 from service.worker.crash_points import crash_point
 from service.worker.outbox import RESULT, Outbox
+from service.worker.waits import AgentWaits
 
 __all__ = ["STATE_LOST", "EventHandler"]
 
@@ -42,7 +45,7 @@ STATE_LOST = "session state lost"
 """The reason a live session ends failed when its checkpoints are gone."""
 ROLLBACK = "agentflow.rollback"
 """The message a run's task is cancelled with when a newer event rolls it back."""
-_KEEPS_STATE = frozenset({"interrupted", "superseded", "rolled_back"})
+_KEEPS_STATE = frozenset({"interrupted", "waiting", "superseded", "rolled_back"})
 """Statuses after which a session goes on: its checkpoints get no retention TTL yet."""
 
 
@@ -69,6 +72,7 @@ class EventHandler:
         *,
         on_degraded: Callable[[str | None], None] = lambda reason: None,
         restore_setup: Callable[[], Awaitable[None]] | None = None,
+        waits: AgentWaits | None = None,
     ) -> None:
         """Run events with these collaborators.
 
@@ -80,6 +84,8 @@ class EventHandler:
                 `_SESSION_TTL_S` are read.
             on_degraded: told why Redis or Kafka is away, and None once they answer again.
             restore_setup: sets up Redis again (indexes) after it lost its setup.
+            waits: sends the remote agents' tasks a run waits for (none: a run that waits
+                for a remote agent fails, as nothing would send its task).
         """
         self.runner = runner
         self.store = store
@@ -87,6 +93,7 @@ class EventHandler:
         self.settings = settings
         self.on_degraded = on_degraded
         self.restore_setup = restore_setup or _nothing
+        self.waits = waits
         self.completed = self.failed = self.duplicates = 0
         self._started: weakref.WeakSet[asyncio.Task[Any]] = weakref.WeakSet()
         self._stopped: weakref.WeakSet[asyncio.Task[Any]] = weakref.WeakSet()
@@ -163,6 +170,58 @@ class EventHandler:
         if event.is_resume and not (event.sessionid or key):
             return session_id, None, "resume event without a sessionid attribute"
         return session_id, event, None
+
+    def parse_agent(self, record: ConsumerRecord) -> tuple[str, str, dict[str, Any], str | None]:
+        """Read a record of the replies topic: its session, type and data, or what is wrong."""
+        try:
+            event = parse_agent_event(record.value or b"", accept=(REPLY, MESSAGE))
+        except ProtocolError as exc:
+            key = record.key.decode(errors="replace") if record.key else ""
+            return key, "", {}, f"agent reply: {exc}"
+        return event.sessionid, event.type, event.data.model_dump(mode="json"), None
+
+    async def handle_agent(
+        self,
+        record: ConsumerRecord,
+        session_id: str,
+        kind: str,
+        data: dict[str, Any],
+        problem: str | None,
+        previous: asyncio.Task[None] | None,
+    ) -> None:
+        """Handle a record of the replies topic: a reply, an agent's message, or a malformed one.
+
+        A reply runs after the session's events before it; a malformed record is
+        dead-lettered with its reason.
+        """
+        if previous is not None:
+            await asyncio.wait([previous])
+        if problem is not None:
+            await self._retrying(self.outbox.dead_letter, record, problem)
+        elif kind == "agentflow.agent.message":
+            await self._retrying(self.agent_message, session_id, data)
+        else:
+            await self._retrying(self.reply, record, session_id, data)
+
+    async def agent_message(self, session_id: str, data: dict[str, Any]) -> None:
+        """Publish what a remote agent says while it works, as an `agent.message` transition."""
+        wait = await self.waits.find(session_id, str(data["task_id"])) if self.waits else None
+        if wait is None:
+            logger.info("message of task %s, not waited for, dropped", data["task_id"])
+            return
+        await self.runner.emit(
+            Transition(
+                session_id=session_id,
+                type="agent.message",
+                step_id=wait.step_id,
+                agent=wait.agent,
+                data={
+                    "content": str(data.get("content", ""))[:2000],
+                    "tool_calls": data.get("tool_calls") or [],
+                    "task_id": wait.task_id,
+                },
+            )
+        )
 
     async def handle(
         self,
@@ -335,10 +394,12 @@ class EventHandler:
     async def _parks_or_refuses(
         self, record: ConsumerRecord, session_id: str, event: CloudEvent
     ) -> bool:
-        """Park or refuse a new event when its session waits for an answer.
+        """Park or refuse a new event when its session waits (for a human, or for agents).
 
         Events parked before it run first when the session no longer waits (a crash
-        left them). Returns whether the event was parked or refused.
+        left them). A wait for remote agents gives way to an event that says `interrupt`
+        or `rollback` (`_end_wait`); a human's question never does. Returns whether the
+        event was parked or refused.
         """
         waiting, parked = await self.store.busy(session_id)
         if parked and not waiting:
@@ -346,14 +407,18 @@ class EventHandler:
             waiting, parked = await self.store.busy(session_id)
         if not waiting and not parked:
             return False
-        if self.strategy(event) == "reject":
-            await self.refuse(
-                record, session_id, event, f"session {session_id} waits for a human answer"
-            )
+        strategy = self.strategy(event)
+        on = "remote agents" if waiting == "waiting" else "a human answer"
+        if strategy == "reject":
+            await self.refuse(record, session_id, event, f"session {session_id} waits for {on}")
             return True
+        if waiting == "waiting" and not parked and strategy in ("interrupt", "rollback"):
+            # A run that waits for remote agents is at a step boundary: it stops there.
+            await self._end_wait(session_id, strategy, event.id)
+            return False
         await self.store.park(session_id, _pack(record))
         await self.store.mark_event(event.id, session_id, "parked")
-        reason = f"waits until session {session_id} is answered or cancelled"
+        reason = f"waits until session {session_id} no longer waits for {on}, or is cancelled"
         await self.runner.emit(
             Transition(
                 session_id=session_id,
@@ -361,8 +426,47 @@ class EventHandler:
                 data={"event_id": event.id, "reason": reason},
             )
         )
-        logger.info("event %s parked: session %s waits for an answer", event.id, session_id)
+        logger.info("event %s parked: session %s waits for %s", event.id, session_id, on)
         return True
+
+    async def _end_wait(self, session_id: str, how: MultitaskStrategy, by: str) -> None:
+        """End a run that waits for remote agents, for a newer event (interrupt, rollback).
+
+        Its tasks are cancelled, and the event it answers gets its result.
+
+        `interrupt` keeps the run's checkpoints (the newer event runs on its state),
+        `rollback` deletes them (the newer event runs from the state before it).
+        """
+        known = await self.store.get(session_id)
+        awaited = known.waiting_event if known is not None else None
+        status: ResultStatus = "superseded" if how == "interrupt" else "rolled_back"
+        kind: TransitionType = "session.superseded" if how == "interrupt" else "session.rolled_back"
+        error = f"{status.replace('_', ' ')} by event {by}"
+        if self.waits is not None:
+            await self.waits.cancel(session_id, error)
+        snapshot = await self.runner.graph.aget_state(self.runner.config(session_id))
+        if how == "rollback":
+            run_id = await self.runner.run_of(session_id)
+            checkpointer = self.runner.graph.checkpointer
+            if run_id and isinstance(checkpointer, BaseCheckpointSaver):
+                await checkpointer.adelete_for_runs([run_id])
+        result = build_result(
+            snapshot.values or {}, session_id=session_id, status=status, error=error
+        )
+        result.event_id = awaited or result.event_id
+        await self.runner.emit(
+            Transition(
+                session_id=session_id,
+                type=kind,
+                data={
+                    "status": status,
+                    "error": error,
+                    "by": by,
+                    "result": result.model_dump(mode="json"),
+                },
+            )
+        )
+        await self.finish(result)
 
     async def _run_parked(self, session_id: str) -> None:
         """Run the events parked behind a session, in order, while it does not wait.
@@ -482,7 +586,7 @@ class EventHandler:
         nothing. Returns whether it did; False for a session that is unknown or ended.
         """
         record = await self.store.get(session_id)
-        if record is None or record.status not in ("running", "interrupted"):
+        if record is None or record.status not in ("running", *WAITS):
             return False
         snapshot = await self.runner.graph.aget_state(self.runner.config(session_id))
         if snapshot.values:
@@ -531,7 +635,7 @@ class EventHandler:
             status: str | None = "running"
         else:
             status = known.status if known is not None else None
-        live = status in ("running", "interrupted")
+        live = status in ("running", *WAITS)
         ended = status in ("completed", "failed")
         error = f"nothing to cancel: session {status}" if ended else "cancelled"
         result = build_result(
@@ -539,6 +643,8 @@ class EventHandler:
         )
         result.event_id = event.id
         if live:
+            if status == "waiting" and self.waits is not None:
+                await self.waits.cancel(session_id, "cancelled")
             checkpointer = self.runner.graph.checkpointer
             await expire_session(
                 checkpointer,
@@ -600,6 +706,9 @@ class EventHandler:
             record: the event's record (its offset, for a Kafka transaction).
         """
         crash_point("checkpoint")  # the run's final checkpoint is written
+        if result.status == "waiting":
+            await self._wait(result)
+            return
         retention: Awaitable[object]
         if result.status in _KEEPS_STATE:
             retention = _nothing()  # a session that waits, or goes on with a newer event
@@ -619,6 +728,63 @@ class EventHandler:
             self.failed += 1
         elif result.status in ("completed", "interrupted"):
             self.completed += 1
+
+    async def _wait(self, result: WorkflowResult) -> None:
+        """Send the tasks a run waits for, once each, and record that the session waits.
+
+        No result goes out: the event's one result comes when a run resumed by the
+        replies reaches an end. The event's offset can be committed meanwhile.
+        """
+        session_id = result.session_id
+        tasks = await self.runner.agent_tasks(session_id)
+        if self.waits is None:
+            raise RuntimeError("a run waits for a remote agent, and no AgentWaits sends tasks")
+        known = await self.store.get(session_id)
+        subject = known.subject if known is not None else None
+        result.waiting_on = await self.waits.send(session_id, subject, tasks)
+        await self.store.close(result)
+        logger.info(
+            "session %s waits for %s",
+            session_id,
+            ", ".join(f"{w.agent} (task {w.task_id})" for w in result.waiting_on),
+        )
+
+    async def reply(self, record: ConsumerRecord, session_id: str, reply: dict[str, Any]) -> None:
+        """Resume a session that waits for a remote agent with the agent's reply.
+
+        A reply for a task the session does not wait for (a duplicate, a late one, an
+        unknown task) is logged and dropped: it is never applied twice. When the run ends
+        (not in another wait), the result goes to the event the session waited for.
+        """
+        task_id = str(reply["task_id"])
+        known = await self.store.get(session_id)
+        awaited = known.waiting_event if known is not None else None
+        me = asyncio.current_task()
+        assert me is not None
+        self._driving.add(me)
+        try:
+            with metrics.timed_run() as run:
+                result = await self.runner.reply(
+                    session_id, task_id, reply, stop=self._stop_check(me)
+                )
+                run.status = result.status
+        except UnknownSessionError:
+            logger.info(
+                "reply to task %s of session %s dropped: the session does not wait for it",
+                task_id,
+                session_id,
+            )
+            if awaited and await self.store.event_state(awaited) == "finished":
+                # A crash between the result of the run this reply resumed and its
+                # publication: the redelivered reply publishes it, once.
+                await self._publish_finished(record, session_id, awaited)
+            return
+        if self.waits is not None:
+            await self.waits.settle(session_id, [task_id])
+        if awaited:
+            result.event_id = awaited
+        await self.finish(result, record)
+        await self._run_parked(session_id)
 
     async def _publish_finished(
         self, record: ConsumerRecord, session_id: str, event_id: str

@@ -3,22 +3,18 @@
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import json
 import logging
 from collections.abc import Awaitable, Callable
 from typing import Any
 
 from aiokafka import AIOKafkaProducer, TopicPartition
-from aiokafka.errors import MessageSizeTooLargeError, RecordListTooLargeError
 from aiokafka.partitioner import DefaultPartitioner
-from aiokafka.record.default_records import DefaultRecordBatchBuilder
 from aiokafka.structs import ConsumerRecord
 
 from nodes.models import WorkflowResult, utcnow
-from service.bootstrap import max_request_bytes
 from service.config import Settings
-from service.observe import metrics
+from service.kafka.dead_letters import send_dead_letter
 from service.storage.sessions import SentFrom, SessionStore
 from service.worker.crash_points import crash_point
 from service.worker.readback import PartitionReader
@@ -213,79 +209,6 @@ class Outbox:
         return TopicPartition(topic, _PARTITIONER(session_id.encode(), partitions, partitions))
 
     async def dead_letter(self, record: ConsumerRecord, reason: str) -> None:
-        """Send a record to the dead-letter topic, with the reason and where it came from.
-
-        The record goes as it came (value, key, headers) when it fits in a request. One
-        that does not carries a prefix of its value, with headers `truncated`,
-        `original_size` and `original_sha256` (and `original_key_size`,
-        `original_key_sha256` when the key was cut too). A broker that refuses the size
-        gets a smaller prefix, at last none: every bad event gets its dead letter, so its
-        offset is committed.
-        """
-        ours = [
-            ("reason", reason.encode()),
-            ("source_topic", record.topic.encode()),
-            ("partition", str(record.partition).encode()),
-            ("offset", str(record.offset).encode()),
-        ]
-        limits = (max_request_bytes(self.settings), _SMALL_DEAD_LETTER_BYTES, 0)
-        for limit in limits:
-            key, value, headers = _fit(record, ours, limit)
-            try:
-                await self.producer.send_and_wait(
-                    self.settings.topic_dlq, value, key=key, headers=headers
-                )
-                break
-            except (MessageSizeTooLargeError, RecordListTooLargeError) as exc:
-                if limit == limits[-1]:
-                    raise
-                logger.warning(
-                    "dead letter of %s:%s:%s refused (%s); sending a smaller one",
-                    record.topic,
-                    record.partition,
-                    record.offset,
-                    type(exc).__name__,
-                )
+        """Send a record to the dead-letter topic with the reason (`send_dead_letter`)."""
+        await send_dead_letter(self.producer, self.settings, record, reason)
         self.dead_lettered += 1
-        metrics.DLQ_EVENTS.inc()
-        logger.warning(
-            "dead-lettered %s:%s:%s: %s", record.topic, record.partition, record.offset, reason
-        )
-
-
-_SMALL_DEAD_LETTER_BYTES = 64 * 1024
-"""What a dead letter is cut to when the broker refuses the producer's largest request."""
-_KEY_KEPT_BYTES = 1024
-"""How much of a key an oversized dead letter keeps (a session id is at most 200)."""
-
-
-def _fit(
-    record: ConsumerRecord, ours: list[tuple[str, bytes]], limit: int
-) -> tuple[bytes | None, bytes | None, list[tuple[str, bytes]]]:
-    """Return key, value and headers of a dead letter within `limit` bytes, marked if cut.
-
-    Cut in this order: the value to a prefix (and a long key), then the record's own
-    headers; `ours` (the reason, where the record came from) are always kept.
-    """
-    key, value = record.key, record.value
-    headers = list(record.headers or []) + ours
-    if DefaultRecordBatchBuilder.estimate_size_in_bytes(key, value, headers) <= limit:
-        return key, value, headers
-    value = value or b""
-    marks = [
-        ("truncated", b"true"),
-        ("original_size", str(len(value)).encode()),
-        ("original_sha256", hashlib.sha256(value).hexdigest().encode()),
-    ]
-    if key is not None and len(key) > _KEY_KEPT_BYTES:
-        marks += [
-            ("original_key_size", str(len(key)).encode()),
-            ("original_key_sha256", hashlib.sha256(key).hexdigest().encode()),
-        ]
-        key = key[:_KEY_KEPT_BYTES]
-    headers += marks
-    if DefaultRecordBatchBuilder.estimate_size_in_bytes(key, b"", headers) > limit:
-        headers = ours + marks
-    # less what the value's length adds to the record's varints (5 bytes each at most)
-    room = limit - DefaultRecordBatchBuilder.estimate_size_in_bytes(key, b"", headers) - 10
-    return key, value[: max(room, 0)], headers

@@ -5,18 +5,22 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import signal
 import uuid
 from collections.abc import Callable, Collection
+from functools import partial
+from typing import Any
 
 from aiokafka import AIOKafkaProducer, TopicPartition
+from aiokafka.coordinator.assignors.range import RangePartitionAssignor
 from aiokafka.errors import KafkaError
 from aiokafka.structs import ConsumerRecord
 from redis.asyncio import Redis
 
+from nodes.agents import load_agents
 from nodes.finalize import build_result
 from nodes.models import CloudEvent, utcnow
 from service.bootstrap import (
+    RedisClient,
     ensure_topics,
     is_infra_error,
     kafka_consumer,
@@ -26,9 +30,11 @@ from service.bootstrap import (
     redis_client,
     require_services,
     restore_setup,
+    serve_until_signal,
 )
 from service.config import Settings
 from service.errors import StaleWriter
+from service.kafka.consumer import EventConsumer
 from service.observe import metrics
 from service.runtime.runner import SessionRunner
 from service.storage.keys import worker_key
@@ -36,11 +42,11 @@ from service.storage.publisher import BackgroundPublisher, TransitionPublisher
 from service.storage.sessions import SessionStore
 from service.storage.transitions import Transition
 from service.storage.workers import WorkerState, write_worker_state
-from service.worker.consumer import EventConsumer
-from service.worker.crash_points import armed
+from service.worker.crash_points import armed, crash_point
 from service.worker.handler import EventHandler
 from service.worker.outbox import Outbox
 from service.worker.readback import PartitionReader
+from service.worker.waits import AgentWaits
 
 __all__ = ["Worker"]
 
@@ -50,6 +56,8 @@ STATE_EVERY_S = 2.0
 """How often a worker records its state in Redis."""
 STATE_TTL_S = 10
 """How long a recorded state lasts: a worker that stopped reporting is gone from health."""
+SWEEP_EVERY_S = 1.0
+"""How often a worker looks for remote agents' tasks past their deadline."""
 
 
 class Worker:
@@ -66,7 +74,7 @@ class Worker:
     """
 
     def __init__(
-        self, settings: Settings, *, name: str | None = None, redis: Redis | None = None
+        self, settings: Settings, *, name: str | None = None, redis: RedisClient | None = None
     ) -> None:
         """Make a worker; nothing connects until `start()`.
 
@@ -102,6 +110,8 @@ class Worker:
         self._setup_lock = asyncio.Lock()
         self._since = utcnow()  # when the worker entered its state (running or degraded)
         self._reporter: asyncio.Task[None] | None = None
+        self._sweeper: asyncio.Task[None] | None = None
+        self.waits: AgentWaits | None = None
 
     def __repr__(self) -> str:
         handler, outbox = self.handler, self.outbox
@@ -134,12 +144,13 @@ class Worker:
         if (point := armed()) is not None:
             logger.warning("%s: test crash point %r armed: exits with 137 there", self.name, point)
         if self._redis is None:
-            self._redis = redis_client(s.redis_url, max_connections=s.max_in_flight + 32)
-        await self._redis.ping()
-        if s.library_url() != s.redis_url and self._library_redis is None:
-            self._library_redis = redis_client(
-                s.library_url() or "", max_connections=s.max_in_flight + 8
+            self._redis = redis_client(
+                s.redis_url, cluster=s.redis_cluster, max_connections=s.max_in_flight + 32
             )
+        await self._redis.ping()
+        library_url = s.library_url()
+        if library_url and library_url != s.redis_url and self._library_redis is None:
+            self._library_redis = redis_client(library_url, max_connections=s.max_in_flight + 8)
         graph, context = await open_graph(self._redis, s, library_redis=self._library_redis)
         self.store = SessionStore(self._redis, ttl_s=s.session_ttl_s)
         self._publisher = BackgroundPublisher(
@@ -160,7 +171,7 @@ class Worker:
             take=self.store.take,
         )
         if s.create_topics:
-            await ensure_topics(s)
+            await ensure_topics(s, agents=load_agents(s.agents_file).remote_names)
         if s.kafka_transactions:
             # One transactional id per worker: a broker fences an older producer with it.
             transactional_id = f"{s.consumer_group}.{self.name}"
@@ -171,11 +182,19 @@ class Worker:
         self._reader = PartitionReader(s)
         await self._reader.start()
         self.consumer = EventConsumer(
-            kafka_consumer(s, group_id=s.consumer_group, client_id=self.name),
+            kafka_consumer(
+                s,
+                group_id=s.consumer_group,
+                client_id=self.name,
+                # Partition N of the events and of the replies topic go to one worker: a
+                # session's events and its agents' replies meet in one queue.
+                partition_assignment_strategy=(RangePartitionAssignor,),
+            ),
             runs_of=self._runs_of,
             grace_s=s.shutdown_grace_s,
             transactions=self._producer if s.kafka_transactions else None,
             group_id=s.consumer_group,
+            on_committed=partial(crash_point, "committed"),
         )
         self.outbox = Outbox(
             self._producer,
@@ -184,6 +203,7 @@ class Worker:
             reader=self._reader,
             transaction=self.consumer.in_transaction if s.kafka_transactions else None,
         )
+        self.waits = AgentWaits(self._redis, self._producer, s)
         self.handler = EventHandler(
             self.runner,
             self.store,
@@ -191,9 +211,11 @@ class Worker:
             s,
             on_degraded=self._set_degraded,
             restore_setup=self.restore_setup,
+            waits=self.waits,
         )
-        await self.consumer.start(s.topic_events)
+        await self.consumer.start(s.topic_events, s.topic_agent_replies)
         self._reporter = asyncio.create_task(self._report_state(), name="worker state")
+        self._sweeper = asyncio.create_task(self._sweep_deadlines(), name="agent deadlines")
         if s.metrics_port is not None and self._stop_metrics is None:
             self._stop_metrics = metrics.serve_metrics(s.metrics_port, s.metrics_host)
         logger.info("%s started: group %s on %s", self.name, s.consumer_group, s.topic_events)
@@ -203,30 +225,8 @@ class Worker:
         self._stopping.set()
 
     async def serve(self) -> None:
-        """Start, run until SIGTERM or SIGINT, then drain and close: the worker's whole life.
-
-        A signal while connecting stops the start-up (which may wait on an unreachable
-        server) and closes what it opened; a signal later stops the run loop gracefully.
-        """
-        starting = asyncio.ensure_future(self.start())
-
-        def on_signal() -> None:
-            if not starting.done():
-                starting.cancel()
-            self.stop()
-
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, on_signal)
-        try:
-            await starting
-        except asyncio.CancelledError:
-            if not self._stopping.is_set():
-                raise  # cancelled from outside, not by a signal
-            logger.info("%s stopped while starting", self.name)
-            await self.close()
-            return
-        await self.run()
+        """Start, run until SIGTERM or SIGINT, then drain and close: the worker's whole life."""
+        await serve_until_signal(self)
 
     async def run(self) -> None:
         """Fetch and dispatch events until `stop()`; then drain and close."""
@@ -256,6 +256,9 @@ class Worker:
     def _take(self, tp: TopicPartition, record: ConsumerRecord) -> None:
         """Start an event's task, chained after the session's previous event.
 
+        A remote agent's reply joins its session's chain like an event; its messages are
+        published as they come.
+
         A new event for a session with a run going here applies its `multitask` strategy:
         `interrupt` and `rollback` stop the session's earlier events, `reject` is refused
         at once (outside the chain), `enqueue` waits its turn.
@@ -264,6 +267,9 @@ class Worker:
         self.received += 1
         metrics.EVENTS_RECEIVED.labels("worker").inc()
         self.consumer.take(tp, record.offset)
+        if record.topic == self.settings.topic_agent_replies:
+            self._take_reply(tp, record)
+            return
         session_id, event, problem = self.handler.parse(record)
         earlier = self._sessions.get(session_id, [])
         previous = earlier[-1][0] if earlier else None
@@ -283,6 +289,20 @@ class Worker:
         if not (new and strategy == "reject" and previous is not None):
             self._sessions.setdefault(session_id, []).append((task, event))
 
+    def _take_reply(self, tp: TopicPartition, record: ConsumerRecord) -> None:
+        assert self.handler is not None
+        session_id, kind, data, problem = self.handler.parse_agent(record)
+        chained = kind == "agentflow.agent.reply"
+        earlier = self._sessions.get(session_id, []) if chained else []
+        previous = earlier[-1][0] if earlier else None
+        task = asyncio.create_task(
+            self._run_event(tp, record, session_id, None, problem, previous, agent=(kind, data)),
+            name=f"reply {tp.partition}:{record.offset}",
+        )
+        self._tasks[task] = tp
+        if chained:
+            self._sessions.setdefault(session_id, []).append((task, None))
+
     async def _run_event(
         self,
         tp: TopicPartition,
@@ -291,15 +311,20 @@ class Worker:
         event: CloudEvent | None,
         problem: str | None,
         previous: asyncio.Task[None] | None,
+        *,
+        agent: tuple[str, dict[str, Any]] | None = None,
     ) -> None:
         consumer, handler = self.consumer, self.handler
         assert consumer is not None and handler is not None
         me = asyncio.current_task()
         done = False
         try:
-            await handler.handle(
-                record, session_id, event, problem, previous, busy=previous is not None
-            )
+            if agent is not None:
+                await handler.handle_agent(record, session_id, *agent, problem, previous)
+            else:
+                await handler.handle(
+                    record, session_id, event, problem, previous, busy=previous is not None
+                )
             done = True
         except asyncio.CancelledError:
             logger.info("event %s:%s left for redelivery", tp.partition, record.offset)
@@ -377,6 +402,20 @@ class Worker:
                     logger.exception("%s: could not record its state", self.name)
             await asyncio.sleep(STATE_EVERY_S)
 
+    async def _sweep_deadlines(self) -> None:
+        """Wake the sessions whose remote agents' tasks passed their deadline.
+
+        Every worker does it; one at a time sweeps.
+        """
+        assert self.waits is not None
+        while True:
+            try:
+                await self.waits.sweep()
+            except Exception as exc:  # Redis or Kafka away: the next sweep catches up
+                if not is_infra_error(exc):
+                    logger.exception("%s: sweeping the agents' deadlines failed", self.name)
+            await asyncio.sleep(SWEEP_EVERY_S)
+
     def _runs_of(self, partitions: Collection[TopicPartition]) -> list[asyncio.Task[None]]:
         return [task for task, tp in self._tasks.items() if tp in partitions]
 
@@ -422,7 +461,7 @@ class Worker:
     async def close(self) -> None:
         """Drain in-flight runs within the grace period, commit, leave the group."""
         self._stopping.set()
-        for background in (self._recovery, self._reporter):
+        for background in (self._recovery, self._reporter, self._sweeper):
             if background is not None:
                 background.cancel()
         tasks = list(self._tasks)

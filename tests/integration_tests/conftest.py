@@ -17,11 +17,11 @@ from typing import Any
 import pytest
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from aiokafka.structs import ConsumerRecord, TopicPartition
-from redis.asyncio import Redis
+from redis.asyncio import Redis, RedisCluster
 
 from nodes.chat_models import make_chat_model
 from service.config import Settings, load_settings
-from service.devtools.servers import LocalServers
+from service.devtools.servers import LocalRedisCluster, LocalServers
 from service.worker import Worker
 from tests.openai_server import Hold, OpenAICompatibleServer
 
@@ -53,6 +53,8 @@ def own_settings(servers: LocalServers, **overrides: object) -> Settings:
         topic_results=f"agentflow.results.{tag}",
         topic_sessions=f"agentflow.sessions.{tag}",
         topic_dlq=f"agentflow.events.dlq.{tag}",
+        topic_agents_prefix=f"agentflow.agents.{tag}.",
+        topic_agent_replies=f"agentflow.agents.{tag}.replies",
         topic_partitions=3,
         shutdown_grace_s=5,
         **overrides,
@@ -79,6 +81,21 @@ def settings(servers: LocalServers) -> Settings:
 @pytest.fixture
 async def redis(servers: LocalServers) -> AsyncIterator[Redis]:
     client = Redis.from_url(servers.redis_url, decode_responses=True)
+    yield client
+    await client.aclose()
+
+
+@pytest.fixture(scope="session")
+def redis_cluster() -> Iterator[LocalRedisCluster]:
+    """A Redis Cluster of three plain `redis-server` primaries, started for the first test."""
+    with LocalRedisCluster() as started:
+        yield started
+
+
+@pytest.fixture
+async def cluster_redis(redis_cluster: LocalRedisCluster) -> AsyncIterator[RedisCluster]:
+    """A cluster client of `redis_cluster`, text replies."""
+    client = RedisCluster.from_url(redis_cluster.url, decode_responses=True)
     yield client
     await client.aclose()
 
@@ -228,6 +245,8 @@ def cli_env(settings: Settings | None, **extra: str) -> dict[str, str]:
                 "AGENTFLOW_TOPIC_RESULTS": settings.topic_results,
                 "AGENTFLOW_TOPIC_SESSIONS": settings.topic_sessions,
                 "AGENTFLOW_TOPIC_DLQ": settings.topic_dlq,
+                "AGENTFLOW_TOPIC_AGENTS_PREFIX": settings.topic_agents_prefix,
+                "AGENTFLOW_TOPIC_AGENT_REPLIES": settings.topic_agent_replies,
                 "AGENTFLOW_TOPIC_PARTITIONS": str(settings.topic_partitions),
             }
         )

@@ -43,7 +43,7 @@ def start_worker_process(settings: Settings, log: Path, **env: str) -> subproces
     return subprocess.Popen(
         [sys.executable, "-m", "service.cli", "worker"],
         cwd=ROOT,
-        env=cli_env(settings, AGENTFLOW_AGENTS_FILE=str(AGENTS_FILE), **env),
+        env=cli_env(settings, **{"AGENTFLOW_AGENTS_FILE": str(AGENTS_FILE), **env}),
         stdout=log.open("ab"),
         stderr=subprocess.STDOUT,
     )

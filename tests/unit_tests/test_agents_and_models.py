@@ -51,6 +51,83 @@ def test_bad_agent_files_name_the_problem(tmp_path: Path, body: str, message: st
         AgentRegistry.from_yaml(write(tmp_path, body))
 
 
+REMOTE = (
+    "agents:\n"
+    "  - {name: intake, description: d, system_prompt: p}\n"
+    "  - name: analyst\n"
+    "    description: Assesses claims.\n"
+    "    capabilities: [assess]\n"
+    "    runs: kafka\n"
+)
+
+
+def test_a_kafka_agent_needs_only_name_description_and_capabilities(tmp_path: Path) -> None:
+    registry = AgentRegistry.from_yaml(write(tmp_path, REMOTE))
+    analyst = registry.get("analyst")
+    assert (analyst.runs, analyst.system_prompt, analyst.timeout_s, analyst.max_attempts) == (
+        "kafka",
+        None,
+        None,  # AGENTFLOW_AGENT_TIMEOUT_S then
+        2,
+    )
+    assert registry.get("intake").runs == "local"
+    assert registry.remote_names == ["analyst"] and registry.hosted == []
+    assert [c["name"] for c in registry.catalogue()] == ["intake", "analyst"]  # assigned alike
+
+
+def test_a_kafka_agents_prompt_tools_and_model_are_its_hosts(tmp_path: Path) -> None:
+    body = REMOTE + "    system_prompt: You assess.\n    tools: [team_b_only.assess]\n"
+    path = write(tmp_path, body + "    timeout_s: 30\n    max_attempts: 3\n")
+    registry = AgentRegistry.from_yaml(path)  # the orchestrator does not import its tools
+    assert registry.tools_of("analyst") == []
+    assert (registry.get("analyst").timeout_s, registry.get("analyst").max_attempts) == (30, 3)
+    with pytest.raises(AgentConfigError, match="tool 'team_b_only.assess' cannot be imported"):
+        AgentRegistry.from_yaml(path, hosted=["analyst"])  # its host does
+
+
+@pytest.mark.parametrize(
+    ("body", "hosted", "message"),
+    [
+        (
+            "agents:\n  - {name: a, description: d}\n",
+            (),
+            "agent 'a' in .*: it runs locally .* and needs a `system_prompt`; an agent another "
+            "service hosts says `runs: kafka`",
+        ),
+        (
+            f"agents:\n  - {{name: {'x' * 201}, description: d, runs: kafka}}\n",
+            (),
+            "it runs on Kafka, so its name is in a topic name: must be at most 200 "
+            "characters of A-Z a-z 0-9 . _ -",
+        ),
+        (
+            "agents:\n  - {name: replies, description: d, runs: kafka}\n",
+            (),
+            "agent 'replies' in .*: .*'replies' is reserved for the protocol's own topics",
+        ),
+        ("agents:\n  - {name: a, description: d, runs: remote}\n", (), "field 'runs'"),
+        ("agents:\n  - {name: a, description: d, runs: kafka, timeout_s: 0}\n", (), "timeout_s"),
+        (
+            "agents:\n  - {name: a, description: d, runs: kafka, max_attempts: 0}\n",
+            (),
+            "max_attempts",
+        ),
+        (REMOTE, ("analyst",), "agent 'analyst' in .* is hosted here and needs a `system_prompt`"),
+        (REMOTE, ("nobody",), "there is no agent 'nobody' to host in .*; it has intake, analyst"),
+        (
+            "agents:\n  - {name: cancel, description: d, system_prompt: p}\n",
+            ("cancel",),
+            "agent 'cancel' in .* cannot be hosted: .*reserved",
+        ),
+    ],
+)
+def test_agent_rules_name_the_agent_and_the_fix(
+    tmp_path: Path, body: str, hosted: tuple[str, ...], message: str
+) -> None:
+    with pytest.raises(AgentConfigError, match=message):
+        AgentRegistry.from_yaml(write(tmp_path, body), hosted=hosted)
+
+
 def test_factory_makes_offline_and_refuses_unknown_providers() -> None:
     assert isinstance(make_chat_model("offline"), OfflineChatModel)
     with pytest.raises(ModelConfigError, match="nosuchprovider:model"):

@@ -6,17 +6,21 @@ from pathlib import Path
 
 import pytest
 import redis.exceptions
+from redis.asyncio import Redis, RedisCluster
 
 from service.bootstrap import (
+    check_hosting,
     check_startup,
     infra_cause,
     is_infra_error,
     kafka_producer,
+    redis_client,
     setup_lost,
     startup_summary,
 )
 from service.config import load_settings
 from service.errors import ConfigError
+from service.storage.memory import check_llm_cache
 
 AGENT_WITH_MODEL = """
 agents:
@@ -64,6 +68,21 @@ def test_an_agents_model_names_the_agent_and_the_file(tmp_path: Path) -> None:
     assert "remove its `model:` line" in message
 
 
+def test_a_kafka_agents_model_is_checked_by_its_host_not_the_worker(tmp_path: Path) -> None:
+    agents = tmp_path / "agents.yaml"
+    agents.write_text(AGENT_WITH_MODEL.replace("    model:", "    runs: kafka\n    model:"))
+    settings = load_settings(agents_file=agents)
+    check_startup(settings)  # the worker only sends it tasks
+    with pytest.raises(ConfigError, match=f"agent 'clerk' in {agents}.*OPENAI_API_KEY"):
+        check_hosting(settings)  # every `runs: kafka` agent of the file by default
+    assert check_hosting(load_settings(), ["intake"]).hosted == ["intake"]
+
+
+def test_a_host_with_nothing_to_serve_says_how_to_name_agents() -> None:
+    with pytest.raises(ConfigError, match="no agent with `runs: kafka` to host.*--agent"):
+        check_hosting(load_settings())
+
+
 def test_an_unknown_provider_stops_start_up(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("AGENTFLOW_MODEL", "nosuchprovider:model")
     with pytest.raises(ConfigError, match="AGENTFLOW_MODEL=nosuchprovider:model cannot be used"):
@@ -83,6 +102,25 @@ def test_the_start_up_line_says_agents_models_and_reuse(tmp_path: Path) -> None:
     line = startup_summary(load_settings(agents_file=own, model_plan="openai:gpt-4.1", reuse="off"))
     assert f"agents {own};" in line
     assert "plan openai:gpt-4.1" in line and line.endswith("reuse off")
+
+
+async def test_the_cluster_setting_makes_a_cluster_client() -> None:
+    single = redis_client("redis://127.0.0.1:1/0")
+    cluster = redis_client("redis://127.0.0.1:1/0", cluster=True)  # connects at first use
+    assert isinstance(single, Redis) and isinstance(cluster, RedisCluster)
+    assert cluster.get_encoder().decode_responses
+    await single.aclose()
+    await cluster.aclose()
+
+
+async def test_the_exact_llm_cache_is_refused_on_a_cluster() -> None:
+    settings = load_settings(redis_url="redis://127.0.0.1:1/0", redis_cluster=True)
+    client = redis_client(settings.redis_url or "", cluster=True)
+    await check_llm_cache(client, settings)  # off: nothing to check
+    with pytest.raises(ConfigError, match="set AGENTFLOW_LLM_CACHE=off") as refused:
+        await check_llm_cache(client, settings.model_copy(update={"llm_cache": "exact"}))
+    assert "not a cluster" in str(refused.value)
+    await client.aclose()
 
 
 async def test_kafka_clients_need_the_bootstrap_variable() -> None:

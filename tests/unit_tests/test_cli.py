@@ -323,3 +323,13 @@ def test_library_load_with_a_missing_agents_file_is_bad_input(
     code, _, err = agentflow("library", "load", str(ROOT / "examples" / "workflows"))
     assert code == 2 and "missing.yaml" in err
     assert one_paragraph(err), err
+
+
+def test_library_commands_on_a_cluster_ask_for_a_library_redis(
+    agentflow: Agentflow, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("AGENTFLOW_REDIS_URL", f"redis://127.0.0.1:{closed_port()}/0")
+    monkeypatch.setenv("AGENTFLOW_REDIS_CLUSTER", "true")
+    code, _, err = agentflow("library", "list")
+    assert code == 2 and "set AGENTFLOW_LIBRARY_REDIS_URL" in " ".join(err.split())
+    assert "cannot live on the Redis Cluster" in " ".join(err.split())

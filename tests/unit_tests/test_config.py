@@ -39,6 +39,17 @@ def test_the_library_is_on_the_main_redis_unless_it_has_its_own(
     assert load_settings().library_url() == "redis://search:6379/0"
 
 
+def test_on_a_cluster_the_library_is_only_on_a_redis_of_its_own(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("AGENTFLOW_REDIS_URL", "redis://node-1:6379/0")
+    monkeypatch.setenv("AGENTFLOW_REDIS_CLUSTER", "true")
+    assert load_settings().redis_cluster
+    assert load_settings().library_url() is None
+    monkeypatch.setenv("AGENTFLOW_LIBRARY_REDIS_URL", "redis://search:6379/0")
+    assert load_settings().library_url() == "redis://search:6379/0"
+
+
 def test_subject_memory_is_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
     settings = load_settings()
     assert (settings.subject_notes_max, settings.subject_ttl_s) == (100, 30 * 24 * 3600)

@@ -9,7 +9,7 @@ from collections.abc import Collection
 from aiokafka import TopicPartition
 from aiokafka.errors import KafkaConnectionError
 
-from service.worker.consumer import EventConsumer, PartitionOffsets
+from service.kafka.consumer import EventConsumer, PartitionOffsets
 
 
 def test_nothing_taken_nothing_to_commit() -> None:

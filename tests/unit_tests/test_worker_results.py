@@ -21,8 +21,8 @@ from aiokafka.structs import ConsumerRecord
 from nodes.models import WorkflowResult
 from service.config import load_settings
 from service.errors import ConfigError
+from service.kafka.consumer import EventConsumer, PartitionOffsets
 from service.worker import crash_points
-from service.worker.consumer import EventConsumer, PartitionOffsets
 from service.worker.outbox import Outbox
 
 SETTINGS = load_settings()

@@ -15,6 +15,7 @@ of starting one whenever its address is given.
 
 `process` supervises one server binary (free port, readiness, restarts, log tail);
 `redis` and `kafka` say how to run and probe Redis and Tansu; `local` composes the two.
+`redis_cluster` forms a Redis Cluster of plain `redis-server` nodes (for the tests).
 
 Example:
     ```python
@@ -30,10 +31,12 @@ from service.devtools.servers.kafka import KafkaBroker, find_tansu
 from service.devtools.servers.local import LocalServers
 from service.devtools.servers.process import DEV_EXTRA_HINT
 from service.devtools.servers.redis import RedisServer, find_redis_modules, find_redis_server
+from service.devtools.servers.redis_cluster import LocalRedisCluster
 
 __all__ = [
     "DEV_EXTRA_HINT",
     "KafkaBroker",
+    "LocalRedisCluster",
     "LocalServers",
     "RedisServer",
     "find_redis_modules",

@@ -35,6 +35,7 @@ __all__ = [
     "ServerProcess",
     "ensure_executable",
     "format_log_tail",
+    "free_port",
 ]
 
 logger = logging.getLogger(__name__)
@@ -83,7 +84,7 @@ class ServerProcess:
         stop_timeout: float = 10.0,
     ) -> None:
         self._port_was_given = port is not None
-        self.port = port if port is not None else _free_port()
+        self.port = port if port is not None else free_port()
         self._binary = Path(binary) if binary is not None else None
         self.startup_timeout = startup_timeout
         self.stop_timeout = stop_timeout
@@ -136,7 +137,7 @@ class ServerProcess:
                     # Another process took the port between choosing and binding it.
                     if attempt < attempts:
                         self._remove_workdir()
-                        self.port = _free_port()
+                        self.port = free_port()
                         continue
                     self._remove_workdir()
                     raise ServerStartError(
@@ -366,7 +367,8 @@ class _PortInUseError(Exception):
         self.log_tail = log_tail
 
 
-def _free_port() -> int:
+def free_port() -> int:
+    """Return a loopback port that is free now (another process may take it before use)."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind((LOOPBACK, 0))
         return int(sock.getsockname()[1])

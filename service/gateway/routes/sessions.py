@@ -27,7 +27,7 @@ from service.gateway.schemas import (
 )
 from service.storage.checkpoints import session_states
 from service.storage.publisher import read_log
-from service.storage.sessions import SessionStatus
+from service.storage.sessions import WAITS, SessionStatus
 
 __all__ = ["router"]
 
@@ -193,7 +193,7 @@ async def resume_session(
 async def cancel_session(session_id: str, backends: BackendsDep) -> EventAccepted:
     """Cancel a session: an `agentflow.cancel` event stops its run in the worker."""
     record = await known_session(backends, session_id)
-    if record.status not in ("running", "interrupted"):
+    if record.status not in ("running", *WAITS):
         raise HTTPException(409, f"session {session_id} has already ended ({record.status})")
     cancel = CloudEvent.wrap(CANCEL_EVENT_TYPE, None, session_id=session_id, source=SOURCE)
     return await _command(backends, cancel)

@@ -4,7 +4,7 @@
 
 const TYPES = [
   "session.started", "node.started", "node.completed", "node.failed", "step.started",
-  "step.completed", "agent.message", "session.interrupted", "session.completed",
+  "step.completed", "agent.message", "session.interrupted", "session.waiting", "session.completed",
   "session.failed", "session.superseded", "session.rolled_back", "event.refused",
   "event.parked",
 ];
@@ -192,6 +192,10 @@ function detail(t) {
   if (t.type.startsWith("event.") || t.type === "session.superseded" ||
       t.type === "session.rolled_back") return d.error || d.reason || "";
   if (t.type === "session.interrupted") return `asks: ${d.question || ""}`;
+  if (t.type === "session.waiting") {
+    const on = (d.result && d.result.waiting_on) || [];
+    return `waits for ${on.map((w) => `${w.agent} on ${w.step_id}`).join(", ") || "remote agents"}`;
+  }
   if (t.type === "step.completed") return d.status || "";
   if (t.type === "session.started") return `event ${d.event_id}${d.resumed ? " (resumed)" : ""}`;
   return "";
@@ -212,7 +216,7 @@ function setStatus(status) {
   const badge = $("session-status");
   badge.textContent = status;
   badge.className = `badge ${status}`;
-  $("cancel").hidden = !(status === "running" || status === "interrupted");
+  $("cancel").hidden = !["running", "interrupted", "waiting"].includes(status);
 }
 
 function renderResult(result) {
@@ -268,6 +272,9 @@ function onTransition(t) {
   paint(view.path);
   if (t.type === "session.started") {
     setStatus("running");
+    $("escalation").hidden = true;
+  } else if (t.type === "session.waiting") {
+    setStatus("waiting"); // for remote agents, not for a human: no question to answer
     $("escalation").hidden = true;
   } else if (t.type === "session.interrupted") {
     setStatus("interrupted");

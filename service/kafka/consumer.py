@@ -1,8 +1,10 @@
-"""The worker's side of the events topic: poll, track offsets, commit what is safe, pause.
+"""A consumer-group member's side of a topic: poll, track offsets, commit what is safe, pause.
 
-Runs finish out of order, so an offset is committed only when every earlier offset of
-its partition has finished (reached a terminal or checkpointed-interrupted state):
-committing past an event still running would lose it if the worker crashed.
+The worker consumes events with it, agent hosts their tasks. Records are handled
+concurrently and finish out of order, so an offset is committed only when every earlier
+offset of its partition has finished (for the worker: reached a terminal or
+checkpointed-interrupted state): committing past a record still being handled would
+lose it if the process crashed.
 """
 
 from __future__ import annotations
@@ -16,8 +18,6 @@ from dataclasses import dataclass, field
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListener, TopicPartition
 from aiokafka.errors import KafkaError
 from aiokafka.structs import ConsumerRecord
-
-from service.worker.crash_points import crash_point
 
 __all__ = ["EventConsumer", "PartitionOffsets"]
 
@@ -87,6 +87,7 @@ class EventConsumer:
         commit_interval_s: float = 0.5,
         transactions: AIOKafkaProducer | None = None,
         group_id: str | None = None,
+        on_committed: Callable[[], None] | None = None,
     ) -> None:
         """Wrap a consumer made by `service.bootstrap.kafka_consumer`.
 
@@ -98,6 +99,8 @@ class EventConsumer:
             transactions: a producer made with a `transactional_id`, started: every
                 commit goes through it in a transaction.
             group_id: the consumer group (needed with `transactions`).
+            on_committed: called after a commit that covers a record finished here
+                (the worker's `committed` crash point).
         """
         if transactions is not None and not group_id:
             raise ValueError("a transactional commit needs the consumer group")
@@ -108,6 +111,7 @@ class EventConsumer:
         self._commit_interval_s = commit_interval_s
         self._transactions = transactions
         self._group_id = group_id or ""
+        self._on_committed = on_committed
         self._commit_lock = asyncio.Lock()
         self._offsets: dict[TopicPartition, PartitionOffsets] = {}
         self._last_commit = 0.0
@@ -122,9 +126,9 @@ class EventConsumer:
         """Return the offsets tracked for a partition, if it is assigned."""
         return self._offsets.get(tp)
 
-    async def start(self, topic: str) -> None:
-        """Join the group on a topic."""
-        self.kafka.subscribe([topic], listener=_Rebalance(self))
+    async def start(self, *topics: str) -> None:
+        """Join the group on topics."""
+        self.kafka.subscribe(list(topics), listener=_Rebalance(self))
         await self.kafka.start()
 
     async def stop(self) -> None:
@@ -238,14 +242,14 @@ class EventConsumer:
         return offsets
 
     def _committed(self, offsets: dict[TopicPartition, int]) -> None:
-        covered = False  # whether the commit covers an event this worker finished
+        covered = False  # whether the commit covers a record finished here
         for tp, offset in offsets.items():
             tracker = self._offsets.get(tp)
             if tracker is not None:  # not released while the commit was on its way
                 covered = covered or 0 <= tracker.lowest < offset
                 tracker.committed = offset
-        if covered:
-            crash_point("committed")
+        if covered and self._on_committed is not None:
+            self._on_committed()
 
     async def release(self, partitions: list[TopicPartition]) -> None:
         """On revocation: let their runs reach a checkpoint, commit, cancel the rest."""
