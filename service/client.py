@@ -256,10 +256,8 @@ async def waiting_session(settings: Settings, session_id: str) -> SessionRecord:
         raise UnknownSessionError(
             f"session {session_id} does not exist in {redact_url(settings.redis_url)}"
         )
-    if record.status != "interrupted":
-        raise UnknownSessionError(
-            f"session {session_id} is {record.status}, not waiting for an answer"
-        )
+    if (why := record.why_not_answerable()) is not None:
+        raise UnknownSessionError(why)
     return record
 
 

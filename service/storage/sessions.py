@@ -86,6 +86,15 @@ class SessionRecord(BaseModel):
     """The event whose result comes when the session's latest wait for agents ends."""
     result: WorkflowResult | None = None
 
+    def why_not_answerable(self) -> str | None:
+        """Why a human's answer cannot go to this session now, or None when it can."""
+        if self.status == "interrupted":
+            return None
+        if self.status == "waiting":
+            agents = ", ".join(sorted({w.agent for w in self.waiting_on})) or "remote agents"
+            return f"session {self.session_id} waits for {agents}, not for a human answer"
+        return f"session {self.session_id} is {self.status}, not waiting for an answer"
+
 
 class SessionStore:
     """Session records (hashes), an index by update time, and seen event ids.

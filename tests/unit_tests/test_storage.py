@@ -5,9 +5,10 @@ from __future__ import annotations
 import pytest
 from redis.asyncio import Redis
 
+from nodes.models import AgentWait
 from service.storage import keys
 from service.storage.publisher import follow, read_log
-from service.storage.sessions import SessionStore
+from service.storage.sessions import SessionRecord, SessionStore
 
 
 def test_key_and_channel_names_stay_as_documented() -> None:
@@ -43,3 +44,15 @@ async def test_readers_of_text_refuse_a_client_that_answers_bytes() -> None:
     assert SessionStore(text, ttl_s=60).redis is text
     await raw.aclose()
     await text.aclose()
+
+
+def test_only_a_session_waiting_for_a_human_takes_an_answer() -> None:
+    wait = AgentWait(task_id="t1", agent="eligibility_analyst", step_id="s2", timeout_s=300)
+    asking = SessionRecord(session_id="s", status="interrupted")
+    waiting = SessionRecord(session_id="s", status="waiting", waiting_on=[wait])
+    done = SessionRecord(session_id="s", status="completed")
+    assert asking.why_not_answerable() is None
+    assert waiting.why_not_answerable() == (
+        "session s waits for eligibility_analyst, not for a human answer"
+    )
+    assert done.why_not_answerable() == "session s is completed, not waiting for an answer"

@@ -173,10 +173,8 @@ async def resume_session(
 ) -> EventAccepted:
     """Answer an escalated review: an `agentflow.resume` event goes to the worker."""
     record = await known_session(backends, session_id)
-    if record.status != "interrupted":
-        raise HTTPException(
-            409, f"session {session_id} is {record.status}, not waiting for an answer"
-        )
+    if (why := record.why_not_answerable()) is not None:
+        raise HTTPException(409, why)
     return await _command(backends, resume_event(session_id, body.answer, source=SOURCE))
 
 
