@@ -22,8 +22,9 @@ session lives in one slot and one script may touch them all.
 - `agentflow:llmcache:*` (strings): the exact LLM cache (langchain-redis `RedisCache`);
 - `agentflow:session:{id}:waits` (hash): the remote agents' tasks a session waits for, by
   task id (agent, attempt, since, deadline), while they are out;
-- `agentflow:agentwaits:deadlines` (sorted set): those tasks (`<session id> <task id>`) by
-  deadline, swept by every worker under `agentflow:agentwaits:sweeper` (string, short TTL);
+- `agentflow:agentwaits:deadlines` (sorted set): those tasks (`<replies topic> <session id>
+  <task id>`) by deadline, swept by every worker under `agentflow:agentwaits:sweeper`
+  (string, short TTL);
 - `agentflow:worker:{name}` (string, short TTL): a running worker's state (taking events
   or degraded, since when, why), for `agentflow health` and `/healthz`;
 - `agentflow:agent-host:{name}` (string, short TTL): a running agent host's heartbeat (the

@@ -85,7 +85,8 @@ class AgentWaits:
             async with self.redis.pipeline(transaction=False) as pipe:
                 pipe.hset(key, wait.task_id, wait.model_dump_json())
                 pipe.zadd(
-                    DEADLINES_KEY, {_member(session_id, wait.task_id): wait.deadline.timestamp()}
+                    DEADLINES_KEY,
+                    {self._member(session_id, wait.task_id): wait.deadline.timestamp()},
                 )
                 await pipe.execute()
             self.sent += 1
@@ -98,7 +99,7 @@ class AgentWaits:
             return
         async with self.redis.pipeline(transaction=False) as pipe:
             pipe.hdel(waits_key(session_id), *task_ids)
-            pipe.zrem(DEADLINES_KEY, *[_member(session_id, t) for t in task_ids])
+            pipe.zrem(DEADLINES_KEY, *[self._member(session_id, t) for t in task_ids])
             await pipe.execute()
 
     async def find(self, session_id: str, task_id: str) -> AgentWait | None:
@@ -138,7 +139,10 @@ class AgentWaits:
                 ),
             )
             for member in due:
-                session_id, task_id = member.rsplit(" ", 1)
+                # The timeout goes to the replies topic of the worker that sent the task:
+                # workers of other deployments (other topics) may share this Redis.
+                replies, rest = member.split(" ", 1)
+                session_id, task_id = rest.rsplit(" ", 1)
                 recorded = await self.redis.hget(waits_key(session_id), task_id)
                 if recorded is not None:
                     wait = AgentWait.model_validate_json(recorded)
@@ -148,13 +152,17 @@ class AgentWaits:
                         status="timeout",
                         error=f"no reply within {wait.timeout_s:g} s",
                     )
-                    await self._produce(self.settings.topic_agent_replies, session_id, timeout)
+                    await self._produce(replies, session_id, timeout)
                     self.timed_out += 1
                 await self.redis.zrem(DEADLINES_KEY, member)
             return len(due)
         finally:
             if await self.redis.get(SWEEPER_KEY) == me:
                 await self.redis.delete(SWEEPER_KEY)
+
+    def _member(self, session_id: str, task_id: str) -> str:
+        """A task's entry in the deadlines: `<replies topic> <session id> <task id>`."""
+        return f"{self.settings.topic_agent_replies} {session_id} {task_id}"
 
     async def _produce(
         self,
@@ -165,10 +173,6 @@ class AgentWaits:
     ) -> None:
         event = envelope(data, session_id=session_id, source=WORKER_SOURCE, subject=subject)
         await self.producer.send_and_wait(topic, encode(event), key=session_id.encode())
-
-
-def _member(session_id: str, task_id: str) -> str:
-    return f"{session_id} {task_id}"
 
 
 def _task(session_id: str, task: dict[str, Any], wait: AgentWait, reply_to: str) -> AgentTask:

@@ -16,12 +16,15 @@ from typing import Any
 
 import pytest
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
+from langgraph.types import Interrupt
 from redis.asyncio import Redis
 
 from service.config import Settings
 from service.devtools.servers import LocalServers
+from service.storage.keys import DEADLINES_KEY
 from service.storage.publisher import read_log
 from service.storage.sessions import SessionStore
+from service.worker.waits import AgentWaits
 from service.worker.worker import Worker
 from tests.integration_tests.conftest import (
     example,
@@ -464,3 +467,39 @@ async def test_cancelling_a_waiting_session_ends_its_event_and_calls_off_its_tas
     )
     assert out <= _cancelled(cancels)
     assert not await redis.hlen(f"agentflow:session:{{{sid}}}:waits")
+
+
+async def test_a_deadline_swept_by_another_deployment_times_out_on_the_senders_topic(
+    servers: LocalServers, tmp_path: Path, producer: AIOKafkaProducer, redis: Redis
+) -> None:
+    # Two deployments (topics of their own) on one Redis: whoever sweeps, the timeout goes
+    # to the replies topic of the worker that sent the task.
+    mine, theirs = _settings(servers, tmp_path), _settings(servers, tmp_path)
+    sid = f"swept-{uuid.uuid4().hex[:6]}"
+    task = {
+        "task_id": uuid.uuid4().hex,
+        "agent": "second",
+        "attempt": 1,
+        "timeout_s": 0.001,
+        "step": {"id": "s1", "title": "Take in the claim", "description": ""},
+        "intent": "",
+        "event": example("claim_submitted", sessionid=sid),
+        "inputs": {},
+        "feedback": [],
+        "history": [],
+    }
+    (wait,) = await AgentWaits(redis, producer, mine).send(
+        sid, None, [Interrupt(value=task, id="i-1")]
+    )
+    other = AgentWaits(redis, producer, theirs)
+    await wait_until(lambda: _swept(other, redis, wait.task_id), "the other deployment swept it")
+    replies = await read_topic(
+        servers.kafka_bootstrap, mine.topic_agent_replies, until=lambda rs: len(rs) >= 1
+    )
+    (reply,) = [json.loads(r.value) for r in replies]
+    assert (reply["data"]["task_id"], reply["data"]["status"]) == (wait.task_id, "timeout")
+
+
+async def _swept(waits: AgentWaits, redis: Redis, task_id: str) -> bool:
+    await waits.sweep()
+    return not [m for m in await redis.zrange(DEADLINES_KEY, 0, -1) if m.endswith(task_id)]
