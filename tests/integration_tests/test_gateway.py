@@ -510,8 +510,13 @@ async def test_resume_an_escalated_session_over_http(client: httpx.AsyncClient) 
     # An interrupted session's stream stays open: the same stream carries the resumed
     # run to the end (two session.started below).
     assert not following.done()
+
+    async def recorded() -> bool:
+        # The record is closed just after the run's last transition went out.
+        return (await client.get(f"/sessions/{session_id}")).json()["status"] == "interrupted"
+
+    await wait_until(recorded, "the session record to say interrupted")
     detail = (await client.get(f"/sessions/{session_id}")).json()
-    assert detail["status"] == "interrupted"
     question = messages[-1]["transition"]["data"]["question"]
     assert question and detail["question"] == question and detail["review"]["question"]
     assert detail["next"] == ["escalate"]
