@@ -233,6 +233,7 @@ async def test_a_transition_of_a_run_that_no_longer_holds_the_session_is_not_sen
 async def test_epochs_only_grow_even_when_redis_loses_the_key(redis: Redis) -> None:
     store = SessionStore(redis, ttl_s=600)
     session_id = f"fence-{uuid.uuid4().hex[:6]}"
+    await store.open(session_id, event_id=f"e-{session_id}", event_type="test", subject=None)
     taken = [await store.take(session_id) for _ in range(5)]
     assert taken == sorted(set(taken))  # one after the other, within a microsecond too
     await redis.delete(epoch_key(session_id))  # as a restart without persistence loses it

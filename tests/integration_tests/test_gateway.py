@@ -262,6 +262,15 @@ async def finished_session(redis: Redis, session_id: str) -> None:
 # --- the main path ---------------------------------------------------------------------------
 
 
+async def _record_says(client: httpx.AsyncClient, session_id: str, status: str) -> None:
+    """Wait until the session record has a status (written just after the last transition)."""
+
+    async def recorded() -> bool:
+        return (await client.get(f"/sessions/{session_id}")).json()["status"] == status
+
+    await wait_until(recorded, f"the session record to say {status}")
+
+
 async def test_start_a_workflow_and_stream_it_to_completion(
     stack: tuple[Settings, str, Worker], client: httpx.AsyncClient, redis: Redis
 ) -> None:
@@ -288,8 +297,9 @@ async def test_start_a_workflow_and_stream_it_to_completion(
     assert last["data"]["result"]["status"] == "completed"
     assert last["data"]["result"]["event_id"] == event_id
 
+    await _record_says(client, session_id, "completed")
     detail = (await client.get(accepted["links"]["self"])).json()
-    assert detail["status"] == "completed" and detail["current_node"] == "finalize"
+    assert detail["current_node"] == "finalize"
     assert detail["event_type"] == "claim.submitted" and detail["subject"] == "C-2001"
     steps = detail["workflow"]["steps"]
     assert len(steps) >= 2 and all(s["agents"] and s["status"] == "done" for s in steps)
@@ -510,8 +520,8 @@ async def test_resume_an_escalated_session_over_http(client: httpx.AsyncClient) 
     # An interrupted session's stream stays open: the same stream carries the resumed
     # run to the end (two session.started below).
     assert not following.done()
+    await _record_says(client, session_id, "interrupted")
     detail = (await client.get(f"/sessions/{session_id}")).json()
-    assert detail["status"] == "interrupted"
     question = messages[-1]["transition"]["data"]["question"]
     assert question and detail["question"] == question and detail["review"]["question"]
     assert detail["next"] == ["escalate"]
@@ -533,11 +543,7 @@ async def test_resume_an_escalated_session_over_http(client: httpx.AsyncClient) 
     assert final["status"] == "completed"
     assert "discharge confirmed" in final["review"]["feedback"]
 
-    # The record says so one round trip after the stream's last transition.
-    async def recorded() -> bool:
-        return (await client.get(f"/sessions/{session_id}")).json()["status"] == "completed"
-
-    await wait_until(recorded, "the session record says completed")
+    await _record_says(client, session_id, "completed")
     again = await client.post(f"/sessions/{session_id}/resume", json={"answer": "yes"})
     assert again.status_code == 409 and "completed" in again.json()["detail"]
     unknown = await client.post("/sessions/no-such-session/resume", json={"answer": "yes"})
