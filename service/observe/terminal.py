@@ -44,6 +44,8 @@ def _detail(t: Transition) -> str:
             c if isinstance(c, str) else str(c.get("name")) for c in data.get("tool_calls") or []
         ]
         text = f"calls {', '.join(calls)}" if calls else str(data.get("content", ""))
+        if "task_id" in data:  # a remote agent's task: its message came over Kafka
+            text = f"over Kafka: {text}"
         return text[:110]
     if t.type == "node.completed" and t.node == "plan":
         return f"{len(data.get('steps', []))} steps: {data.get('intent', '')}"[:110]
@@ -76,6 +78,8 @@ def _waits(result: dict[str, Any]) -> list[str]:
             text += f", attempt {attempt}"
         if deadline := wait.get("deadline"):
             text += f", until {datetime.fromisoformat(deadline):%H:%M:%S}"
+        elif timeout_s := wait.get("timeout_s"):
+            text += f", answer within {timeout_s:g} s"
         said.append(text + ")")
     return said
 
