@@ -143,13 +143,16 @@ class Results:
                         self.last = time.perf_counter()
 
 
-async def send_all(settings: Settings, producer: AIOKafkaProducer, tag: str, n: int) -> set[str]:
+async def send_all(
+    settings: Settings, producer: AIOKafkaProducer, tag: str, n: int, *, start: int = 0
+) -> set[str]:
+    """Send events start..n-1 of a run (session `s-<tag>-<i>`); return their ids."""
     sent = [
         await producer.send(settings.topic_events, event(i, tag), key=f"s-{tag}-{i}".encode())
-        for i in range(n)
+        for i in range(start, n)
     ]
     await asyncio.gather(*sent)
-    return {f"bench-{tag}-{i}" for i in range(n)}
+    return {f"bench-{tag}-{i}" for i in range(start, n)}
 
 
 async def until(condition: Callable[[], Awaitable[bool]], limit_s: float = 1800) -> None:
@@ -159,14 +162,32 @@ async def until(condition: Callable[[], Awaitable[bool]], limit_s: float = 1800)
 
 
 async def warmed_worker(
-    settings: Settings, producer: AIOKafkaProducer, results: Results, answer: Any = None
+    settings: Settings,
+    producer: AIOKafkaProducer,
+    results: Results,
+    answer: Any = None,
+    *,
+    redis: Redis | None = None,
 ) -> subprocess.Popen[bytes]:
-    """A worker that has run one session: imports, group join and pools are in its RSS."""
+    """A worker that has run one session: imports, group join and pools are in its RSS.
+
+    With `redis`, the warm-up session only has to reach a step (its agent's model sleeps
+    for long), not its end.
+    """
     worker = start(settings, "worker", log="worker")
-    warm = await send_all(settings, producer, "warm-" + uuid.uuid4().hex[:4], 1)
+    tag = "warm-" + uuid.uuid4().hex[:4]
+    warm = await send_all(settings, producer, tag, 1)
     if answer is not None:
         answer.release()
-    await results.wait(warm, 300)
+    if redis is None:
+        await results.wait(warm, 300)
+    else:
+
+        async def at_a_step() -> bool:
+            assert redis is not None
+            return await _count(redis, tag, 1, "current_node", "execute_step") >= 1
+
+        await until(at_a_step, 300)
     if answer is not None:
         answer.hold()
     return worker
@@ -258,18 +279,25 @@ async def parked(servers: LocalServers, folder: Path, n: int) -> dict[str, float
         worker = await warmed_worker(settings, producer, results, host)
         before, redis_before = rss_mib(worker.pid), await redis_used(redis)
         tag = uuid.uuid4().hex[:6]
-        wanted = await send_all(settings, producer, tag, n)
+        half = n // 2
+        # In two halves: what the second half adds is the cost of a parked session itself,
+        # without the working set of the sessions in flight while events arrive.
+        wanted = await send_all(settings, producer, tag, half)
 
-        async def all_wait() -> bool:
-            return await _count(redis, tag, n, "status", "waiting") >= n
+        async def all_wait(count: int) -> bool:
+            return await _count(redis, tag, count, "status", "waiting") >= count
 
-        await until(all_wait)
+        await until(lambda: all_wait(half))
+        halfway = rss_mib(worker.pid)
+        wanted |= await send_all(settings, producer, tag, n, start=half)
+        await until(lambda: all_wait(n))
         waiting = rss_mib(worker.pid)
         redis_per = (await redis_used(redis) - redis_before) / n
         host.release()
         await results.wait(wanted)
         return {
             "growth": waiting - before,
+            "per_session_kib": (waiting - halfway) * 1024 / (n - half),
             "before": before,
             "redis_per_session": redis_per,
             "last_reply_to_last_result": results.last - host.last_reply,
@@ -297,7 +325,7 @@ async def in_flight(
     redis = Redis.from_url(settings.redis_url or "", decode_responses=True)
     worker: subprocess.Popen[bytes] | None = None
     try:
-        worker = await warmed_worker(settings, producer, results)
+        worker = await warmed_worker(settings, producer, results, redis=redis)
         before = rss_mib(worker.pid)
         tag = uuid.uuid4().hex[:6]
         await send_all(settings, producer, tag, n)
@@ -370,13 +398,15 @@ async def main(args: Any) -> None:
             f"agentflow remote agents benchmark  (offline model, loopback, {os.cpu_count()} cores)"
         )
         if args.part in (None, 1):
-            waiting = await parked(servers, folder, args.sessions)
-            busy = await in_flight(servers, folder, args.sessions, args.latency)
             print(f"\n1) {args.sessions} sessions, worker RSS growth from after a warm-up session")
+            waiting = await parked(servers, folder, args.sessions)
             print(
                 f"   parked on a remote agent : {waiting['growth']:8.1f} MiB"
-                f"   (from {waiting['before']:.0f} MiB)"
+                f"   (from {waiting['before']:.0f} MiB; the second {args.sessions // 2} added"
+                f" {waiting['per_session_kib']:.1f} KiB per session)",
+                flush=True,
             )
+            busy = await in_flight(servers, folder, args.sessions, args.latency)
             print(
                 f"   in flight on a local agent (model sleeping {args.latency:g} s):"
                 f" {busy['growth']:8.1f} MiB   (from {busy['before']:.0f} MiB)"

@@ -10,6 +10,7 @@ __all__ = [
     "AgentflowError",
     "ConfigError",
     "CorruptWorkflowError",
+    "EpochLost",
     "KafkaUnavailable",
     "NoQueryEngineError",
     "ReplayError",
@@ -17,6 +18,7 @@ __all__ = [
     "StaleWriter",
     "TemplateError",
     "UnknownSessionError",
+    "fence_refusal",
 ]
 
 
@@ -81,3 +83,31 @@ class StaleWriter(AgentflowError, RuntimeError):
             f"session {session_id}: this run (epoch {epoch}) was fenced off by a newer run "
             f"(epoch {current}); it stops and writes nothing more, the newer run goes on"
         )
+
+
+class EpochLost(AgentflowError, ConnectionError):
+    """Redis no longer holds a session's fencing epoch: it lost data (restarted empty, evicted).
+
+    A run's write is refused then, as it can no longer be told from a stale one; it is an
+    outage of Redis like any other: the run is retried, and takes the session again.
+    """
+
+    def __init__(self, session_id: str, epoch: int) -> None:
+        self.session_id = session_id
+        """The session the run writes."""
+        self.epoch = epoch
+        """The epoch the run took, which Redis no longer holds."""
+        super().__init__(
+            f"session {session_id}: Redis no longer holds the fencing epoch this run took "
+            f"(epoch {epoch}): it lost data; the run is retried and takes the session again"
+        )
+
+
+def fence_refusal(session_id: str, epoch: int, current: int) -> StaleWriter | EpochLost:
+    """Return the error of a run's write refused where its session's epoch is `current`.
+
+    `current` is 0 when Redis holds no epoch for the session any more.
+    """
+    if current == 0:
+        return EpochLost(session_id, epoch)
+    return StaleWriter(session_id, epoch, current)

@@ -397,9 +397,10 @@ class AgentHost:
     async def close(self) -> None:
         """Give running tasks the grace period, commit what is safe, disconnect."""
         self._stopping.set()
-        for background in (*self._loops, self._heartbeat):
-            if background is not None:
-                background.cancel()
+        background = [t for t in (*self._loops, self._heartbeat) if t is not None]
+        for task in background:
+            task.cancel()
+        await asyncio.gather(*background, return_exceptions=True)  # out of their polls
         handlers = list(self._handlers)
         if handlers:
             logger.info("%s draining %d task record(s)", self.name, len(handlers))

@@ -16,7 +16,7 @@ from nodes.context import WorkflowContext
 from nodes.execution import AGENT_TASK
 from nodes.finalize import build_result
 from nodes.models import AgentWait, CloudEvent, WorkflowResult
-from service.errors import StaleWriter, UnknownSessionError
+from service.errors import EpochLost, StaleWriter, UnknownSessionError
 from service.runtime.stream import TransitionMapper, TransitionSink
 from service.storage.checkpointer import EPOCH_CONFIG_KEY
 from service.storage.transitions import Transition
@@ -90,7 +90,8 @@ class SessionRunner:
             take: fences the session's runs (`SessionStore.take`): each run takes a new
                 epoch and carries it in its config and transitions, so the checkpointer
                 and the publisher refuse the writes of a run a newer one took over
-                (`StaleWriter`, raised to the caller). None: runs are not fenced.
+                (`StaleWriter`, raised to the caller; `EpochLost` when Redis lost the
+                epoch, raised too, to be retried). None: runs are not fenced.
         """
         self.graph = graph
         self.context = context
@@ -268,7 +269,7 @@ class SessionRunner:
                     for transition in mapper.map(mode, chunk):
                         await self.emit(transition, epoch=epoch)
         except Exception as exc:
-            if isinstance(exc, StaleWriter) or self.is_infra_error(exc):
+            if isinstance(exc, (StaleWriter, EpochLost)) or self.is_infra_error(exc):
                 raise
             logger.warning("session %s failed: %s", session_id, exc)
             snapshot = await self.graph.aget_state(config)

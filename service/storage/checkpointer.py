@@ -18,10 +18,11 @@ old or the new checkpoint, never half of one. Thread ids that would break the ha
 (empty, or with a `}`) are keyed by their SHA-1 instead, under `agentflow:checkpoint#`.
 
 Fenced writes: a write whose config carries a run's epoch (`configurable[EPOCH_CONFIG_KEY]`,
-which the worker's runs set) is refused, inside its script, when the session's epoch key
-(`agentflow:session:{thread}:epoch`, `service.storage.keys.epoch_key`) holds a newer one: the
-caller gets `StaleWriter`, and a run that lost its session to another worker cannot fork
-the thread's checkpoints. The epoch key is the session's, with the thread id as its hash
+which the worker's runs set) is refused, inside its script, unless the session's epoch key
+(`agentflow:session:{thread}:epoch`, `service.storage.keys.epoch_key`) still holds that
+epoch: the caller gets `StaleWriter` when a newer run took the session (so a run that lost
+its session to another worker cannot fork the thread's checkpoints), `EpochLost` when Redis
+lost the key. The epoch key is the session's, with the thread id as its hash
 tag: the same slot as the thread's keys, so the script may be given it on Redis Cluster.
 A SHA-1 keyed thread id would put the two in different slots, so such a thread cannot be
 fenced (a ValueError; session ids never are one). Writes without an epoch (library use)
@@ -62,7 +63,7 @@ from langgraph.checkpoint.serde.base import SerializerProtocol
 from redis.asyncio import Redis
 from redis.exceptions import NoScriptError
 
-from service.errors import StaleWriter
+from service.errors import fence_refusal
 from service.storage._redis import RedisClient
 from service.storage.keys import CHECKPOINT_PREFIX, epoch_key
 
@@ -146,12 +147,12 @@ local function collect()
   end
   return gone
 end
--- A write with a run's epoch ('' for none) is refused once a newer run took the session:
--- returns the refusal to send back, or false.
+-- A write with a run's epoch ('' for none) is refused unless the run still holds the
+-- session (a newer run took it, or Redis lost the key: 0): returns the refusal, or false.
 local function stale(epoch)
   if epoch == '' then return false end
   local current = tonumber(redis.call('GET', KEYS[3]) or '0')
-  if current > tonumber(epoch) then return {'stale', current} end
+  if current ~= tonumber(epoch) then return {'stale', current} end
   return false
 end
 local function set_ttl(ttl)
@@ -812,6 +813,7 @@ class RedisSaver(BaseCheckpointSaver[str]):
 
         Raises:
             StaleWriter: a newer run took the session; nothing was written.
+            EpochLost: Redis lost the session's epoch; nothing was written.
             ValueError: an epoch for a thread id that is no hash tag (empty, or with a
                 `}`): its epoch key would be in another cluster slot.
         """
@@ -825,8 +827,8 @@ class RedisSaver(BaseCheckpointSaver[str]):
                 "is a session id (no '}', not empty)"
             )
         reply = await self._run(name, thread_id, [int(epoch), *args], fence=epoch_key(thread_id))
-        if isinstance(reply, list):  # ['stale', the newer epoch]
-            raise StaleWriter(thread_id, int(epoch), int(reply[1]))
+        if isinstance(reply, list):  # ['stale', the session's epoch]
+            raise fence_refusal(thread_id, int(epoch), int(reply[1]))
 
     async def _index_run(self, thread_id: str, run_id: str) -> None:
         """Name the thread in the run's key, before the run's first checkpoint there."""

@@ -10,7 +10,7 @@ from typing import Any, cast
 
 from redis import exceptions as redis_errors
 
-from service.errors import StaleWriter
+from service.errors import EpochLost, StaleWriter, fence_refusal
 from service.storage._redis import RedisClient, require_text_client
 from service.storage.keys import (
     ALL_TRANSITIONS_CHANNEL,
@@ -40,13 +40,14 @@ logger = logging.getLogger(__name__)
 # takes a batch of transitions of one session. KEYS are the session's counter, log,
 # record and fencing epoch (one hash tag: one cluster slot); ARGV is maxlen, ttl, the two
 # channels, then body, node, time and run epoch ('' for none) of each transition. A
-# transition of a run older than the session's epoch is refused: not numbered, logged or
-# sent (its seq is 0). Returns the seqs and the session's epoch.
+# transition of a run that no longer holds the session (a newer run took it, or Redis lost
+# the epoch) is refused: not numbered, logged or sent (its seq is 0). Returns the seqs and
+# the session's epoch (0: none).
 _PUBLISH = """
 local current = tonumber(redis.call('GET', KEYS[4]) or '0')
 local seqs = {}
 for i = 5, #ARGV, 4 do
-  if ARGV[i + 3] ~= '' and tonumber(ARGV[i + 3]) < current then
+  if ARGV[i + 3] ~= '' and tonumber(ARGV[i + 3]) ~= current then
     seqs[#seqs + 1] = 0
   else
     local seq = redis.call('INCR', KEYS[1])
@@ -89,16 +90,19 @@ class TransitionPublisher:
         """Number and publish one transition; sets `transition.seq`.
 
         Raises:
-            StaleWriter: its run's epoch is older than its session's: it was not published.
+            StaleWriter: a newer run took the session: it was not published.
+            EpochLost: Redis lost the session's epoch: it was not published.
         """
         for refused in await self.publish_batch({transition.session_id: [transition]}):
             raise refused
 
-    async def publish_batch(self, batch: dict[str, list[Transition]]) -> list[StaleWriter]:
+    async def publish_batch(
+        self, batch: dict[str, list[Transition]]
+    ) -> list[StaleWriter | EpochLost]:
         """Number and publish transitions of several sessions, each in order, in one round trip.
 
         A node.started also moves the current node of the session's record, if it has one.
-        A transition with an `epoch` older than its session's is refused (its seq stays 0).
+        A transition whose `epoch` is not its session's any more is refused (its seq stays 0).
 
         Returns:
             One error per session and epoch whose transitions were refused.
@@ -124,15 +128,15 @@ class TransitionPublisher:
         except redis_errors.NoScriptError:  # a new or restarted Redis: load it, send again
             await self.redis.script_load(_PUBLISH)
             numbered = await self._evalsha(calls)
-        refused: dict[tuple[str, int], StaleWriter] = {}
+        refused: dict[tuple[str, int], StaleWriter | EpochLost] = {}
         for (sid, transitions), (seqs, current) in zip(batch.items(), numbered, strict=True):
             for transition, seq in zip(transitions, seqs, strict=True):
                 transition.seq = int(seq)
                 if transition.seq:
                     self.published += 1
                 elif transition.epoch is not None:
-                    stale = StaleWriter(sid, transition.epoch, int(current))
-                    refused.setdefault((sid, transition.epoch), stale)
+                    error = fence_refusal(sid, transition.epoch, int(current))
+                    refused.setdefault((sid, transition.epoch), error)
         return list(refused.values())
 
     async def _evalsha(self, calls: list[tuple[Any, ...]]) -> list[Any]:
@@ -152,7 +156,7 @@ class BackgroundPublisher:
     session's terminal transition waits until everything before it is published, and a
     failed publish is raised to the session's run on its next transition (so the worker
     retries the event as for any Redis error). Runs are told apart by their epoch: a
-    refused one (`StaleWriter`) is raised to the stale run only.
+    refused transition (`StaleWriter`, `EpochLost`) is raised to its own run only.
     """
 
     def __init__(self, publisher: TransitionPublisher) -> None:
@@ -220,8 +224,8 @@ class BackgroundPublisher:
                 self._sending, self._pending = self._pending, {}
                 self._sending_sent, self._pending_sent = self._pending_sent, asyncio.Event()
                 try:
-                    for stale in await self.publisher.publish_batch(self._sending):
-                        self._errors[(stale.session_id, stale.epoch)] = stale
+                    for refused in await self.publisher.publish_batch(self._sending):
+                        self._errors[(refused.session_id, refused.epoch)] = refused
                 except Exception as exc:
                     for session_id, transitions in self._sending.items():
                         for transition in transitions:

@@ -47,6 +47,18 @@ return 0
 """
 
 
+# Raise a session's fencing epoch: past the one before, and to Redis's clock in
+# microseconds, so an epoch taken after Redis lost the key (a restart without persistence)
+# is still newer than every one taken before. SET drops the key's TTL: a live session's
+# epoch does not expire under a run; `close` gives it the record's TTL.
+_TAKE = """
+local now = redis.call('TIME')
+local epoch = math.max(tonumber(redis.call('GET', KEYS[1]) or '0') + 1, now[1] * 1000000 + now[2])
+redis.call('SET', KEYS[1], string.format('%d', epoch))
+return epoch
+"""
+
+
 # Take the first parked event off only while it is the one that ran.
 _UNPARK = """
 if redis.call('LINDEX', KEYS[1], 0) == ARGV[1] then
@@ -91,6 +103,7 @@ class SessionStore:
         self.ttl_s = ttl_s
         self._release = self.redis.register_script(_RELEASE_CLAIM)
         self._unpark = self.redis.register_script(_UNPARK)
+        self._take = self.redis.register_script(_TAKE)
 
     def __repr__(self) -> str:
         return f"SessionStore(ttl_s={self.ttl_s})"
@@ -172,7 +185,7 @@ class SessionStore:
         finished_event: str | None = None,
         sent_from: SentFrom | None = None,
     ) -> None:
-        """Record a run's outcome; finished sessions get the retention TTL.
+        """Record a run's outcome; finished sessions get the retention TTL (record and epoch).
 
         With `finished_event`, that event moves to `finished` in the same transaction,
         with `sent_from` (where its result will land); on a cluster, just before.
@@ -196,6 +209,7 @@ class SessionStore:
             )
             if final not in WAITS:
                 pipe.expire(key, self.ttl_s)
+                pipe.expire(epoch_key(result.session_id), self.ttl_s)
 
         parts = [record, self._index(result.session_id)]
         if finished_event is not None:
@@ -230,14 +244,11 @@ class SessionStore:
 
         Checkpoint writes and transitions that carry an older epoch are refused from
         then on (`StaleWriter`), so a run that lost its session (a rebalance, a grace
-        period run out) cannot fork the session's checkpoints. The epoch is kept as long
-        as a finished session's record.
+        period run out) cannot fork the session's checkpoints. The epoch is never below
+        Redis's clock (microseconds), so a run that began before Redis lost the key is
+        fenced off all the same; it lives as long as the session's record (`close`).
         """
-        async with self.redis.pipeline(transaction=True) as pipe:
-            pipe.incr(epoch_key(session_id))
-            pipe.expire(epoch_key(session_id), self.ttl_s)
-            epoch, _ = await pipe.execute()
-        return int(epoch)
+        return int(await self._take(keys=[epoch_key(session_id)]))
 
     async def claim_event(self, event_id: str, session_id: str) -> tuple[EventClaim, str]:
         """Take an event id for a session, or say how far it got before and whose it is.

@@ -643,8 +643,14 @@ class EventHandler:
         )
         result.event_id = event.id
         if live:
-            if status == "waiting" and self.waits is not None:
-                await self.waits.cancel(session_id, "cancelled")
+            if status == "waiting" and known is not None:
+                # The tasks out are called off, and the event the wait was for gets its
+                # one result: the run it began ends here.
+                if self.waits is not None:
+                    await self.waits.cancel(session_id, "cancelled")
+                if known.waiting_event and known.waiting_event != event.id:
+                    awaited = result.model_copy(update={"event_id": known.waiting_event})
+                    await self._send_result(record, awaited)
             checkpointer = self.runner.graph.checkpointer
             await expire_session(
                 checkpointer,

@@ -433,3 +433,34 @@ async def test_local_and_hosted_agents_complete_a_session_through_kafka(
     said = [t for t in log if t.type == "agent.message" and t.agent == "analyst"]
     assert said and {t.step_id for t in said} <= {s["id"] for s in remote}
     assert "session.waiting" in [t.type for t in log]
+
+
+async def test_cancelling_a_waiting_session_ends_its_event_and_calls_off_its_tasks(
+    servers: LocalServers,
+    tmp_path: Path,
+    start_worker: Callable[..., Awaitable[Worker]],
+    producer: AIOKafkaProducer,
+    redis: Redis,
+) -> None:
+    settings = _settings(servers, tmp_path)
+    await start_worker(settings)
+    store = SessionStore(redis, ttl_s=settings.session_ttl_s)
+    sid = f"cancel-{uuid.uuid4().hex[:6]}"
+    event = example("claim_submitted", sessionid=sid)
+    await send(producer, settings, event, sid)
+    await wait_until(lambda: _status(store, sid, "waiting"), "the session waits")
+    record = await store.get(sid)
+    assert record is not None
+    out = {w.task_id for w in record.waiting_on}
+    cancel = example("claim_submitted", sessionid=sid, type="agentflow.cancel")
+    await send(producer, settings, cancel, sid)
+    for event_id in (event["id"], cancel["id"]):
+        (result,) = await _result(settings, event_id)
+        assert (result["status"], result["error"]) == ("failed", "cancelled")
+    cancels = await read_topic(
+        settings.kafka_bootstrap or "",
+        settings.agent_topic("second"),
+        until=lambda rs: out <= _cancelled(rs),
+    )
+    assert out <= _cancelled(cancels)
+    assert not await redis.hlen(f"agentflow:session:{{{sid}}}:waits")

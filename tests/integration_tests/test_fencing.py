@@ -19,11 +19,12 @@ from langgraph.checkpoint.base import empty_checkpoint
 from redis.asyncio import Redis
 
 from graphs.workflow import build_graph
+from nodes.finalize import build_result
 from nodes.library import InMemoryWorkflowLibrary
 from nodes.models import CloudEvent
 from service.config import Settings, load_settings
 from service.devtools.servers import LocalServers
-from service.errors import StaleWriter
+from service.errors import EpochLost, StaleWriter
 from service.runtime.runner import SessionRunner
 from service.storage.checkpointer import EPOCH_CONFIG_KEY, RedisSaver
 from service.storage.checkpoints import checkpoint_serde
@@ -102,19 +103,20 @@ async def test_the_older_of_two_runners_is_fenced_at_its_next_write(
 
     older = asyncio.create_task(runner("older").start(event, session_id))
     await wait_until(hold.held.is_set, "the older run to be inside a model call")
-    assert await _epoch(redis, session_id) == 1
+    first_epoch = await _epoch(redis, session_id)
     # The same event again on another runner, as a new owner of the partition runs it.
     newer = asyncio.create_task(runner("newer").start(event, session_id))
     await wait_until(lambda: sent["newer"], "the newer run to take the session")
-    assert await _epoch(redis, session_id) == 2
+    second_epoch = await _epoch(redis, session_id)
+    assert second_epoch > first_epoch
     hold.release()
 
     with pytest.raises(StaleWriter) as fenced:
         await older
     assert (fenced.value.session_id, fenced.value.epoch, fenced.value.current) == (
         session_id,
-        1,
-        2,
+        first_epoch,
+        second_epoch,
     )
     result = await newer
     assert result.status == "completed" and result.event_id == event.id
@@ -131,7 +133,8 @@ async def test_the_older_of_two_runners_is_fenced_at_its_next_write(
     took_over = sent["newer"][0].seq
     assert all(t.seq < took_over for t in older_published)
     assert any(not t.seq for t in sent["older"])  # the older run did try: it was refused
-    assert {t.epoch for t in sent["older"]} == {1} and {t.epoch for t in sent["newer"]} == {2}
+    assert {t.epoch for t in sent["older"]} == {first_epoch}
+    assert {t.epoch for t in sent["newer"]} == {second_epoch}
     assert log[-1].type == "session.completed"
 
 
@@ -148,7 +151,6 @@ async def test_writes_without_an_epoch_are_not_fenced(
     result = await runner.start(event, session_id)
     assert result.status == "completed"
     assert await _assert_one_chain(saver, session_id) > 3
-    assert await redis.ttl(epoch_key(session_id)) > 0  # kept as long as the session's record
 
 
 async def test_a_stale_write_is_refused_and_writes_nothing(redis: Redis, saver: RedisSaver) -> None:
@@ -178,7 +180,7 @@ async def test_a_stale_write_is_refused_and_writes_nothing(redis: Redis, saver: 
         saver.aput(config(other, None), checkpoint(), {}, {"a": 1}),
         return_exceptions=True,
     )
-    assert isinstance(refused, StaleWriter) and (refused.epoch, refused.current) == (1, 2)
+    assert isinstance(refused, StaleWriter) and (refused.epoch, refused.current) == (stale, current)
     assert not isinstance(kept, BaseException)
     assert await saver.aget_tuple(config(session_id, None)) is None
 
@@ -192,11 +194,53 @@ async def test_a_stale_write_is_refused_and_writes_nothing(redis: Redis, saver: 
     assert stored is not None
     assert sorted(stored.pending_writes) == [("other", "b", "w"), ("task", "a", "z")]
 
+    # Redis lost the epoch (a restart without persistence): the run cannot prove it still
+    # holds the session, and is refused as during an outage.
+    await redis.delete(epoch_key(session_id))
+    with pytest.raises(EpochLost):
+        await saver.aput(config(session_id, current), checkpoint(), {}, {"a": 1})
+    assert len([t async for t in saver.alist(config(session_id, None))]) == 1
+
     # A thread id that is no hash tag would put the epoch key in another slot.
     with pytest.raises(ValueError, match="cannot be fenced"):
         await saver.aput(config("a}b", 1), checkpoint(), {}, {"a": 1})
     for thread_id in (session_id, other):
         await saver.adelete_thread(thread_id)
+
+
+async def test_a_transition_of_a_run_that_no_longer_holds_the_session_is_not_sent(
+    redis: Redis,
+) -> None:
+    store = SessionStore(redis, ttl_s=600)
+    publisher = TransitionPublisher(redis, ttl_s=600)
+    session_id = f"fence-{uuid.uuid4().hex[:6]}"
+
+    def started(epoch: int | None) -> Transition:
+        return Transition(session_id=session_id, type="node.started", node="plan", epoch=epoch)
+
+    stale = await store.take(session_id)
+    current = await store.take(session_id)
+    await publisher.publish(started(current))
+    await publisher.publish(started(None))  # not fenced
+    with pytest.raises(StaleWriter):
+        await publisher.publish(started(stale))
+    await redis.delete(epoch_key(session_id))
+    with pytest.raises(EpochLost):
+        await publisher.publish(started(current))
+    assert [t.seq for t in await read_log(redis, session_id)] == [1, 2]
+
+
+async def test_epochs_only_grow_even_when_redis_loses_the_key(redis: Redis) -> None:
+    store = SessionStore(redis, ttl_s=600)
+    session_id = f"fence-{uuid.uuid4().hex[:6]}"
+    taken = [await store.take(session_id) for _ in range(5)]
+    assert taken == sorted(set(taken))  # one after the other, within a microsecond too
+    await redis.delete(epoch_key(session_id))  # as a restart without persistence loses it
+    assert await store.take(session_id) > taken[-1]
+    # It lives as long as the session's record: no TTL under a run, the record's after.
+    assert await redis.ttl(epoch_key(session_id)) == -1
+    await store.close(build_result({}, session_id=session_id, status="completed"))
+    assert 0 < await redis.ttl(epoch_key(session_id)) <= 600
 
 
 async def test_a_fenced_worker_sends_no_result_and_leaves_the_offset(
@@ -221,8 +265,13 @@ async def test_a_fenced_worker_sends_no_result_and_leaves_the_offset(
     first = await start_worker(first_settings, name="first")
     await send(producer, first_settings, raw, session_id)
     await wait_until(hold.held.is_set, "the first worker's run to be inside a model call")
+    first_epoch = await _epoch(redis, session_id)
     await start_worker(second_settings, name="second")
-    await wait_until(lambda: _took_over(redis, session_id), "the second worker to take the session")
+
+    async def taken_over() -> bool:
+        return await _epoch(redis, session_id) > first_epoch
+
+    await wait_until(taken_over, "the second worker to take the session")
     hold.release()
 
     def fenced() -> bool:
@@ -247,10 +296,6 @@ async def test_a_fenced_worker_sends_no_result_and_leaves_the_offset(
     await wait_until(
         lambda: _offsets_are(second_settings, (1, 1)), "the second worker to commit the event"
     )
-
-
-async def _took_over(redis: Redis, session_id: str) -> bool:
-    return await _epoch(redis, session_id) == 2
 
 
 async def _offsets_are(settings: Settings, wanted: tuple[int, int]) -> bool:
