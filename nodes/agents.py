@@ -19,7 +19,7 @@ from nodes.errors import AgentConfigError
 from nodes.models import format_validation_error
 from nodes.protocol import agent_name_problem
 
-__all__ = ["AgentRegistry", "AgentSpec", "load_agents"]
+__all__ = ["AgentRegistry", "AgentSpec", "load_agents", "remote_copy"]
 
 logger = logging.getLogger(__name__)
 
@@ -74,17 +74,18 @@ class AgentSpec(BaseModel):
         }
 
 
-def _import_tool(path: str, base_dir: Path) -> Callable[..., Any]:
+def _import_tool(path: str, tools_dir: Path) -> Callable[..., Any]:
     module_name, _, attr = path.rpartition(".")
     if not module_name:
         raise ImportError(f"'{path}' is not a dotted path like 'package.module.function'")
     try:
         module = importlib.import_module(module_name)
     except ModuleNotFoundError as exc:
-        # Tools may live next to the agents file, like examples/claims_tools.py.
-        if exc.name != module_name.split(".")[0] or str(base_dir) in sys.path:
+        # Tools may live next to the agents file (or in its `tools_dir`), like
+        # examples/claims_tools.py.
+        if exc.name != module_name.split(".")[0] or str(tools_dir) in sys.path:
             raise
-        sys.path.insert(0, str(base_dir))
+        sys.path.insert(0, str(tools_dir))
         module = importlib.import_module(module_name)
     obj = getattr(module, attr)
     if not callable(obj):
@@ -151,6 +152,10 @@ class AgentRegistry:
     def from_yaml(cls, path: str | Path, *, hosted: Collection[str] = ()) -> AgentRegistry:
         """Load and check an agents file.
 
+        The file lists its agents under `agents:`. Tools are dotted paths; a module that
+        is not importable is looked for in the file's folder, or in `tools_dir:` when the
+        file names one (absolute, or relative to the file).
+
         Args:
             path: the YAML file.
             hosted: agents this process hosts for others (`agentflow agents serve`):
@@ -161,18 +166,7 @@ class AgentRegistry:
             AgentConfigError: with one sentence naming the file and what to fix.
         """
         path = Path(path)
-        try:
-            raw = yaml.safe_load(path.read_text())
-        except OSError as exc:
-            raise AgentConfigError(
-                f"agents file {path} cannot be read ({exc.strerror}); set "
-                "AGENTFLOW_AGENTS_FILE to an existing YAML file"
-            ) from None
-        except yaml.YAMLError as exc:
-            raise AgentConfigError(f"agents file {path} is not valid YAML: {exc}") from None
-        items = raw.get("agents") if isinstance(raw, dict) else raw
-        if not isinstance(items, list) or not items:
-            raise AgentConfigError(f"agents file {path} must hold a non-empty list under 'agents:'")
+        items, tools_dir = _read(path)
         agents: list[AgentSpec] = []
         for index, item in enumerate(items):
             try:
@@ -206,7 +200,7 @@ class AgentRegistry:
             tools[agent.name] = []
             for tool_path in agent.tools:
                 try:
-                    func = _import_tool(tool_path, path.parent.resolve())
+                    func = _import_tool(tool_path, tools_dir)
                 except (ImportError, AttributeError) as exc:
                     raise AgentConfigError(
                         f"agent '{agent.name}' in {path}: tool '{tool_path}' cannot be "
@@ -214,6 +208,39 @@ class AgentRegistry:
                     ) from None
                 tools[agent.name].append(_as_tool(func))
         return cls(agents, tools, hosted=hosted)
+
+
+def _read(path: Path) -> tuple[list[Any], Path]:
+    """Read an agents file: its agents' entries, and the folder its tools' modules are in.
+
+    Raises:
+        AgentConfigError: the file cannot be read, is not YAML or lists no agents.
+    """
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except OSError as exc:
+        raise AgentConfigError(
+            f"agents file {path} cannot be read ({exc.strerror}); set "
+            "AGENTFLOW_AGENTS_FILE to an existing YAML file"
+        ) from None
+    except yaml.YAMLError as exc:
+        raise AgentConfigError(f"agents file {path} is not valid YAML: {exc}") from None
+    items = raw.get("agents") if isinstance(raw, dict) else raw
+    if not isinstance(items, list) or not items:
+        raise AgentConfigError(f"agents file {path} must hold a non-empty list under 'agents:'")
+    return items, _tools_dir(raw, path)
+
+
+def _tools_dir(raw: Any, path: Path) -> Path:
+    """Return the folder whose modules tools may name: the file's own, or its `tools_dir`."""
+    folder = raw.get("tools_dir") if isinstance(raw, dict) else None
+    if folder is None:
+        return path.parent.resolve()
+    if not isinstance(folder, str) or not folder:
+        raise AgentConfigError(
+            f"agents file {path}: `tools_dir` must be a folder (absolute, or relative to the file)"
+        )
+    return (path.parent / folder).resolve()
 
 
 def _problem(exc: ValidationError, item: Any, index: int, path: Path) -> str:
@@ -247,3 +274,29 @@ def load_agents(path: str | Path, *, hosted: Collection[str] = ()) -> AgentRegis
     except OSError:
         mtime = -1.0
     return _load_cached(str(resolved), mtime, tuple(hosted))
+
+
+def remote_copy(path: str | Path, agents: Collection[str]) -> str:
+    """Return the text of an agents file like `path` in which `agents` run over Kafka.
+
+    The copy may be written anywhere: it names the original's tools folder as its
+    `tools_dir`. Load `path` first: the problems of its agents are found there.
+
+    Args:
+        path: the agents file, left as it is.
+        agents: the agents that say `runs: kafka` in the copy.
+
+    Raises:
+        AgentConfigError: the file cannot be read, is not YAML or lists no agents.
+    """
+    items, tools_dir = _read(Path(path))
+    copy = {
+        "tools_dir": str(tools_dir),
+        "agents": [
+            {**item, "runs": "kafka"}
+            if isinstance(item, dict) and item.get("name") in agents
+            else item
+            for item in items
+        ],
+    }
+    return yaml.safe_dump(copy, sort_keys=False, allow_unicode=True, width=100)

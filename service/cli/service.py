@@ -15,6 +15,8 @@ from service.cli.inputs import BadInput, configure_logging, read_settings
 from service.client import health_problems
 from service.config import Settings
 from service.devtools.dev import run_dev
+from service.devtools.hosting import host_agents
+from service.errors import ConfigError
 from service.gateway.app import serve_gateway
 from service.worker import Worker
 
@@ -38,6 +40,15 @@ async def _serve_worker(settings: Settings) -> None:
 
 
 def dev(
+    agents_host: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--agents-host",
+            metavar="NAME",
+            help="Also host this agent of the agents file, as `agentflow agents serve` does "
+            "(repeat for more): the worker treats it as `runs: kafka`.",
+        ),
+    ] = None,
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log at INFO.")] = False,
 ) -> None:
     """Start local Kafka and Redis, a worker and the gateway (HTTP API and web page).
@@ -45,9 +56,18 @@ def dev(
     Kafka and Redis are started here unless AGENTFLOW_KAFKA_BOOTSTRAP and
     AGENTFLOW_REDIS_URL name running ones. Prints the gateway's URL and the two exports
     that point other commands at them; runs until Ctrl-C, then cleans up.
+
+    With --agents-host, an agent host in the same process serves those agents over Kafka,
+    and the worker reads a copy of the agents file (under AGENTFLOW_DATA_DIR) in which
+    they say `runs: kafka`; the agents file itself is not changed.
     """
     configure_logging(logging.INFO if verbose else logging.WARNING)
-    asyncio.run(run_dev(read_settings(check=True), console))
+    settings = read_settings(check=True)
+    try:
+        hosted = host_agents(settings, agents_host) if agents_host else None
+    except ConfigError as exc:
+        raise BadInput(str(exc)) from None
+    asyncio.run(run_dev(settings, console, hosted=hosted))
 
 
 def gateway(

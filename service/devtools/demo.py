@@ -1,6 +1,7 @@
 """`make demo`: the main job end to end on local servers.
 
-Starts the local Kafka-protocol broker and Redis, a worker and the gateway, sends the
+Starts the local Kafka-protocol broker and Redis, a worker, the gateway and an agent host
+for the eligibility analyst (another department's service, reached over Kafka), sends the
 example events, shows their live transitions and results, and answers the escalated one.
 Then, on a terminal, the web page stays up until Ctrl-C; run non-interactively (no
 terminal on stdin, or `CI` set) or with `--exit`, the demo ends at once.
@@ -22,6 +23,7 @@ from nodes.models import CloudEvent
 from service.bootstrap import check_startup
 from service.client import resume_event, send_and_follow, session_id_for
 from service.config import load_settings, redact_url
+from service.devtools.hosting import host_agents, started_with_host
 from service.devtools.servers import LocalServers
 from service.gateway.app import serve_gateway
 from service.observe.terminal import print_result, print_transition
@@ -32,6 +34,8 @@ __all__ = ["main", "run_demo"]
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples" / "events"
 DEMO_EVENTS = ("claim_submitted", "document_uploaded", "status_requested", "claim_needs_review")
+REMOTE_AGENT = "eligibility_analyst"
+"""The agent of the example domain that runs as its own service, hosted over Kafka."""
 RESULT_TIMEOUT_S = 120.0
 """How long the demo waits for the result of one example event."""
 
@@ -51,51 +55,66 @@ async def run_demo(console: Console, *, keep_open: bool = False) -> int:
             kafka_bootstrap=servers.kafka_bootstrap, redis_url=servers.redis_url
         )
         check_startup(settings)
+        hosted = host_agents(settings, [REMOTE_AGENT])
+        settings = hosted.settings_for(settings)
         worker = Worker(settings, name="demo-worker")
-        await worker.start()
-        running = asyncio.create_task(worker.run())
-        # Port 0: a free port, so the demo never collides with a running `agentflow dev`.
-        server, serving, url = await serve_gateway(settings, host="127.0.0.1", port=0)
-        console.print(
-            f"[bold]agentflow demo[/]  Kafka {servers.kafka_bootstrap}  "
-            f"Redis {redact_url(servers.redis_url)}"
-            f"  model {settings.model}\n  gateway and web page: {url}\n",
-            soft_wrap=True,
-        )
-
-        def show(transition: Transition) -> None:
-            print_transition(console, transition)
-
-        failures = 0
-        for name in DEMO_EVENTS:
-            event = CloudEvent.parse((EXAMPLES / f"{name}.json").read_bytes())
-            console.rule(f"{name}: {event.type} ({event.subject})")
-            result = await send_and_follow(
-                settings, event, timeout_s=RESULT_TIMEOUT_S, on_transition=show
-            )
-            print_result(console, result)
-            if result.status == "interrupted":
-                answer = "approve: discharge status confirmed with the veteran by phone"
-                console.print(f"\n[bold]answering the review[/]: {answer}\n")
-                resume = resume_event(session_id_for(event), answer, source="demo")
-                result = await send_and_follow(
-                    settings, resume, timeout_s=RESULT_TIMEOUT_S, on_transition=show
-                )
-                print_result(console, result)
-            failures += result.status != "completed"
-        console.rule()
-        console.print(repr(worker))
-        if keep_open:
-            stopped = _stop_on_signals()
-            console.print(f"sessions stay browsable at {url}; Ctrl-C ends the demo", soft_wrap=True)
-            await stopped.wait()
-        server.should_exit = True
-        await serving
-        worker.stop()
-        await running
+        async with started_with_host(worker, hosted, host_name="eligibility-service") as host:
+            failures = await _run_examples(console, worker, servers, keep_open=keep_open)
+            console.print(repr(host))
         return failures
     finally:
         await servers.astop()
+
+
+async def _run_examples(
+    console: Console, worker: Worker, servers: LocalServers, *, keep_open: bool
+) -> int:
+    """Run the example events through a started worker and the gateway; return the failures."""
+    settings = worker.settings
+    running = asyncio.create_task(worker.run())
+    # Port 0: a free port, so the demo never collides with a running `agentflow dev`.
+    server, serving, url = await serve_gateway(settings, host="127.0.0.1", port=0)
+    console.print(
+        f"[bold]agentflow demo[/]  Kafka {servers.kafka_bootstrap}  "
+        f"Redis {redact_url(servers.redis_url)}"
+        f"  model {settings.model}\n  gateway and web page: {url}\n"
+        f"  [bold]{REMOTE_AGENT}[/] runs as its own service (another department's): an "
+        f"agent host answers its tasks on {settings.agent_topic(REMOTE_AGENT)}, and a "
+        "session waits for it (session.waiting) without holding the worker\n",
+        soft_wrap=True,
+    )
+
+    def show(transition: Transition) -> None:
+        print_transition(console, transition)
+
+    failures = 0
+    for name in DEMO_EVENTS:
+        event = CloudEvent.parse((EXAMPLES / f"{name}.json").read_bytes())
+        console.rule(f"{name}: {event.type} ({event.subject})")
+        result = await send_and_follow(
+            settings, event, timeout_s=RESULT_TIMEOUT_S, on_transition=show
+        )
+        print_result(console, result)
+        if result.status == "interrupted":
+            answer = "approve: discharge status confirmed with the veteran by phone"
+            console.print(f"\n[bold]answering the review[/]: {answer}\n")
+            resume = resume_event(session_id_for(event), answer, source="demo")
+            result = await send_and_follow(
+                settings, resume, timeout_s=RESULT_TIMEOUT_S, on_transition=show
+            )
+            print_result(console, result)
+        failures += result.status != "completed"
+    console.rule()
+    console.print(repr(worker))
+    if keep_open:
+        stopped = _stop_on_signals()
+        console.print(f"sessions stay browsable at {url}; Ctrl-C ends the demo", soft_wrap=True)
+        await stopped.wait()
+    server.should_exit = True
+    await serving
+    worker.stop()
+    await running
+    return failures
 
 
 def _stop_on_signals() -> asyncio.Event:

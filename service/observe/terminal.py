@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+from datetime import datetime
+from typing import Any
+
 from rich.console import Console
 from rich.markup import escape
 
 from nodes.models import WorkflowResult
-from service.storage.transitions import Transition
+from service.storage.transitions import Transition, TransitionType
 
 __all__ = ["print_result", "print_transition"]
 
-_STYLE = {
+_STYLE: dict[TransitionType, str] = {
     "session.started": "bold cyan",
     "node.started": "dim",
     "node.completed": "green",
@@ -19,6 +22,7 @@ _STYLE = {
     "step.completed": "green",
     "agent.message": "blue",
     "session.interrupted": "bold yellow",
+    "session.waiting": "yellow",
     "session.completed": "bold green",
     "session.failed": "bold red",
     "session.superseded": "bold magenta",
@@ -35,8 +39,13 @@ _DOUBLE_TEXTS = ("session.superseded", "session.rolled_back", "event.refused", "
 def _detail(t: Transition) -> str:
     data = t.data or {}
     if t.type == "agent.message":
-        calls = data.get("tool_calls") or []
+        # A local agent's calls are names; a remote agent's, the protocol's dicts.
+        calls = [
+            c if isinstance(c, str) else str(c.get("name")) for c in data.get("tool_calls") or []
+        ]
         text = f"calls {', '.join(calls)}" if calls else str(data.get("content", ""))
+        if "task_id" in data:  # a remote agent's task: its message came over Kafka
+            text = f"over Kafka: {text}"
         return text[:110]
     if t.type == "node.completed" and t.node == "plan":
         return f"{len(data.get('steps', []))} steps: {data.get('intent', '')}"[:110]
@@ -51,11 +60,28 @@ def _detail(t: Transition) -> str:
         return str(data.get("error") or data.get("reason") or "")[:200]
     if t.type == "session.interrupted":
         return f"asks: {data.get('question', '')}"
+    if t.type == "session.waiting":
+        return "; ".join(_waits(data.get("result") or {}))
     if t.type == "step.completed":
         return str(data.get("status", ""))
     if t.type == "session.started":
         return f"event {data.get('event_id')}" + (" (resumed)" if data.get("resumed") else "")
     return ""
+
+
+def _waits(result: dict[str, Any]) -> list[str]:
+    """Say what a waiting session waits for: each remote agent's task, until when."""
+    said = []
+    for wait in result.get("waiting_on") or []:
+        text = f"waits for {wait.get('agent')} over Kafka (step {wait.get('step_id')}"
+        if (attempt := wait.get("attempt", 1)) > 1:
+            text += f", attempt {attempt}"
+        if deadline := wait.get("deadline"):
+            text += f", until {datetime.fromisoformat(deadline):%H:%M:%S}"
+        elif timeout_s := wait.get("timeout_s"):
+            text += f", answer within {timeout_s:g} s"
+        said.append(text + ")")
+    return said
 
 
 def print_transition(console: Console, t: Transition) -> None:
@@ -66,7 +92,7 @@ def print_transition(console: Console, t: Transition) -> None:
     if t.agent:
         where += f" {t.agent}"
     took = f"{t.duration_ms:>6} ms" if t.duration_ms is not None else " " * 9
-    style = _STYLE.get(t.type, "")
+    style = _STYLE.get(t.type, "none")
     console.print(
         f"{t.seq:>4} {t.ts:%H:%M:%S.%f}"[:-3]
         + f"  [{style}]{t.type:<20}[/] {escape(where):<40} {took}  {escape(_detail(t))}",

@@ -102,6 +102,8 @@ class Worker:
         self._tasks: dict[asyncio.Task[None], TopicPartition] = {}
         self._sessions: dict[str, list[tuple[asyncio.Task[None], CloudEvent | None]]] = {}
         """Each session's events in flight here, in order (its runs and queued events)."""
+        self._told: dict[str, asyncio.Task[None]] = {}
+        """Each session's last remote agent message in flight: the next one waits for it."""
         self._stopping = asyncio.Event()
         self._degraded: str | None = None
         self._outages = 0  # outages seen: a recovery clears only the one it probed
@@ -290,11 +292,16 @@ class Worker:
             self._sessions.setdefault(session_id, []).append((task, event))
 
     def _take_reply(self, tp: TopicPartition, record: ConsumerRecord) -> None:
+        """Chain a reply after its session's events, a message after its session's messages.
+
+        Messages do not wait for runs (they are shown live while a session waits), but
+        they are published in the order the agent said them, and before its reply's run.
+        """
         assert self.handler is not None
         session_id, kind, data, problem = self.handler.parse_agent(record)
         chained = kind == "agentflow.agent.reply"
         earlier = self._sessions.get(session_id, []) if chained else []
-        previous = earlier[-1][0] if earlier else None
+        previous = earlier[-1][0] if earlier else self._told.get(session_id)
         task = asyncio.create_task(
             self._run_event(tp, record, session_id, None, problem, previous, agent=(kind, data)),
             name=f"reply {tp.partition}:{record.offset}",
@@ -302,6 +309,8 @@ class Worker:
         self._tasks[task] = tp
         if chained:
             self._sessions.setdefault(session_id, []).append((task, None))
+        else:
+            self._told[session_id] = task
 
     async def _run_event(
         self,
@@ -354,6 +363,8 @@ class Worker:
             queue[:] = [entry for entry in queue if entry[0] is not me]
             if not queue:
                 self._sessions.pop(session_id, None)
+            if self._told.get(session_id) is me:
+                del self._told[session_id]
 
     async def _fail_event(
         self, record: ConsumerRecord, session_id: str, event: CloudEvent | None, exc: Exception

@@ -22,10 +22,12 @@ from typing import Any
 
 import httpx
 import pytest
+from redis.asyncio import Redis
 
 from service.client import last_seq
 from service.config import Settings
 from service.runtime.replay import branch_history, checkpoint_id, open_session_graph
+from service.storage.publisher import read_log
 from tests.integration_tests.conftest import cli_env, example
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -269,6 +271,20 @@ async def test_demo_ends_by_itself_when_run_non_interactively(tmp_path: Path) ->
     code, out, err = await finished(demo, 240)
     assert code == 0, err
     assert "Worker(demo-worker" in out and "stay browsable" not in out
+    # The eligibility analyst is its own service: sessions wait for it and it answers them.
+    assert "eligibility_analyst runs as its own service" in out
+    lines = out.splitlines()
+    waits = [line for line in lines if "waits for eligibility_analyst over Kafka" in line]
+    said = [
+        line
+        for line in lines
+        if re.search(r"agent\.message .*eligibility_analyst +over Kafka", line)
+    ]
+    assert waits and all("session.waiting" in line for line in waits), out
+    assert len(said) >= len(waits), out
+    answered = re.search(r"AgentHost\(eligibility-service .*?answered=(\d+)", out, re.DOTALL)
+    assert answered and int(answered.group(1)) >= len(waits), out
+    assert re.search(r"s3 +done +eligibility_analyst", out), out
 
 
 async def test_demo_keeps_the_page_up_on_a_terminal_until_ctrl_c(tmp_path: Path) -> None:
@@ -298,3 +314,43 @@ async def test_demo_keeps_the_page_up_on_a_terminal_until_ctrl_c(tmp_path: Path)
         if demo.returncode is None:
             demo.kill()
             await demo.wait()
+
+
+async def test_dev_hosts_an_agent_that_the_worker_waits_for(
+    settings: Settings, agentflow: Any, tmp_path: Path, redis: Redis
+) -> None:
+    env = cli_env(
+        settings,
+        AGENTFLOW_AGENTS_FILE=str(AGENTS_FILE),
+        AGENTFLOW_GATEWAY_PORT="0",
+        AGENTFLOW_DATA_DIR=str(tmp_path / "data"),
+    )
+    dev = await start("dev", "--agents-host", "eligibility_analyst", env=env, cwd=tmp_path)
+    assert dev.stdout is not None
+    try:
+        said: list[str] = []
+        async with asyncio.timeout(120):
+            while not any("gateway and web page" in line for line in said):
+                line = (await dev.stdout.readline()).decode()
+                assert line, f"agentflow dev ended while starting: {said}"
+                said.append(line)
+        assert any("hosted here over Kafka: eligibility_analyst" in line for line in said), said
+        sid = f"dev-{uuid.uuid4().hex[:8]}"
+        path, raw = event_file(tmp_path, "claim_submitted", sessionid=sid)
+        code, out, err = await agentflow("send", str(path), "--wait", "--json", "--timeout", "120")
+        assert code == 0, (out, err)
+        result = json.loads(out)
+    finally:
+        dev.send_signal(signal.SIGINT)
+        code, _, err = await finished(dev, 60)
+    assert code == 0, err
+    assert result["event_id"] == raw["id"] and result["status"] == "completed", result
+    hosted = [s for s in result["workflow"]["steps"] if s["agents"] == ["eligibility_analyst"]]
+    assert hosted and all(s["status"] == "done" and s["output"] for s in hosted), result
+    log = await read_log(redis, sid)
+    waited = [t for t in log if t.type == "session.waiting"]
+    assert waited and waited[0].data is not None
+    assert [w["agent"] for w in waited[0].data["result"]["waiting_on"]] == ["eligibility_analyst"]
+    told = [t for t in log if t.type == "agent.message" and t.agent == "eligibility_analyst"]
+    assert told and all(t.data and "task_id" in t.data for t in told)  # over Kafka, not local
+    assert AGENTS_FILE.read_text().count("runs: kafka") == 0  # the user's file is untouched

@@ -8,6 +8,7 @@ from nodes.agents import AgentRegistry
 from nodes.chat_models import OfflineChatModel, make_chat_model
 from nodes.errors import AgentConfigError, ModelConfigError
 from service.config import load_settings
+from service.devtools.hosting import host_agents
 from service.errors import ConfigError
 
 
@@ -160,3 +161,42 @@ def test_bad_settings_say_which_variable(monkeypatch: pytest.MonkeyPatch) -> Non
     monkeypatch.setenv("AGENTFLOW_MODEL", "gpt4")
     with pytest.raises(ConfigError, match="AGENTFLOW_MODEL: .*provider:model"):
         load_settings()
+
+
+def test_tools_dir_names_where_the_tools_modules_are(tmp_path: Path) -> None:
+    (tmp_path / "team_tools").mkdir()
+    (tmp_path / "team_tools" / "far_away_tools.py").write_text(
+        'def assess() -> str:\n    """Assess."""\n    return "ok"\n'
+    )
+    (tmp_path / "files").mkdir()
+    agents = (
+        "agents:\n  - {name: a, description: d, system_prompt: p, tools: [far_away_tools.assess]}\n"
+    )
+    path = write(tmp_path / "files", "tools_dir: ../team_tools\n" + agents)
+    assert [t.name for t in AgentRegistry.from_yaml(path).tools_of("a")] == ["assess"]
+    with pytest.raises(AgentConfigError, match="`tools_dir` must be a folder"):
+        AgentRegistry.from_yaml(write(tmp_path / "files", "tools_dir: 3\n" + agents))
+
+
+def test_agents_hosted_beside_the_worker_run_over_kafka_in_a_copy(tmp_path: Path) -> None:
+    source = Path("examples/agents.yaml")
+    before = source.read_text()
+    settings = load_settings(data_dir=tmp_path / "data")
+    hosted = host_agents(settings, ["eligibility_analyst", "eligibility_analyst"])
+    assert source.read_text() == before  # the user's file is left as it is
+    assert hosted.names == ["eligibility_analyst"] and hosted.registry.hosted == hosted.names
+    assert hosted.agents_file.parent == tmp_path / "data" / "hosted-agents"
+    copy = AgentRegistry.from_yaml(hosted.agents_file)
+    assert copy.remote_names == ["eligibility_analyst"]
+    assert copy.names == AgentRegistry.from_yaml(source).names
+    assert [t.name for t in copy.tools_of("intake")] == ["lookup_claim", "lookup_veteran"]
+    # the host imports the hosted agent's tools from the original's folder
+    assert [t.name for t in hosted.registry.tools_of("eligibility_analyst")] == [
+        "check_eligibility"
+    ]
+    assert host_agents(settings, ["eligibility_analyst"]).agents_file == hosted.agents_file
+    assert hosted.settings_for(settings).agents_file == hosted.agents_file
+    with pytest.raises(
+        ConfigError, match="there is no agent 'nobody' to host in .*examples/agents.yaml"
+    ):
+        host_agents(settings, ["nobody"])

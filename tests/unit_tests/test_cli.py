@@ -13,6 +13,7 @@ import os
 import socket
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import get_args
 
 import pytest
 from rich.console import Console
@@ -22,6 +23,8 @@ from service.cli import console as cli_console
 from service.cli.app import main
 from service.cli.inputs import AGENTFLOW_LOGGERS, QUIET_LOGGERS
 from service.devtools import demo
+from service.observe.terminal import print_transition
+from service.storage.transitions import Transition, TransitionType
 
 ROOT = Path(__file__).resolve().parents[2]
 EVENT = ROOT / "examples" / "events" / "claim_submitted.json"
@@ -229,6 +232,53 @@ def test_help_of_dev_send_and_answer(agentflow: Agentflow) -> None:
     assert "4 no result within --timeout" in " ".join(out.split())
     code, out, _ = agentflow("sessions", "--help")
     assert code == 0 and "answer" in out
+
+
+def test_dev_agents_host_of_an_agent_not_in_the_file_stops_start_up(
+    agentflow: Agentflow, tmp_path: Path
+) -> None:
+    code, out, err = agentflow("dev", "--agents-host", "eligibility_analyst", "--agents-host", "x")
+    assert code == 2 and out == ""
+    assert (
+        "there is no agent 'x' to host in" in err and "examples/agents.yaml; it has intake" in err
+    )
+    assert one_paragraph(err) and not (tmp_path / "data").exists()  # nothing written, started
+    code, out, _ = agentflow("dev", "--help")
+    assert code == 0 and "--agents-host" in out
+
+
+def test_a_remote_agents_wait_and_messages_read_as_lines() -> None:
+    screen = io.StringIO()
+    terminal = Console(file=screen, width=200, color_system=None)
+    wait = {"agent": "eligibility_analyst", "step_id": "s3", "attempt": 2, "timeout_s": 300.0}
+    for transition in (
+        Transition(
+            session_id="s",
+            seq=7,
+            type="session.waiting",
+            data={"status": "waiting", "result": {"waiting_on": [wait]}},
+        ),
+        Transition(
+            session_id="s",
+            seq=8,
+            type="agent.message",
+            step_id="s3",
+            agent="eligibility_analyst",
+            data={"task_id": "t", "content": "", "tool_calls": [{"name": "check", "args": {}}]},
+        ),
+    ):
+        print_transition(terminal, transition)
+    waiting, message = screen.getvalue().splitlines()
+    assert waiting.split()[2] == "session.waiting"
+    assert waiting.endswith(
+        "waits for eligibility_analyst over Kafka (step s3, attempt 2, answer within 300 s)"
+    )
+    assert "[s3] eligibility_analyst" in message and message.endswith("over Kafka: calls check")
+    coloured = Console(file=io.StringIO(), force_terminal=True, color_system="standard")
+    for kind in get_args(TransitionType):  # every type has its colour, none breaks the line
+        with coloured.capture() as line:
+            print_transition(coloured, Transition(session_id="s", type=kind))
+        assert "\x1b[" in line.get().split(kind)[0], kind
 
 
 @pytest.mark.usefixtures("_restore_log_levels")
