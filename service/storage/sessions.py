@@ -123,6 +123,7 @@ class SessionStore:
         if not fields:
             return None
         data: dict[str, Any] = {k: v for k, v in fields.items() if v != ""}
+        data.setdefault("session_id", session_id)  # a record whose opening was lost
         data["event_ids"] = json.loads(fields.get("event_ids", "[]"))
         data["waiting_on"] = json.loads(fields.get("waiting_on") or "[]")
         if "result" in data:
