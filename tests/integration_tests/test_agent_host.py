@@ -79,11 +79,20 @@ agents:
 class Host:
     """An `agentflow agents serve` process, its log, and the file its tools count runs in."""
 
-    def __init__(self, settings: Settings, tmp_path: Path, *, model: str | None = None) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        tmp_path: Path,
+        *,
+        model: str | None = None,
+        agent: str = "analyst",
+    ) -> None:
         self.settings = settings
+        self.agent = agent
         self.runs = tmp_path / "tool-runs.txt"
         (tmp_path / "host_tools.py").write_text(TOOLS.replace("RUNS_PATH", repr(str(self.runs))))
-        body = AGENTS + (f"    model: {model}\n" if model else "")
+        body = AGENTS.replace("name: analyst", f"name: {agent}")
+        body += f"    model: {model}\n" if model else ""
         self.agents_file = tmp_path / "agents.yaml"
         self.agents_file.write_text(body)
         self.tmp_path = tmp_path
@@ -93,7 +102,7 @@ class Host:
         log = self.tmp_path / f"host-{len(self.processes)}.log"
         process = subprocess.Popen(
             [sys.executable, "-m", "service.cli", "agents", "serve"]
-            + ["--agents-file", str(self.agents_file), "--agent", "analyst"],
+            + ["--agents-file", str(self.agents_file), "--agent", self.agent],
             cwd=ROOT,
             env=cli_env(self.settings, **env),
             stdout=log.open("ab"),
@@ -123,9 +132,11 @@ def host(settings: Settings, tmp_path: Path) -> Iterator[Host]:
     hosts.stop_all()
 
 
-async def serving(redis: Redis, settings: Settings, count: int = 1) -> None:
-    """Wait until `count` hosts of this test's analyst made their topics (their heartbeats)."""
-    topic = settings.agent_topic("analyst")
+async def serving(
+    redis: Redis, settings: Settings, count: int = 1, *, agent: str = "analyst"
+) -> None:
+    """Wait until `count` hosts of this test's agent made their topics (their heartbeats)."""
+    topic = settings.agent_topic(agent)
 
     async def beating() -> bool:
         return sum(topic in h.topics for h in await read_host_states(redis)) >= count

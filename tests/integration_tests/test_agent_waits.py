@@ -414,13 +414,16 @@ async def test_local_and_hosted_agents_complete_a_session_through_kafka(
     redis: Redis,
 ) -> None:
     # The agents file of test_agent_host: `intake` runs here, `analyst` in its host process.
+    # An agent name of its own: hosts of one agent share a consumer group, whatever the
+    # topics, and a host killed by another test would hold up this group's rebalance.
+    agent = f"analyst_{uuid.uuid4().hex[:6]}"
     settings = own_settings(servers)
-    hosts = HostProcess(settings, tmp_path)
+    hosts = HostProcess(settings, tmp_path, agent=agent)
     settings = settings.model_copy(update={"agents_file": hosts.agents_file})
     hosts.settings = settings
     try:
         hosts.start()
-        await serving(redis, settings)
+        await serving(redis, settings, agent=agent)
         await start_worker(settings)
         event = example("claim_submitted", sessionid=f"mixed-{uuid.uuid4().hex[:6]}")
         await send(producer, settings, event, event["sessionid"])
@@ -429,11 +432,11 @@ async def test_local_and_hosted_agents_complete_a_session_through_kafka(
         hosts.stop_all()
     assert result["status"] == "completed", result
     steps = result["workflow"]["steps"]
-    remote = [s for s in steps if "analyst" in s["agents"]]
+    remote = [s for s in steps if agent in s["agents"]]
     assert remote and all(s["status"] == "done" and s["output"] for s in remote), steps
     assert any("intake" in s["agents"] for s in steps), steps
     log = await read_log(redis, event["sessionid"])
-    said = [t for t in log if t.type == "agent.message" and t.agent == "analyst"]
+    said = [t for t in log if t.type == "agent.message" and t.agent == agent]
     assert said and {t.step_id for t in said} <= {s["id"] for s in remote}
     assert "session.waiting" in [t.type for t in log]
 
