@@ -5,11 +5,10 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-from types import TracebackType
 from typing import Self
 
 from service.devtools.servers.kafka import KafkaBroker
-from service.devtools.servers.process import ServerProcess
+from service.devtools.servers.process import ServerProcess, Started
 from service.devtools.servers.redis import RedisServer
 
 __all__ = ["LocalServers"]
@@ -17,7 +16,7 @@ __all__ = ["LocalServers"]
 logger = logging.getLogger(__name__)
 
 
-class LocalServers:
+class LocalServers(Started):
     """The broker and Redis for development and tests, started here or given from outside.
 
     Usable as a context manager, sync or async, or through `start()` and `stop()`. A server
@@ -109,28 +108,6 @@ class LocalServers:
     async def astop(self) -> None:
         """Stop the servers without blocking the event loop; see `stop()`."""
         await asyncio.to_thread(self.stop)
-
-    def __enter__(self) -> Self:
-        return self.start()
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()
-
-    async def __aenter__(self) -> Self:
-        return await self.astart()
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self.astop()
 
     def __repr__(self) -> str:
         kafka = repr(self.kafka) if self.kafka else f"external {self._external_kafka}"

@@ -21,6 +21,7 @@ import subprocess
 import tempfile
 import threading
 import time
+from abc import ABC, abstractmethod
 from pathlib import Path
 from types import TracebackType
 from typing import IO, Self
@@ -33,6 +34,7 @@ __all__ = [
     "PROBE_TIMEOUT",
     "NotReadyError",
     "ServerProcess",
+    "Started",
     "ensure_executable",
     "format_log_tail",
     "free_port",
@@ -54,7 +56,49 @@ _PORT_ATTEMPTS = 3
 _PORT_IN_USE_MARKERS = ("address already in use", "address in use", "addrinuse")
 
 
-class ServerProcess:
+class Started(ABC):
+    """Context managers, sync and async, for what has `start`/`stop` and `astart`/`astop`."""
+
+    @abstractmethod
+    def start(self) -> Self:
+        """Start, and return self."""
+
+    @abstractmethod
+    def stop(self) -> None:
+        """Stop."""
+
+    @abstractmethod
+    async def astart(self) -> Self:
+        """Start without blocking the event loop, and return self."""
+
+    @abstractmethod
+    async def astop(self) -> None:
+        """Stop without blocking the event loop."""
+
+    def __enter__(self) -> Self:
+        return self.start()
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.stop()
+
+    async def __aenter__(self) -> Self:
+        return await self.astart()
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.astop()
+
+
+class ServerProcess(Started):
     """One server binary run as a child process on a fixed loopback port.
 
     Subclasses say how to build the command line and how to tell that the server answers.
@@ -199,28 +243,6 @@ class ServerProcess:
     async def arestart(self) -> Self:
         """Restart the server on the same port without blocking the event loop."""
         return await asyncio.to_thread(self.restart)
-
-    def __enter__(self) -> Self:
-        return self.start()
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()
-
-    async def __aenter__(self) -> Self:
-        return await self.astart()
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self.astop()
 
     def __repr__(self) -> str:
         state = f"running pid={self.pid}" if self.running else "stopped"

@@ -12,12 +12,17 @@ from __future__ import annotations
 import asyncio
 import time
 from pathlib import Path
-from types import TracebackType
 from typing import Self
 
 import redis
 
-from service.devtools.servers.process import LOOPBACK, PROBE_TIMEOUT, format_log_tail, free_port
+from service.devtools.servers.process import (
+    LOOPBACK,
+    PROBE_TIMEOUT,
+    Started,
+    format_log_tail,
+    free_port,
+)
 from service.devtools.servers.redis import RedisServer
 from service.errors import ServerStartError
 
@@ -60,7 +65,7 @@ class _ClusterNode(RedisServer):
         return self._log_tail()
 
 
-class LocalRedisCluster:
+class LocalRedisCluster(Started):
     """A Redis Cluster of `size` primaries on loopback ports, slots split evenly.
 
     Args:
@@ -148,28 +153,6 @@ class LocalRedisCluster:
     async def astop(self) -> None:
         """Stop the cluster without blocking the event loop; see `stop()`."""
         await asyncio.to_thread(self.stop)
-
-    def __enter__(self) -> Self:
-        return self.start()
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()
-
-    async def __aenter__(self) -> Self:
-        return await self.astart()
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self.astop()
 
     def __repr__(self) -> str:
         ports = ",".join(str(node.port) for node in self.nodes)
