@@ -181,6 +181,19 @@ async def test_a_session_with_a_remote_agent_waits_and_completes_on_its_replies(
     assert kinds.count("session.completed") == 1
 
 
+async def _a_waiting_session(
+    settings: Settings, producer: AIOKafkaProducer, store: SessionStore, prefix: str
+) -> tuple[dict[str, Any], set[str]]:
+    """Send an event of a new session; return it once it waits, with the task ids out."""
+    sid = f"{prefix}-{uuid.uuid4().hex[:6]}"
+    event = example("claim_submitted", sessionid=sid)
+    await send(producer, settings, event, sid)
+    await wait_until(lambda: _status(store, sid, "waiting"), "the session waits")
+    record = await store.get(sid)
+    assert record is not None
+    return event, {w.task_id for w in record.waiting_on}
+
+
 async def _status(store: SessionStore, sid: str, status: str) -> bool:
     record = await store.get(sid)
     return record is not None and record.status == status
@@ -326,13 +339,8 @@ async def test_a_newer_event_stops_a_wait_and_the_tasks_out_are_cancelled(
     settings = _settings(servers, tmp_path)
     await start_worker(settings)
     store = SessionStore(redis, ttl_s=settings.session_ttl_s)
-    sid = f"stop-{uuid.uuid4().hex[:6]}"
-    first = example("claim_submitted", sessionid=sid)
-    await send(producer, settings, first, sid)
-    await wait_until(lambda: _status(store, sid, "waiting"), "the first event's run waits")
-    record = await store.get(sid)
-    assert record is not None
-    out = {w.task_id for w in record.waiting_on}
+    first, out = await _a_waiting_session(settings, producer, store, "stop")
+    sid = first["sessionid"]
     second = example("claim_submitted", sessionid=sid, multitask=multitask)
     await send(producer, settings, second, sid)
     (result,) = await _result(settings, first["id"])
@@ -451,13 +459,8 @@ async def test_cancelling_a_waiting_session_ends_its_event_and_calls_off_its_tas
     settings = _settings(servers, tmp_path)
     await start_worker(settings)
     store = SessionStore(redis, ttl_s=settings.session_ttl_s)
-    sid = f"cancel-{uuid.uuid4().hex[:6]}"
-    event = example("claim_submitted", sessionid=sid)
-    await send(producer, settings, event, sid)
-    await wait_until(lambda: _status(store, sid, "waiting"), "the session waits")
-    record = await store.get(sid)
-    assert record is not None
-    out = {w.task_id for w in record.waiting_on}
+    event, out = await _a_waiting_session(settings, producer, store, "cancel")
+    sid = event["sessionid"]
     cancel = example("claim_submitted", sessionid=sid, type="agentflow.cancel")
     await send(producer, settings, cancel, sid)
     for event_id in (event["id"], cancel["id"]):
