@@ -162,7 +162,8 @@ class SessionStore:
     ) -> None:
         """Create or reopen a session for an event."""
         key = session_key(session_id)
-        now = utcnow().isoformat()
+        updated = utcnow()
+        now = updated.isoformat()
         current = await self.redis.hget(key, "event_ids")
         ids = json.loads(current) if current else []
         if event_id not in ids:
@@ -185,7 +186,7 @@ class SessionStore:
             pipe.persist(key)
 
         # The record before the index: `list` takes an id without a record for expired.
-        await self._write(record, self._index(session_id))
+        await self._write(record, self._index(session_id, updated))
 
     async def close(
         self,
@@ -202,13 +203,14 @@ class SessionStore:
         """
         key = session_key(result.session_id)
         final = status or result.status
+        updated = utcnow()  # the record's updated_at and its score in the index alike
 
         def record(pipe: Any) -> None:
             pipe.hset(
                 key,
                 mapping={
                     "status": final,
-                    "updated_at": utcnow().isoformat(),
+                    "updated_at": updated.isoformat(),
                     "question": result.question or "",
                     "result": result.model_dump_json(),
                     "waiting_on": json.dumps(
@@ -221,7 +223,7 @@ class SessionStore:
                 pipe.expire(key, self.ttl_s)
                 pipe.expire(epoch_key(result.session_id), self.ttl_s)
 
-        parts = [record, self._index(result.session_id)]
+        parts = [record, self._index(result.session_id, updated)]
         if finished_event is not None:
             mark = _event_mark(result.session_id, "finished", sent_from)
             # The event's mark before the record, which readers take for the run's outcome:
@@ -231,9 +233,9 @@ class SessionStore:
             parts.insert(0, lambda pipe: pipe.set(event_key(finished_event), mark, ex=self.ttl_s))
         await self._write(*parts)
 
-    def _index(self, session_id: str) -> _Writes:
-        """The index's part of a write: the session is updated now."""
-        return lambda pipe: pipe.zadd(INDEX_KEY, {session_id: utcnow().timestamp()})
+    def _index(self, session_id: str, updated: datetime) -> _Writes:
+        """The index's part of a write: scored by `updated`, the record's `updated_at`."""
+        return lambda pipe: pipe.zadd(INDEX_KEY, {session_id: updated.timestamp()})
 
     async def _write(self, *parts: _Writes) -> None:
         """Run the parts of a write in order: one MULTI on one Redis, one per part on a cluster.
