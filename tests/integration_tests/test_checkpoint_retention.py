@@ -43,7 +43,9 @@ async def test_fifty_finished_sessions_leave_no_key_without_a_ttl(
         timeout_s=180,
     )
     results = results_by_event(records)
-    assert {r[0]["status"] for r in results.values()} == {"completed"}
+    # Only this test's events: a worker also wakes other tests' sessions whose remote
+    # agent's deadline passed (deadlines are global in Redis) and sends their results here.
+    assert {results[e][0]["status"] for e in event_ids} == {"completed"}
 
     # A result goes out after the session's retention: every key is settled by now.
     saver = await open_checkpointer(redis)
