@@ -18,7 +18,12 @@ from nodes.finalize import build_result
 from nodes.models import AgentWait, CloudEvent, WorkflowResult
 from service.errors import EpochLost, StaleWriter, UnknownSessionError
 from service.runtime.stream import TransitionMapper, TransitionSink
-from service.storage.checkpointer import EPOCH_CONFIG_KEY
+from service.storage.checkpointer import (
+    EPOCH_CONFIG_KEY,
+    SAVED_WRITES_CONFIG_KEY,
+    RedisSaver,
+    SavedWrites,
+)
 from service.storage.transitions import Transition
 
 __all__ = ["InMemorySequence", "SessionRunner", "StopCheck", "TakeSession"]
@@ -221,6 +226,9 @@ class SessionRunner:
         config = self.config(session_id, event_id or None)
         if epoch is not None:
             config["configurable"][EPOCH_CONFIG_KEY] = epoch
+        saved = SavedWrites() if isinstance(self.graph.checkpointer, RedisSaver) else None
+        if saved is not None:
+            config["configurable"][SAVED_WRITES_CONFIG_KEY] = saved
         restored = {}
         if resumed:
             before = await self.graph.aget_state(config)
@@ -267,6 +275,8 @@ class SessionRunner:
                     if mode == "updates" and isinstance(finalized, dict):
                         result = finalized.get("result")
                     for transition in mapper.map(mode, chunk):
+                        if await self._unsaved(transition, saved):
+                            continue  # the stream raises the saver's error next
                         await self.emit(transition, epoch=epoch)
         except Exception as exc:
             if isinstance(exc, (StaleWriter, EpochLost)) or self.is_infra_error(exc):
@@ -317,6 +327,19 @@ class SessionRunner:
         kind = "session.completed" if result.status == "completed" else "session.failed"
         await self._end(result, kind, reply_to, epoch)
         return result
+
+    @staticmethod
+    async def _unsaved(transition: Transition, saved: SavedWrites | None) -> bool:
+        """Wait until a finished task's writes are stored; True when they were not.
+
+        Announced before they are stored, a task a crash cuts short would be announced
+        again when the next run of the session runs it again.
+        """
+        if saved is None or transition.type != "node.completed" or transition.task_id is None:
+            return False
+        if (transition.data or {}).get("restored"):
+            return False
+        return not await saved.saved(transition.task_id)
 
     @staticmethod
     async def _nothing() -> AsyncGenerator[Any, None]:

@@ -28,6 +28,9 @@ A SHA-1 keyed thread id would put the two in different slots, so such a thread c
 fenced (a ValueError; session ids never are one). Writes without an epoch (library use)
 are not fenced.
 
+Saved writes: a run that puts a `SavedWrites` in its config (`SAVED_WRITES_CONFIG_KEY`) is
+told of each task whose writes are stored, so it announces a task as finished only then.
+
 Values are serialised by the saver's `serde` (LangGraph's msgpack `JsonPlusSerializer`
 by default); the records around them are msgpack. The asynchronous methods are the
 interface; the synchronous ones run them on the saver's event loop from another thread,
@@ -67,7 +70,14 @@ from service.errors import fence_refusal
 from service.storage._redis import RedisClient
 from service.storage.keys import CHECKPOINT_PREFIX, epoch_key
 
-__all__ = ["EPOCH_CONFIG_KEY", "RUN_KEY_PREFIX", "THREAD_KEY_PREFIX", "RedisSaver"]
+__all__ = [
+    "EPOCH_CONFIG_KEY",
+    "RUN_KEY_PREFIX",
+    "SAVED_WRITES_CONFIG_KEY",
+    "THREAD_KEY_PREFIX",
+    "RedisSaver",
+    "SavedWrites",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -80,6 +90,10 @@ RUN_KEY_PREFIX = f"{CHECKPOINT_PREFIX}_run"
 EPOCH_CONFIG_KEY = "__agentflow_epoch"
 """The `configurable` key of a run's fencing epoch. LangGraph copies no `__` key into a
 checkpoint's metadata, so the epoch stays out of it."""
+
+SAVED_WRITES_CONFIG_KEY = "__agentflow_saved_writes"
+"""The `configurable` key of a run's `SavedWrites`: told of every task whose writes the
+saver stored (or failed to store)."""
 
 _PAGE = 64  # checkpoints read per round trip when listing
 _CHUNK = 500  # arguments per command inside scripts (Lua's unpack has a stack limit)
@@ -527,6 +541,37 @@ def _unpack_typed(raw: bytes) -> tuple[str, bytes]:
     return kind, data
 
 
+class SavedWrites:
+    """The tasks of one run whose writes the saver stored.
+
+    A run announces a task as finished only once its writes would survive a crash:
+    LangGraph saves a task's writes in the background and streams the task's end at
+    once; a worker killed in between has announced a task it will run again. A run puts
+    one `SavedWrites` in its config under `SAVED_WRITES_CONFIG_KEY`; `aput_writes` calls
+    it with each task id and whether the writes were stored, and the run awaits `saved`.
+    """
+
+    def __init__(self) -> None:
+        self._reported: dict[str, bool] = {}
+        self._waiting: dict[str, asyncio.Future[bool]] = {}
+
+    def __call__(self, task_id: str, saved: bool) -> None:
+        """Report a task's writes: stored (True) or not (False)."""
+        waiter = self._waiting.pop(task_id, None)
+        if waiter is None:
+            self._reported[task_id] = saved
+        elif not waiter.done():
+            waiter.set_result(saved)
+
+    async def saved(self, task_id: str) -> bool:
+        """Wait for the report of a task's writes: whether they were stored."""
+        if task_id in self._reported:
+            return self._reported.pop(task_id)
+        waiter = asyncio.get_running_loop().create_future()
+        self._waiting[task_id] = waiter
+        return await waiter
+
+
 class RedisSaver(BaseCheckpointSaver[str]):
     """LangGraph checkpointer on plain Redis: core commands and Lua, cluster-safe keys.
 
@@ -864,8 +909,16 @@ class RedisSaver(BaseCheckpointSaver[str]):
                 ormsgpack.packb([channel, *self.serde.dumps_typed(value), task_path]),
                 "1" if idx < 0 else "0",
             ]
-        if len(args) > 1:
+        if len(args) == 1:
+            return
+        saved = False
+        try:
             await self._write("put_writes", thread_id, configurable, args)
+            saved = True
+        finally:
+            report = configurable.get(SAVED_WRITES_CONFIG_KEY)
+            if report is not None:
+                report(task_id, saved)
 
     def get_next_version(self, current: str | int | float | None, channel: None) -> str:
         """Return the next version of a channel: a counter, then a random tiebreak.

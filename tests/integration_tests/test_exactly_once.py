@@ -24,12 +24,18 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.structs import ConsumerRecord
 from redis.asyncio import Redis
 
+from graphs.workflow import build_graph
+from nodes.library import InMemoryWorkflowLibrary
+from nodes.models import CloudEvent
 from service.bootstrap import ensure_topics
 from service.config import Settings
 from service.devtools.servers import LocalServers
-from service.storage.checkpoints import open_checkpointer
+from service.runtime.runner import SessionRunner
+from service.storage.checkpointer import RedisSaver
+from service.storage.checkpoints import checkpoint_serde, open_checkpointer
 from service.storage.keys import event_key
 from service.storage.publisher import read_log
+from service.storage.transitions import Transition
 from service.worker import Worker
 from service.worker.crash_points import CRASH_AT_ENV, CRASH_POINTS
 from tests.integration_tests.conftest import cli_env, example, own_settings, wait_until
@@ -358,3 +364,49 @@ async def test_two_workers_one_sigkilled_again_and_again_every_event_one_result(
     assert counts["with one result"] == counts["with one session.ended"] == len(ids), counts
     assert counts["sessions with gapless seq"] == len(ids), counts
     assert counts["finished nodes run again"] == 0, counts
+
+
+class _SlowWritesSaver(RedisSaver):
+    """Lets the event loop run a while before storing each task's writes.
+
+    Records which tasks had been announced (`node.completed`) by then.
+    """
+
+    def __init__(self, redis: Redis, announced: list[Transition]) -> None:
+        super().__init__(redis_client=redis, serde=checkpoint_serde())
+        self.announced = announced
+        self.early: list[str] = []
+        self.stored: list[str] = []
+
+    async def aput_writes(
+        self, config: Any, writes: Any, task_id: str, task_path: str = ""
+    ) -> None:
+        for _ in range(50):  # a crash would land in this window
+            await asyncio.sleep(0)
+        if any(t.type == "node.completed" and t.task_id == task_id for t in self.announced):
+            self.early.append(task_id)
+        await super().aput_writes(config, writes, task_id, task_path)
+        self.stored.append(task_id)
+
+
+async def test_a_task_is_announced_finished_only_once_its_writes_are_stored(
+    settings: Settings, redis: Redis
+) -> None:
+    # LangGraph streams a task's end while its writes are still being stored; a worker
+    # killed in between had announced a task that the next run of the session runs again.
+    announced: list[Transition] = []
+    saver = _SlowWritesSaver(redis, announced)
+    await saver.asetup()
+
+    async def sink(transition: Transition) -> None:
+        announced.append(transition)
+
+    context = settings.context(library=InMemoryWorkflowLibrary())
+    runner = SessionRunner(build_graph(saver), context, sink=sink)
+    session_id = f"announce-{uuid.uuid4().hex[:6]}"
+    result = await runner.start(CloudEvent.parse(example("claim_submitted")), session_id)
+
+    assert result.status == "completed"
+    completed = [t.task_id for t in announced if t.type == "node.completed"]
+    assert len(completed) >= 6 and set(completed) <= set(saver.stored)
+    assert saver.early == []

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 from collections.abc import Sequence
 from typing import Any
@@ -16,7 +17,7 @@ from nodes.models import CloudEvent
 from service.config import load_settings
 from service.errors import StaleWriter
 from service.runtime.runner import SessionRunner
-from service.storage.checkpointer import EPOCH_CONFIG_KEY
+from service.storage.checkpointer import EPOCH_CONFIG_KEY, SavedWrites
 from service.storage.checkpoints import checkpoint_serde
 from service.storage.publisher import BackgroundPublisher
 from service.storage.transitions import Transition
@@ -148,3 +149,14 @@ async def test_a_refusal_goes_to_the_stale_run_only(caplog: pytest.LogCaptureFix
         ("s2", 1, "node.started"),
         ("s2", 1, "session.completed"),
     ]
+
+
+async def test_saved_writes_answers_a_report_made_before_or_after_the_wait() -> None:
+    saved = SavedWrites()
+    saved("early", True)  # stored before the run asked
+    assert await saved.saved("early") is True
+    waiting = asyncio.ensure_future(saved.saved("late"))
+    await asyncio.sleep(0)
+    assert not waiting.done()
+    saved("late", False)  # the saver's write failed
+    assert await waiting is False
