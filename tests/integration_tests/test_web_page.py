@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import re
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -17,6 +18,7 @@ from service.gateway.app import serve_gateway
 from service.storage.publisher import read_log
 from service.worker import Worker
 from tests.integration_tests.conftest import wait_until
+from tests.integration_tests.test_agent_waits import AGENTS, _host, _talks_and_answers
 from tests.integration_tests.test_gateway import (
     collect,
     held_tools,
@@ -379,3 +381,59 @@ async def test_a_session_that_never_starts_shows_unknown_session(
         server.should_exit = True
         await serving
     assert problems == []
+
+
+@pytest.fixture(scope="module")
+async def remote_stack(
+    servers: LocalServers, tmp_path_factory: pytest.TempPathFactory
+) -> AsyncIterator[tuple[Settings, str, Worker]]:
+    """A worker and a gateway whose agent `second` runs elsewhere (`runs: kafka`)."""
+    directory = tmp_path_factory.mktemp("remote-agents")
+    agents = directory / "remote.yaml"  # running_stack writes its own agents.yaml there
+    agents.write_text(AGENTS.format(timeout_s=300))
+    async with running_stack(servers, directory, api_tokens=[TOKEN], agents_file=agents) as s:
+        yield s
+
+
+async def test_a_session_waiting_for_a_remote_agent_shows_whom_it_waits_for(
+    browser: Any, remote_stack: tuple[Settings, str, Worker]
+) -> None:
+    from playwright.async_api import expect
+
+    settings, url, _ = remote_stack
+    problems: list[str] = []
+    context = await watched_context(browser, url, problems)
+    page = await context.new_page()
+    await page.add_init_script(f"sessionStorage.setItem('agentflow.token', {TOKEN!r})")
+    await page.goto(url)
+    await page.select_option("#example", "claim submitted")
+    await page.click("#send")
+    await page.wait_for_url(re.compile(r"#/sessions/session-"))
+    session_id = await page.text_content("#session-title")
+
+    # Parked in Redis: the page says whom it waits for, and it can be cancelled; it asks
+    # no question (that is for a human).
+    await expect(page.locator("#log tbody tr.session-waiting")).to_have_count(1, timeout=60_000)
+    await expect(page.locator("#session-status")).to_have_text("waiting")
+    waits = page.locator("#log tbody tr.session-waiting td").nth(5)
+    await expect(waits).to_contain_text(re.compile(r"waits for second on s\d+"))
+    await expect(page.locator("#cancel")).to_be_visible()
+    await expect(page.locator("#escalation")).to_be_hidden()
+    assert "current" in await classes(page, "#node-execute_step")
+    ARTIFACTS.mkdir(exist_ok=True)
+    await page.screenshot(path=str(ARTIFACTS / "waiting.png"), full_page=True)
+
+    # The agent's host comes up and answers: its messages show, and the session ends.
+    hosting = asyncio.create_task(_host(settings, _talks_and_answers, []))
+    try:
+        await expect(page.locator("#session-status")).to_have_text("completed", timeout=60_000)
+    finally:
+        hosting.cancel()
+        await asyncio.gather(hosting, return_exceptions=True)
+    messages = page.locator("#log tbody tr.agent-message", has_text="looking at")
+    assert await messages.count() >= 1
+    await expect(page.locator("#steps")).to_contain_text("remote answer for")
+    await expect(page.locator("#cancel")).to_be_hidden()
+    await context.close()
+    assert [p for p in problems if "401" not in p] == []
+    assert session_id and session_id.startswith("session-")
