@@ -5,7 +5,8 @@ answers only once every session waits, against N sessions in flight at once on a
 agent whose model sleeps (`offline:latency=...`), in the same run. Printed: the worker's
 RSS growth for each (from after start-up and one warm-up session, to when all N wait or
 are in flight), their ratio, Redis memory per parked session, and the time from the last
-reply to the last result.
+reply to the last result. The parked worker's RSS is read once it has given its memory
+back (it logs that after `service.worker.idle.IDLE_AFTER_S` with nothing in flight).
 
 Part 2 (throughput): the same sessions with the agent local, and remote (hosted by
 `agentflow agents serve`), offline model: sessions/s of each and their ratio.
@@ -103,6 +104,25 @@ def start(settings: Settings, *command: str, log: str) -> subprocess.Popen[bytes
         stdout=Path(f"/tmp/agentflow-bench-{log}.log").open("ab"),
         stderr=subprocess.STDOUT,
     )
+
+
+def log_size(log: str) -> int:
+    path = Path(f"/tmp/agentflow-bench-{log}.log")
+    return path.stat().st_size if path.exists() else 0
+
+
+async def given_back(log: str, since: int) -> None:
+    """Wait until the worker, idle, gave its memory back (logged after byte `since`)."""
+
+    def said() -> bool:
+        with Path(f"/tmp/agentflow-bench-{log}.log").open("rb") as out:
+            out.seek(since)
+            return b"idle: gave memory back" in out.read()
+
+    async def logged() -> bool:
+        return await asyncio.to_thread(said)
+
+    await until(logged, 120)
 
 
 def rss_mib(pid: int) -> float:
@@ -276,21 +296,27 @@ async def parked(servers: LocalServers, folder: Path, n: int) -> dict[str, float
     worker: subprocess.Popen[bytes] | None = None
     try:
         await host.start()
+        mark = log_size("worker")
         worker = await warmed_worker(settings, producer, results, host)
+        await given_back("worker", mark)  # idle after its warm-up session
         before, redis_before = rss_mib(worker.pid), await redis_used(redis)
         tag = uuid.uuid4().hex[:6]
         half = n // 2
         # In two halves: what the second half adds is the cost of a parked session itself,
         # without the working set of the sessions in flight while events arrive.
+        mark = log_size("worker")
         wanted = await send_all(settings, producer, tag, half)
 
         async def all_wait(count: int) -> bool:
             return await _count(redis, tag, count, "status", "waiting") >= count
 
         await until(lambda: all_wait(half))
+        await given_back("worker", mark)
         halfway = rss_mib(worker.pid)
+        mark = log_size("worker")
         wanted |= await send_all(settings, producer, tag, n, start=half)
         await until(lambda: all_wait(n))
+        await given_back("worker", mark)  # nothing in flight: every session is parked
         waiting = rss_mib(worker.pid)
         redis_per = (await redis_used(redis) - redis_before) / n
         host.release()

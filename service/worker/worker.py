@@ -21,6 +21,7 @@ from nodes.finalize import build_result
 from nodes.models import CloudEvent, utcnow
 from service.bootstrap import (
     RedisClient,
+    close_idle_connections,
     ensure_topics,
     is_infra_error,
     kafka_consumer,
@@ -44,6 +45,7 @@ from service.storage.transitions import Transition
 from service.storage.workers import WorkerState, write_worker_state
 from service.worker.crash_points import armed, crash_point
 from service.worker.handler import EventHandler
+from service.worker.idle import IdleTrim
 from service.worker.outbox import Outbox
 from service.worker.readback import PartitionReader
 from service.worker.waits import AgentWaits
@@ -114,6 +116,11 @@ class Worker:
         self._reporter: asyncio.Task[None] | None = None
         self._sweeper: asyncio.Task[None] | None = None
         self.waits: AgentWaits | None = None
+        self.idle = IdleTrim(
+            lambda: not self._tasks and not self._stopping.is_set(),
+            release=self._close_idle_connections,
+        )
+        """Gives memory back once nothing is in flight: a burst's heap does not stay."""
 
     def __repr__(self) -> str:
         handler, outbox = self.handler, self.outbox
@@ -365,6 +372,7 @@ class Worker:
                 self._sessions.pop(session_id, None)
             if self._told.get(session_id) is me:
                 del self._told[session_id]
+            self.idle.idle()
 
     async def _fail_event(
         self, record: ConsumerRecord, session_id: str, event: CloudEvent | None, exc: Exception
@@ -469,9 +477,15 @@ class Worker:
                 return
             await asyncio.sleep(delay)  # it failed again meanwhile: not back yet
 
+    async def _close_idle_connections(self) -> None:
+        """Close the Redis connections a burst of runs opened and no command holds now."""
+        await close_idle_connections(self._redis)
+        await close_idle_connections(self._library_redis)
+
     async def close(self) -> None:
         """Drain in-flight runs within the grace period, commit, leave the group."""
         self._stopping.set()
+        self.idle.close()
         for background in (self._recovery, self._reporter, self._sweeper):
             if background is not None:
                 background.cancel()
