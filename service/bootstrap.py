@@ -53,7 +53,6 @@ __all__ = [
     "SessionCheckpoints",
     "check_hosting",
     "check_startup",
-    "close_idle_connections",
     "ensure_topics",
     "is_infra_error",
     "infra_cause",
@@ -201,21 +200,6 @@ def redis_client(
         socket_connect_timeout=socket_connect_timeout,
     )
     return Redis(connection_pool=pool)
-
-
-async def close_idle_connections(client: RedisClient | None) -> None:
-    """Close the pooled connections of a `redis_client` that no command holds now.
-
-    They open again when a command needs them. No connection is handed out meanwhile
-    (the pool's condition is held), so no command can get one that is being closed. A
-    cluster client keeps its connections.
-    """
-    if not isinstance(client, Redis):
-        return
-    pool = client.connection_pool
-    condition = getattr(pool, "_condition", None)  # BlockingConnectionPool's hand-out lock
-    async with condition if condition is not None else contextlib.nullcontext():
-        await pool.disconnect(inuse_connections=False)
 
 
 def require_services(settings: Settings, *, kafka: bool = True, redis: bool = True) -> None:

@@ -1,12 +1,11 @@
-"""An idle worker gives its memory back: what a burst of runs held returns to the OS.
+"""An idle worker gives its memory back: the free heap a burst of runs left returns to the OS.
 
 A run's working set (its state, messages, model replies) is freed when the run ends or
-parks, but the Redis connections a burst opened stay pooled with their buffers, and CPython
-and glibc keep the freed heap for reuse, so a worker's RSS stays at its busiest. A worker
-with nothing in flight for `IDLE_AFTER_S` closes its idle pooled connections (they open
-again on demand), collects garbage and asks glibc to return free pages (`malloc_trim`), at
-most once per `AT_MOST_EVERY_S`, and logs its RSS before and after. On a C library without
-`malloc_trim` only the collection runs.
+parks, but CPython and glibc keep freed heap for reuse. A worker with nothing in flight
+for `IDLE_AFTER_S` collects garbage and asks glibc to return free pages (`malloc_trim`), at
+most once per `AT_MOST_EVERY_S`, and logs its RSS before and after. What stays is heap
+that fragmentation pins (CPython frees an arena only when all of it is free). On a C
+library without `malloc_trim` only the collection runs.
 """
 
 from __future__ import annotations
@@ -17,7 +16,7 @@ import ctypes.util
 import gc
 import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from pathlib import Path
 
 __all__ = ["IDLE_AFTER_S", "IdleTrim", "give_back_memory", "rss_mib"]
@@ -72,7 +71,6 @@ class IdleTrim:
         self,
         is_idle: Callable[[], bool],
         *,
-        release: Callable[[], Awaitable[None]] | None = None,
         after_s: float = IDLE_AFTER_S,
         at_most_every_s: float = AT_MOST_EVERY_S,
     ) -> None:
@@ -80,24 +78,20 @@ class IdleTrim:
 
         Args:
             is_idle: whether nothing is in flight now.
-            release: closes what the worker holds only for busy times (idle connections),
-                before the memory is given back.
             after_s: how long the worker stays idle before memory is given back.
             at_most_every_s: the least time between two give-backs.
         """
         self.is_idle = is_idle
-        self.release = release
         self.after_s = after_s
         self.at_most_every_s = at_most_every_s
         self.given_back = 0
         self._last = -at_most_every_s
         self._handle: asyncio.TimerHandle | None = None
-        self._giving: asyncio.Task[None] | None = None
 
     @property
     def pending(self) -> bool:
-        """Whether a give-back is scheduled or under way."""
-        return self._handle is not None or self._giving is not None
+        """Whether a give-back is scheduled."""
+        return self._handle is not None
 
     def idle(self) -> None:
         """Say a run ended: memory is given back if the worker stays idle."""
@@ -105,34 +99,20 @@ class IdleTrim:
             return
         now = time.monotonic()
         delay = max(self.after_s, self._last + self.at_most_every_s - now)
-        self._handle = asyncio.get_running_loop().call_later(delay, self._start)
+        self._handle = asyncio.get_running_loop().call_later(delay, self._give_back)
 
-    def _start(self) -> None:
+    def _give_back(self) -> None:
         self._handle = None
-        if self.is_idle():  # busy again: the next run's end asks again
-            self._giving = asyncio.create_task(self._give_back())
-
-    async def _give_back(self) -> None:
-        try:
-            before = rss_mib()
-            if self.release is not None:
-                try:
-                    await self.release()
-                except Exception as exc:  # an outage: the connections go anyway
-                    logger.debug("idle: releasing connections failed: %s", exc)
-            _, after = give_back_memory()
-            self._last = time.monotonic()
-            self.given_back += 1
-            if before is not None and after is not None:
-                logger.info("idle: gave memory back, RSS %.1f -> %.1f MiB", before, after)
-        finally:
-            self._giving = None
+        if not self.is_idle():
+            return  # busy again: the next run's end asks again
+        before, after = give_back_memory()
+        self._last = time.monotonic()
+        self.given_back += 1
+        if before is not None and after is not None:
+            logger.info("idle: gave memory back, RSS %.1f -> %.1f MiB", before, after)
 
     def close(self) -> None:
         """Forget a pending give-back."""
         if self._handle is not None:
             self._handle.cancel()
             self._handle = None
-        if self._giving is not None:
-            self._giving.cancel()
-            self._giving = None

@@ -21,7 +21,6 @@ from nodes.finalize import build_result
 from nodes.models import CloudEvent, utcnow
 from service.bootstrap import (
     RedisClient,
-    close_idle_connections,
     ensure_topics,
     is_infra_error,
     kafka_consumer,
@@ -116,10 +115,7 @@ class Worker:
         self._reporter: asyncio.Task[None] | None = None
         self._sweeper: asyncio.Task[None] | None = None
         self.waits: AgentWaits | None = None
-        self.idle = IdleTrim(
-            lambda: not self._tasks and not self._stopping.is_set(),
-            release=self._close_idle_connections,
-        )
+        self.idle = IdleTrim(lambda: not self._tasks and not self._stopping.is_set())
         """Gives memory back once nothing is in flight: a burst's heap does not stay."""
 
     def __repr__(self) -> str:
@@ -476,11 +472,6 @@ class Worker:
                 self._since = utcnow()
                 return
             await asyncio.sleep(delay)  # it failed again meanwhile: not back yet
-
-    async def _close_idle_connections(self) -> None:
-        """Close the Redis connections a burst of runs opened and no command holds now."""
-        await close_idle_connections(self._redis)
-        await close_idle_connections(self._library_redis)
 
     async def close(self) -> None:
         """Drain in-flight runs within the grace period, commit, leave the group."""

@@ -52,15 +52,3 @@ def test_give_back_memory_reads_the_rss_before_and_after() -> None:
     before, after = give_back_memory()
     assert before is not None and after is not None and after > 0
     assert rss_mib() is not None
-
-
-async def test_what_a_busy_time_holds_is_released_before_memory_is_given_back() -> None:
-    released: list[int] = []
-
-    async def release() -> None:
-        released.append(1)
-
-    trim = IdleTrim(lambda: True, release=release, after_s=0, at_most_every_s=0)
-    trim.idle()
-    await _until(lambda: trim.given_back == 1)
-    assert released == [1]
