@@ -509,3 +509,62 @@ async def test_a_deadline_swept_by_another_deployment_times_out_on_the_senders_t
 async def _swept(waits: AgentWaits, redis: Redis, task_id: str) -> bool:
     await waits.sweep()
     return not [m for m in await redis.zrange(DEADLINES_KEY, 0, -1) if m.endswith(task_id)]
+
+
+async def test_parallel_steps_waiting_on_the_agent_each_go_on_with_their_own_reply(
+    servers: LocalServers,
+    tmp_path: Path,
+    start_worker: Callable[..., Awaitable[Worker]],
+    producer: AIOKafkaProducer,
+    redis: Redis,
+    host: Callable[[Settings, Answer], list[dict[str, Any]]],
+) -> None:
+    # s2 and s3 run side by side after s1; the host answers every task but theirs, which
+    # the test answers itself: s3's first, then s2's.
+    settings = _settings(servers, tmp_path)
+    await start_worker(settings)
+    store = SessionStore(redis, ttl_s=settings.session_ttl_s)
+    parallel = {"s2", "s3"}
+
+    async def all_but_the_parallel_steps(task: dict[str, Any]) -> list[dict[str, Any]]:
+        if task["data"]["step"]["id"] in parallel:
+            return []
+        return await _talks_and_answers(task)
+
+    seen = host(settings, all_but_the_parallel_steps)
+    event = example("claim_submitted", sessionid=f"parallel-{uuid.uuid4().hex[:6]}")
+    sid = event["sessionid"]
+    await send(producer, settings, event, sid)
+
+    async def waits_on(steps: set[str]) -> bool:
+        record = await store.get(sid)
+        return (
+            record is not None
+            and record.status == "waiting"
+            and {w.step_id for w in record.waiting_on} == steps
+        )
+
+    async def answer(step: str) -> None:
+        [task] = [t for t in seen if t["data"]["step"]["id"] == step]
+        for reply in await _talks_and_answers(task):
+            await producer.send_and_wait(
+                settings.topic_agent_replies, json.dumps(reply).encode(), key=sid.encode()
+            )
+
+    await wait_until(lambda: waits_on({"s2", "s3"}), "s2 and s3 to wait side by side")
+    await wait_until(
+        lambda: {t["data"]["step"]["id"] for t in seen} >= parallel, "the host to get both tasks"
+    )
+    await answer("s3")
+    await wait_until(lambda: waits_on({"s2"}), "s3 to go on while s2 still waits")
+    log = await read_log(redis, sid)
+    done = [t.step_id for t in log if t.type == "step.completed"]
+    assert "s3" in done and "s2" not in done
+
+    await answer("s2")
+    (result,) = await _result(settings, event["id"])
+    assert result["status"] == "completed"
+    log = await read_log(redis, sid)
+    done = [t.step_id for t in log if t.type == "step.completed"]
+    assert sorted(done) == ["s1", "s2", "s3", "s4"]  # each reply applied once
+    assert len([t for t in seen if t["data"]["step"]["id"] in parallel]) == 2  # sent once each
