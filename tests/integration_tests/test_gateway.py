@@ -137,6 +137,9 @@ async def running_stack(
         "topic_results": f"agentflow.results.{tag}",
         "topic_sessions": f"agentflow.sessions.{tag}",
         "topic_dlq": f"agentflow.events.dlq.{tag}",
+        # Every worker consumes its replies topic: stacks must not share one.
+        "topic_agents_prefix": f"agentflow.agents.{tag}.",
+        "topic_agent_replies": f"agentflow.agents.{tag}.replies",
         "topic_partitions": 3,
         "shutdown_grace_s": 5,
         "agents_file": held_agents(directory),
