@@ -7,7 +7,13 @@ import contextlib
 import json
 from collections.abc import AsyncIterator, Callable
 
-from nodes.models import RESUME_EVENT_TYPE, CloudEvent, WorkflowResult, derived_session_id
+from nodes.models import (
+    RESUME_EVENT_TYPE,
+    CloudEvent,
+    HumanDecision,
+    WorkflowResult,
+    derived_session_id,
+)
 from service.bootstrap import (
     RedisClient,
     kafka_admin,
@@ -234,11 +240,27 @@ async def send_and_follow(
     )
 
 
-def resume_event(session_id: str, answer: str, *, source: str = "agentflow/client") -> CloudEvent:
-    """Build the `agentflow.resume` event that answers an interrupted session."""
-    return CloudEvent.wrap(
-        RESUME_EVENT_TYPE, {"answer": answer}, session_id=session_id, source=source
-    )
+def resume_event(
+    session_id: str,
+    decision: HumanDecision,
+    *,
+    source: str = "agentflow/client",
+    authid: str | None = None,
+) -> CloudEvent:
+    """Build the `agentflow.resume` event that answers an interrupted session.
+
+    Args:
+        session_id: the session.
+        decision: the answer; its fields go under `data`.
+        source: the event's `source`.
+        authid: who answered, as the gateway authenticated them (the name of their
+            token): the CloudEvents `authid` attribute, with `authtype` `api_key`.
+    """
+    data = decision.model_dump(mode="json", exclude_none=True, exclude_defaults=True)
+    event = CloudEvent.wrap(RESUME_EVENT_TYPE, data, session_id=session_id, source=source)
+    if authid is not None:  # extension attributes (CloudEvents' authcontext)
+        event = event.model_copy(update={"authtype": "api_key", "authid": authid})
+    return event
 
 
 async def waiting_session(settings: Settings, session_id: str) -> SessionRecord:

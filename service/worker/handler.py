@@ -13,7 +13,7 @@ from typing import Any
 from aiokafka.structs import ConsumerRecord
 from langgraph.checkpoint.base import BaseCheckpointSaver
 
-from nodes.errors import EventValidationError, ProtocolError
+from nodes.errors import AnswerError, EventValidationError, ProtocolError
 from nodes.finalize import build_result
 from nodes.models import (
     CANCEL_EVENT_TYPE,
@@ -21,6 +21,7 @@ from nodes.models import (
     MultitaskStrategy,
     ResultStatus,
     WorkflowResult,
+    answer_origin,
     derived_session_id,
     session_id_problem,
 )
@@ -32,7 +33,7 @@ from service.observe import metrics
 from service.runtime.runner import SessionRunner
 from service.storage.checkpoints import expire_session
 from service.storage.sessions import WAITS, SessionStore
-from service.storage.transitions import Transition, TransitionType
+from service.storage.transitions import ENDED_STATUSES, Transition, TransitionType
 from service.worker.crash_points import crash_point
 from service.worker.outbox import RESULT, Outbox
 from service.worker.waits import AgentWaits
@@ -548,18 +549,30 @@ class EventHandler:
     async def resume(
         self, record: ConsumerRecord, session_id: str, event: CloudEvent, *, redelivered: bool
     ) -> None:
-        """Continue an interrupted session with the answer an `agentflow.resume` event holds."""
-        answer = event.data.get("answer") if isinstance(event.data, dict) else event.data
-        if answer is None:
-            await self._reject(record, session_id, event, "resume event without data.answer")
+        """Continue an interrupted session with the decision an `agentflow.resume` event holds.
+
+        `data` holds the decision (`decision`, `interrupt_id`, `feedback`, `steps`,
+        `args`) or free text under `answer` (or is that text). An answer that cannot be
+        taken (no decision, an unknown interrupt, steps that do not exist) is
+        dead-lettered with the reason, like a resume for an unknown session.
+        """
+        data = event.data
+        if data is None or (isinstance(data, dict) and not {"decision", "answer"} & set(data)):
+            reason = "resume event without data.decision or data.answer"
+            await self._reject(record, session_id, event, reason)
             return
         me = asyncio.current_task()
         assert me is not None
         stop = self._stop_check(me)
         self._driving.add(me)
+        source, who = answer_origin(event)
         try:
             with metrics.timed_run() as run:
                 try:
+                    answer = await self.runner.check_answer(
+                        session_id, data, source=source, who=who, event_id=event.id
+                    )
+                    await self.store.answered(session_id, answer)
                     result = await self.runner.resume(
                         session_id, answer, event_id=event.id, stop=stop
                     )
@@ -575,6 +588,9 @@ class EventHandler:
             if await self._state_lost(record, session_id, event):
                 return
             await self._reject(record, session_id, event, f"unknown session for resume: {exc}")
+            return
+        except AnswerError as exc:
+            await self._reject(record, session_id, event, f"answer refused: {exc}")
             return
         await self.finish(result, record)
 
@@ -636,7 +652,7 @@ class EventHandler:
         else:
             status = known.status if known is not None else None
         live = status in ("running", *WAITS)
-        ended = status in ("completed", "failed")
+        ended = status in ENDED_STATUSES
         error = f"nothing to cancel: session {status}" if ended else "cancelled"
         result = build_result(
             snapshot.values or {}, session_id=session_id, status="failed", error=error
@@ -732,7 +748,7 @@ class EventHandler:
         await self.outbox.publish_result(result, source=record)
         if result.status == "failed":
             self.failed += 1
-        elif result.status in ("completed", "interrupted"):
+        elif result.status in ("completed", "rejected", "interrupted"):
             self.completed += 1
 
     async def _wait(self, result: WorkflowResult) -> None:

@@ -8,9 +8,17 @@ from typing import Annotated
 from fastapi import APIRouter, Depends, Query
 from fastapi.exceptions import HTTPException
 
-from nodes.models import CANCEL_EVENT_TYPE, CloudEvent, ResultWorkflow, WorkflowResult
+from nodes.errors import AnswerError
+from nodes.models import (
+    CANCEL_EVENT_TYPE,
+    GATEWAY_SOURCE,
+    CloudEvent,
+    ResultWorkflow,
+    WorkflowResult,
+)
 from service.client import resume_event, session_id_for
-from service.gateway.auth import AUTH_ERRORS, require_token
+from service.errors import UnknownSessionError
+from service.gateway.auth import AUTH_ERRORS, TokenName, require_token
 from service.gateway.backends import Backends, BackendsDep, known_session
 from service.gateway.schemas import (
     KAFKA_DOWN,
@@ -24,15 +32,14 @@ from service.gateway.schemas import (
     SessionPage,
     SessionReview,
     SessionSummary,
+    unprocessable,
 )
+from service.runtime.runner import check_answer
 from service.storage.checkpoints import session_states
 from service.storage.publisher import read_log
 from service.storage.sessions import WAITS, SessionStatus
 
 __all__ = ["router"]
-
-SOURCE = "agentflow/gateway"
-"""The `source` of the command events the gateway sends."""
 
 router = APIRouter(dependencies=[Depends(require_token)], responses=AUTH_ERRORS)
 
@@ -169,13 +176,27 @@ async def get_history(
     },
 )
 async def resume_session(
-    session_id: str, body: ResumeRequest, backends: BackendsDep
+    session_id: str, body: ResumeRequest, backends: BackendsDep, token: TokenName
 ) -> EventAccepted:
-    """Answer an escalated review: an `agentflow.resume` event goes to the worker."""
+    """Answer a session's interrupt: an `agentflow.resume` event goes to the worker.
+
+    The decision is checked against the pending interrupt first (422 with the reason when
+    it names no decision, no pending interrupt, or does not fit it). The answer is
+    recorded as given through `http` by the token's name (`name:token` in
+    AGENTFLOW_API_TOKENS).
+    """
     record = await known_session(backends, session_id)
     if (why := record.why_not_answerable()) is not None:
         raise HTTPException(409, why)
-    return await _command(backends, resume_event(session_id, body.answer, source=SOURCE))
+    try:
+        decision = body.read()
+        await check_answer(await backends.graph(), session_id, decision)
+    except AnswerError as exc:
+        raise unprocessable(str(exc), []) from None
+    except UnknownSessionError as exc:  # answered meanwhile
+        raise HTTPException(409, str(exc)) from None
+    event = resume_event(session_id, decision, source=GATEWAY_SOURCE, authid=token)
+    return await _command(backends, event)
 
 
 @router.post(
@@ -193,7 +214,7 @@ async def cancel_session(session_id: str, backends: BackendsDep) -> EventAccepte
     record = await known_session(backends, session_id)
     if record.status not in ("running", *WAITS):
         raise HTTPException(409, f"session {session_id} has already ended ({record.status})")
-    cancel = CloudEvent.wrap(CANCEL_EVENT_TYPE, None, session_id=session_id, source=SOURCE)
+    cancel = CloudEvent.wrap(CANCEL_EVENT_TYPE, None, session_id=session_id, source=GATEWAY_SOURCE)
     return await _command(backends, cancel)
 
 
