@@ -527,7 +527,11 @@ async def test_resume_an_escalated_session_over_http(client: httpx.AsyncClient) 
     assert detail["next"] == ["escalate"]
 
     missing = await client.post(f"/sessions/{session_id}/resume", json={})
-    assert missing.status_code == 422 and missing.json()["errors"][0]["field"] == "answer"
+    assert missing.status_code == 422
+    assert "give either decision or answer" in missing.json()["errors"][0]["reason"]
+    vague = await client.post(f"/sessions/{session_id}/resume", json={"answer": "yes"})
+    assert vague.status_code == 422
+    assert "names no decision: start it with approve, reject or revise" in vague.json()["detail"]
     resumed = await client.post(
         f"/sessions/{session_id}/resume", json={"answer": "approve: discharge confirmed"}
     )
@@ -537,7 +541,10 @@ async def test_resume_an_escalated_session_over_http(client: httpx.AsyncClient) 
     assert await asyncio.wait_for(following, 60)  # the same stream runs on to the end
     types = [m["event"] for m in messages]
     assert types.count("session.started") == 2 and types[-1] == "session.completed"
-    assert messages[types.index("session.interrupted") + 1]["transition"]["data"]["resumed"]
+    answered = messages[types.index("session.interrupted") + 1]["transition"]
+    assert answered["type"] == "session.answered" and answered["data"]["decision"] == "approve"
+    assert answered["data"]["source"] == "http" and answered["data"]["who"] == "agentflow/gateway"
+    assert messages[types.index("session.answered") + 1]["transition"]["data"]["resumed"]
     assert seqs(messages) == list(range(1, len(messages) + 1))
     final = messages[-1]["transition"]["data"]["result"]
     assert final["status"] == "completed"
@@ -854,7 +861,7 @@ async def test_kafka_down_answers_503_and_the_gateway_reconnects(
         response = await http.post("/events", json=short("claim_submitted"), timeout=ANSWERED_S)
         assert response.status_code == 503
         assert "Kafka" in response.json()["detail"] and response.headers["retry-after"]
-        resume = await http.post(f"/sessions/{session_id}/resume", json={"answer": "ok"})
+        resume = await http.post(f"/sessions/{session_id}/resume", json={"answer": "approve: ok"})
         assert resume.status_code == 503
         health = await http.get("/healthz")
         assert health.status_code == 503

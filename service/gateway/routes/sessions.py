@@ -193,8 +193,10 @@ async def resume_session(
         await check_answer(await backends.graph(), session_id, decision)
     except AnswerError as exc:
         raise unprocessable(str(exc), []) from None
-    except UnknownSessionError as exc:  # answered meanwhile
-        raise HTTPException(409, str(exc)) from None
+    except UnknownSessionError:
+        # The record says it waits but its checkpoint does not (answered meanwhile, or
+        # its state was lost): the worker's answer to the event says which.
+        pass
     event = resume_event(session_id, decision, source=GATEWAY_SOURCE, authid=token)
     return await _command(backends, event)
 
