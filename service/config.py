@@ -45,6 +45,12 @@ class Settings(BaseSettings):
         gt=0,
         description="How long a task of a `runs: kafka` agent may take, unless the agent says.",
     )
+    human_timeout_s: float | None = Field(
+        default=None,
+        gt=0,
+        description="How long a question for a human waits before it ends as rejected "
+        "(`no answer within N s`); unset: it waits until answered or cancelled.",
+    )
     model_max_attempts: int = Field(
         default=MODEL_MAX_ATTEMPTS,
         ge=1,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 from typing import Annotated
 
@@ -11,7 +12,7 @@ import typer
 from graphs.workflow import build_graph
 from nodes.models import CLI_SOURCE
 from service.bootstrap import open_session_checkpointer, require_services
-from service.cli.console import console, finish, print_history
+from service.cli.console import console, finish, print_history, print_table
 from service.cli.follow import send_and_finish
 from service.cli.inputs import (
     Approve,
@@ -26,7 +27,7 @@ from service.cli.inputs import (
     read_decision,
     read_settings,
 )
-from service.client import produce_event, resume_event, waiting_session
+from service.client import pending_interrupts, produce_event, resume_event, waiting_session
 from service.config import Settings
 from service.errors import ReplayError, UnknownSessionError
 from service.observe.terminal import print_transition
@@ -34,7 +35,7 @@ from service.runtime.replay import parse_edits, replay_session
 from service.storage.memory import RunConversation, session_history
 from service.storage.transitions import Transition
 
-__all__ = ["answer", "app", "history", "replay"]
+__all__ = ["answer", "app", "history", "pending", "replay"]
 
 app = typer.Typer(help="Inspect, replay and answer sessions.", no_args_is_help=True)
 
@@ -200,3 +201,45 @@ def answer(
         console.print(f"sent the answer to session {session_id} (event {event.id})")
         return
     send_and_finish(settings, event, as_json=as_json, timeout_s=timeout)
+
+
+_PENDING_COLUMNS = ("session", "interrupt", "kind", "since", "deadline", "asks")
+
+
+@app.command()
+def pending(
+    session_id: Annotated[
+        str | None,
+        typer.Argument(help="Only this session's (default: every session's).", show_default=False),
+    ] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print them as JSON.")] = False,
+) -> None:
+    """List the interrupts waiting for a human: id, kind, since when, what they ask.
+
+    `agentflow sessions answer SESSION_ID --interrupt ID ...` answers one. Piped, the
+    lines are tab-separated. Exit code 2: the session does not exist.
+    """
+    configure_logging()
+    settings = read_settings()
+    require_services(settings, kafka=False)
+    try:
+        found = asyncio.run(pending_interrupts(settings, session_id))
+    except UnknownSessionError as exc:
+        raise BadInput(str(exc)) from None
+    if as_json:
+        typer.echo(
+            json.dumps([{"session_id": s, **p.model_dump(mode="json")} for s, p in found], indent=2)
+        )
+        return
+    rows = [
+        (
+            session,
+            p.id,
+            p.kind,
+            f"{p.since:%Y-%m-%d %H:%M:%S}",
+            f"{p.deadline:%Y-%m-%d %H:%M:%S}" if p.deadline else "–",
+            " ".join(str(p.payload.get("question") or p.payload.get("tool") or "").split()),
+        )
+        for session, p in found
+    ]
+    print_table(_PENDING_COLUMNS, rows)

@@ -17,6 +17,7 @@ from nodes.models import (
     SessionId,
     WorkflowResult,
 )
+from service.storage.questions import PendingInterrupt
 from service.storage.sessions import SessionRecord, SessionStatus
 from service.storage.workers import WorkerState
 
@@ -34,6 +35,7 @@ __all__ = [
     "ResumeRequest",
     "SessionDetail",
     "SessionHistory",
+    "SessionInterrupts",
     "SessionPage",
     "SessionReview",
     "SessionSummary",
@@ -167,6 +169,13 @@ class ResumeRequest(BaseModel):
             AnswerError: its free text names no decision.
         """
         return HumanDecision.read(self.model_dump(exclude_none=True, exclude_defaults=True))
+
+
+class SessionInterrupts(BaseModel):
+    """The interrupts a session waits on a human for, oldest first."""
+
+    session_id: str
+    interrupts: list[PendingInterrupt]
 
 
 class SessionSummary(BaseModel):

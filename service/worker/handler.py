@@ -30,13 +30,14 @@ from service.bootstrap import is_infra_error
 from service.config import Settings
 from service.errors import UnknownSessionError
 from service.observe import metrics
-from service.runtime.runner import SessionRunner
+from service.runtime.runner import SessionRunner, interrupt_kind
 from service.storage.checkpoints import expire_session
+from service.storage.questions import QuestionStore
 from service.storage.sessions import WAITS, SessionStore
 from service.storage.transitions import ENDED_STATUSES, Transition, TransitionType
 from service.worker.crash_points import crash_point
 from service.worker.outbox import RESULT, Outbox
-from service.worker.waits import AgentWaits
+from service.worker.waits import HUMAN_TIMEOUT_SOURCE, AgentWaits
 
 __all__ = ["STATE_LOST", "EventHandler"]
 
@@ -74,6 +75,7 @@ class EventHandler:
         on_degraded: Callable[[str | None], None] = lambda reason: None,
         restore_setup: Callable[[], Awaitable[None]] | None = None,
         waits: AgentWaits | None = None,
+        questions: QuestionStore | None = None,
     ) -> None:
         """Run events with these collaborators.
 
@@ -87,6 +89,8 @@ class EventHandler:
             restore_setup: sets up Redis again (indexes) after it lost its setup.
             waits: sends the remote agents' tasks a run waits for (none: a run that waits
                 for a remote agent fails, as nothing would send its task).
+            questions: where the interrupts sessions wait on humans for are recorded,
+                with their deadlines (default: on the store's Redis).
         """
         self.runner = runner
         self.store = store
@@ -95,6 +99,7 @@ class EventHandler:
         self.on_degraded = on_degraded
         self.restore_setup = restore_setup or _nothing
         self.waits = waits
+        self.questions = questions or QuestionStore(store.redis, topic=settings.topic_events)
         self.completed = self.failed = self.duplicates = 0
         self._started: weakref.WeakSet[asyncio.Task[Any]] = weakref.WeakSet()
         self._stopped: weakref.WeakSet[asyncio.Task[Any]] = weakref.WeakSet()
@@ -584,13 +589,18 @@ class EventHandler:
                         session_id, event_id=event.id, stop=stop
                     )
                 run.status = result.status
-        except UnknownSessionError as exc:
+        except (UnknownSessionError, AnswerError) as exc:
+            if event.source == HUMAN_TIMEOUT_SOURCE:
+                # A deadline's answer to a question answered meanwhile: nothing to end.
+                logger.info("session %s: %s; the deadline's answer is dropped", session_id, exc)
+                await self.store.release_event(event.id, session_id)
+                return
+            if isinstance(exc, AnswerError):
+                await self._reject(record, session_id, event, f"answer refused: {exc}")
+                return
             if await self._state_lost(record, session_id, event):
                 return
             await self._reject(record, session_id, event, f"unknown session for resume: {exc}")
-            return
-        except AnswerError as exc:
-            await self._reject(record, session_id, event, f"answer refused: {exc}")
             return
         await self.finish(result, record)
 
@@ -674,6 +684,7 @@ class EventHandler:
                 self.settings.session_ttl_s,
                 retention=self.settings.checkpoint_retention,
             )
+            await self.questions.clear(session_id)
             await self.store.close(result, status="cancelled")
             await self.runner.emit(
                 Transition(
@@ -731,6 +742,15 @@ class EventHandler:
         if result.status == "waiting":
             await self._wait(result)
             return
+        if result.status == "interrupted":
+            asked = await self.runner.questions(result.session_id)
+            await self.questions.record(
+                result.session_id,
+                [(i, interrupt_kind(i)) for i in asked],
+                timeout_s=self.settings.human_timeout_s,
+            )
+        elif result.status in ENDED_STATUSES:
+            await self.questions.clear(result.session_id)
         retention: Awaitable[object]
         if result.status in _KEEPS_STATE:
             retention = _nothing()  # a session that waits, or goes on with a newer event

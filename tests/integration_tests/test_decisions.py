@@ -24,11 +24,13 @@ from service.config import Settings
 from service.devtools.servers import LocalServers
 from service.storage.memory import session_history
 from service.storage.publisher import read_log
+from service.storage.questions import QuestionStore
 from service.storage.sessions import SessionStore
 from service.worker import Worker
 from tests.integration_tests.conftest import (
     cli_env,
     example,
+    own_settings,
     read_topic,
     results_by_event,
     send,
@@ -131,9 +133,9 @@ async def answer(
     return result
 
 
-async def kept(stack: Stack, kind: str) -> int:
+async def kept(worker: Worker, kind: str) -> int:
     """How many workflows of this event type the worker's library keeps (and would offer)."""
-    library = stack[2].runner.context.library
+    library = worker.runner.context.library
     total, _ = await library.recent(event_type=kind)  # type: ignore[union-attr]
     return total
 
@@ -190,7 +192,7 @@ async def test_reject_ends_rejected_and_is_not_kept(
     result = await answer(path, stack, producer, http, tmp_path, session_id, data)
     assert result["status"] == "rejected" and result["review"]["verdict"] == "reject"
     assert "manager did not approve" in result["error"]
-    assert await kept(stack, kind) == 0  # never offered as an example
+    assert await kept(stack[2], kind) == 0  # never offered as an example
     (answered,) = await recorded(stack, redis, session_id)
     assert (answered.decision, answered.source, answered.who) == ("reject", path, WHO[path])
     record = await SessionStore(redis, ttl_s=60).get(session_id)
@@ -213,7 +215,7 @@ async def test_revise_runs_the_step_again_then_asks_again(
     assert result["status"] == "interrupted"
     attempts = {s["id"]: s["attempts"] for s in result["workflow"]["steps"]}
     assert attempts["s3"] == 2 and attempts["s1"] == 1
-    assert await kept(stack, kind) == 0
+    assert await kept(stack[2], kind) == 0
     done = await answer(path, stack, producer, http, tmp_path, session_id, {"decision": "approve"})
     assert done["status"] == "completed"
     decisions = [a.decision for a in await recorded(stack, redis, session_id)]
@@ -256,4 +258,71 @@ async def test_answers_that_cannot_be_taken_are_refused_with_the_reason(
 
 
 async def _kept_is(stack: Stack, kind: str, count: int) -> bool:
-    return await kept(stack, kind) == count
+    return await kept(stack[2], kind) == count
+
+
+async def test_pending_interrupts_are_listed_and_one_is_answered_by_its_id(
+    stack: Stack, producer: AIOKafkaProducer, http: httpx.AsyncClient, tmp_path: Path
+) -> None:
+    session_id, _ = await escalated(stack, producer)
+    listed = await http.get(f"/sessions/{session_id}/interrupts")
+    assert listed.status_code == 200, listed.text
+    (pending,) = listed.json()["interrupts"]
+    assert pending["kind"] == "review" and pending["deadline"] is None
+    assert "needs a human decision" in pending["payload"]["question"]
+    assert pending["payload"]["decisions"] == ["approve", "reject", "revise"]
+    assert pending["since"]
+    assert (await http.get("/sessions/no-such-session/interrupts")).status_code == 404
+
+    env = cli_env(stack[0])
+    code, out, err = await finished(
+        await start("sessions", "pending", session_id, "--json", env=env, cwd=tmp_path)
+    )
+    assert code == 0, err
+    assert [(p["session_id"], p["id"]) for p in json.loads(out)] == [(session_id, pending["id"])]
+    code, out, err = await finished(await start("sessions", "pending", env=env, cwd=tmp_path))
+    assert code == 0, err
+    line = next(ln for ln in out.splitlines() if ln.startswith(session_id))
+    assert line.split("\t")[1:3] == [pending["id"], "review"]
+
+    code, out, err = await finished(
+        await start(
+            *("sessions", "answer", session_id, "--approve", "--interrupt", pending["id"]),
+            *("--wait", "--json"),
+            env=env,
+            cwd=tmp_path,
+        )
+    )
+    assert code == 0, err
+    assert json.loads(out)["status"] == "completed"
+    assert (await http.get(f"/sessions/{session_id}/interrupts")).json()["interrupts"] == []
+
+
+async def test_an_unanswered_question_ends_rejected_at_its_deadline(
+    servers: LocalServers, start_worker: Any, producer: AIOKafkaProducer, redis: Redis
+) -> None:
+    settings = own_settings(servers, human_timeout_s=1.0)
+    worker = await start_worker(settings)
+    session_id = f"late-{uuid.uuid4().hex[:8]}"
+    kind = f"claim.submitted.t{uuid.uuid4().hex[:8]}"
+    event = example("claim_needs_review", type=kind, sessionid=session_id)
+    await send(producer, settings, event, session_id)
+    assert (await result_of(settings, event["id"]))["status"] == "interrupted"
+
+    store = SessionStore(redis, ttl_s=60)
+
+    async def ended() -> bool:
+        record = await store.get(session_id)
+        return record is not None and record.status == "rejected"
+
+    await wait_until(ended, "the question's deadline to reject the session")
+    record = await store.get(session_id)
+    assert record is not None and record.result is not None
+    (answer,) = record.answers
+    assert (answer.decision, answer.feedback) == ("reject", "no answer within 1 s")
+    assert (answer.source, answer.who) == ("kafka", "agentflow/human-timeout")
+    assert record.result.status == "rejected" and record.result.event_id == answer.event_id
+    assert await QuestionStore(redis).pending(session_id) == []
+    assert await kept(worker, kind) == 0
+    # Any worker on this Redis may have swept the deadline: the answer went to this
+    # worker's events topic all the same, and this worker, the partition's owner, ran it.

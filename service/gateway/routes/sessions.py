@@ -29,6 +29,7 @@ from service.gateway.schemas import (
     ResumeRequest,
     SessionDetail,
     SessionHistory,
+    SessionInterrupts,
     SessionPage,
     SessionReview,
     SessionSummary,
@@ -37,6 +38,7 @@ from service.gateway.schemas import (
 from service.runtime.runner import check_answer
 from service.storage.checkpoints import session_states
 from service.storage.publisher import read_log
+from service.storage.questions import QuestionStore
 from service.storage.sessions import WAITS, SessionStatus
 
 __all__ = ["router"]
@@ -162,6 +164,21 @@ async def get_history(
             )
         )
     return SessionHistory(session_id=session_id, checkpoints=checkpoints)
+
+
+@router.get(
+    "/sessions/{session_id}/interrupts",
+    response_model=SessionInterrupts,
+    responses={404: {"model": Problem}, **REDIS_DOWN},
+)
+async def list_interrupts(session_id: str, backends: BackendsDep) -> SessionInterrupts:
+    """Return the interrupts a session waits on a human for: id, kind, payload, since when.
+
+    An answer names one with `interrupt_id` (`POST /sessions/{id}/resume`).
+    """
+    await known_session(backends, session_id)
+    pending = await QuestionStore(backends.redis).pending(session_id)
+    return SessionInterrupts(session_id=session_id, interrupts=pending)
 
 
 @router.post(
