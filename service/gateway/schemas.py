@@ -11,6 +11,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from nodes.models import (
     Decision,
+    HumanAnswer,
     HumanDecision,
     MultitaskStrategy,
     ResultWorkflow,
@@ -220,6 +221,9 @@ class SessionDetail(SessionSummary):
     next: list[str] = Field(default_factory=list, description="Nodes that run next.")
     workflow: ResultWorkflow = Field(default_factory=ResultWorkflow)
     review: SessionReview = Field(default_factory=SessionReview)
+    answers: list[HumanAnswer] = Field(
+        default_factory=list, description="The humans' answers, oldest first: who decided what."
+    )
     result: WorkflowResult | None = None
 
 

@@ -76,6 +76,7 @@ async def get_session(session_id: str, backends: BackendsDep) -> SessionDetail:
     detail = SessionDetail(
         **SessionSummary.of(record).model_dump(),
         event_ids=record.event_ids,
+        answers=record.answers,
         next=list(snapshot.next),
         result=record.result,
     )
