@@ -90,7 +90,7 @@ class EventHandler:
             waits: sends the remote agents' tasks a run waits for (none: a run that waits
                 for a remote agent fails, as nothing would send its task).
             questions: where the interrupts sessions wait on humans for are recorded,
-                with their deadlines (default: on the store's Redis).
+                with their deadlines (none: they are not listed, and have no deadline).
         """
         self.runner = runner
         self.store = store
@@ -99,7 +99,7 @@ class EventHandler:
         self.on_degraded = on_degraded
         self.restore_setup = restore_setup or _nothing
         self.waits = waits
-        self.questions = questions or QuestionStore(store.redis, topic=settings.topic_events)
+        self.questions = questions
         self.completed = self.failed = self.duplicates = 0
         self._started: weakref.WeakSet[asyncio.Task[Any]] = weakref.WeakSet()
         self._stopped: weakref.WeakSet[asyncio.Task[Any]] = weakref.WeakSet()
@@ -684,7 +684,8 @@ class EventHandler:
                 self.settings.session_ttl_s,
                 retention=self.settings.checkpoint_retention,
             )
-            await self.questions.clear(session_id)
+            if self.questions is not None:
+                await self.questions.clear(session_id)
             await self.store.close(result, status="cancelled")
             await self.runner.emit(
                 Transition(
@@ -742,14 +743,14 @@ class EventHandler:
         if result.status == "waiting":
             await self._wait(result)
             return
-        if result.status == "interrupted":
+        if self.questions is not None and result.status == "interrupted":
             asked = await self.runner.questions(result.session_id)
             await self.questions.record(
                 result.session_id,
                 [(i, interrupt_kind(i)) for i in asked],
                 timeout_s=self.settings.human_timeout_s,
             )
-        elif result.status in ENDED_STATUSES:
+        elif self.questions is not None and result.status in ENDED_STATUSES:
             await self.questions.clear(result.session_id)
         retention: Awaitable[object]
         if result.status in _KEEPS_STATE:
