@@ -1,7 +1,7 @@
 """The agentflow workflow graph.
 
 discover -> plan -> assign -> execute <-> execute_step (one task per ready step)
--> review -> (execute again | escalate to a human -> review | finalize).
+-> review -> (execute again | escalate to a human -> (execute again | finalize) | finalize).
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from nodes.discovery import discover
 from nodes.execution import dispatch_ready_steps, execute, execute_step
 from nodes.finalize import finalize
 from nodes.planning import plan
-from nodes.review import escalate, review, route_review
+from nodes.review import escalate, review, route_answer, route_review
 from nodes.state import InputState, OutputState, StepTask, WorkflowState
 
 __all__ = ["build_graph", "builder", "graph", "make_builder"]
@@ -69,7 +69,7 @@ def make_builder(model_retry: RetryPolicy = MODEL_RETRY) -> StateGraph[Any, Any,
     builder.add_conditional_edges("execute", dispatch_ready_steps, ["execute_step", "review"])
     builder.add_edge("execute_step", "execute")
     builder.add_conditional_edges("review", route_review, ["execute", "escalate", "finalize"])
-    builder.add_edge("escalate", "review")
+    builder.add_conditional_edges("escalate", route_answer, ["execute", "finalize"])
     builder.add_edge("finalize", END)
     return builder
 

@@ -30,6 +30,7 @@ from nodes.errors import (
 )
 
 __all__ = [
+    "ESCALATE_PHRASE",
     "MODEL_MAX_ATTEMPTS",
     "MODEL_RETRY",
     "OFFLINE",
@@ -381,7 +382,18 @@ def _offline_assignment(tags: dict[str, str]) -> dict[str, Any]:
     return {"assignments": assignments}
 
 
+ESCALATE_PHRASE = "human review"
+"""What makes the offline reviewer ask a human: a done step's output that says it (any case)."""
+
+
 def _offline_review(tags: dict[str, str]) -> dict[str, Any]:
+    """Review as the offline model does, by rules a domain can trigger.
+
+    Failed steps: `revise` them. Else a step whose output contains `ESCALATE_PHRASE`
+    (a tool or agent of the domain says the case needs human review): `escalate`, asking
+    whether to approve or reject. Else `approve`. It never reads a human's answer: the
+    graph applies the human's decision itself (`nodes.review.escalate`).
+    """
     steps = _json_tag(tags, "steps", [])
     failed = [s["id"] for s in steps if s.get("status") == "failed"]
     if failed:
@@ -390,13 +402,12 @@ def _offline_review(tags: dict[str, str]) -> dict[str, Any]:
             "feedback": "Some steps failed; run them again.",
             "steps_to_redo": failed,
         }
-    flagged = [s for s in steps if "human review" in str(s.get("output", "")).lower()]
-    if flagged and "human-answer" not in tags:
+    flagged = [s for s in steps if ESCALATE_PHRASE in str(s.get("output", "")).lower()]
+    if flagged:
         return {
             "verdict": "escalate",
             "feedback": "A step asks for a human decision.",
             "question": f"Step {flagged[0]['id']} ({flagged[0]['title']}) needs a human "
-            "decision: approve or reject?",
+            "decision: approve, reject or revise?",
         }
-    note = f"Human said: {tags['human-answer']}" if "human-answer" in tags else "All steps done."
-    return {"verdict": "approve", "feedback": note}
+    return {"verdict": "approve", "feedback": "All steps done."}

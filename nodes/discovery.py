@@ -71,7 +71,7 @@ async def discover(state: WorkflowState, runtime: Runtime[WorkflowContext]) -> d
         "usage": Overwrite(Usage()),
         "models": Overwrite([]),
         "review_rounds": 0,
-        "human_answer": {},
+        "answers": Overwrite([]),
     }
     update: dict[str, Any] = {"event": event, "started_at": utcnow()}
     update |= {key: value for key, value in resets.items() if key in state}

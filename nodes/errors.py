@@ -10,6 +10,7 @@ from collections.abc import Sequence
 
 __all__ = [
     "AgentConfigError",
+    "AnswerError",
     "EventValidationError",
     "ModelCallError",
     "ModelConfigError",
@@ -37,6 +38,10 @@ class EventValidationError(WorkflowError, ValueError):
         """
         super().__init__(message)
         self.problems = list(problems)
+
+
+class AnswerError(WorkflowError, ValueError):
+    """A human's answer cannot be taken: it names no decision, or one its interrupt refuses."""
 
 
 class AgentConfigError(WorkflowError, ValueError):

@@ -17,6 +17,7 @@ from nodes.context import WorkflowContext
 from nodes.errors import ModelCallError
 from nodes.library import default_library
 from nodes.models import (
+    HumanAnswer,
     ResultReview,
     ResultStatus,
     ResultWorkflow,
@@ -33,7 +34,7 @@ from nodes.models import (
 from nodes.prompts import SUMMARY_PROMPT
 from nodes.state import WorkflowState, workflow_of
 
-__all__ = ["build_result", "finalize", "quality", "steps_summary"]
+__all__ = ["build_result", "finalize", "quality", "rejected_by", "steps_summary"]
 
 logger = logging.getLogger(__name__)
 
@@ -52,6 +53,12 @@ def build_result(
     event = state.get("event")
     decision = state.get("review")
     event_id = event["id"] if isinstance(event, dict) else event.id if event else ""
+    review = ResultReview(
+        verdict=decision.verdict if decision else None,
+        feedback=decision.feedback if decision else "",
+    )
+    if (rejection := rejected_by(state)) is not None:
+        review = ResultReview(verdict="reject", feedback=rejection.line())
     return WorkflowResult(
         session_id=session_id,
         event_id=event_id,
@@ -61,10 +68,7 @@ def build_result(
             goals=state.get("goals", []),
             steps=state.get("steps", []),
         ),
-        review=ResultReview(
-            verdict=decision.verdict if decision else None,
-            feedback=decision.feedback if decision else "",
-        ),
+        review=review,
         summary=summary,
         usage=(state.get("usage") or Usage()) + (usage or Usage()),
         model=", ".join(state.get("models", [])),
@@ -74,6 +78,12 @@ def build_result(
         question=question,
         based_on=based_on(state.get("similar_workflows")),
     )
+
+
+def rejected_by(state: WorkflowState | Mapping[str, Any]) -> HumanAnswer | None:
+    """The human answer that rejected the run, if its last answer is a rejection."""
+    answers: list[HumanAnswer] = state.get("answers") or []
+    return answers[-1] if answers and answers[-1].decision == "reject" else None
 
 
 def quality(state: WorkflowState) -> float:
@@ -187,7 +197,9 @@ async def finalize(
 ) -> dict[str, Any]:
     """Write the summary and the result; keep the workflow and the subject's note.
 
-    An approved workflow goes to the library (unless it only repeats its basis); the
+    The result is `completed` when the review (or a human) approved, `rejected` when a
+    human rejected, else `failed`. An approved workflow goes to the library (unless it
+    only repeats its basis), a rejected one never does; the
     basis, if any, counts one more use. With a long-term store, the run's note is kept
     under its subject for later sessions to recall. When the model gives no summary in
     `max_attempts` (the node's retry policy, bound by the graph), the summary is built
@@ -199,7 +211,11 @@ async def finalize(
     model = chat_model(context, "finalize")
     summary, usage, summarised_by = await _summarise(state, context, model, max_attempts)
     error = None
-    if not approved:
+    status: ResultStatus = "completed" if approved else "failed"
+    if (rejection := rejected_by(state)) is not None:
+        status, approved = "rejected", False
+        error = f"rejected by a human: {rejection.line()}"
+    elif not approved:
         rounds = state.get("review_rounds", 0)
         verdict = decision.verdict if decision else "none"
         error = (
@@ -216,7 +232,7 @@ async def finalize(
     result = build_result(
         {**state, "models": models},
         session_id=session_id,
-        status="completed" if approved else "failed",
+        status=status,
         summary=summary,
         error=error,
         usage=usage,

@@ -8,7 +8,14 @@ import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Annotated, Any, Literal, Protocol
+from typing import (
+    Annotated,
+    Any,
+    Literal,
+    Protocol,
+    Self,  # pydantic needs TypedDict on Python < 3.12
+    cast,
+)
 
 from pydantic import (
     AfterValidator,
@@ -18,17 +25,21 @@ from pydantic import (
     ValidationError,
     field_validator,
 )
-from typing_extensions import TypedDict  # pydantic needs it on Python < 3.12
+from typing_extensions import TypedDict
 
-from nodes.errors import EventValidationError
+from nodes.errors import AnswerError, EventValidationError
 
 __all__ = [
     "AgentChoice",
     "AgentWait",
+    "AnswerSource",
     "AssignmentDraft",
     "BasedOn",
     "CloudEvent",
+    "CLI_SOURCE",
     "CloudEventAttributes",
+    "DECISIONS",
+    "Decision",
     "EventLimits",
     "MULTITASK_STRATEGIES",
     "MultitaskStrategy",
@@ -49,7 +60,12 @@ __all__ = [
     "check_session_id",
     "derived_session_id",
     "exceeds_json_depth",
+    "GATEWAY_SOURCE",
+    "answer_origin",
     "format_validation_error",
+    "HumanAnswer",
+    "HumanDecision",
+    "InterruptKind",
     "session_id_problem",
     "subject_namespace",
     "utcnow",
@@ -62,13 +78,25 @@ MultitaskStrategy = Literal["reject", "enqueue", "interrupt", "rollback"]
 """What a new event does to a session that is busy (running, or waiting for a human)."""
 MULTITASK_STRATEGIES: tuple[MultitaskStrategy, ...] = ("reject", "enqueue", "interrupt", "rollback")
 ResultStatus = Literal[
-    "completed", "failed", "interrupted", "refused", "superseded", "rolled_back", "waiting"
+    "completed",
+    "failed",
+    "rejected",
+    "interrupted",
+    "refused",
+    "superseded",
+    "rolled_back",
+    "waiting",
 ]
-"""How an event's run ended. `refused`, `superseded` and `rolled_back` are a double
-text's doing: the event was refused, or its run was stopped by a newer event. `waiting`
-is never published: the run waits for remote agents, and the event's result comes when a
-later run of it (resumed by their replies) reaches one of the other ends."""
+"""How an event's run ended. `rejected`: a human rejected the workflow when asked.
+`refused`, `superseded` and `rolled_back` are a double text's doing: the event was
+refused, or its run was stopped by a newer event. `waiting` is never published: the
+run waits for remote agents, and the event's result comes when a later run of it
+(resumed by their replies) reaches one of the other ends."""
 CANCEL_EVENT_TYPE = "agentflow.cancel"
+GATEWAY_SOURCE = "agentflow/gateway"
+"""The `source` of the command events the gateway sends."""
+CLI_SOURCE = "agentflow/cli"
+"""The `source` of the command events the CLI sends."""
 
 
 def utcnow() -> datetime:
@@ -376,6 +404,145 @@ class ReviewDecision(BaseModel):
         default_factory=list, description="With revise: ids of the steps to run again."
     )
     question: str = Field(default="", description="With escalate: the question for the human.")
+
+
+Decision = Literal["approve", "reject", "revise", "edit"]
+"""What a human decides when a run asks: the same four words on every path."""
+InterruptKind = Literal["review", "tool_approval"]
+"""What a human interrupt asks: the review's question, or approval of a tool call."""
+DECISIONS: dict[InterruptKind, tuple[Decision, ...]] = {
+    "review": ("approve", "reject", "revise"),
+    "tool_approval": ("approve", "edit", "reject"),
+}
+"""The decisions each kind of interrupt takes."""
+_FREE_TEXT = re.compile(r"\s*(approve|reject|revise)\b[\s:;,.!-]*(.*)", re.IGNORECASE | re.DOTALL)
+
+
+class HumanDecision(BaseModel):
+    """A human's answer to an interrupt, as every entry point takes it."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    interrupt_id: str | None = Field(
+        default=None,
+        min_length=1,
+        description="The interrupt answered; may be left out when only one is pending.",
+    )
+    decision: Decision = Field(description="approve, reject, revise (a review) or edit (a tool).")
+    feedback: str = Field(default="", description="Why, or what to change.")
+    steps: list[str] = Field(
+        default_factory=list, description="With revise: the steps to run again (none: all)."
+    )
+    args: dict[str, Any] | None = Field(
+        default=None, description="With edit: the tool call's new arguments."
+    )
+
+    @classmethod
+    def read(cls, value: Any) -> Self:
+        """Read an answer: the structured form, or free text that starts with a decision.
+
+        Free text is taken only when it starts with approve, reject or revise (`reject:
+        manager did not approve`); the rest is the feedback. No model reads it.
+
+        Args:
+            value: a `HumanDecision`, a mapping of its fields, a mapping with free text
+                under `answer` (and maybe `interrupt_id`), or the free text itself.
+
+        Raises:
+            AnswerError: the answer names no decision, or its fields are wrong.
+        """
+        if isinstance(value, cls):
+            return value
+        if isinstance(value, HumanDecision):
+            value = value.model_dump(include=set(HumanDecision.model_fields))
+        if isinstance(value, dict) and "decision" not in value and "answer" in value:
+            extra = sorted(set(value) - {"answer", "interrupt_id"})
+            if extra:
+                raise AnswerError(
+                    f"an answer in free text takes no other fields ({', '.join(extra)}): "
+                    "send them with a decision instead"
+                )
+            decided = cls.read(value["answer"])
+            return decided.model_copy(update={"interrupt_id": value.get("interrupt_id")})
+        if isinstance(value, str):
+            if (match := _FREE_TEXT.fullmatch(value)) is None:
+                raise AnswerError(
+                    f"the answer {_shorten(value)!r} names no decision: start it with approve, "
+                    'reject or revise (e.g. "reject: manager did not approve"), or send '
+                    '{"decision": "approve" | "reject" | "revise", "feedback": "..."}'
+                )
+            decision = cast(Decision, match.group(1).lower())
+            return cls(decision=decision, feedback=match.group(2).strip())
+        if not isinstance(value, dict):
+            raise AnswerError(
+                f"an answer is text or an object with a decision, not {type(value).__name__}"
+            )
+        try:
+            return cls.model_validate(value)
+        except ValidationError as exc:
+            raise AnswerError(format_validation_error(exc, "answer")) from None
+
+    def problem_with(self, kind: InterruptKind, payload: dict[str, Any]) -> str | None:
+        """Why this decision does not fit an interrupt of `kind` asking `payload`, or None."""
+        allowed = DECISIONS[kind]
+        if self.decision not in allowed:
+            names = ", ".join(allowed)
+            return f"a {kind} interrupt takes {names}, not {self.decision}"
+        if self.steps and self.decision != "revise":
+            return "steps go with revise only"
+        if self.args is not None and self.decision != "edit":
+            return "args go with edit only"
+        if self.decision == "edit" and self.args is None:
+            return "edit needs args: the tool call's new arguments"
+        known = [str(s) for s in payload.get("steps", [])]
+        if unknown := [s for s in self.steps if s not in known]:
+            return f"no step {', '.join(unknown)} to revise; the steps are {', '.join(known)}"
+        return None
+
+
+AnswerSource = Literal["kafka", "http", "cli"]
+"""How an answer came: an `agentflow.resume` event on Kafka, the gateway, or the CLI."""
+
+
+class HumanAnswer(HumanDecision):
+    """A human's decision as a session keeps it: which interrupt, who, how and when."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    interrupt_id: str | None = Field(default=None, description="The interrupt answered.")
+    kind: InterruptKind = Field(default="review", description="What the interrupt asked.")
+    source: AnswerSource | None = Field(default=None, description="How the answer came.")
+    who: str = Field(
+        default="", description="The gateway token's name, or the answering event's source."
+    )
+    event_id: str | None = Field(default=None, description="The event that carried it.")
+    answered_at: datetime | None = None
+
+    def line(self) -> str:
+        """Render the answer on one line: decision, by whom, through what, why."""
+        by = f" by {self.who}" if self.who else ""
+        via = f" ({self.source})" if self.source else ""
+        why = f": {self.feedback}" if self.feedback else ""
+        steps = f" [{', '.join(self.steps)}]" if self.steps else ""
+        return f"{self.decision}{steps}{by}{via}{why}"
+
+
+def answer_origin(event: CloudEvent) -> tuple[AnswerSource, str]:
+    """How a resume event came, and who answered.
+
+    The gateway's events are `http`, by the name of the token used (the CloudEvents
+    `authid` attribute it sets); the CLI's are `cli`; any other is `kafka`. Who is the
+    token's name, else the event's `source`.
+    """
+    extra = event.model_extra or {}
+    who = str(extra.get("authid") or event.source)
+    if event.source == GATEWAY_SOURCE:
+        return "http", who
+    return ("cli" if event.source == CLI_SOURCE else "kafka"), who
+
+
+def _shorten(text: str, limit: int = 60) -> str:
+    return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
 class Step(BaseModel):

@@ -11,7 +11,6 @@ __all__ = [
     "PLAN_ADAPT_PROMPT",
     "PLAN_PROMPT",
     "PLAN_REPAIR_PROMPT",
-    "REVIEW_HUMAN_ANSWER",
     "REVIEW_PROMPT",
     "STEP_AGENT_PROMPT",
     "STEP_TASK_PROMPT",
@@ -84,10 +83,6 @@ Goals: {goals}
 Steps with their agents, status and output:
 <steps>{steps}</steps>
 Earlier feedback: {feedback}"""
-
-REVIEW_HUMAN_ANSWER = """A human answered your question "{question}":
-<human-answer>{answer}</human-answer>
-Decide again, taking the answer into account."""
 
 SUMMARY_PROMPT = """Summarise for the requester, in at most five sentences, what this
 workflow did and what came out of it.

@@ -1,4 +1,8 @@
-"""`review` and `escalate`: judge the result, send steps back, or ask a human."""
+"""`review` and `escalate`: judge the result, send steps back, or ask a human.
+
+A human's answer is a decision (`HumanDecision`), honoured as given: approve finalizes,
+reject ends the run `rejected`, revise sends steps back to `execute`. No model reads it.
+"""
 
 from __future__ import annotations
 
@@ -11,11 +15,22 @@ from langgraph.types import interrupt
 from nodes._llm import chat_model, invoke_structured, model_name
 from nodes._runtime import context_of, dumps
 from nodes.context import WorkflowContext
-from nodes.models import ReviewDecision, Step
-from nodes.prompts import REVIEW_HUMAN_ANSWER, REVIEW_PROMPT
+from nodes.errors import AnswerError
+from nodes.models import DECISIONS, HumanAnswer, InterruptKind, ReviewDecision, Step
+from nodes.prompts import REVIEW_PROMPT
 from nodes.state import WorkflowState
 
-__all__ = ["escalate", "render_review_prompt", "review", "route_review"]
+__all__ = [
+    "REVIEW_INTERRUPT",
+    "escalate",
+    "render_review_prompt",
+    "review",
+    "route_answer",
+    "route_review",
+]
+
+REVIEW_INTERRUPT: InterruptKind = "review"
+"""The `kind` of the interrupt that asks a human the reviewer's question."""
 
 
 def render_review_prompt(state: WorkflowState) -> list[BaseMessage]:
@@ -24,7 +39,7 @@ def render_review_prompt(state: WorkflowState) -> list[BaseMessage]:
         s.model_dump(include={"id", "title", "agents", "status", "output", "attempts", "error"})
         for s in state.get("steps", [])
     ]
-    messages: list[BaseMessage] = [
+    return [
         HumanMessage(
             REVIEW_PROMPT.format(
                 intent=state.get("intent", ""),
@@ -34,9 +49,6 @@ def render_review_prompt(state: WorkflowState) -> list[BaseMessage]:
             )
         )
     ]
-    if human := state.get("human_answer"):
-        messages.append(HumanMessage(REVIEW_HUMAN_ANSWER.format(**human)))
-    return messages
 
 
 def _redo(steps: list[Step], wanted: list[str]) -> list[Step]:
@@ -95,19 +107,48 @@ def route_review(
 
 
 async def escalate(state: WorkflowState) -> dict[str, Any]:
-    """Interrupt the run with the reviewer's question and take the human's answer."""
+    """Interrupt the run with the reviewer's question and apply the human's decision.
+
+    The interrupt (kind `review`) carries the question, the reviewer's feedback, the
+    step ids and the decisions it takes. The service checks an answer before it resumes
+    the run; an answer it cannot take coming another way (LangGraph's server, a notebook)
+    is asked again, with the reason, instead of failing the run.
+    """
     decision = state["review"]
-    answer = interrupt(
-        {
-            "question": decision.question,
-            "feedback": decision.feedback,
-            "steps": [s.id for s in state.get("steps", [])],
-        }
-    )
-    if isinstance(answer, dict):
-        answer = answer.get("answer", dumps(answer))
-    return {
-        "human_answer": {"question": decision.question, "answer": str(answer)},
-        "feedback": [f"human: {answer}"],
+    steps = state.get("steps", [])
+    question: dict[str, Any] = {
+        "kind": REVIEW_INTERRUPT,
+        "question": decision.question,
+        "feedback": decision.feedback,
+        "steps": [s.id for s in steps],
+        "decisions": list(DECISIONS[REVIEW_INTERRUPT]),
+    }
+    problem = None
+    while True:
+        value = interrupt({**question, "problem": problem} if problem else question)
+        try:
+            answer = HumanAnswer.read(value)  # with who, how and when, from the service
+            problem = answer.problem_with(REVIEW_INTERRUPT, question)
+        except AnswerError as exc:
+            problem = str(exc)
+        if problem is None:
+            break
+    update: dict[str, Any] = {
+        "answers": [answer],
+        "feedback": [f"human: {answer.line()}"],
         "review_rounds": state.get("review_rounds", 0) + 1,
     }
+    if answer.decision == "approve":
+        feedback = f"Approved by a human: {answer.feedback}" if answer.feedback else ""
+        update["review"] = ReviewDecision(
+            verdict="approve", feedback=feedback or "Approved by a human."
+        )
+    elif answer.decision == "revise":
+        update["steps"] = _redo(steps, answer.steps or [s.id for s in steps])
+    return update
+
+
+def route_answer(state: WorkflowState) -> Literal["execute", "finalize"]:
+    """After a human's answer: revise runs steps again; approve and reject finish."""
+    answers = state.get("answers", [])
+    return "execute" if answers and answers[-1].decision == "revise" else "finalize"

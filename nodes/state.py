@@ -11,6 +11,7 @@ from langgraph.channels.delta import DeltaChannel
 
 from nodes.models import (
     CloudEvent,
+    HumanAnswer,
     ReviewDecision,
     SimilarWorkflow,
     Step,
@@ -103,8 +104,8 @@ class WorkflowState(TypedDict, total=False):
     """How many reviews sent the workflow back or asked a human."""
     feedback: Annotated[list[str], lambda a, b: [*(a or []), *(b or [])]]
     """Review and human feedback, oldest first."""
-    human_answer: dict[str, str]
-    """The last escalation: the reviewer's `question` and the human's `answer`."""
+    answers: Annotated[list[HumanAnswer], lambda a, b: [*(a or []), *(b or [])]]
+    """The humans' answers to this run's interrupts, oldest first: who decided what."""
     usage: Annotated[Usage, add_usage]
     """Model calls and tokens spent so far."""
     models: Annotated[list[str], lambda a, b: sorted({*(a or []), *(b or [])})]

@@ -7,7 +7,13 @@ import contextlib
 import json
 from collections.abc import AsyncIterator, Callable
 
-from nodes.models import RESUME_EVENT_TYPE, CloudEvent, WorkflowResult, derived_session_id
+from nodes.models import (
+    RESUME_EVENT_TYPE,
+    CloudEvent,
+    HumanDecision,
+    WorkflowResult,
+    derived_session_id,
+)
 from service.bootstrap import (
     RedisClient,
     kafka_admin,
@@ -20,6 +26,7 @@ from service.config import Settings, redact_url
 from service.errors import UnknownSessionError
 from service.storage.keys import log_key, session_key
 from service.storage.publisher import ended_at, ended_by, follow, newest_seq, read_log
+from service.storage.questions import PendingInterrupt, QuestionStore
 from service.storage.sessions import SessionRecord, SessionStore
 from service.storage.transitions import Transition
 from service.storage.workers import read_worker_states
@@ -28,6 +35,7 @@ __all__ = [
     "follow_event",
     "health_problems",
     "last_seq",
+    "pending_interrupts",
     "produce_event",
     "resume_event",
     "send_and_follow",
@@ -234,11 +242,27 @@ async def send_and_follow(
     )
 
 
-def resume_event(session_id: str, answer: str, *, source: str = "agentflow/client") -> CloudEvent:
-    """Build the `agentflow.resume` event that answers an interrupted session."""
-    return CloudEvent.wrap(
-        RESUME_EVENT_TYPE, {"answer": answer}, session_id=session_id, source=source
-    )
+def resume_event(
+    session_id: str,
+    decision: HumanDecision,
+    *,
+    source: str = "agentflow/client",
+    authid: str | None = None,
+) -> CloudEvent:
+    """Build the `agentflow.resume` event that answers an interrupted session.
+
+    Args:
+        session_id: the session.
+        decision: the answer; its fields go under `data`.
+        source: the event's `source`.
+        authid: who answered, as the gateway authenticated them (the name of their
+            token): the CloudEvents `authid` attribute, with `authtype` `api_key`.
+    """
+    data = decision.model_dump(mode="json", exclude_none=True, exclude_defaults=True)
+    event = CloudEvent.wrap(RESUME_EVENT_TYPE, data, session_id=session_id, source=source)
+    if authid is not None:  # extension attributes (CloudEvents' authcontext)
+        event = event.model_copy(update={"authtype": "api_key", "authid": authid})
+    return event
 
 
 async def waiting_session(settings: Settings, session_id: str) -> SessionRecord:
@@ -259,6 +283,32 @@ async def waiting_session(settings: Settings, session_id: str) -> SessionRecord:
     if (why := record.why_not_answerable()) is not None:
         raise UnknownSessionError(why)
     return record
+
+
+async def pending_interrupts(
+    settings: Settings, session_id: str | None = None
+) -> list[tuple[str, PendingInterrupt]]:
+    """Return the interrupts waiting for a human: of one session, or of every session.
+
+    Raises:
+        UnknownSessionError: the session given does not exist.
+    """
+    redis = _redis(settings)
+    try:
+        store = SessionStore(redis, ttl_s=settings.session_ttl_s)
+        if session_id is not None:
+            if await store.get(session_id) is None:
+                raise UnknownSessionError(
+                    f"session {session_id} does not exist in {redact_url(settings.redis_url)}"
+                )
+            sessions = [session_id]
+        else:
+            records, _ = await store.list(status="interrupted", limit=500)
+            sessions = [r.session_id for r in records]
+        questions = QuestionStore(redis)
+        return [(s, p) for s in sessions for p in await questions.pending(s)]
+    finally:
+        await redis.aclose()
 
 
 async def health_problems(settings: Settings) -> list[str]:

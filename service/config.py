@@ -6,6 +6,7 @@ is in `service.bootstrap`.
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Annotated, Literal
 from urllib.parse import urlsplit, urlunsplit
@@ -18,6 +19,8 @@ from nodes.chat_models import MODEL_MAX_ATTEMPTS, default_model_spec, model_retr
 from nodes.context import WorkflowContext
 from nodes.models import EventLimits, MultitaskStrategy
 from service.errors import ConfigError
+
+_TOKEN_NAME = re.compile(r"[A-Za-z0-9._-]+")
 
 __all__ = ["Settings", "load_settings", "redact_url"]
 
@@ -41,6 +44,12 @@ class Settings(BaseSettings):
         default=300.0,
         gt=0,
         description="How long a task of a `runs: kafka` agent may take, unless the agent says.",
+    )
+    human_timeout_s: float | None = Field(
+        default=None,
+        gt=0,
+        description="How long a question for a human waits before it ends as rejected "
+        "(`no answer within N s`); unset: it waits until answered or cancelled.",
     )
     model_max_attempts: int = Field(
         default=MODEL_MAX_ATTEMPTS,
@@ -146,9 +155,27 @@ class Settings(BaseSettings):
     api_tokens: Annotated[list[str], NoDecode] = Field(
         default_factory=list,
         repr=False,
-        description="Bearer tokens of the HTTP API; empty: no auth.",
+        description=(
+            "Bearer tokens of the HTTP API, comma-separated; empty: no auth. `name:token` "
+            "names a token: answers given with it are recorded as that name's."
+        ),
     )
     cors_origins: Annotated[list[str], NoDecode] = Field(default_factory=list)
+
+    def named_tokens(self) -> list[tuple[str | None, str]]:
+        """Return each API token with its name (None for a token given without one).
+
+        An entry is `name:token` when what comes before its first `:` is a name (letters,
+        digits, `.`, `_`, `-`); otherwise the whole entry is the token.
+        """
+        named: list[tuple[str | None, str]] = []
+        for entry in self.api_tokens:
+            name, colon, token = entry.partition(":")
+            if colon and token and _TOKEN_NAME.fullmatch(name):
+                named.append((name, token))
+            else:
+                named.append((None, entry))
+        return named
 
     @field_validator("api_tokens", "cors_origins", mode="before")
     @classmethod

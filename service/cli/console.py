@@ -40,6 +40,7 @@ EXIT_CODES = {
     "completed": 0,
     "failed": 1,
     "interrupted": 3,
+    "rejected": 4,
     "refused": 5,
     "superseded": 5,
     "rolled_back": 5,
@@ -47,11 +48,12 @@ EXIT_CODES = {
 }
 """A result's status as the exit code of `run`, `send --wait`, `sessions answer --wait`, ...
 
+4: a human rejected the workflow when asked.
 5: the event did not run to an end of its own (refused, or stopped by a newer event).
 6: `agentflow run` stopped where a remote agent (`runs: kafka`) takes a turn: only the
 service (a worker, and a host of the agent) sends its task and waits for the reply."""
 EXIT_BAD_INPUT = 2
-EXIT_NO_RESULT = 4
+EXIT_NO_RESULT = 7
 """`--wait` saw no result within `--timeout` (the event was sent; it may still run)."""
 
 
@@ -68,15 +70,13 @@ def finish(result: WorkflowResult, *, as_json: bool, service: bool) -> NoReturn:
         typer.echo(result.model_dump_json(indent=2))
     else:
         print_result(console, result)
-        if result.status == "interrupted" and service:
+        if result.status == "interrupted":
+            command = "sessions answer" if service else "run --resume"
             console.print(
-                f'\nanswer with: agentflow sessions answer {result.session_id} "..."',
+                f"\nanswer with: agentflow {command} {result.session_id} "
+                "--approve | --reject | --revise [--steps S1,S2] [--feedback TEXT]",
                 soft_wrap=True,
-            )
-        elif result.status == "interrupted":
-            console.print(
-                f'\nanswer with: agentflow run --resume {result.session_id} --answer "..."',
-                soft_wrap=True,
+                markup=False,
             )
         elif result.status == "waiting":
             agents = ", ".join(sorted({w.agent for w in result.waiting_on}))
@@ -163,7 +163,7 @@ def print_workflow(item: SimilarWorkflow) -> None:
 
 
 def print_history(runs: Sequence[RunConversation], *, full: bool, as_json: bool) -> None:
-    """Print a session's conversation: per event, per step, per agent.
+    """Print a session's conversation: per event, per step, per agent; then who answered.
 
     Args:
         runs: the session's runs, oldest first.
@@ -182,6 +182,15 @@ def print_history(runs: Sequence[RunConversation], *, full: bool, as_json: bool)
             console.print(f"  {step.id} {step.title}  ({agents})  {step.status}", markup=False)
             for message in run.conversations.get(step.id, []):
                 console.print("      " + _message_line(message, width), markup=False)
+        for answer in run.answers:
+            when = f"{answer.answered_at:%Y-%m-%d %H:%M:%S}" if answer.answered_at else "–"
+            event = f"  event {answer.event_id}" if answer.event_id else ""
+            console.print(
+                f"  answered  {answer.line()}  ({answer.kind} {answer.interrupt_id}, {when}"
+                f"{event})",
+                markup=False,
+                soft_wrap=True,
+            )
 
 
 def _run_json(run: RunConversation) -> dict[str, Any]:
@@ -196,6 +205,7 @@ def _run_json(run: RunConversation) -> dict[str, Any]:
             }
             for step in run.steps
         },
+        "answers": [a.model_dump(mode="json", exclude_none=True) for a in run.answers],
     }
 
 

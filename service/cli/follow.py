@@ -41,10 +41,10 @@ def send(
 ) -> None:
     """Produce an event to Kafka; with --wait, print its transitions and result.
 
-    Exit codes with --wait: 0 completed, 1 failed, 2 bad input, 3 interrupted, 4 no result
-    within --timeout (the event was sent and may still run: `agentflow watch` follows it),
-    5 refused, superseded or rolled back (a newer event's strategy; it did not run to an
-    end of its own).
+    Exit codes with --wait: 0 completed, 1 failed, 2 bad input, 3 interrupted, 4 rejected
+    (by a human), 5 refused, superseded or rolled back (a newer event's strategy; it did
+    not run to an end of its own), 7 no result within --timeout (the event was sent and
+    may still run: `agentflow watch` follows it).
     """
     configure_logging()
     settings = read_settings()
@@ -64,7 +64,7 @@ def send_and_finish(
 ) -> NoReturn:
     """Send an event, print its run's transitions (unless `as_json`), then its result.
 
-    Exits with the result's code, or 4 when no result comes within `timeout_s`.
+    Exits with the result's code, or 7 when no result comes within `timeout_s`.
     """
     show = None if as_json else (lambda transition: print_transition(console, transition))
     try:

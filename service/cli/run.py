@@ -11,9 +11,23 @@ from typing import Annotated
 
 import typer
 
+from nodes.errors import AnswerError
 from nodes.models import session_id_problem
 from service.cli.console import console, err_console, finish
-from service.cli.inputs import BadInput, configure_logging, read_event, read_settings
+from service.cli.inputs import (
+    Approve,
+    BadInput,
+    Edit,
+    Feedback,
+    InterruptId,
+    Reject,
+    Revise,
+    Steps,
+    configure_logging,
+    read_decision,
+    read_event,
+    read_settings,
+)
 from service.errors import ReplayError, UnknownSessionError
 from service.observe.drawing import FORMATS, render_graph
 from service.runtime.embedded import run_embedded
@@ -27,19 +41,47 @@ def run(
     memory: Annotated[bool, typer.Option("--memory", help="Keep checkpoints in memory.")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print only the result JSON.")] = False,
     resume: Annotated[str | None, typer.Option(help="Continue this interrupted session.")] = None,
-    answer: Annotated[str | None, typer.Option(help="The answer that resumes a session.")] = None,
+    answer: Annotated[
+        str | None,
+        typer.Option(help="The answer in free text, starting with approve, reject or revise."),
+    ] = None,
+    approve: Approve = False,
+    reject: Reject = False,
+    revise: Revise = False,
+    edit: Edit = None,
+    feedback: Feedback = None,
+    steps: Steps = None,
+    interrupt: InterruptId = None,
     session: Annotated[str | None, typer.Option(help="Session id for a new run.")] = None,
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log at INFO.")] = False,
 ) -> None:
     """Run one event in this process, printing each transition, then the result.
 
-    Exit codes: 0 completed, 1 failed, 2 bad input, 3 interrupted.
+    With --resume SESSION_ID, answer the session's question instead: --approve, --reject,
+    --revise [--steps S1,S2] (or --answer "reject: why"), with --feedback TEXT.
+
+    Exit codes: 0 completed, 1 failed, 2 bad input, 3 interrupted, 4 rejected.
     """
     configure_logging(logging.INFO if verbose else logging.WARNING)
+    decision = read_decision(
+        answer,
+        approve=approve,
+        reject=reject,
+        revise=revise,
+        edit=edit,
+        feedback=feedback,
+        steps=steps,
+        interrupt=interrupt,
+    )
     if resume is None and event_file is None:
-        raise BadInput("give an EVENT_FILE to run, or --resume SESSION_ID --answer TEXT")
-    if resume is not None and answer is None:
-        raise BadInput("--resume needs --answer TEXT: the answer to the session's question")
+        raise BadInput("give an EVENT_FILE to run, or --resume SESSION_ID --approve|--reject|...")
+    if resume is None and decision is not None:
+        raise BadInput("a decision answers a session: give --resume SESSION_ID with it")
+    if resume is not None and decision is None:
+        raise BadInput(
+            "--resume needs a decision: --approve, --reject or --revise (with --feedback "
+            'TEXT), or --answer "reject: why"'
+        )
     if resume is not None and memory:
         raise BadInput("--resume needs the on-disk checkpoints; drop --memory")
     settings = read_settings(check=True)
@@ -54,7 +96,7 @@ def run(
                 settings,
                 event=event,
                 session_id=session_id,
-                answer=answer,
+                decision=decision,
                 memory=memory,
                 console=None if as_json else console,
             )
@@ -65,6 +107,8 @@ def run(
             f"{settings.data_dir}; a session of the service is answered with "
             "`agentflow sessions answer`)"
         ) from None
+    except AnswerError as exc:
+        raise BadInput(f"cannot resume: {exc}") from None
     finish(result, as_json=as_json, service=False)
 
 

@@ -3,17 +3,31 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 from typing import Annotated
 
 import typer
 
 from graphs.workflow import build_graph
+from nodes.models import CLI_SOURCE
 from service.bootstrap import open_session_checkpointer, require_services
-from service.cli.console import console, finish, print_history
+from service.cli.console import console, finish, print_history, print_table
 from service.cli.follow import send_and_finish
-from service.cli.inputs import BadInput, configure_logging, read_settings
-from service.client import produce_event, resume_event, waiting_session
+from service.cli.inputs import (
+    Approve,
+    BadInput,
+    Edit,
+    Feedback,
+    InterruptId,
+    Reject,
+    Revise,
+    Steps,
+    configure_logging,
+    read_decision,
+    read_settings,
+)
+from service.client import pending_interrupts, produce_event, resume_event, waiting_session
 from service.config import Settings
 from service.errors import ReplayError, UnknownSessionError
 from service.observe.terminal import print_transition
@@ -21,7 +35,7 @@ from service.runtime.replay import parse_edits, replay_session
 from service.storage.memory import RunConversation, session_history
 from service.storage.transitions import Transition
 
-__all__ = ["answer", "app", "history", "replay"]
+__all__ = ["answer", "app", "history", "pending", "replay"]
 
 app = typer.Typer(help="Inspect, replay and answer sessions.", no_args_is_help=True)
 
@@ -125,7 +139,20 @@ async def _read_history(settings: Settings, session_id: str) -> tuple[list[RunCo
 @app.command()
 def answer(
     session_id: Annotated[str, typer.Argument(help="The session waiting for an answer.")],
-    text: Annotated[str, typer.Argument(help="The answer to the session's question.")],
+    text: Annotated[
+        str | None,
+        typer.Argument(
+            help="The answer in free text, starting with approve, reject or revise.",
+            show_default=False,
+        ),
+    ] = None,
+    approve: Approve = False,
+    reject: Reject = False,
+    revise: Revise = False,
+    edit: Edit = None,
+    feedback: Feedback = None,
+    steps: Steps = None,
+    interrupt: InterruptId = None,
     wait: Annotated[
         bool, typer.Option("--wait", help="Follow the resumed run and print the result.")
     ] = False,
@@ -136,14 +163,35 @@ def answer(
 ) -> None:
     """Answer a service session that waits for a human: an `agentflow.resume` event to Kafka.
 
+    Decide with --approve, --reject or --revise [--steps S1,S2] (--edit ARGS_JSON for a
+    tool approval), with --feedback TEXT; or in free text that starts with one of the
+    three (`"reject: manager did not approve"`). --interrupt names the interrupt when more
+    than one waits (`agentflow sessions pending` lists them).
+
     The same as the gateway's POST /sessions/{id}/resume. Exit codes: 2 the session is
-    unknown or not waiting for an answer; with --wait, as for `run` (0 completed, 1 failed,
-    3 interrupted again) and 4 no result within --timeout.
+    unknown or not waiting for an answer, or the answer names no decision; with --wait,
+    as for `run` (0 completed, 1 failed, 3 interrupted again, 4 rejected) and 7 no result
+    within --timeout.
     """
     configure_logging()
+    decision = read_decision(
+        text,
+        approve=approve,
+        reject=reject,
+        revise=revise,
+        edit=edit,
+        feedback=feedback,
+        steps=steps,
+        interrupt=interrupt,
+    )
+    if decision is None:
+        raise BadInput(
+            "give a decision: --approve, --reject or --revise (with --feedback TEXT), or a "
+            'text that starts with one of them ("reject: why")'
+        )
     settings = read_settings()
     require_services(settings)
-    event = resume_event(session_id, text, source="agentflow/cli")
+    event = resume_event(session_id, decision, source=CLI_SOURCE)
     try:
         asyncio.run(waiting_session(settings, session_id))
     except UnknownSessionError as exc:
@@ -153,3 +201,45 @@ def answer(
         console.print(f"sent the answer to session {session_id} (event {event.id})")
         return
     send_and_finish(settings, event, as_json=as_json, timeout_s=timeout)
+
+
+_PENDING_COLUMNS = ("session", "interrupt", "kind", "since", "deadline", "asks")
+
+
+@app.command()
+def pending(
+    session_id: Annotated[
+        str | None,
+        typer.Argument(help="Only this session's (default: every session's).", show_default=False),
+    ] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print them as JSON.")] = False,
+) -> None:
+    """List the interrupts waiting for a human: id, kind, since when, what they ask.
+
+    `agentflow sessions answer SESSION_ID --interrupt ID ...` answers one. Piped, the
+    lines are tab-separated. Exit code 2: the session does not exist.
+    """
+    configure_logging()
+    settings = read_settings()
+    require_services(settings, kafka=False)
+    try:
+        found = asyncio.run(pending_interrupts(settings, session_id))
+    except UnknownSessionError as exc:
+        raise BadInput(str(exc)) from None
+    if as_json:
+        typer.echo(
+            json.dumps([{"session_id": s, **p.model_dump(mode="json")} for s, p in found], indent=2)
+        )
+        return
+    rows = [
+        (
+            session,
+            p.id,
+            p.kind,
+            f"{p.since:%Y-%m-%d %H:%M:%S}",
+            f"{p.deadline:%Y-%m-%d %H:%M:%S}" if p.deadline else "–",
+            " ".join(str(p.payload.get("question") or p.payload.get("tool") or "").split()),
+        )
+        for session, p in found
+    ]
+    print_table(_PENDING_COLUMNS, rows)

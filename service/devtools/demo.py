@@ -19,7 +19,7 @@ from pathlib import Path
 
 from rich.console import Console
 
-from nodes.models import CloudEvent
+from nodes.models import CloudEvent, HumanDecision
 from service.bootstrap import check_startup
 from service.client import resume_event, send_and_follow, session_id_for
 from service.config import load_settings, redact_url
@@ -96,8 +96,11 @@ async def _run_examples(
         )
         print_result(console, result)
         if result.status == "interrupted":
-            answer = "approve: discharge status confirmed with the veteran by phone"
-            console.print(f"\n[bold]answering the review[/]: {answer}\n")
+            answer = HumanDecision(
+                decision="approve",
+                feedback="discharge status confirmed with the veteran by phone",
+            )
+            console.print(f"\n[bold]answering the review[/]: approve: {answer.feedback}\n")
             resume = resume_event(session_id_for(event), answer, source="demo")
             result = await send_and_follow(
                 settings, resume, timeout_s=RESULT_TIMEOUT_S, on_transition=show

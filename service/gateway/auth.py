@@ -25,7 +25,7 @@ from service.config import Settings
 from service.gateway.backends import BackendsDep
 from service.gateway.schemas import Problem
 
-__all__ = ["AUTH_ERRORS", "RequestGate", "require_token", "require_token_or_query"]
+__all__ = ["AUTH_ERRORS", "RequestGate", "TokenName", "require_token", "require_token_or_query"]
 
 AUTH_ERRORS: dict[int | str, dict[str, Any]] = {
     401: {"model": Problem, "description": "Missing or invalid bearer token."}
@@ -35,27 +35,37 @@ AUTH_ERRORS: dict[int | str, dict[str, Any]] = {
 _bearer = HTTPBearer(auto_error=False, description="A token from AGENTFLOW_API_TOKENS.")
 
 
-def _check_token(settings: Settings, token: str | None) -> None:
+def _check_token(settings: Settings, token: str | None) -> str | None:
+    """Check a presented token; return its name (None: unnamed, or no tokens configured)."""
     if not settings.api_tokens:
-        return
+        return None
     if token is None:
         raise HTTPException(
             401, "a bearer token is required", headers={"WWW-Authenticate": "Bearer"}
         )
-    if not any(secrets.compare_digest(token.encode(), t.encode()) for t in settings.api_tokens):
+    found = None
+    for name, known in settings.named_tokens():  # every one compared: no early exit
+        if secrets.compare_digest(token.encode(), known.encode()):
+            found = (name,)
+    if found is None:
         raise HTTPException(
             401,
             "the bearer token is not valid",
             headers={"WWW-Authenticate": 'Bearer error="invalid_token"'},
         )
+    return found[0]
 
 
 async def require_token(
     backends: BackendsDep,
     credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
-) -> None:
-    """Let a request through with a valid `Authorization: Bearer` token."""
-    _check_token(backends.settings, credentials.credentials if credentials else None)
+) -> str | None:
+    """Let a request through with a valid `Authorization: Bearer` token; return its name."""
+    return _check_token(backends.settings, credentials.credentials if credentials else None)
+
+
+TokenName = Annotated[str | None, Depends(require_token)]
+"""The name of the request's token (`name:token` in AGENTFLOW_API_TOKENS), if it has one."""
 
 
 async def require_token_or_query(

@@ -3,13 +3,22 @@
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Any, Literal
+from typing import Any, Literal, Self
 from urllib.parse import quote
 
 from fastapi.exceptions import HTTPException
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from nodes.models import MultitaskStrategy, ResultWorkflow, SessionId, WorkflowResult
+from nodes.models import (
+    Decision,
+    HumanAnswer,
+    HumanDecision,
+    MultitaskStrategy,
+    ResultWorkflow,
+    SessionId,
+    WorkflowResult,
+)
+from service.storage.questions import PendingInterrupt
 from service.storage.sessions import SessionRecord, SessionStatus
 from service.storage.workers import WorkerState
 
@@ -27,6 +36,7 @@ __all__ = [
     "ResumeRequest",
     "SessionDetail",
     "SessionHistory",
+    "SessionInterrupts",
     "SessionPage",
     "SessionReview",
     "SessionSummary",
@@ -115,11 +125,58 @@ class EventAccepted(BaseModel):
 
 
 class ResumeRequest(BaseModel):
-    """The answer to an escalated review."""
+    """A human's answer to a session's interrupt: a decision, or free text that starts with one.
+
+    `{"decision": "reject", "feedback": "manager did not approve"}`, or
+    `{"answer": "reject: manager did not approve"}`.
+    """
 
     model_config = ConfigDict(extra="forbid")
 
-    answer: str = Field(min_length=1, description="e.g. `approve: discharge confirmed`.")
+    interrupt_id: str | None = Field(
+        default=None,
+        min_length=1,
+        description="The interrupt answered; may be left out when only one is pending.",
+    )
+    decision: Decision | None = Field(
+        default=None, description="approve, reject, revise (a review) or edit (a tool approval)."
+    )
+    feedback: str = Field(default="", description="Why, or what to change.")
+    steps: list[str] = Field(
+        default_factory=list, description="With revise: the steps to run again (none: all)."
+    )
+    args: dict[str, Any] | None = Field(
+        default=None, description="With edit: the tool call's new arguments."
+    )
+    answer: str | None = Field(
+        default=None,
+        min_length=1,
+        description="Instead of `decision`: free text that starts with approve, reject or "
+        "revise, e.g. `reject: manager did not approve`.",
+    )
+
+    @model_validator(mode="after")
+    def _one_way_to_decide(self) -> Self:
+        if (self.decision is None) == (self.answer is None):
+            raise ValueError("give either decision or answer (free text), exactly one")
+        if self.answer is not None and (self.feedback or self.steps or self.args is not None):
+            raise ValueError("an answer in free text takes no feedback, steps or args")
+        return self
+
+    def read(self) -> HumanDecision:
+        """The decision this request makes.
+
+        Raises:
+            AnswerError: its free text names no decision.
+        """
+        return HumanDecision.read(self.model_dump(exclude_none=True, exclude_defaults=True))
+
+
+class SessionInterrupts(BaseModel):
+    """The interrupts a session waits on a human for, oldest first."""
+
+    session_id: str
+    interrupts: list[PendingInterrupt]
 
 
 class SessionSummary(BaseModel):
@@ -164,6 +221,9 @@ class SessionDetail(SessionSummary):
     next: list[str] = Field(default_factory=list, description="Nodes that run next.")
     workflow: ResultWorkflow = Field(default_factory=ResultWorkflow)
     review: SessionReview = Field(default_factory=SessionReview)
+    answers: list[HumanAnswer] = Field(
+        default_factory=list, description="The humans' answers, oldest first: who decided what."
+    )
     result: WorkflowResult | None = None
 
 

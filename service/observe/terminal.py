@@ -8,7 +8,7 @@ from typing import Any
 from rich.console import Console
 from rich.markup import escape
 
-from nodes.models import WorkflowResult
+from nodes.models import HumanAnswer, WorkflowResult
 from service.storage.transitions import Transition, TransitionType
 
 __all__ = ["print_result", "print_transition"]
@@ -22,9 +22,11 @@ _STYLE: dict[TransitionType, str] = {
     "step.completed": "green",
     "agent.message": "blue",
     "session.interrupted": "bold yellow",
+    "session.answered": "bold yellow",
     "session.waiting": "yellow",
     "session.completed": "bold green",
     "session.failed": "bold red",
+    "session.rejected": "bold red",
     "session.superseded": "bold magenta",
     "session.rolled_back": "bold magenta",
     "event.refused": "magenta",
@@ -60,6 +62,10 @@ def _detail(t: Transition) -> str:
         return str(data.get("error") or data.get("reason") or "")[:200]
     if t.type == "session.interrupted":
         return f"asks: {data.get('question', '')}"
+    if t.type == "session.answered" and "decision" in data:
+        return HumanAnswer.model_validate(data).line()[:200]
+    if t.type == "session.rejected":
+        return str(data.get("error") or "")[:200]
     if t.type == "session.waiting":
         return "; ".join(_waits(data.get("result") or {}))
     if t.type == "step.completed":
@@ -103,9 +109,12 @@ def print_transition(console: Console, t: Transition) -> None:
 
 def print_result(console: Console, result: WorkflowResult) -> None:
     """Print a result for a person: status, steps and summary."""
-    colour = {"completed": "green", "failed": "red", "interrupted": "yellow"}.get(
-        result.status, "magenta"
-    )
+    colour = {
+        "completed": "green",
+        "failed": "red",
+        "rejected": "red",
+        "interrupted": "yellow",
+    }.get(result.status, "magenta")
     console.print(
         f"\n[bold {colour}]{result.status.upper()}[/]  session {result.session_id}  "
         f"event {result.event_id}  model {result.model or '-'}"

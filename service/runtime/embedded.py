@@ -12,7 +12,7 @@ from rich.console import Console
 from graphs.workflow import build_graph
 from nodes.agents import load_agents
 from nodes.library import default_library
-from nodes.models import CloudEvent, WorkflowResult
+from nodes.models import CLI_SOURCE, CloudEvent, HumanDecision, WorkflowResult
 from service.config import Settings
 from service.observe.terminal import print_transition
 from service.runtime.runner import SessionRunner
@@ -28,11 +28,13 @@ async def run_embedded(
     *,
     session_id: str,
     event: CloudEvent | None = None,
-    answer: str | None = None,
+    decision: HumanDecision | None = None,
     memory: bool = False,
     console: Console | None = None,
 ) -> WorkflowResult:
-    """Run an event (or resume a session with an answer) on a local checkpointer.
+    """Run an event (or answer a session's interrupt with a decision) on a local checkpointer.
+
+    An answer is recorded as the CLI's (`source` cli, `who` agentflow/cli).
 
     The workflow library is the process's in-memory one; `AGENTFLOW_LIBRARY_SEED` (a
     template file or folder, like `examples/workflows`) seeds it before the run.
@@ -60,5 +62,7 @@ async def run_embedded(
         graph = build_graph(checkpointer, model_retry=settings.model_retry())
         runner = SessionRunner(graph, settings.context(), sink=sink)
         if event is None:
+            assert decision is not None, "a resume needs a decision"
+            answer = await runner.check_answer(session_id, decision, source="cli", who=CLI_SOURCE)
             return await runner.resume(session_id, answer)
         return await runner.start(event, session_id)

@@ -13,9 +13,19 @@ from langgraph.graph.state import CompiledStateGraph
 from langgraph.types import Command, Interrupt, StreamMode
 
 from nodes.context import WorkflowContext
+from nodes.errors import AnswerError
 from nodes.execution import AGENT_TASK
 from nodes.finalize import build_result
-from nodes.models import AgentWait, CloudEvent, WorkflowResult
+from nodes.models import (
+    AgentWait,
+    AnswerSource,
+    CloudEvent,
+    HumanAnswer,
+    HumanDecision,
+    InterruptKind,
+    WorkflowResult,
+    utcnow,
+)
 from service.errors import EpochLost, StaleWriter, UnknownSessionError
 from service.runtime.stream import TransitionMapper, TransitionSink
 from service.storage.checkpointer import (
@@ -24,9 +34,17 @@ from service.storage.checkpointer import (
     RedisSaver,
     SavedWrites,
 )
-from service.storage.transitions import Transition
+from service.storage.transitions import ENDED_BY_STATUS, Transition
 
-__all__ = ["InMemorySequence", "SessionRunner", "StopCheck", "TakeSession"]
+__all__ = [
+    "InMemorySequence",
+    "SessionRunner",
+    "StopCheck",
+    "TakeSession",
+    "check_answer",
+    "interrupt_kind",
+    "questions",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -138,33 +156,65 @@ class SessionRunner:
                 return await self._drive(session_id, None, event.id, resumed=True, stop=stop)
         return await self._drive(session_id, {"event": event}, event.id, resumed=False, stop=stop)
 
+    async def questions(self, session_id: str) -> list[Interrupt]:
+        """Return the interrupts of a session that wait for a human (see `questions`)."""
+        return await questions(self.graph, session_id)
+
+    async def check_answer(
+        self,
+        session_id: str,
+        decision: HumanDecision | Any,
+        *,
+        source: AnswerSource | None = None,
+        who: str = "",
+        event_id: str | None = None,
+    ) -> HumanAnswer:
+        """Check an answer against the session's pending interrupts (see `check_answer`)."""
+        return await check_answer(
+            self.graph, session_id, decision, source=source, who=who, event_id=event_id
+        )
+
     async def resume(
         self,
         session_id: str,
-        answer: Any,
+        answer: HumanAnswer | HumanDecision | Any,
         *,
         event_id: str | None = None,
         stop: StopCheck = _never,
     ) -> WorkflowResult:
-        """Answer an interrupted session and run it on.
+        """Resume the interrupt an answer is for, and run on.
+
+        A `session.answered` transition says who decided what, before the run goes on.
 
         Args:
             session_id: the interrupted session.
-            answer: the human's answer.
+            answer: the human's answer as `check_answer` returns it (with who and how);
+                anything else is checked here first (`check_answer`, no origin).
             event_id: the id of the event that carried the answer; the result reports it.
             stop: as for `start`.
 
         Raises:
-            UnknownSessionError: the session has no interrupted checkpoint.
+            UnknownSessionError: the session does not wait for that interrupt.
+            AnswerError: an unchecked answer cannot be taken.
         """
+        if not isinstance(answer, HumanAnswer) or answer.interrupt_id is None:
+            answer = await self.check_answer(session_id, answer, event_id=event_id)
+        pending = await self.questions(session_id)
+        if not any(i.id == answer.interrupt_id for i in pending):
+            raise UnknownSessionError(
+                f"session {session_id} is not waiting for an answer to {answer.interrupt_id}"
+            )
         snapshot = await self.graph.aget_state(self.config(session_id))
-        if not snapshot.values:
-            raise UnknownSessionError(f"session {session_id} does not exist")
-        if not snapshot.interrupts:
-            raise UnknownSessionError(f"session {session_id} is not waiting for an answer")
         original = _event_id_of(snapshot.values) or ""
+        resume: Command[Any] = Command(resume={answer.interrupt_id: answer.model_dump(mode="json")})
         return await self._drive(
-            session_id, Command(resume=answer), original, resumed=True, reply_to=event_id, stop=stop
+            session_id,
+            resume,
+            original,
+            resumed=True,
+            reply_to=event_id,
+            stop=stop,
+            answered=answer,
         )
 
     async def continue_run(
@@ -220,9 +270,19 @@ class SessionRunner:
         resumed: bool,
         reply_to: str | None = None,
         stop: StopCheck = _never,
+        answered: HumanAnswer | None = None,
     ) -> WorkflowResult:
         # Taken before the session's state is read: a run it fences off writes nothing after.
         epoch = await self.take(session_id) if self.take is not None else None
+        if answered is not None:
+            await self.emit(
+                Transition(
+                    session_id=session_id,
+                    type="session.answered",
+                    data=answered.model_dump(mode="json", exclude_none=True),
+                ),
+                epoch=epoch,
+            )
         config = self.config(session_id, event_id or None)
         if epoch is not None:
             config["configurable"][EPOCH_CONFIG_KEY] = epoch
@@ -304,8 +364,7 @@ class SessionRunner:
         if isinstance(result, WorkflowResult) and result.event_id == event_id:
             # The usual end: the result is in finalize's writes. Reading the state back
             # would rebuild the conversations from every checkpoint of the run.
-            kind = "session.completed" if result.status == "completed" else "session.failed"
-            await self._end(result, kind, reply_to, epoch)
+            await self._end(result, ENDED_BY_STATUS[result.status], reply_to, epoch)
             return result
         snapshot = await self.graph.aget_state(config)
         if snapshot.interrupts:
@@ -324,8 +383,7 @@ class SessionRunner:
                 error="the graph stopped without a result",
             )
             result.event_id = event_id or result.event_id
-        kind = "session.completed" if result.status == "completed" else "session.failed"
-        await self._end(result, kind, reply_to, epoch)
+        await self._end(result, ENDED_BY_STATUS[result.status], reply_to, epoch)
         return result
 
     @staticmethod
@@ -412,6 +470,89 @@ class SessionRunner:
         if by is not None:
             data["by"] = by
         await self.emit(Transition(session_id=result.session_id, type=kind, data=data), epoch=epoch)
+
+
+async def questions(
+    graph: CompiledStateGraph[Any, Any, Any, Any], session_id: str
+) -> list[Interrupt]:
+    """Return the interrupts of a session that wait for a human (not for remote agents).
+
+    Raises:
+        UnknownSessionError: the session has no checkpoint.
+    """
+    snapshot = await graph.aget_state(SessionRunner.config(session_id))
+    if not snapshot.values:
+        raise UnknownSessionError(f"session {session_id} does not exist")
+    return [i for i in snapshot.interrupts if not _is_agent_task(i.value)]
+
+
+async def check_answer(
+    graph: CompiledStateGraph[Any, Any, Any, Any],
+    session_id: str,
+    decision: HumanDecision | Any,
+    *,
+    source: AnswerSource | None = None,
+    who: str = "",
+    event_id: str | None = None,
+) -> HumanAnswer:
+    """Check an answer against a session's pending interrupts; return it as kept.
+
+    Its `interrupt_id` may be left out when exactly one interrupt waits for a human.
+
+    Args:
+        graph: the compiled graph, with the session's checkpointer.
+        session_id: the session.
+        decision: a `HumanDecision`, or what `HumanDecision.read` reads (free text that
+            starts with a decision, a mapping), read once the session is known.
+        source: how the answer came.
+        who: who answered.
+        event_id: the event that carried it.
+
+    Raises:
+        UnknownSessionError: the session does not exist or waits for no human.
+        AnswerError: the answer names no decision or no pending interrupt, leaves the
+            interrupt to guess, or does not fit it (the message says what would).
+    """
+    pending = await questions(graph, session_id)
+    if not pending:
+        raise UnknownSessionError(f"session {session_id} is not waiting for an answer")
+    decision = HumanDecision.read(decision)
+    ids = ", ".join(i.id for i in pending)
+    if decision.interrupt_id is None:
+        if len(pending) > 1:
+            raise AnswerError(
+                f"session {session_id} has {len(pending)} pending interrupts ({ids}): "
+                "name the one answered with interrupt_id"
+            )
+        chosen = pending[0]
+    else:
+        found = [i for i in pending if i.id == decision.interrupt_id]
+        if not found:
+            raise AnswerError(
+                f"session {session_id} has no pending interrupt {decision.interrupt_id}; "
+                f"pending: {ids}"
+            )
+        chosen = found[0]
+    payload = chosen.value if isinstance(chosen.value, dict) else {}
+    kind = interrupt_kind(chosen)
+    if (problem := decision.problem_with(kind, payload)) is not None:
+        raise AnswerError(problem)
+    return HumanAnswer(
+        **decision.model_dump(include=set(HumanDecision.model_fields) - {"interrupt_id"}),
+        interrupt_id=chosen.id,
+        kind=kind,
+        source=source,
+        who=who,
+        event_id=event_id,
+        answered_at=utcnow(),
+    )
+
+
+def interrupt_kind(interrupt: Interrupt) -> InterruptKind:
+    """What a human interrupt asks; the review's questions of older sessions carry no kind."""
+    value = interrupt.value
+    kind = value.get("kind") if isinstance(value, dict) else None
+    return "tool_approval" if kind == "tool_approval" else "review"
 
 
 def _is_agent_task(value: Any) -> bool:

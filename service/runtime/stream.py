@@ -38,8 +38,8 @@ def _node_data(name: str, result: dict[str, Any]) -> dict[str, Any] | None:
         return {"status": steps[0].status} if steps else None
     if name == "review" and (decision := result.get("review")) is not None:
         return {"verdict": decision.verdict, "feedback": decision.feedback}
-    if name == "escalate" and (human := result.get("human_answer")):
-        return dict(human)
+    if name == "escalate" and (answers := result.get("answers")):
+        return {"decision": answers[-1].decision, "feedback": answers[-1].feedback}
     if name == "finalize" and (res := result.get("result")) is not None:
         return {"status": res.status}
     return None

@@ -34,6 +34,7 @@ CHECKPOINT_TYPES: list[tuple[str, str]] = [
         "SimilarWorkflow",
         "Usage",
         "ReviewDecision",
+        "HumanAnswer",
         "WorkflowResult",
         "ResultWorkflow",
         "ResultReview",

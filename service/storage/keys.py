@@ -25,6 +25,11 @@ session lives in one slot and one script may touch them all.
 - `agentflow:agentwaits:deadlines` (sorted set): those tasks (`<replies topic> <session id>
   <task id>`) by deadline, swept by every worker under `agentflow:agentwaits:sweeper`
   (string, short TTL);
+- `agentflow:session:{id}:questions` (hash): the interrupts a session waits on a human
+  for, by interrupt id (kind, payload, since, deadline);
+- `agentflow:humanwaits:deadlines` (sorted set): those with a deadline
+  (`AGENTFLOW_HUMAN_TIMEOUT_S`; `<events topic> <session id> <interrupt id>`) by deadline,
+  swept by every worker under `agentflow:humanwaits:sweeper` (string, short TTL);
 - `agentflow:worker:{name}` (string, short TTL): a running worker's state (taking events
   or degraded, since when, why), for `agentflow health` and `/healthz`;
 - `agentflow:agent-host:{name}` (string, short TTL): a running agent host's heartbeat (the
@@ -45,6 +50,8 @@ __all__ = [
     "ALL_TRANSITIONS_CHANNEL",
     "CHECKPOINT_PREFIX",
     "DEADLINES_KEY",
+    "HUMAN_DEADLINES_KEY",
+    "HUMAN_SWEEPER_KEY",
     "INDEX_KEY",
     "LLM_CACHE_PREFIX",
     "MEMORY_PREFIX",
@@ -58,6 +65,7 @@ __all__ = [
     "log_key",
     "memory_keys",
     "parked_key",
+    "questions_key",
     "seq_key",
     "session_channel",
     "session_key",
@@ -158,6 +166,18 @@ DEADLINES_KEY = "agentflow:agentwaits:deadlines"
 
 SWEEPER_KEY = "agentflow:agentwaits:sweeper"
 """The lock the worker that sweeps the deadlines holds for a moment."""
+
+
+def questions_key(session_id: str) -> str:
+    """Return the hash of the interrupts a session waits on a human for, by interrupt id."""
+    return f"{_session(session_id)}:questions"
+
+
+HUMAN_DEADLINES_KEY = "agentflow:humanwaits:deadlines"
+"""The sorted set of the interrupts waiting for a human that have a deadline, by deadline."""
+
+HUMAN_SWEEPER_KEY = "agentflow:humanwaits:sweeper"
+"""The lock the worker that sweeps the humans' deadlines holds for a moment."""
 
 
 def memory_keys(namespace: tuple[str, ...]) -> tuple[str, str, str]:

@@ -32,7 +32,7 @@ from langgraph.store.base import (
     validate_op_namespace,
 )
 
-from nodes.models import CloudEvent, SessionNote, Step, subject_namespace
+from nodes.models import CloudEvent, HumanAnswer, SessionNote, Step, subject_namespace
 from service.config import redact_url
 from service.errors import ConfigError
 from service.storage._redis import RedisClient, require_text_client
@@ -314,11 +314,12 @@ def install_llm_cache(settings: Settings) -> BaseCache | None:
 
 @dataclass
 class RunConversation:
-    """One event's run in a session: its steps and each step's conversation."""
+    """One event's run in a session: its steps, each step's conversation, the humans' answers."""
 
     event: CloudEvent
     steps: list[Step]
     conversations: dict[str, list[AnyMessage]] = field(default_factory=dict)
+    answers: list[HumanAnswer] = field(default_factory=list)
 
 
 async def session_history(graph: CompiledStateGraph, session_id: str) -> list[RunConversation]:
@@ -339,5 +340,6 @@ async def session_history(graph: CompiledStateGraph, session_id: str) -> list[Ru
             event=event,
             steps=list(values.get("steps") or []),
             conversations=dict(values.get("conversations") or {}),
+            answers=list(values.get("answers") or []),
         )
     return list(reversed(runs.values()))

@@ -10,7 +10,7 @@ from typing import Any, Literal, cast
 from pydantic import BaseModel, Field
 from redis.asyncio import RedisCluster
 
-from nodes.models import AgentWait, WorkflowResult, utcnow
+from nodes.models import AgentWait, HumanAnswer, WorkflowResult, utcnow
 from service.storage._redis import RedisClient, require_text_client
 from service.storage.keys import INDEX_KEY, epoch_key, event_key, parked_key, session_key
 
@@ -22,6 +22,7 @@ SessionStatus = Literal[
     "waiting",
     "completed",
     "failed",
+    "rejected",
     "cancelled",
     "superseded",
     "rolled_back",
@@ -84,6 +85,8 @@ class SessionRecord(BaseModel):
     """With status waiting: the remote agents' tasks it waits for."""
     waiting_event: str | None = None
     """The event whose result comes when the session's latest wait for agents ends."""
+    answers: list[HumanAnswer] = Field(default_factory=list)
+    """Every human answer the session took, oldest first: who decided what, how and when."""
     result: WorkflowResult | None = None
 
     def why_not_answerable(self) -> str | None:
@@ -126,6 +129,7 @@ class SessionStore:
         data.setdefault("session_id", session_id)  # a record whose opening was lost
         data["event_ids"] = json.loads(fields.get("event_ids", "[]"))
         data["waiting_on"] = json.loads(fields.get("waiting_on") or "[]")
+        data["answers"] = json.loads(fields.get("answers") or "[]")
         if "result" in data:
             data["result"] = WorkflowResult.model_validate_json(data["result"])
         return SessionRecord.model_validate(data)
@@ -187,6 +191,26 @@ class SessionStore:
 
         # The record before the index: `list` takes an id without a record for expired.
         await self._write(record, self._index(session_id, updated))
+
+    async def answered(self, session_id: str, answer: HumanAnswer) -> None:
+        """Keep a human's answer in the session's record, and its event among the events.
+
+        The same event's answer is kept once (its redelivery after a crash comes again).
+        """
+        key = session_key(session_id)
+        known = cast(list[str | None], await self.redis.hmget(key, ["answers", "event_ids"]))
+        answers = json.loads(known[0] or "[]")
+        ids = json.loads(known[1] or "[]")
+        if answer.event_id is not None and any(
+            a.get("event_id") == answer.event_id for a in answers
+        ):
+            return
+        answers.append(answer.model_dump(mode="json", exclude_none=True))
+        if answer.event_id is not None and answer.event_id not in ids:
+            ids.append(answer.event_id)
+        await self.redis.hset(
+            key, mapping={"answers": json.dumps(answers), "event_ids": json.dumps(ids)}
+        )  # type: ignore[misc]
 
     async def close(
         self,

@@ -9,7 +9,14 @@ from pydantic import BaseModel, Field
 
 from nodes.models import utcnow
 
-__all__ = ["ENDED", "TERMINAL", "Transition", "TransitionType"]
+__all__ = [
+    "ENDED",
+    "ENDED_BY_STATUS",
+    "ENDED_STATUSES",
+    "TERMINAL",
+    "Transition",
+    "TransitionType",
+]
 
 TransitionType = Literal[
     "session.started",
@@ -20,9 +27,11 @@ TransitionType = Literal[
     "step.completed",
     "agent.message",
     "session.interrupted",
+    "session.answered",
     "session.waiting",
     "session.completed",
     "session.failed",
+    "session.rejected",
     "session.superseded",
     "session.rolled_back",
     "event.refused",
@@ -33,6 +42,7 @@ TERMINAL: frozenset[str] = frozenset(
         "session.interrupted",
         "session.completed",
         "session.failed",
+        "session.rejected",
         "session.superseded",
         "session.rolled_back",
         "event.refused",
@@ -40,8 +50,16 @@ TERMINAL: frozenset[str] = frozenset(
 )
 """Transitions that end an event's run (an interrupted session goes on when answered; a
 superseded or rolled back run gives way to a newer event; a refused one never ran)."""
-ENDED: frozenset[str] = frozenset({"session.completed", "session.failed"})
+ENDED: frozenset[str] = frozenset({"session.completed", "session.failed", "session.rejected"})
 """Transitions that end a session's run for good."""
+ENDED_BY_STATUS: dict[str, TransitionType] = {
+    "completed": "session.completed",
+    "failed": "session.failed",
+    "rejected": "session.rejected",
+}
+"""The transition that ends a run of each final status."""
+ENDED_STATUSES: frozenset[str] = frozenset(ENDED_BY_STATUS)
+"""The statuses of a session that ended for good (not waiting, not given way)."""
 
 
 class Transition(BaseModel):

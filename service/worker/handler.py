@@ -13,7 +13,7 @@ from typing import Any
 from aiokafka.structs import ConsumerRecord
 from langgraph.checkpoint.base import BaseCheckpointSaver
 
-from nodes.errors import EventValidationError, ProtocolError
+from nodes.errors import AnswerError, EventValidationError, ProtocolError
 from nodes.finalize import build_result
 from nodes.models import (
     CANCEL_EVENT_TYPE,
@@ -21,6 +21,7 @@ from nodes.models import (
     MultitaskStrategy,
     ResultStatus,
     WorkflowResult,
+    answer_origin,
     derived_session_id,
     session_id_problem,
 )
@@ -29,13 +30,14 @@ from service.bootstrap import is_infra_error
 from service.config import Settings
 from service.errors import UnknownSessionError
 from service.observe import metrics
-from service.runtime.runner import SessionRunner
+from service.runtime.runner import SessionRunner, interrupt_kind
 from service.storage.checkpoints import expire_session
+from service.storage.questions import QuestionStore
 from service.storage.sessions import WAITS, SessionStore
-from service.storage.transitions import Transition, TransitionType
+from service.storage.transitions import ENDED_STATUSES, Transition, TransitionType
 from service.worker.crash_points import crash_point
 from service.worker.outbox import RESULT, Outbox
-from service.worker.waits import AgentWaits
+from service.worker.waits import HUMAN_TIMEOUT_SOURCE, AgentWaits
 
 __all__ = ["STATE_LOST", "EventHandler"]
 
@@ -73,6 +75,7 @@ class EventHandler:
         on_degraded: Callable[[str | None], None] = lambda reason: None,
         restore_setup: Callable[[], Awaitable[None]] | None = None,
         waits: AgentWaits | None = None,
+        questions: QuestionStore | None = None,
     ) -> None:
         """Run events with these collaborators.
 
@@ -86,6 +89,8 @@ class EventHandler:
             restore_setup: sets up Redis again (indexes) after it lost its setup.
             waits: sends the remote agents' tasks a run waits for (none: a run that waits
                 for a remote agent fails, as nothing would send its task).
+            questions: where the interrupts sessions wait on humans for are recorded,
+                with their deadlines (none: they are not listed, and have no deadline).
         """
         self.runner = runner
         self.store = store
@@ -94,6 +99,7 @@ class EventHandler:
         self.on_degraded = on_degraded
         self.restore_setup = restore_setup or _nothing
         self.waits = waits
+        self.questions = questions
         self.completed = self.failed = self.duplicates = 0
         self._started: weakref.WeakSet[asyncio.Task[Any]] = weakref.WeakSet()
         self._stopped: weakref.WeakSet[asyncio.Task[Any]] = weakref.WeakSet()
@@ -548,18 +554,30 @@ class EventHandler:
     async def resume(
         self, record: ConsumerRecord, session_id: str, event: CloudEvent, *, redelivered: bool
     ) -> None:
-        """Continue an interrupted session with the answer an `agentflow.resume` event holds."""
-        answer = event.data.get("answer") if isinstance(event.data, dict) else event.data
-        if answer is None:
-            await self._reject(record, session_id, event, "resume event without data.answer")
+        """Continue an interrupted session with the decision an `agentflow.resume` event holds.
+
+        `data` holds the decision (`decision`, `interrupt_id`, `feedback`, `steps`,
+        `args`) or free text under `answer` (or is that text). An answer that cannot be
+        taken (no decision, an unknown interrupt, steps that do not exist) is
+        dead-lettered with the reason, like a resume for an unknown session.
+        """
+        data = event.data
+        if data is None or (isinstance(data, dict) and not {"decision", "answer"} & set(data)):
+            reason = "resume event without data.decision or data.answer"
+            await self._reject(record, session_id, event, reason)
             return
         me = asyncio.current_task()
         assert me is not None
         stop = self._stop_check(me)
         self._driving.add(me)
+        source, who = answer_origin(event)
         try:
             with metrics.timed_run() as run:
                 try:
+                    answer = await self.runner.check_answer(
+                        session_id, data, source=source, who=who, event_id=event.id
+                    )
+                    await self.store.answered(session_id, answer)
                     result = await self.runner.resume(
                         session_id, answer, event_id=event.id, stop=stop
                     )
@@ -571,7 +589,15 @@ class EventHandler:
                         session_id, event_id=event.id, stop=stop
                     )
                 run.status = result.status
-        except UnknownSessionError as exc:
+        except (UnknownSessionError, AnswerError) as exc:
+            if event.source == HUMAN_TIMEOUT_SOURCE:
+                # A deadline's answer to a question answered meanwhile: nothing to end.
+                logger.info("session %s: %s; the deadline's answer is dropped", session_id, exc)
+                await self.store.release_event(event.id, session_id)
+                return
+            if isinstance(exc, AnswerError):
+                await self._reject(record, session_id, event, f"answer refused: {exc}")
+                return
             if await self._state_lost(record, session_id, event):
                 return
             await self._reject(record, session_id, event, f"unknown session for resume: {exc}")
@@ -636,7 +662,7 @@ class EventHandler:
         else:
             status = known.status if known is not None else None
         live = status in ("running", *WAITS)
-        ended = status in ("completed", "failed")
+        ended = status in ENDED_STATUSES
         error = f"nothing to cancel: session {status}" if ended else "cancelled"
         result = build_result(
             snapshot.values or {}, session_id=session_id, status="failed", error=error
@@ -658,6 +684,8 @@ class EventHandler:
                 self.settings.session_ttl_s,
                 retention=self.settings.checkpoint_retention,
             )
+            if self.questions is not None:
+                await self.questions.clear(session_id)
             await self.store.close(result, status="cancelled")
             await self.runner.emit(
                 Transition(
@@ -715,6 +743,15 @@ class EventHandler:
         if result.status == "waiting":
             await self._wait(result)
             return
+        if self.questions is not None and result.status == "interrupted":
+            asked = await self.runner.questions(result.session_id)
+            await self.questions.record(
+                result.session_id,
+                [(i, interrupt_kind(i)) for i in asked],
+                timeout_s=self.settings.human_timeout_s,
+            )
+        elif self.questions is not None and result.status in ENDED_STATUSES:
+            await self.questions.clear(result.session_id)
         retention: Awaitable[object]
         if result.status in _KEEPS_STATE:
             retention = _nothing()  # a session that waits, or goes on with a newer event
@@ -732,7 +769,7 @@ class EventHandler:
         await self.outbox.publish_result(result, source=record)
         if result.status == "failed":
             self.failed += 1
-        elif result.status in ("completed", "interrupted"):
+        elif result.status in ("completed", "rejected", "interrupted"):
             self.completed += 1
 
     async def _wait(self, result: WorkflowResult) -> None:

@@ -16,6 +16,7 @@ from nodes.models import WorkflowResult, utcnow
 from service.config import Settings
 from service.kafka.dead_letters import send_dead_letter
 from service.storage.sessions import SentFrom, SessionStore
+from service.storage.transitions import ENDED_STATUSES
 from service.worker.crash_points import crash_point
 from service.worker.readback import PartitionReader
 
@@ -137,9 +138,10 @@ class Outbox:
                 self.resolved += 1
                 logger.info("event %s: Kafka already has its %s", event_id, ", ".join(found))
             landed |= found
-        # A session ends only when its run completes or fails: a run that waits, or gave
-        # way to a newer event (refused, superseded, rolled back), leaves it going.
-        wanted = [RESULT, ENDED] if result.status in ("completed", "failed") else [RESULT]
+        # A session ends only when its run completes, fails or is rejected: a run that
+        # waits, or gave way to a newer event (refused, superseded, rolled back), leaves
+        # it going.
+        wanted = [RESULT, ENDED] if result.status in ENDED_STATUSES else [RESULT]
         missing = [kind for kind in wanted if kind not in landed]
         if missing:
             if self.transaction is not None:

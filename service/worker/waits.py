@@ -1,16 +1,19 @@
-"""The remote agents' tasks sessions wait for: sent once, timed durably, settled once."""
+"""What sessions wait for, timed durably: remote agents' tasks, and humans' answers.
+
+A task is sent once, timed and settled once; a question is timed when
+AGENTFLOW_HUMAN_TIMEOUT_S is set.
+"""
 
 from __future__ import annotations
 
 import logging
-import uuid
 from datetime import timedelta
 from typing import Any, cast
 
 from aiokafka import AIOKafkaProducer
 from langgraph.types import Interrupt
 
-from nodes.models import AgentWait, utcnow
+from nodes.models import RESUME_EVENT_TYPE, AgentWait, CloudEvent, utcnow
 from nodes.protocol import (
     PROTOCOL_VERSION,
     WORKER_SOURCE,
@@ -22,9 +25,11 @@ from nodes.protocol import (
 )
 from service.config import Settings
 from service.storage._redis import RedisClient
+from service.storage.deadlines import Deadlines
 from service.storage.keys import DEADLINES_KEY, SWEEPER_KEY, waits_key
+from service.storage.questions import QuestionStore
 
-__all__ = ["AgentWaits"]
+__all__ = ["HUMAN_TIMEOUT_SOURCE", "AgentWaits", "HumanWaits"]
 
 logger = logging.getLogger(__name__)
 
@@ -34,9 +39,9 @@ class AgentWaits:
 
     A task is sent once: its wait is recorded in the session's `waits` hash with when it
     was sent and its deadline, and a run that waits for it again (the session resumed by
-    another reply, or its event redelivered) finds it there. Deadlines are in one sorted
-    set that every worker sweeps under a short lock; a task past its deadline gets a
-    `timeout` reply on the replies topic, which the session's owner handles like any reply.
+    another reply, or its event redelivered) finds it there. Deadlines are `Deadlines`,
+    swept by every worker in turn; a task past its deadline gets a `timeout` reply on the
+    replies topic, which the session's owner handles like any reply.
 
     Args:
         redis: a text client.
@@ -48,6 +53,7 @@ class AgentWaits:
         self.redis = redis
         self.producer = producer
         self.settings = settings
+        self.deadlines = Deadlines(redis, DEADLINES_KEY, SWEEPER_KEY)
         self.sent = self.timed_out = 0
 
     def __repr__(self) -> str:
@@ -84,10 +90,7 @@ class AgentWaits:
             assert wait.deadline is not None
             async with self.redis.pipeline(transaction=False) as pipe:
                 pipe.hset(key, wait.task_id, wait.model_dump_json())
-                pipe.zadd(
-                    DEADLINES_KEY,
-                    {self._member(session_id, wait.task_id): wait.deadline.timestamp()},
-                )
+                self.deadlines.add(pipe, self._member(session_id, wait.task_id), wait.deadline)
                 await pipe.execute()
             self.sent += 1
             waits.append(wait)
@@ -99,7 +102,7 @@ class AgentWaits:
             return
         async with self.redis.pipeline(transaction=False) as pipe:
             pipe.hdel(waits_key(session_id), *task_ids)
-            pipe.zrem(DEADLINES_KEY, *[self._member(session_id, t) for t in task_ids])
+            self.deadlines.remove(pipe, *[self._member(session_id, t) for t in task_ids])
             await pipe.execute()
 
     async def find(self, session_id: str, task_id: str) -> AgentWait | None:
@@ -124,45 +127,28 @@ class AgentWaits:
     async def sweep(self, *, lock_s: float = 5.0, batch: int = 100) -> int:
         """Send a `timeout` reply for each task past its deadline; returns how many.
 
-        One worker sweeps at a time (a lock with a TTL, so a dead sweeper is replaced).
-        The entry leaves the set after its reply is sent: a crash in between sends the
-        reply twice, and the second finds no task pending and is dropped.
+        The reply of a task answered meanwhile finds no task pending and is dropped.
         """
-        me = uuid.uuid4().hex
-        if not await self.redis.set(SWEEPER_KEY, me, nx=True, px=int(lock_s * 1000)):
-            return 0
-        try:
-            due = cast(
-                list[str],
-                await self.redis.zrangebyscore(
-                    DEADLINES_KEY, "-inf", utcnow().timestamp(), start=0, num=batch
-                ),
-            )
-            for member in due:
-                # The timeout goes to the replies topic of the worker that sent the task:
-                # workers of other deployments (other topics) may share this Redis.
-                replies, rest = member.split(" ", 1)
-                session_id, task_id = rest.rsplit(" ", 1)
-                recorded = await self.redis.hget(waits_key(session_id), task_id)
-                if recorded is not None:
-                    wait = AgentWait.model_validate_json(recorded)
-                    timeout = AgentReply(
-                        task_id=task_id,
-                        agent=wait.agent,
-                        status="timeout",
-                        error=f"no reply within {wait.timeout_s:g} s",
-                    )
-                    await self._produce(replies, session_id, timeout)
-                    self.timed_out += 1
-                await self.redis.zrem(DEADLINES_KEY, member)
-            return len(due)
-        finally:
-            if await self.redis.get(SWEEPER_KEY) == me:
-                await self.redis.delete(SWEEPER_KEY)
+        return await self.deadlines.sweep(self._time_out, lock_s=lock_s, batch=batch)
+
+    async def _time_out(self, replies: str, session_id: str, task_id: str) -> None:
+        """Send a task's `timeout` reply to the replies topic of the worker that sent it."""
+        recorded = await self.redis.hget(waits_key(session_id), task_id)
+        if recorded is None:
+            return
+        wait = AgentWait.model_validate_json(recorded)
+        timeout = AgentReply(
+            task_id=task_id,
+            agent=wait.agent,
+            status="timeout",
+            error=f"no reply within {wait.timeout_s:g} s",
+        )
+        await self._produce(replies, session_id, timeout)
+        self.timed_out += 1
 
     def _member(self, session_id: str, task_id: str) -> str:
         """A task's entry in the deadlines: `<replies topic> <session id> <task id>`."""
-        return f"{self.settings.topic_agent_replies} {session_id} {task_id}"
+        return self.deadlines.member(self.settings.topic_agent_replies, session_id, task_id)
 
     async def _produce(
         self,
@@ -190,3 +176,50 @@ def _task(session_id: str, task: dict[str, Any], wait: AgentWait, reply_to: str)
             "protocol_version": PROTOCOL_VERSION,
         }
     )
+
+
+HUMAN_TIMEOUT_SOURCE = "agentflow/human-timeout"
+"""The `source` of the `reject` answers a question's deadline sends (who answered)."""
+
+
+class HumanWaits:
+    """End questions nobody answered in time: a `reject` answer on the events topic.
+
+    The deadlines are `QuestionStore`'s, swept like the remote agents' (`Deadlines`). The
+    answer is an `agentflow.resume` event keyed by the session, so the worker that owns
+    the session's partition handles it like any answer, after the session's events before
+    it; one for a question answered meanwhile finds nothing to answer and is dropped.
+
+    Args:
+        questions: the pending questions, with the events topic.
+        producer: a started producer.
+    """
+
+    def __init__(self, questions: QuestionStore, producer: AIOKafkaProducer) -> None:
+        self.questions = questions
+        self.producer = producer
+        self.timed_out = 0
+
+    def __repr__(self) -> str:
+        return f"HumanWaits(timed_out={self.timed_out})"
+
+    async def sweep(self, *, lock_s: float = 5.0, batch: int = 100) -> int:
+        """Send a `reject` answer for each question past its deadline; returns how many."""
+        return await self.questions.deadlines.sweep(self._time_out, lock_s=lock_s, batch=batch)
+
+    async def _time_out(self, topic: str, session_id: str, interrupt_id: str) -> None:
+        pending = await self.questions.find(session_id, interrupt_id)
+        if pending is None or pending.timeout_s is None:
+            return
+        answer = {
+            "interrupt_id": interrupt_id,
+            "decision": "reject",
+            "feedback": f"no answer within {pending.timeout_s:g} s",
+        }
+        event = CloudEvent.wrap(
+            RESUME_EVENT_TYPE, answer, session_id=session_id, source=HUMAN_TIMEOUT_SOURCE
+        )
+        await self.producer.send_and_wait(
+            topic, event.model_dump_json(exclude_none=True).encode(), key=session_id.encode()
+        )
+        self.timed_out += 1

@@ -39,6 +39,7 @@ from service.observe import metrics
 from service.runtime.runner import SessionRunner
 from service.storage.keys import worker_key
 from service.storage.publisher import BackgroundPublisher, TransitionPublisher
+from service.storage.questions import QuestionStore
 from service.storage.sessions import SessionStore
 from service.storage.transitions import Transition
 from service.storage.workers import WorkerState, write_worker_state
@@ -47,7 +48,7 @@ from service.worker.handler import EventHandler
 from service.worker.idle import IdleTrim
 from service.worker.outbox import Outbox
 from service.worker.readback import PartitionReader
-from service.worker.waits import AgentWaits
+from service.worker.waits import AgentWaits, HumanWaits
 
 __all__ = ["Worker"]
 
@@ -58,7 +59,7 @@ STATE_EVERY_S = 2.0
 STATE_TTL_S = 10
 """How long a recorded state lasts: a worker that stopped reporting is gone from health."""
 SWEEP_EVERY_S = 1.0
-"""How often a worker looks for remote agents' tasks past their deadline."""
+"""How often a worker looks for remote agents' tasks and humans' questions past their deadline."""
 
 
 class Worker:
@@ -115,6 +116,7 @@ class Worker:
         self._reporter: asyncio.Task[None] | None = None
         self._sweeper: asyncio.Task[None] | None = None
         self.waits: AgentWaits | None = None
+        self.human_waits: HumanWaits | None = None
         self.idle = IdleTrim(lambda: not self._tasks and not self._stopping.is_set())
         """Gives memory back once nothing is in flight: a burst's heap does not stay."""
 
@@ -209,6 +211,8 @@ class Worker:
             transaction=self.consumer.in_transaction if s.kafka_transactions else None,
         )
         self.waits = AgentWaits(self._redis, self._producer, s)
+        questions = QuestionStore(self._redis, topic=s.topic_events)
+        self.human_waits = HumanWaits(questions, self._producer)
         self.handler = EventHandler(
             self.runner,
             self.store,
@@ -217,6 +221,7 @@ class Worker:
             on_degraded=self._set_degraded,
             restore_setup=self.restore_setup,
             waits=self.waits,
+            questions=questions,
         )
         await self.consumer.start(s.topic_events, s.topic_agent_replies)
         self._reporter = asyncio.create_task(self._report_state(), name="worker state")
@@ -418,17 +423,18 @@ class Worker:
             await asyncio.sleep(STATE_EVERY_S)
 
     async def _sweep_deadlines(self) -> None:
-        """Wake the sessions whose remote agents' tasks passed their deadline.
+        """Wake the sessions whose remote agents' tasks or humans' questions passed their deadline.
 
-        Every worker does it; one at a time sweeps.
+        Every worker does it; one at a time sweeps each kind.
         """
-        assert self.waits is not None
+        assert self.waits is not None and self.human_waits is not None
         while True:
-            try:
-                await self.waits.sweep()
-            except Exception as exc:  # Redis or Kafka away: the next sweep catches up
-                if not is_infra_error(exc):
-                    logger.exception("%s: sweeping the agents' deadlines failed", self.name)
+            for waits in (self.waits, self.human_waits):
+                try:
+                    await waits.sweep()
+                except Exception as exc:  # Redis or Kafka away: the next sweep catches up
+                    if not is_infra_error(exc):
+                        logger.exception("%s: sweeping %r failed", self.name, waits)
             await asyncio.sleep(SWEEP_EVERY_S)
 
     def _runs_of(self, partitions: Collection[TopicPartition]) -> list[asyncio.Task[None]]:

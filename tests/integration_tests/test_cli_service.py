@@ -107,12 +107,12 @@ async def test_send_wait_of_a_handled_event_returns_its_result(
     assert transition_types(out) == []
     assert "COMPLETED" in out and f"event {raw['id']}" in out
 
-    # A result that never comes: the wait ends at --timeout with exit code 4.
+    # A result that never comes: the wait ends at --timeout with exit code 7.
     other, raw = event_file(tmp_path, "status_requested")
     code, out, err = await agentflow(
         "send", str(other), "--wait", "--timeout", "2", AGENTFLOW_TOPIC_RESULTS=settings.topic_dlq
     )
-    assert code == 4, (out, err)
+    assert code == 7, (out, err)
     assert f"no result for event {raw['id']}" in err and "within 2 s" in err
     assert "agentflow watch" in err
 
@@ -128,7 +128,7 @@ async def test_watch_and_answer_a_session_that_waits_for_a_human(
 
     code, out, err = await agentflow("send", str(path), "--wait")
     assert code == 3, err
-    assert f'answer with: agentflow sessions answer {session_id} "..."' in out
+    assert f"answer with: agentflow sessions answer {session_id} --approve | --reject" in out
 
     # A new event for the waiting session that says `reject` is refused: exit 5.
     other, refused = event_file(tmp_path, "claim_submitted", sessionid=session_id)
@@ -162,10 +162,12 @@ async def test_watch_and_answer_a_session_that_waits_for_a_human(
         code, out, err = await agentflow("watch", session_id, "--after", str(after), timeout_s=30)
         assert (code, out) == (0, ""), err
 
-    code, _, err = await agentflow("sessions", "answer", session_id, "again")
+    code, _, err = await agentflow("sessions", "answer", session_id, "--approve")
     assert code == 2 and f"session {session_id} is completed, not waiting" in err
-    code, _, err = await agentflow("sessions", "answer", "no-such-session", "x")
+    code, _, err = await agentflow("sessions", "answer", "no-such-session", "--reject")
     assert code == 2 and "session no-such-session does not exist" in err
+    code, _, err = await agentflow("sessions", "answer", "no-such-session", "x")
+    assert code == 2 and "names no decision: start it with approve, reject or revise" in err
 
     # Replayed on Redis up to the question again, the session is the service's to answer.
     async with open_session_graph(settings) as opened:

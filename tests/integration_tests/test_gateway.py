@@ -530,7 +530,11 @@ async def test_resume_an_escalated_session_over_http(client: httpx.AsyncClient) 
     assert detail["next"] == ["escalate"]
 
     missing = await client.post(f"/sessions/{session_id}/resume", json={})
-    assert missing.status_code == 422 and missing.json()["errors"][0]["field"] == "answer"
+    assert missing.status_code == 422
+    assert "give either decision or answer" in missing.json()["errors"][0]["reason"]
+    vague = await client.post(f"/sessions/{session_id}/resume", json={"answer": "yes"})
+    assert vague.status_code == 422
+    assert "names no decision: start it with approve, reject or revise" in vague.json()["detail"]
     resumed = await client.post(
         f"/sessions/{session_id}/resume", json={"answer": "approve: discharge confirmed"}
     )
@@ -540,7 +544,10 @@ async def test_resume_an_escalated_session_over_http(client: httpx.AsyncClient) 
     assert await asyncio.wait_for(following, 60)  # the same stream runs on to the end
     types = [m["event"] for m in messages]
     assert types.count("session.started") == 2 and types[-1] == "session.completed"
-    assert messages[types.index("session.interrupted") + 1]["transition"]["data"]["resumed"]
+    answered = messages[types.index("session.interrupted") + 1]["transition"]
+    assert answered["type"] == "session.answered" and answered["data"]["decision"] == "approve"
+    assert answered["data"]["source"] == "http" and answered["data"]["who"] == "agentflow/gateway"
+    assert messages[types.index("session.answered") + 1]["transition"]["data"]["resumed"]
     assert seqs(messages) == list(range(1, len(messages) + 1))
     final = messages[-1]["transition"]["data"]["result"]
     assert final["status"] == "completed"
@@ -623,6 +630,7 @@ async def test_auth(
         ("GET", f"/sessions/{session_id}/history"),
         ("GET", f"/sessions/{session_id}/result"),
         ("GET", f"/sessions/{session_id}/stream"),
+        ("GET", f"/sessions/{session_id}/interrupts"),
         ("POST", f"/sessions/{session_id}/resume"),
         ("POST", f"/sessions/{session_id}/cancel"),
         ("GET", "/graph"),
@@ -857,7 +865,7 @@ async def test_kafka_down_answers_503_and_the_gateway_reconnects(
         response = await http.post("/events", json=short("claim_submitted"), timeout=ANSWERED_S)
         assert response.status_code == 503
         assert "Kafka" in response.json()["detail"] and response.headers["retry-after"]
-        resume = await http.post(f"/sessions/{session_id}/resume", json={"answer": "ok"})
+        resume = await http.post(f"/sessions/{session_id}/resume", json={"answer": "approve: ok"})
         assert resume.status_code == 503
         health = await http.get("/healthz")
         assert health.status_code == 503
@@ -1020,6 +1028,7 @@ async def test_graph_metrics_and_openapi(
         "/sessions/{session_id}/result",
         "/sessions/{session_id}/history",
         "/sessions/{session_id}/stream",
+        "/sessions/{session_id}/interrupts",
         "/sessions/{session_id}/resume",
         "/sessions/{session_id}/cancel",
         "/graph",

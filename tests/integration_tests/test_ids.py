@@ -152,7 +152,7 @@ async def test_cancel_and_resume_for_unknown_sessions_are_dead_lettered_and_leav
     reasons = {key: reason for key, _, reason in dead_letters(dlq)}
     assert reasons[f"gone-c-{tag}"].startswith("unknown session for cancel")
     assert reasons[f"gone-r-{tag}"].startswith("unknown session for resume")
-    assert reasons[f"gone-b-{tag}"] == "resume event without data.answer"
+    assert reasons[f"gone-b-{tag}"] == "resume event without data.decision or data.answer"
     results = await read_topic(
         settings.kafka_bootstrap or "",
         settings.topic_results,

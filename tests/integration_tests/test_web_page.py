@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import re
+import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -199,32 +200,103 @@ async def test_start_a_workflow_from_the_form_and_watch_it(
     await page.screenshot(path=str(ARTIFACTS / "session.png"), full_page=True)
 
 
-async def test_answer_an_escalation_from_the_page(
+async def _escalate_from_the_page(page: Any, url: str) -> tuple[str, str]:
+    """Send the escalating example from the page, as an event type of its own.
+
+    Returns the session id and the event type, once the question shows.
+    """
+    from playwright.async_api import expect
+
+    await page.add_init_script(f"sessionStorage.setItem('agentflow.token', {TOKEN!r})")
+    await page.goto(url)
+    await page.select_option("#example", "claim needs review (escalates)")
+    kind = f"claim.submitted.t{uuid.uuid4().hex[:8]}"
+    await page.fill("#event-type", kind)
+    await page.click("#send")
+    await expect(page.locator("#escalation")).to_be_visible(timeout=60_000)
+    await expect(page.locator("#session-status")).to_have_text("interrupted")
+    session_id = (await page.text_content("#session-title")) or ""
+    return session_id.strip(), kind
+
+
+async def _answers_of(url: str, session_id: str) -> list[dict[str, Any]]:
+    async with httpx.AsyncClient(
+        base_url=url, headers={"Authorization": f"Bearer {TOKEN}"}, timeout=30
+    ) as http:
+        detail = await http.get(f"/sessions/{session_id}")
+        assert detail.status_code == 200, detail.text
+        answers: list[dict[str, Any]] = detail.json()["answers"]
+        return answers
+
+
+async def _kept(worker: Worker, kind: str) -> int:
+    library = worker.runner.context.library
+    total, _ = await library.recent(event_type=kind)  # type: ignore[union-attr]
+    return int(total)
+
+
+async def test_approve_an_escalation_from_the_page(
     page: Any, stack: tuple[Settings, str, Worker]
 ) -> None:
     from playwright.async_api import expect
 
-    await page.add_init_script(f"sessionStorage.setItem('agentflow.token', {TOKEN!r})")
-    await page.goto(stack[1])
-    await page.select_option("#example", "claim needs review (escalates)")
-    await page.click("#send")
-    await expect(page.locator("#escalation")).to_be_visible(timeout=60_000)
-    await expect(page.locator("#session-status")).to_have_text("interrupted")
+    session_id, kind = await _escalate_from_the_page(page, stack[1])
     question = await page.text_content("#question")
     assert question and question.strip()
     assert "current" in await classes(page, "#node-escalate")  # waiting in escalate
     ARTIFACTS.mkdir(exist_ok=True)
     await page.screenshot(path=str(ARTIFACTS / "escalation.png"), full_page=True)
 
-    await page.fill("#answer", "approve: discharge confirmed")
-    await page.click("#answer-form button")
+    await page.fill("#feedback", "discharge confirmed")
+    await page.click("#approve")
     await expect(page.locator("#session-status")).to_have_text("completed", timeout=60_000)
     await expect(page.locator("#escalation")).to_be_hidden()
     await expect(page.locator("#review")).to_contain_text("discharge confirmed")
+    await expect(page.locator("#log")).to_contain_text("approve by agentflow/gateway (http)")
     assert "visited" in await classes(page, "#node-escalate")
     assert "current" not in await classes(page, "#node-escalate")
-    assert "visited" in await classes(page, "#edge-escalate-review")
+    assert "visited" in await classes(page, "#edge-escalate-finalize")
     assert "visited" in await classes(page, "#node-__end__")
+    assert await _kept(stack[2], kind) == 1
+    (answer,) = await _answers_of(stack[1], session_id)
+    assert (answer["decision"], answer["source"]) == ("approve", "http")
+
+
+async def test_reject_an_escalation_from_the_page(
+    page: Any, stack: tuple[Settings, str, Worker]
+) -> None:
+    from playwright.async_api import expect
+
+    session_id, kind = await _escalate_from_the_page(page, stack[1])
+    await page.fill("#feedback", "manager did not approve")
+    await page.click("#reject")
+    await expect(page.locator("#session-status")).to_have_text("rejected", timeout=60_000)
+    await expect(page.locator("#escalation")).to_be_hidden()
+    await expect(page.locator("#result")).to_contain_text("manager did not approve")
+    await expect(page.locator("#log")).to_contain_text("session.rejected")
+    assert await _kept(stack[2], kind) == 0  # a rejected workflow is never an example
+    (answer,) = await _answers_of(stack[1], session_id)
+    assert (answer["decision"], answer["feedback"]) == ("reject", "manager did not approve")
+
+
+async def test_revise_an_escalation_from_the_page(
+    page: Any, stack: tuple[Settings, str, Worker]
+) -> None:
+    from playwright.async_api import expect
+
+    session_id, kind = await _escalate_from_the_page(page, stack[1])
+    await page.fill("#feedback", "check the discharge papers again")
+    await page.click("#revise")
+    # The steps run again; their output still asks for a human, who is asked again.
+    await expect(page.locator("#log")).to_contain_text("revise by agentflow/gateway (http)")
+    asked_again = page.locator("#log tr.session-interrupted")
+    await expect(asked_again).to_have_count(2, timeout=60_000)
+    await expect(page.locator("#escalation")).to_be_visible()
+    await page.click("#approve")
+    await expect(page.locator("#session-status")).to_have_text("completed", timeout=60_000)
+    assert await _kept(stack[2], kind) == 1
+    answers = await _answers_of(stack[1], session_id)
+    assert [a["decision"] for a in answers] == ["revise", "approve"]
 
 
 async def test_a_session_has_an_address_and_its_panels_show_only_when_open(

@@ -106,18 +106,61 @@ def test_interrupted_run_exits_3_and_resumes_from_disk_once(agentflow: Agentflow
         "run", "examples/events/claim_needs_review.json", "--session", "cli-esc"
     )
     assert code == 3, err
-    assert 'answer with: agentflow run --resume cli-esc --answer "..."' in out
+    assert "answer with: agentflow run --resume cli-esc --approve | --reject | --revise" in out
     code, out, err = agentflow("run", "--resume", "cli-esc", "--answer", "approve", "--json")
     assert code == 0, err
     assert json.loads(out)["review"]["verdict"] == "approve"
     # A finished session has nothing to answer: bad input, one paragraph.
-    code, _, err = agentflow("run", "--resume", "cli-esc", "--answer", "approve")
+    code, _, err = agentflow("run", "--resume", "cli-esc", "--approve")
     assert code == 2 and "session cli-esc is not waiting for an answer" in err
     assert one_paragraph(err), err
 
 
+def test_reject_exits_4_and_revise_runs_steps_again(agentflow: Agentflow) -> None:
+    event = "examples/events/claim_needs_review.json"
+    assert agentflow("run", event, "--session", "cli-no")[0] == 3
+    code, out, err = agentflow(
+        "run", "--resume", "cli-no", "--reject", "--feedback", "manager did not approve", "--json"
+    )
+    assert code == 4, err
+    result = json.loads(out)
+    assert result["status"] == "rejected" and result["review"]["verdict"] == "reject"
+    assert "manager did not approve" in result["review"]["feedback"]
+    code, out, _ = agentflow("sessions", "history", "cli-no")
+    assert code == 0 and "answered  reject by agentflow/cli (cli): manager did not" in out
+
+    assert agentflow("run", event, "--session", "cli-redo")[0] == 3
+    code, out, err = agentflow(
+        "run", "--resume", "cli-redo", "--revise", "--steps", "s3", "--feedback", "recheck"
+    )
+    assert code == 3, err  # s3 ran again, and its output asks for a human again
+    code, out, err = agentflow("run", "--resume", "cli-redo", "--answer", "approve: fine")
+    assert code == 0, err
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--answer", "yes"], "names no decision: start it with approve, reject or revise"),
+        (["--approve", "--reject"], "give one decision, not --approve and --reject"),
+        (["--answer", "approve", "--feedback", "x"], "an answer text carries its own feedback"),
+        (["--feedback", "x"], "give a decision"),
+        (["--revise", "--steps", "s9"], "no step s9 to revise"),
+        (["--edit", "{oops"], "--edit ARGS_JSON is not valid JSON"),
+        (["--edit", "{}"], "a review interrupt takes approve, reject, revise, not edit"),
+    ],
+)
+def test_answers_that_cannot_be_taken_are_bad_input(
+    agentflow: Agentflow, args: list[str], message: str
+) -> None:
+    assert agentflow("run", "examples/events/claim_needs_review.json", "--session", "cli-bad")[0]
+    code, out, err = agentflow("run", "--resume", "cli-bad", *args)
+    assert code == 2 and out == "", err
+    assert message in err and one_paragraph(err), err
+
+
 def test_resume_of_an_unknown_session_is_bad_input(agentflow: Agentflow) -> None:
-    code, out, err = agentflow("run", "--resume", "nosuch", "--answer", "x")
+    code, out, err = agentflow("run", "--resume", "nosuch", "--approve")
     assert code == 2 and out == ""
     assert "session nosuch does not exist" in err and "agentflow sessions answer" in err
     assert one_paragraph(err), err
@@ -229,7 +272,8 @@ def test_help_of_dev_send_and_answer(agentflow: Agentflow) -> None:
     code, out, _ = agentflow("dev", "--help")
     assert code == 0 and "gateway" in out
     code, out, _ = agentflow("send", "--help")
-    assert "4 no result within --timeout" in " ".join(out.split())
+    assert "4 rejected" in " ".join(out.split())
+    assert "7 no result within --timeout" in " ".join(out.split())
     code, out, _ = agentflow("sessions", "--help")
     assert code == 0 and "answer" in out
 

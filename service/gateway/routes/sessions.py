@@ -8,9 +8,17 @@ from typing import Annotated
 from fastapi import APIRouter, Depends, Query
 from fastapi.exceptions import HTTPException
 
-from nodes.models import CANCEL_EVENT_TYPE, CloudEvent, ResultWorkflow, WorkflowResult
+from nodes.errors import AnswerError
+from nodes.models import (
+    CANCEL_EVENT_TYPE,
+    GATEWAY_SOURCE,
+    CloudEvent,
+    ResultWorkflow,
+    WorkflowResult,
+)
 from service.client import resume_event, session_id_for
-from service.gateway.auth import AUTH_ERRORS, require_token
+from service.errors import UnknownSessionError
+from service.gateway.auth import AUTH_ERRORS, TokenName, require_token
 from service.gateway.backends import Backends, BackendsDep, known_session
 from service.gateway.schemas import (
     KAFKA_DOWN,
@@ -21,18 +29,19 @@ from service.gateway.schemas import (
     ResumeRequest,
     SessionDetail,
     SessionHistory,
+    SessionInterrupts,
     SessionPage,
     SessionReview,
     SessionSummary,
+    unprocessable,
 )
+from service.runtime.runner import check_answer
 from service.storage.checkpoints import session_states
 from service.storage.publisher import read_log
+from service.storage.questions import QuestionStore
 from service.storage.sessions import WAITS, SessionStatus
 
 __all__ = ["router"]
-
-SOURCE = "agentflow/gateway"
-"""The `source` of the command events the gateway sends."""
 
 router = APIRouter(dependencies=[Depends(require_token)], responses=AUTH_ERRORS)
 
@@ -67,6 +76,7 @@ async def get_session(session_id: str, backends: BackendsDep) -> SessionDetail:
     detail = SessionDetail(
         **SessionSummary.of(record).model_dump(),
         event_ids=record.event_ids,
+        answers=record.answers,
         next=list(snapshot.next),
         result=record.result,
     )
@@ -157,6 +167,21 @@ async def get_history(
     return SessionHistory(session_id=session_id, checkpoints=checkpoints)
 
 
+@router.get(
+    "/sessions/{session_id}/interrupts",
+    response_model=SessionInterrupts,
+    responses={404: {"model": Problem}, **REDIS_DOWN},
+)
+async def list_interrupts(session_id: str, backends: BackendsDep) -> SessionInterrupts:
+    """Return the interrupts a session waits on a human for: id, kind, payload, since when.
+
+    An answer names one with `interrupt_id` (`POST /sessions/{id}/resume`).
+    """
+    await known_session(backends, session_id)
+    pending = await QuestionStore(backends.redis).pending(session_id)
+    return SessionInterrupts(session_id=session_id, interrupts=pending)
+
+
 @router.post(
     "/sessions/{session_id}/resume",
     status_code=202,
@@ -169,13 +194,29 @@ async def get_history(
     },
 )
 async def resume_session(
-    session_id: str, body: ResumeRequest, backends: BackendsDep
+    session_id: str, body: ResumeRequest, backends: BackendsDep, token: TokenName
 ) -> EventAccepted:
-    """Answer an escalated review: an `agentflow.resume` event goes to the worker."""
+    """Answer a session's interrupt: an `agentflow.resume` event goes to the worker.
+
+    The decision is checked against the pending interrupt first (422 with the reason when
+    it names no decision, no pending interrupt, or does not fit it). The answer is
+    recorded as given through `http` by the token's name (`name:token` in
+    AGENTFLOW_API_TOKENS).
+    """
     record = await known_session(backends, session_id)
     if (why := record.why_not_answerable()) is not None:
         raise HTTPException(409, why)
-    return await _command(backends, resume_event(session_id, body.answer, source=SOURCE))
+    try:
+        decision = body.read()
+        await check_answer(await backends.graph(), session_id, decision)
+    except AnswerError as exc:
+        raise unprocessable(str(exc), []) from None
+    except UnknownSessionError:
+        # The record says it waits but its checkpoint does not (answered meanwhile, or
+        # its state was lost): the worker's answer to the event says which.
+        pass
+    event = resume_event(session_id, decision, source=GATEWAY_SOURCE, authid=token)
+    return await _command(backends, event)
 
 
 @router.post(
@@ -193,7 +234,7 @@ async def cancel_session(session_id: str, backends: BackendsDep) -> EventAccepte
     record = await known_session(backends, session_id)
     if record.status not in ("running", *WAITS):
         raise HTTPException(409, f"session {session_id} has already ended ({record.status})")
-    cancel = CloudEvent.wrap(CANCEL_EVENT_TYPE, None, session_id=session_id, source=SOURCE)
+    cancel = CloudEvent.wrap(CANCEL_EVENT_TYPE, None, session_id=session_id, source=GATEWAY_SOURCE)
     return await _command(backends, cancel)
 
 

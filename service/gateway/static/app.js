@@ -4,11 +4,11 @@
 
 const TYPES = [
   "session.started", "node.started", "node.completed", "node.failed", "step.started",
-  "step.completed", "agent.message", "session.interrupted", "session.waiting", "session.completed",
-  "session.failed", "session.superseded", "session.rolled_back", "event.refused",
-  "event.parked",
+  "step.completed", "agent.message", "session.interrupted", "session.answered", "session.waiting",
+  "session.completed", "session.failed", "session.rejected", "session.superseded",
+  "session.rolled_back", "event.refused", "event.parked",
 ];
-const ENDED = new Set(["session.completed", "session.failed"]);
+const ENDED = new Set(["session.completed", "session.failed", "session.rejected"]);
 const START = "__start__";
 const END = "__end__";
 const EXAMPLES = {
@@ -153,7 +153,7 @@ function advance(p, t) {
     for (const src of last) p.edges.add(`${src}-${END}`);
     p.nodes.add(END);
     p.running.clear();
-  } else if (t.type === "session.failed") {
+  } else if (t.type === "session.failed" || t.type === "session.rejected") {
     p.running.clear();
   }
 }
@@ -188,7 +188,12 @@ function detail(t) {
   if (t.type === "node.completed" && t.node === "discover") {
     return d.note || `${(d.similar || []).length} similar workflow(s)`;
   }
-  if (t.type === "node.failed" || t.type === "session.failed") return d.error || "";
+  if (t.type === "node.failed" || t.type === "session.failed" ||
+      t.type === "session.rejected") return d.error || "";
+  if (t.type === "session.answered") {
+    const by = d.who ? ` by ${d.who}` : "";
+    return `${d.decision}${by} (${d.source || "?"})${d.feedback ? `: ${d.feedback}` : ""}`;
+  }
   if (t.type.startsWith("event.") || t.type === "session.superseded" ||
       t.type === "session.rolled_back") return d.error || d.reason || "";
   if (t.type === "session.interrupted") return `asks: ${d.question || ""}`;
@@ -226,7 +231,8 @@ function renderResult(result) {
   const usage = result.usage || {};
   box.replaceChildren(
     el("p", {}, el("span", { class: `badge ${result.status}` }, result.status), " ",
-      result.summary || result.error || result.question || ""),
+      (result.status === "rejected" ? result.error : result.summary)
+        || result.error || result.question || ""),
     el("p", { class: "muted" },
       `${usage.llm_calls || 0} model calls, ${usage.input_tokens || 0} input + `
       + `${usage.output_tokens || 0} output tokens · model ${result.model || "?"}`));
@@ -356,15 +362,18 @@ function markOpen(id) {
   }
 }
 
+// The human's decision is data: the button pressed, and the feedback box beside it.
 async function answer(e) {
   e.preventDefault();
+  const decision = e.submitter && e.submitter.value;
+  if (!decision) return;
   try {
     await api(`/sessions/${encodeURIComponent(view.id)}/resume`, {
-      method: "POST", json: { answer: $("answer").value.trim() },
+      method: "POST", json: { decision, feedback: $("feedback").value.trim() },
     });
-    $("answer").value = "";
+    $("feedback").value = "";
     $("escalation").hidden = true;
-    notice("answer sent");
+    notice(`${decision} sent`);
   } catch (err) {
     notice(err.message, true);
   }
