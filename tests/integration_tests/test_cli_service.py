@@ -13,7 +13,6 @@ import os
 import pty
 import re
 import signal
-import socket
 import sys
 import uuid
 from collections.abc import Callable
@@ -243,23 +242,32 @@ async def test_worker_start_up_is_quiet(settings: Settings, tmp_path: Path) -> N
 async def test_worker_stops_on_sigterm_while_redis_does_not_answer(
     settings: Settings, tmp_path: Path
 ) -> None:
-    # A socket that listens but never accepts: the worker's first PING waits for ever.
-    with socket.socket() as silent:
-        silent.bind(("127.0.0.1", 0))
-        silent.listen()
-        url = f"redis://127.0.0.1:{silent.getsockname()[1]}/0"
+    # A Redis that takes the worker's first command and never answers it. The signal goes
+    # as soon as the command has come (redis-py gives up on a silent server after 5 s).
+    asked = asyncio.Event()
+    connections: list[asyncio.StreamWriter] = []
+
+    async def silent(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        connections.append(writer)
+        if await reader.read(1024):
+            asked.set()
+
+    server = await asyncio.start_server(silent, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    try:
+        url = f"redis://127.0.0.1:{port}/0"
         env = cli_env(settings, AGENTFLOW_REDIS_URL=url, AGENTFLOW_AGENTS_FILE=str(AGENTS_FILE))
         worker = await start("worker", env=env, cwd=tmp_path)
-        assert worker.stderr is not None
-        lines: list[str] = []
         async with asyncio.timeout(90):
-            while not any("reuse" in line for line in lines):  # the start-up line, then PING
-                line = (await worker.stderr.readline()).decode()
-                assert line, f"worker ended before connecting: {lines}"
-                lines.append(line)
+            await asked.wait()
         worker.send_signal(signal.SIGTERM)
         code, _, err = await finished(worker, 60)
-    assert code == 0, lines + err.splitlines()
+    finally:
+        for writer in connections:
+            writer.close()
+        server.close()
+    assert code == 0, err
+    assert "stopped while starting" in err
     assert "stopped while starting" in err
 
 
