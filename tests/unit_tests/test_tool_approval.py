@@ -11,9 +11,11 @@ from langchain_core.messages import AIMessage, ToolMessage
 from langchain_core.outputs import ChatGeneration, ChatResult
 from langgraph.types import Command
 
+from nodes.agents import load_agents
 from nodes.context import WorkflowContext
 from nodes.errors import AnswerError
-from nodes.models import WorkflowResult
+from nodes.execution import run_agent_turn, step_task_message
+from nodes.models import ApprovedCall, CloudEvent, Step, WorkflowResult
 from service.runtime.runner import SessionRunner
 from tests.unit_tests.helpers import ScriptedModel, runner_for, scripted, write_agents
 
@@ -196,3 +198,52 @@ async def test_a_rejected_call_does_not_run_and_the_agent_reads_why(
     assert isinstance(after[0], AIMessage) and "manager did not approve" in after[0].text
     done = next(s for s in state.values["steps"] if s.id == "s1")
     assert done.status == "done" and done.approved_calls == []
+
+
+async def test_an_approved_call_made_again_is_answered_from_the_record_not_run(
+    tmp_path: Path, monkeypatch: Any
+) -> None:
+    runner, model, grants, _ = _setup(tmp_path, monkeypatch, ["reader"])
+    registry = load_agents(runner.context.agents_file)
+    done = ApprovedCall(
+        agent="provisioner",
+        tool="grant_access",
+        proposed={"user": "ann", "role": "admin"},
+        args={"user": "ann", "role": "reader"},
+        result="GRANTED reader to ann",
+    )
+    task = step_task_message(
+        Step(id="s1", title="Grant"), make_event_for_turn(), intent="grant", inputs={}, feedback=[]
+    )
+    turn = await run_agent_turn(
+        registry.get("provisioner"),
+        [task],
+        model=model,
+        tools=registry.tools_of("provisioner"),
+        max_iterations=3,
+        timeout_s=5,
+        approval=registry.approval_of("provisioner"),
+        approved=[done],
+    )
+    # The same call as run (a revise that proposes it again): its recorded result, no wait.
+    assert turn.awaiting == []
+    (result,) = [m for m in turn.messages if isinstance(m, ToolMessage)]
+    assert result.text == "GRANTED reader to ann" and result.tool_call_id == "c1"
+    assert _grants(grants) == []
+    other = await run_agent_turn(
+        registry.get("provisioner"),
+        [task],
+        model=scripted(_proposing(["admin"])),
+        tools=registry.tools_of("provisioner"),
+        max_iterations=3,
+        timeout_s=5,
+        approval=registry.approval_of("provisioner"),
+        approved=[{**done, "agent": "someone-else"}],
+    )
+    # Another agent's record is not this one's: the call waits for a human.
+    assert [c["args"] for c in other.awaiting] == [{"user": "ann", "role": "admin"}]
+    assert _grants(grants) == []
+
+
+def make_event_for_turn() -> CloudEvent:
+    return CloudEvent.wrap("access.requested", {"user": "ann"}, subject="ann")
