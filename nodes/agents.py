@@ -13,15 +13,27 @@ from typing import Any, Literal
 
 import yaml
 from langchain_core.tools import BaseTool, StructuredTool
-from pydantic import BaseModel, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from nodes.errors import AgentConfigError
 from nodes.models import format_validation_error
 from nodes.protocol import agent_name_problem
 
-__all__ = ["AgentRegistry", "AgentSpec", "load_agents", "remote_copy"]
+__all__ = ["AgentRegistry", "AgentSpec", "ToolRef", "load_agents", "remote_copy"]
 
 logger = logging.getLogger(__name__)
+
+
+class ToolRef(BaseModel):
+    """One tool of an agent: where it is, and whether a human approves each call first."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    path: str = Field(min_length=1, description="Dotted import path, like `module.function`.")
+    approval: Literal["required", "none"] = Field(
+        default="none",
+        description="`required`: each call waits for a human's approve, edit or reject.",
+    )
 
 
 class AgentSpec(BaseModel):
@@ -40,7 +52,10 @@ class AgentSpec(BaseModel):
         description="`local`: in the worker's process; `kafka`: by a host, over Kafka.",
     )
     system_prompt: str | None = Field(default=None, min_length=1)
-    tools: list[str] = Field(default_factory=list, description="Dotted import paths.")
+    tools: list[ToolRef] = Field(
+        default_factory=list,
+        description="Dotted import paths, or `{path: ..., approval: required}` entries.",
+    )
     model: str | None = Field(default=None, description="`provider:model` for this agent.")
     timeout_s: float | None = Field(
         default=None,
@@ -52,11 +67,25 @@ class AgentSpec(BaseModel):
         default=2, ge=1, description="How often a `kafka` agent's task is sent before it fails."
     )
 
+    @field_validator("tools", mode="before")
+    @classmethod
+    def _plain_paths(cls, tools: Any) -> Any:
+        """Take a plain dotted path as a tool that needs no approval."""
+        if not isinstance(tools, list):
+            return tools
+        return [{"path": t} if isinstance(t, str) else t for t in tools]
+
     @model_validator(mode="after")
     def _fits_where_it_runs(self) -> AgentSpec:
         if self.runs == "kafka":
             if (problem := agent_name_problem(self.name)) is not None:
                 raise ValueError(f"it runs on Kafka, so its name is in a topic name: {problem}")
+            if any(t.approval == "required" for t in self.tools):
+                # Its host runs its tools: the worker never sees the calls to ask about.
+                raise ValueError(
+                    "it runs on Kafka, and `approval: required` is for tools of agents that "
+                    "run here (`runs: local`)"
+                )
         elif self.system_prompt is None:
             raise ValueError(
                 "it runs locally (`runs: local`, the default) and needs a `system_prompt`; "
@@ -70,7 +99,7 @@ class AgentSpec(BaseModel):
             "name": self.name,
             "description": self.description,
             "capabilities": self.capabilities,
-            "tools": [path.rsplit(".", 1)[-1] for path in self.tools],
+            "tools": [t.path.rsplit(".", 1)[-1] for t in self.tools],
         }
 
 
@@ -110,9 +139,11 @@ class AgentRegistry:
         tools: dict[str, list[BaseTool]],
         *,
         hosted: Collection[str] = (),
+        approval: dict[str, set[str]] | None = None,
     ) -> None:
         self._agents = {agent.name: agent for agent in agents}
         self._tools = tools
+        self._approval = approval or {}
         self.hosted = list(hosted)
         """The agents this process hosts for others (`agentflow agents serve`)."""
 
@@ -143,6 +174,10 @@ class AgentRegistry:
     def tools_of(self, name: str) -> list[BaseTool]:
         """Return the callable tools of one agent (none for an agent hosted elsewhere)."""
         return self._tools.get(name, [])
+
+    def approval_of(self, name: str) -> set[str]:
+        """Return the names of an agent's tools whose calls a human approves first."""
+        return self._approval.get(name, set())
 
     def catalogue(self) -> list[dict[str, Any]]:
         """Return every agent's card, for prompts."""
@@ -190,6 +225,7 @@ class AgentRegistry:
                     f"name and {problem}"
                 )
         tools: dict[str, list[BaseTool]] = {}
+        approval: dict[str, set[str]] = {}
         for agent in agents:
             if agent.runs == "kafka" and agent.name not in hosted:
                 continue
@@ -198,16 +234,19 @@ class AgentRegistry:
                     f"agent '{agent.name}' in {path} is hosted here and needs a `system_prompt`"
                 )
             tools[agent.name] = []
-            for tool_path in agent.tools:
+            for ref in agent.tools:
                 try:
-                    func = _import_tool(tool_path, tools_dir)
+                    func = _import_tool(ref.path, tools_dir)
                 except (ImportError, AttributeError) as exc:
                     raise AgentConfigError(
-                        f"agent '{agent.name}' in {path}: tool '{tool_path}' cannot be "
+                        f"agent '{agent.name}' in {path}: tool '{ref.path}' cannot be "
                         f"imported ({exc}); fix the dotted path"
                     ) from None
-                tools[agent.name].append(_as_tool(func))
-        return cls(agents, tools, hosted=hosted)
+                tool = _as_tool(func)
+                tools[agent.name].append(tool)
+                if ref.approval == "required":
+                    approval.setdefault(agent.name, set()).add(tool.name)
+        return cls(agents, tools, hosted=hosted, approval=approval)
 
 
 def _read(path: Path) -> tuple[list[Any], Path]:

@@ -7,11 +7,11 @@ import hashlib
 import inspect
 import logging
 import time
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from functools import partial
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, cast
 
 from langchain_core.language_models import BaseChatModel
 from langchain_core.messages import (
@@ -27,15 +27,26 @@ from langgraph.config import get_config
 from langgraph.errors import GraphBubbleUp
 from langgraph.runtime import Runtime
 from langgraph.types import Send, interrupt
-from pydantic import ValidationError
+from pydantic import BaseModel, ValidationError
 
 from nodes._llm import bind_tools, chat_model, invoke, model_name
 from nodes._runtime import context_of, dumps, write
 from nodes.agents import AgentRegistry, AgentSpec, load_agents
 from nodes.chat_models import MODEL_MAX_ATTEMPTS, is_retryable
 from nodes.context import WorkflowContext
-from nodes.errors import RemoteAgentError
-from nodes.models import CloudEvent, SessionNote, Step, Usage, subject_namespace
+from nodes.errors import AnswerError, RemoteAgentError
+from nodes.models import (
+    DECISIONS,
+    ApprovedCall,
+    CloudEvent,
+    HumanAnswer,
+    HumanDecision,
+    InterruptKind,
+    SessionNote,
+    Step,
+    Usage,
+    subject_namespace,
+)
 from nodes.prompts import STEP_AGENT_PROMPT, STEP_TASK_PROMPT
 from nodes.protocol import AgentReply, ConversationMessage, TaskStep
 from nodes.state import StepTask, WorkflowState
@@ -43,8 +54,11 @@ from nodes.state import StepTask, WorkflowState
 __all__ = [
     "AGENT_TASK",
     "AgentTurn",
+    "TOOL_APPROVAL",
     "agent_task_id",
+    "approval_problem",
     "dispatch_ready_steps",
+    "edit_problem",
     "execute",
     "execute_step",
     "ready_steps",
@@ -166,6 +180,8 @@ class AgentTurn:
     """The model calls and tokens it spent."""
     model: str
     """The name of the model that answered."""
+    awaiting: list[ToolCall]
+    """The tool calls the turn stopped at, for a human to approve (none: it is over)."""
 
 
 def step_task_message(
@@ -198,10 +214,16 @@ async def run_agent_turn(
     timeout_s: float,
     on_message: Callable[[BaseMessage], Awaitable[None] | None] | None = None,
     injected: Mapping[str, dict[str, Any]] | None = None,
+    approval: Collection[str] = (),
+    approved: Sequence[ApprovedCall] = (),
+    spent: int = 0,
 ) -> AgentTurn:
     """Let one agent take its turn on a step, in a bounded tool-calling loop.
 
     The worker runs it for a local agent, `agentflow agents serve` for a hosted one.
+    A call of a tool in `approval` is not run: the turn stops after the model's message
+    that proposed it (its other calls run) and hands the calls back in `awaiting`; once a
+    human has answered each, the turn goes on (`conversation` then ends with them).
 
     Args:
         agent: the agent, with its system prompt.
@@ -215,6 +237,10 @@ async def run_agent_turn(
             when it returns an awaitable).
         injected: arguments the model does not see, by tool name (the recall tool's
             store and subject).
+        approval: names of the tools whose calls a human approves first.
+        approved: approved calls that ran: the same call again is answered with the
+            result it had, and not asked about or run again.
+        spent: model calls the turn made before it stopped for approvals.
 
     Raises:
         ModelCallError: a model call gave no usable answer (see `nodes._llm.invoke`).
@@ -234,7 +260,8 @@ async def run_agent_turn(
     usage = Usage()
     answer = ""
     ai = AIMessage(content="")
-    for _ in range(max_iterations):
+    awaiting: list[ToolCall] = []
+    for _ in range(spent, max_iterations):
         ai, used = await invoke(
             bound, [system, *conversation, *turn], node="execute", timeout_s=timeout_s
         )
@@ -245,7 +272,12 @@ async def run_agent_turn(
         if not ai.tool_calls and not ai.invalid_tool_calls:
             break
         for call in ai.tool_calls:
-            await add(await _call_tool(call, by_name, injected or {}))
+            if call["name"] not in approval:
+                await add(await _call_tool(call, by_name, injected or {}))
+            elif (done := _approved_before(approved, agent.name, call)) is not None:
+                await add(_tool_message(call, done["result"]))
+            else:
+                awaiting.append(call)
         for bad in ai.invalid_tool_calls:  # arguments that are not JSON: let the model retry
             await add(
                 ToolMessage(
@@ -255,9 +287,37 @@ async def run_agent_turn(
                     status="error",
                 )
             )
+        if awaiting:
+            break
     else:
         answer = answer or f"stopped after {max_iterations} model turns"
-    return AgentTurn(messages=turn, answer=answer, usage=usage, model=model_name(model, ai))
+    return AgentTurn(
+        messages=turn,
+        answer=answer,
+        usage=usage,
+        model=model_name(model, ai),
+        awaiting=awaiting,
+    )
+
+
+def _approved_before(
+    approved: Sequence[ApprovedCall], agent: str, call: ToolCall
+) -> ApprovedCall | None:
+    """The approved call that ran with these arguments (as proposed, or as run), if any."""
+    for done in approved:
+        same_tool = done["agent"] == agent and done["tool"] == call["name"]
+        if same_tool and call["args"] in (done["proposed"], done["args"]):
+            return done
+    return None
+
+
+def _tool_message(call: ToolCall, content: str, *, error: bool = False) -> ToolMessage:
+    return ToolMessage(
+        content,
+        tool_call_id=call["id"] or "",
+        name=call["name"],
+        status="error" if error else "success",
+    )
 
 
 async def _call_tool(
@@ -275,12 +335,7 @@ async def _call_tool(
     try:
         result: BaseMessage = await tool.ainvoke({**call, "args": args})
     except ValidationError as exc:  # arguments that do not fit the tool's schema
-        problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
-        return ToolMessage(
-            f"the arguments do not fit {tool.name}: {problems}",
-            tool_call_id=call["id"] or "",
-            status="error",
-        )
+        return _tool_message(call, _args_problem(tool, exc), error=True)
     return result
 
 
@@ -350,7 +405,7 @@ async def execute_step(
     history: list[BaseMessage] = list(task.get("history", []))
     event = task["event"]
     turn: list[BaseMessage] = []
-    if step.turn == 0 and step.task_attempt == 1:  # a new round: the step's task opens it
+    if step.turn == 0 and step.task_attempt == 1 and step.awaiting is None:  # a new round
         write(runtime, {"type": "step.started", "step_id": step.id, "agents": step.agents})
         turn.append(
             step_task_message(
@@ -373,11 +428,23 @@ async def execute_step(
             else {}
         )
         names = step.agents or registry.names[:1]
+        if step.awaiting:  # the wait for a human's approval begins the node
+            call = cast(ToolCall, step.awaiting[0])
+            message, answer, ran = await _ask_approval(
+                call, step.id, names[step.turn], registry, injected
+            )
+            turn.append(message)
+            update = {
+                "awaiting": step.awaiting[1:],
+                "approved_calls": [*step.approved_calls, *([ran] if ran else [])],
+            }
+            return _step_update(step.model_copy(update=update), turn, usage, models, [answer])
         for index in range(step.turn, len(names)):
             name = names[index]
             agent = registry.get(name)
             if agent.runs != "kafka":
                 tools = [*registry.tools_of(name), *([RECALL_TOOL] if injected else [])]
+                part_way = index == step.turn and step.awaiting is not None
                 agent_turn = await run_agent_turn(
                     agent,
                     [*history, *turn],
@@ -387,9 +454,18 @@ async def execute_step(
                     timeout_s=context.model_timeout_s,
                     on_message=partial(_record_message, turn, runtime, step.id, name),
                     injected=injected,
+                    approval=registry.approval_of(name),
+                    approved=step.approved_calls,
+                    spent=_model_calls(history, name) if part_way else 0,
                 )
                 usage, local[name] = usage + agent_turn.usage, agent_turn.answer
                 models.append(agent_turn.model)
+                if agent_turn.awaiting:  # each approval is a wait: it begins a node
+                    calls = [dict(c) for c in agent_turn.awaiting]
+                    pending = step.model_copy(
+                        update={"turn": index, "task_attempt": 1, "awaiting": calls}
+                    )
+                    return _step_update(pending, turn, usage, models)
                 continue
             if index > step.turn:  # the wait begins a node of its own
                 pending = step.model_copy(update={"turn": index, "task_attempt": 1})
@@ -429,6 +505,7 @@ async def execute_step(
             "duration_ms": duration_ms,
             "turn": 0,
             "task_attempt": 1,
+            "awaiting": None,
         }
     )
     write(
@@ -445,9 +522,111 @@ async def execute_step(
 
 
 def _step_update(
-    step: Step, turn: list[BaseMessage], usage: Usage, models: list[str]
+    step: Step,
+    turn: list[BaseMessage],
+    usage: Usage,
+    models: list[str],
+    answers: list[HumanAnswer] | None = None,
 ) -> dict[str, Any]:
-    return {"steps": [step], "conversations": {step.id: turn}, "usage": usage, "models": models}
+    update = {"steps": [step], "conversations": {step.id: turn}, "usage": usage, "models": models}
+    return {**update, "answers": answers} if answers else update
+
+
+TOOL_APPROVAL: InterruptKind = "tool_approval"
+"""The `kind` of an interrupt that asks a human to approve a tool call before it runs."""
+
+
+async def _ask_approval(
+    call: ToolCall,
+    step_id: str,
+    name: str,
+    registry: AgentRegistry,
+    injected: Mapping[str, dict[str, Any]],
+) -> tuple[ToolMessage, HumanAnswer, ApprovedCall | None]:
+    """Ask a human about a tool call of agent `name`; run it when approved.
+
+    Returns the tool message the agent reads (the result, or why the call was rejected),
+    the answer, and the call as it ran (None when rejected). An answer that does not fit
+    (an edit whose arguments the tool does not take) is asked again with the reason.
+    """
+    by_name = {t.name: t for t in registry.tools_of(name)}
+    tool = by_name[call["name"]]
+    question: dict[str, Any] = {
+        "kind": TOOL_APPROVAL,
+        "question": f"{name} asks to call {tool.name} with {dumps(call['args'])}",
+        "agent": name,
+        "tool": tool.name,
+        "args": call["args"],
+        "tool_call_id": call["id"],
+        "step_id": step_id,
+        "description": tool.description,
+        "args_schema": schema.model_json_schema() if (schema := _call_schema(tool)) else {},
+        "decisions": list(DECISIONS[TOOL_APPROVAL]),
+    }
+    problem = None
+    while True:
+        value = interrupt({**question, "problem": problem} if problem else question)
+        try:
+            answer = HumanAnswer.read(value)  # with who, how and when, from the service
+            problem = approval_problem(registry, question, answer)
+        except AnswerError as exc:
+            problem = str(exc)
+        if problem is None:
+            break
+    if answer.decision == "reject":
+        why = answer.feedback or "no reason given"
+        rejected = f"a human rejected this call of {tool.name}; it did not run. Why: {why}"
+        return _tool_message(call, rejected, error=True), answer, None
+    args = answer.args if answer.decision == "edit" and answer.args is not None else call["args"]
+    message = await _call_tool({**call, "args": args}, by_name, injected)
+    ran = ApprovedCall(
+        agent=name, tool=tool.name, proposed=call["args"], args=args, result=message.text
+    )
+    return cast(ToolMessage, message), answer, ran
+
+
+def approval_problem(
+    registry: AgentRegistry, payload: Mapping[str, Any], answer: HumanDecision
+) -> str | None:
+    """Why an answer to a tool approval (asking `payload`) cannot be taken, or None.
+
+    The service checks it before the run resumes, so a wrong edit is refused with the
+    reason and the interrupt waits on; the step checks it again when it resumes.
+    """
+    if problem := answer.problem_with(TOOL_APPROVAL, dict(payload)):
+        return problem
+    tools = {t.name: t for t in registry.tools_of(str(payload.get("agent")))}
+    tool = tools.get(str(payload.get("tool")))
+    return edit_problem(tool, answer) if tool is not None else None
+
+
+def edit_problem(tool: BaseTool, answer: HumanDecision) -> str | None:
+    """Why an edit's arguments do not fit the tool's schema, or None (also for non-edits)."""
+    schema = _call_schema(tool)
+    if answer.decision != "edit" or schema is None:
+        return None
+    try:
+        schema.model_validate(answer.args or {})
+    except ValidationError as exc:
+        return _args_problem(tool, exc)
+    return None
+
+
+def _call_schema(tool: BaseTool) -> type[BaseModel] | None:
+    """The model of the arguments the agent's model gives the tool (no injected ones)."""
+    schema = tool.tool_call_schema
+    return schema if isinstance(schema, type) and issubclass(schema, BaseModel) else None
+
+
+def _args_problem(tool: BaseTool, exc: ValidationError) -> str:
+    problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
+    return f"the arguments do not fit {tool.name}: {problems}"
+
+
+def _model_calls(conversation: list[BaseMessage], name: str) -> int:
+    """How many model calls an agent made in the step's latest round."""
+    opened = max((i for i, m in enumerate(conversation) if isinstance(m, HumanMessage)), default=-1)
+    return sum(1 for m in conversation[opened + 1 :] if isinstance(m, AIMessage) and m.name == name)
 
 
 def _wait_for_agent(

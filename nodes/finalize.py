@@ -81,8 +81,11 @@ def build_result(
 
 
 def rejected_by(state: WorkflowState | Mapping[str, Any]) -> HumanAnswer | None:
-    """The human answer that rejected the run, if its last answer is a rejection."""
-    answers: list[HumanAnswer] = state.get("answers") or []
+    """The human answer that rejected the run, if its review's last answer is a rejection.
+
+    A rejected tool call does not end the run: its agent reads why and goes on.
+    """
+    answers = [a for a in state.get("answers") or [] if a.kind == "review"]
     return answers[-1] if answers and answers[-1].decision == "reject" else None
 
 

@@ -33,6 +33,7 @@ __all__ = [
     "AgentChoice",
     "AgentWait",
     "AnswerSource",
+    "ApprovedCall",
     "AssignmentDraft",
     "BasedOn",
     "CloudEvent",
@@ -564,6 +565,33 @@ class Step(BaseModel):
     task_attempt: int = Field(
         default=1, description="The attempt of the remote agent task of that turn (1-based)."
     )
+    awaiting: list[dict[str, Any]] | None = Field(
+        default=None,
+        description="While the turn's agent is part-way through its turn: the tool calls "
+        "still waiting for a human's approval, first asked first (none left: the agent goes "
+        "on). None: no turn is part-way.",
+    )
+    approved_calls: list[ApprovedCall] = Field(
+        default_factory=list,
+        description="The approved tool calls that ran, with their results: the same call is "
+        "answered from here, never run twice in the session.",
+    )
+
+
+class ApprovedCall(TypedDict):
+    """A tool call a human approved (or edited) that ran, and what it returned.
+
+    A plain mapping rather than a model: checkpoints revive it without an allowlist entry.
+    """
+
+    agent: str
+    tool: str
+    proposed: dict[str, Any]
+    """The arguments the agent proposed."""
+    args: dict[str, Any]
+    """The arguments it ran with (the human's, after an edit)."""
+    result: str
+    """What the tool returned, as the agent read it."""
 
 
 class SimilarWorkflow(BaseModel):

@@ -2,19 +2,22 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections import defaultdict
 from collections.abc import AsyncGenerator, Awaitable, Callable
 from contextlib import aclosing
+from pathlib import Path
 from typing import Any, Literal, cast
 
 from langchain_core.runnables import RunnableConfig
 from langgraph.graph.state import CompiledStateGraph
 from langgraph.types import Command, Interrupt, StreamMode
 
+from nodes.agents import load_agents
 from nodes.context import WorkflowContext
 from nodes.errors import AnswerError
-from nodes.execution import AGENT_TASK
+from nodes.execution import AGENT_TASK, TOOL_APPROVAL, approval_problem
 from nodes.finalize import build_result
 from nodes.models import (
     AgentWait,
@@ -171,7 +174,13 @@ class SessionRunner:
     ) -> HumanAnswer:
         """Check an answer against the session's pending interrupts (see `check_answer`)."""
         return await check_answer(
-            self.graph, session_id, decision, source=source, who=who, event_id=event_id
+            self.graph,
+            session_id,
+            decision,
+            source=source,
+            who=who,
+            event_id=event_id,
+            agents_file=self.context.agents_file,
         )
 
     async def resume(
@@ -494,6 +503,7 @@ async def check_answer(
     source: AnswerSource | None = None,
     who: str = "",
     event_id: str | None = None,
+    agents_file: str | Path | None = None,
 ) -> HumanAnswer:
     """Check an answer against a session's pending interrupts; return it as kept.
 
@@ -507,6 +517,8 @@ async def check_answer(
         source: how the answer came.
         who: who answered.
         event_id: the event that carried it.
+        agents_file: the agents file: an edit of a tool call is checked against the
+            tool's arguments (without it, the step checks it when it resumes).
 
     Raises:
         UnknownSessionError: the session does not exist or waits for no human.
@@ -535,7 +547,12 @@ async def check_answer(
         chosen = found[0]
     payload = chosen.value if isinstance(chosen.value, dict) else {}
     kind = interrupt_kind(chosen)
-    if (problem := decision.problem_with(kind, payload)) is not None:
+    if kind == TOOL_APPROVAL and agents_file is not None:
+        registry = await asyncio.to_thread(load_agents, agents_file)
+        problem = approval_problem(registry, payload, decision)
+    else:
+        problem = decision.problem_with(kind, payload)
+    if problem is not None:
         raise AnswerError(problem)
     return HumanAnswer(
         **decision.model_dump(include=set(HumanDecision.model_fields) - {"interrupt_id"}),
@@ -552,7 +569,7 @@ def interrupt_kind(interrupt: Interrupt) -> InterruptKind:
     """What a human interrupt asks; the review's questions of older sessions carry no kind."""
     value = interrupt.value
     kind = value.get("kind") if isinstance(value, dict) else None
-    return "tool_approval" if kind == "tool_approval" else "review"
+    return TOOL_APPROVAL if kind == TOOL_APPROVAL else "review"
 
 
 def _is_agent_task(value: Any) -> bool:

@@ -43,6 +43,22 @@ def test_example_agents_load_with_tools() -> None:
             "agent 'a' in .*: tool 'os.path.nope' cannot be imported",
         ),
         ("agents:\n  - {name: a, system_prompt: p}\n", "field 'description': Field required"),
+        (
+            "agents:\n  - {name: a, description: d, system_prompt: p, "
+            "tools: [{path: os.getcwd, approval: always}]}\n",
+            "agent 'a' in .*: field 'tools.0.approval': Input should be 'required' or 'none'",
+        ),
+        (
+            "agents:\n  - {name: a, description: d, system_prompt: p, "
+            "tools: [{approval: required}]}\n",
+            "agent 'a' in .*: field 'tools.0.path': Field required",
+        ),
+        (
+            "agents:\n  - {name: a, description: d, runs: kafka, "
+            "tools: [{path: os.getcwd, approval: required}]}\n",
+            "agent 'a' in .*: it runs on Kafka, and `approval: required` is for tools of agents "
+            "that run here",
+        ),
         ("agents: [\n", "not valid YAML"),
         ("agents: []\n", "non-empty list"),
     ],
@@ -50,6 +66,18 @@ def test_example_agents_load_with_tools() -> None:
 def test_bad_agent_files_name_the_problem(tmp_path: Path, body: str, message: str) -> None:
     with pytest.raises(AgentConfigError, match=message):
         AgentRegistry.from_yaml(write(tmp_path, body))
+
+
+def test_a_tool_may_need_a_humans_approval(tmp_path: Path) -> None:
+    body = (
+        "agents:\n  - name: a\n    description: d\n    system_prompt: p\n    tools:\n"
+        "      - os.getcwd\n      - {path: os.getpid, approval: required}\n"
+        "      - {path: os.getppid, approval: none}\n"
+    )
+    registry = AgentRegistry.from_yaml(write(tmp_path, body))
+    assert [t.name for t in registry.tools_of("a")] == ["getcwd", "getpid", "getppid"]
+    assert registry.approval_of("a") == {"getpid"}
+    assert registry.get("a").card()["tools"] == ["getcwd", "getpid", "getppid"]
 
 
 REMOTE = (

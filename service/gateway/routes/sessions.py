@@ -208,7 +208,12 @@ async def resume_session(
         raise HTTPException(409, why)
     try:
         decision = body.read()
-        await check_answer(await backends.graph(), session_id, decision)
+        await check_answer(
+            await backends.graph(),
+            session_id,
+            decision,
+            agents_file=backends.settings.agents_file,
+        )
     except AnswerError as exc:
         raise unprocessable(str(exc), []) from None
     except UnknownSessionError:

@@ -253,7 +253,31 @@ function renderDetail(s) {
   if (s.result) renderResult(s.result);
   const asking = s.status === "interrupted";
   $("escalation").hidden = !asking;
-  if (asking) $("question").textContent = s.question || (s.result && s.result.question) || "";
+  if (asking) showQuestion(s.question || (s.result && s.result.question) || "");
+}
+
+// What a human is asked: the reviewer's question, or a tool call to approve, edit or reject.
+// The first pending interrupt is shown; an answer names it, so parallel ones stay apart.
+async function showQuestion(fallback) {
+  const id = view.id;
+  let first = null;
+  try {
+    const listed = await api(`/sessions/${encodeURIComponent(id)}/interrupts`);
+    first = listed.interrupts[0] || null;
+  } catch (err) {
+    if (err.status !== 404) notice(err.message, true);
+  }
+  if (!view || view.id !== id) return;
+  const tool = first && first.kind === "tool_approval";
+  const p = first ? first.payload : {};
+  view.interrupt = first && first.id;
+  $("asker").textContent = tool
+    ? `${p.agent} asks to call ${p.tool} (step ${p.step_id})`
+    : "The reviewer asks a human";
+  $("question").textContent = tool ? p.problem || p.description || "" : p.question || fallback;
+  $("args").hidden = $("edit").hidden = !tool;
+  $("revise").hidden = tool;
+  if (tool) $("args").value = JSON.stringify(p.args, null, 2);
 }
 
 function scheduleRefresh() {
@@ -285,7 +309,7 @@ function onTransition(t) {
   } else if (t.type === "session.interrupted") {
     setStatus("interrupted");
     renderResult(t.data.result);
-    $("question").textContent = t.data.question || "";
+    showQuestion(t.data.question || "");
     $("escalation").hidden = false;
   } else if (ENDED.has(t.type)) {
     setStatus(t.data.error === "cancelled" ? "cancelled" : t.data.status);
@@ -367,10 +391,11 @@ async function answer(e) {
   e.preventDefault();
   const decision = e.submitter && e.submitter.value;
   if (!decision) return;
+  const json = { decision, feedback: $("feedback").value.trim() };
+  if (view.interrupt) json.interrupt_id = view.interrupt;
   try {
-    await api(`/sessions/${encodeURIComponent(view.id)}/resume`, {
-      method: "POST", json: { decision, feedback: $("feedback").value.trim() },
-    });
+    if (decision === "edit") json.args = JSON.parse($("args").value);
+    await api(`/sessions/${encodeURIComponent(view.id)}/resume`, { method: "POST", json });
     $("feedback").value = "";
     $("escalation").hidden = true;
     notice(`${decision} sent`);
