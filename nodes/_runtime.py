@@ -3,13 +3,17 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from typing import Any
 
 from langgraph.runtime import Runtime
+from langgraph.types import interrupt
 
 from nodes.context import WorkflowContext
+from nodes.errors import AnswerError
+from nodes.models import HumanAnswer
 
-__all__ = ["context_of", "dumps", "write"]
+__all__ = ["ask_human", "context_of", "dumps", "write"]
 
 
 def context_of(runtime: Runtime[WorkflowContext] | None) -> WorkflowContext:
@@ -31,3 +35,24 @@ def write(runtime: Runtime[WorkflowContext] | None, payload: dict[str, Any]) -> 
 def dumps(value: Any) -> str:
     """Render JSON for a prompt: compact, stable, readable."""
     return json.dumps(value, ensure_ascii=False, default=str, sort_keys=False)
+
+
+def ask_human(
+    question: dict[str, Any], problem_with: Callable[[HumanAnswer], str | None]
+) -> HumanAnswer:
+    """Interrupt with a question until a human's answer is one it takes; return that answer.
+
+    The service checks an answer before it resumes the run; one that comes another way
+    (LangGraph's server, a notebook) and cannot be taken is asked again with the reason
+    (`problem`), instead of failing the run.
+    """
+    problem = None
+    while True:
+        value = interrupt({**question, "problem": problem} if problem else question)
+        try:
+            answer = HumanAnswer.read(value)  # with who, how and when, from the service
+            problem = problem_with(answer)
+        except AnswerError as exc:
+            problem = str(exc)
+        if problem is None:
+            return answer

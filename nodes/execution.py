@@ -30,11 +30,11 @@ from langgraph.types import Send, interrupt
 from pydantic import BaseModel, ValidationError
 
 from nodes._llm import bind_tools, chat_model, invoke, model_name
-from nodes._runtime import context_of, dumps, write
+from nodes._runtime import ask_human, context_of, dumps, write
 from nodes.agents import AgentRegistry, AgentSpec, load_agents
 from nodes.chat_models import MODEL_MAX_ATTEMPTS, is_retryable
 from nodes.context import WorkflowContext
-from nodes.errors import AnswerError, RemoteAgentError
+from nodes.errors import RemoteAgentError
 from nodes.models import (
     DECISIONS,
     ApprovedCall,
@@ -563,16 +563,7 @@ async def _ask_approval(
         "args_schema": schema.model_json_schema() if (schema := _call_schema(tool)) else {},
         "decisions": list(DECISIONS[TOOL_APPROVAL]),
     }
-    problem = None
-    while True:
-        value = interrupt({**question, "problem": problem} if problem else question)
-        try:
-            answer = HumanAnswer.read(value)  # with who, how and when, from the service
-            problem = approval_problem(registry, question, answer)
-        except AnswerError as exc:
-            problem = str(exc)
-        if problem is None:
-            break
+    answer = ask_human(question, lambda answer: approval_problem(registry, question, answer))
     if answer.decision == "reject":
         why = answer.feedback or "no reason given"
         rejected = f"a human rejected this call of {tool.name}; it did not run. Why: {why}"

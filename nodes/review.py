@@ -10,13 +10,11 @@ from typing import Any, Literal
 
 from langchain_core.messages import BaseMessage, HumanMessage
 from langgraph.runtime import Runtime
-from langgraph.types import interrupt
 
 from nodes._llm import chat_model, invoke_structured, model_name
-from nodes._runtime import context_of, dumps
+from nodes._runtime import ask_human, context_of, dumps
 from nodes.context import WorkflowContext
-from nodes.errors import AnswerError
-from nodes.models import DECISIONS, HumanAnswer, InterruptKind, ReviewDecision, Step
+from nodes.models import DECISIONS, InterruptKind, ReviewDecision, Step
 from nodes.prompts import REVIEW_PROMPT
 from nodes.state import WorkflowState
 
@@ -123,16 +121,7 @@ async def escalate(state: WorkflowState) -> dict[str, Any]:
         "steps": [s.id for s in steps],
         "decisions": list(DECISIONS[REVIEW_INTERRUPT]),
     }
-    problem = None
-    while True:
-        value = interrupt({**question, "problem": problem} if problem else question)
-        try:
-            answer = HumanAnswer.read(value)  # with who, how and when, from the service
-            problem = answer.problem_with(REVIEW_INTERRUPT, question)
-        except AnswerError as exc:
-            problem = str(exc)
-        if problem is None:
-            break
+    answer = ask_human(question, lambda answer: answer.problem_with(REVIEW_INTERRUPT, question))
     update: dict[str, Any] = {
         "answers": [answer],
         "feedback": [f"human: {answer.line()}"],
